@@ -1,0 +1,77 @@
+"""Manifests written beside every artifact, and the file helpers they need (hashes, atomic writes)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.errors import ModelFileError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, streamed (multi-GB weights and engines are fine)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
+
+    A crash or an error leaves no half-written file that looks complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    write_json(path, {"schema_version": SCHEMA_VERSION, **manifest})
+    return path
+
+
+def read_manifest(folder_or_file: str | os.PathLike) -> dict[str, Any]:
+    """Read ``manifest.json`` from a folder, or the one beside a model file."""
+    p = Path(folder_or_file)
+    path = p / MANIFEST_NAME if p.is_dir() else p.parent / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ModelFileError(f"no {MANIFEST_NAME} at {path}; re-export the model with `virchow-rt export`") from err
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path} is not valid JSON ({err}); re-export the model with `virchow-rt export`") from err
+    if not isinstance(data, dict) or "artifacts" not in data:
+        raise ModelFileError(f"{path} has no 'artifacts' list; re-export the model with `virchow-rt export`")
+    return data
+
+
+def find_artifact(manifest: dict[str, Any], model_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest entry describing ``model_path`` (matched by file name), or None."""
+    name = Path(model_path).name
+    return next((a for a in manifest.get("artifacts", []) if Path(a["path"]).name == name), None)

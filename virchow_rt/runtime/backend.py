@@ -1,0 +1,61 @@
+"""The one small interface every backend implements (ONNX Runtime, TensorRT, PyTorch reference).
+
+Batching, pipelining, parity and benchmarks talk only to :class:`Backend`. This module imports
+only the standard library and numpy.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model says about itself (from ONNX metadata or the manifest beside it)."""
+
+    variant: str
+    embedding_dim: int  # E: columns of the "embedding" output (class token ‖ patch mean = 2·width)
+    width: int  # D: the class token alone is embedding[:, :width]
+    tile_size: int  # S: the model's input is uint8 (N, S, S, 3)
+    precision: str  # "fp32" | "fp16"
+    random_weights: bool
+    weights_sha256: str  # "random" for random weights
+
+
+class Backend(abc.ABC):
+    """Runs uint8 tiles (B, S, S, 3) through one exported model and returns float32 embeddings (B, E)."""
+
+    #: short name shown to users and in reports, e.g. "onnxruntime-cpu", "tensorrt", "torch-eager"
+    name: str
+    info: ModelInfo
+    #: largest batch the backend accepts in one call (None: no limit)
+    max_batch: int | None = None
+
+    @abc.abstractmethod
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Embed one batch synchronously. ``tiles``: C-contiguous uint8 (B, S, S, 3). Returns a new (B, E) float32 array."""
+
+    def pipeline(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Embed a stream of batches in order, overlapping work where the backend can.
+
+        The default runs them one after another; a GPU backend overlaps the copy of batch k+1 and the
+        readback of batch k-1 with the compute of batch k. Yields one (B, E) float32 array per batch.
+        """
+        for batch in batches:
+            yield self.run(batch)
+
+    def close(self) -> None:
+        """Free sessions, streams and buffers. Safe to call twice."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
