@@ -1,0 +1,94 @@
+"""Run exported models: :func:`open_backend`, :class:`Embedder`, tile input and machine capabilities.
+
+This package never imports torch. ONNX Runtime, TensorRT and cuda-python load lazily, when a backend
+that needs them is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from virchow_rt._deps import is_importable
+from virchow_rt.errors import InputError, ModelFileError
+from virchow_rt.manifest import read_manifest
+from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.capabilities import capabilities
+from virchow_rt.runtime.embedder import Embedder
+from virchow_rt.runtime.tiles import TileSource, open_tiles
+
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan")
+_ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu",
+                  "onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "tensorrt"}  # fmt: skip
+
+
+def _pick_from_folder(folder: Path, backend: str) -> Path:
+    """The export folder's model to run: a TensorRT engine if asked for (or "auto" and usable), else ONNX."""
+    artifacts = read_manifest(folder).get("artifacts", [])
+    engines = [a for a in artifacts if a.get("format") == "tensorrt" and (folder / a["path"]).exists()]
+    onnx = [a for a in artifacts if a.get("format") == "onnx" and (folder / a["path"]).exists()]
+    if engines and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
+        return folder / engines[0]["path"]
+    onnx.sort(key=lambda a: a.get("precision") != "fp32")  # fp32 first: the CPU default
+    if not onnx:
+        raise ModelFileError(
+            f"export folder {folder} has no usable model file for backend {backend!r} (manifest lists "
+            f"{[a.get('path') for a in artifacts]}); re-export: `virchow-rt export VARIANT --out {folder}`"
+        )
+    return folder / onnx[0]["path"]
+
+
+def open_backend(model_path: str | os.PathLike, backend: str = "auto", **options: Any) -> Backend:
+    """Open an exported model with the backend that fits its file type and this machine.
+
+    ``.onnx`` -> ONNX Runtime (TensorRT EP, CUDA EP when available, else CPU); ``.engine``/``.plan`` ->
+    native TensorRT; an export folder -> the artifact its manifest lists (an engine for "auto" when
+    TensorRT is importable, else the fp32 ONNX). ``backend``: one of :data:`BACKENDS`. ``options`` go
+    to the backend's constructor (e.g. ``threads``, ``optimize``, ``cache_dir`` for ONNX Runtime).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
+    path = Path(model_path)
+    if path.is_dir():
+        path = _pick_from_folder(path, backend)
+    suffix = path.suffix.lower()
+    if suffix in ENGINE_SUFFIXES:
+        if backend not in ("auto", "tensorrt"):
+            raise InputError(
+                f"backend {backend!r} cannot run the TensorRT engine {path.name}; use --backend tensorrt "
+                "(or pass the .onnx file to run it with ONNX Runtime)"
+            )
+        from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(path, **options)
+    if suffix == ".onnx":
+        if backend == "tensorrt":
+            raise InputError(
+                f"backend 'tensorrt' runs TensorRT engines (.engine/.plan), not {path.name}; build one with "
+                "`virchow-rt export VARIANT --tensorrt`, or use --backend onnxruntime-tensorrt"
+            )
+        from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, _ORT_PROVIDERS[backend], **options)
+    if not path.exists():
+        raise ModelFileError(
+            f"model file {path} does not exist; export one with `virchow-rt export VARIANT --out DIR`"
+        )
+    raise ModelFileError(
+        f"{path} is not a model file virchow-rt runs (suffix {suffix or 'none'!r}); pass an .onnx file, "
+        "a TensorRT .engine/.plan or an export folder"
+    )
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Embedder",
+    "ModelInfo",
+    "TileSource",
+    "capabilities",
+    "open_backend",
+    "open_tiles",
+]

@@ -1,0 +1,130 @@
+"""The whole benchmark run with fake backends: rows, stubs, failures, parity, reports and plots (no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench_fakes import FakeBackend
+
+from virchow_rt.benchmark import run_benchmark, runner
+from virchow_rt.benchmark.report import validate_report
+from virchow_rt.benchmark.rows import Machine
+
+CPU_ONLY = Machine(
+    has_cuda=False,
+    cpu_flags=("avx2", "avx512_bf16"),
+    ort_providers=("CPUExecutionProvider",),
+    importable=("torch", "timm", "onnxruntime"),
+)
+NOISE = {"torch-eager/fp32": 0.0, "torch-eager/bf16-autocast": 3e-3, "onnxruntime-cpu/fp32": 1e-7}
+
+
+@pytest.fixture
+def fake_run(monkeypatch, tmp_path):
+    """run_benchmark with this machine = CPU_ONLY, no export, no torch model, fake backends."""
+    opened: list[FakeBackend] = []
+
+    def open_fake(spec, device, **_):
+        if spec.key == "onnxruntime-cpu/fp16":
+            backend = FakeBackend(spec.key, noise=1e-3, max_batch=4)
+        elif spec.key == "onnxruntime-cpu/fp32":
+            backend = FakeBackend(spec.key, noise=NOISE[spec.key], fail="fail" in str(tmp_path))
+        else:
+            backend = FakeBackend(spec.key, noise=NOISE[spec.key])
+        opened.append(backend)
+        return backend
+
+    def fake_export(self, specs, out, weights, random_weights):
+        self.source.folder, self.source.exported_here, self.source.export_s = tmp_path / "export", False, 0.1
+        self.source.manifest = {
+            "weights": {"random": True, "sha256": "random"},
+            "artifacts": [{"path": "x.fp32.onnx", "precision": "fp32", "format": "onnx", "size_bytes": 10}],
+        }
+
+    monkeypatch.setattr(Machine, "probe", classmethod(lambda cls: CPU_ONLY))
+    monkeypatch.setattr(runner, "open_row_backend", open_fake)
+    monkeypatch.setattr(runner.BenchmarkRun, "export", fake_export)
+    monkeypatch.setattr(runner.BenchmarkRun, "build_reference", lambda self, w, r: None)
+    monkeypatch.setitem(runner.roofline.DEFAULT_SIZE, "cpu", 128)
+    return opened
+
+
+def test_run_with_fake_backends_writes_a_sound_report(fake_run, tmp_path) -> None:
+    out = tmp_path / "out"
+    lines: list[str] = []
+    report = run_benchmark(
+        "virchow2g-mini-tiny",
+        out,
+        random_weights=True,
+        batch_sizes=[2, 8],
+        tiles=6,
+        repeats=2,
+        progress=False,
+        echo=lines.append,
+    )
+    assert validate_report(report) == []
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "report.md").read_text().splitlines()[0].endswith("(RANDOM WEIGHTS)")
+    for png in ("throughput.png", "parity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ok = {
+        (r["backend"] + "/" + r["precision"], r["batch_size"]): r
+        for r in report["results"]
+        if r["status"] == "ok"
+    }
+    expected = {
+        "torch-eager/fp32",
+        "torch-eager/bf16-autocast",
+        "onnxruntime-cpu/fp32",
+        "onnxruntime-cpu/fp16",
+    }
+    assert {k for k, _ in ok} == expected
+    # tiles per pass rounded up to whole batches: 6 -> 6 at batch 2, 8 at batch 8
+    assert ok[("torch-eager/fp32", 2)]["tiles"] == 6 and ok[("torch-eager/fp32", 8)]["tiles"] == 8
+    # the reference is compared with itself: exact; the noisy rows are not, and parity says so
+    assert ok[("torch-eager/fp32", 8)]["parity"]["min_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert 0.99 < ok[("torch-eager/bf16-autocast", 2)]["parity"]["min_cosine"] < 1.0
+    for row in ok.values():
+        assert row["tiles_per_s"] > 0 and row["latency_ms"]["p99"] >= row["latency_ms"]["p50"] > 0
+        assert row["compute_tiles_per_s"] is None and "CPU run" in row["compute_reason"]
+        assert row["peak"] in ("cpu-fp32", "cpu-bf16") and row["peak_fraction"] > 0
+        assert row["parity"]["knn10_overlap"] <= 1.0
+
+    by_status = {}
+    for r in report["results"]:
+        by_status.setdefault(r["status"], []).append(r)
+    too_big = [r for r in by_status["not available"] if r["backend"] == "onnxruntime-cpu"]
+    assert too_big and too_big[0]["batch_size"] == 8 and "max batch 4" in too_big[0]["reason"]
+    gpu_rows = [r for r in by_status["not available"] if r["device"] == "cuda"]
+    assert gpu_rows and all(r["reason"].startswith("not available on this machine:") for r in gpu_rows)
+    assert all(r["tiles_per_s"] is None and r["parity"] is None for r in by_status["not available"])
+    assert all(b.closed for b in fake_run)
+    assert any("RANDOM WEIGHTS" in line for line in lines)
+    assert report["command"].startswith(
+        "virchow-rt bench virchow2g-mini-tiny --random-weights --batch-sizes 2,8"
+    )
+
+
+def test_a_failing_backend_is_recorded_and_the_run_goes_on(fake_run, tmp_path: Path) -> None:
+    out = tmp_path / "fail"  # the fixture makes onnxruntime-cpu/fp32 raise when the path holds "fail"
+    report = run_benchmark(
+        "virchow2g-mini-tiny",
+        out,
+        random_weights=True,
+        backends=["onnxruntime-cpu/fp32", "torch-eager/bf16-autocast"],
+        batch_sizes=[4],
+        tiles=4,
+        repeats=1,
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert validate_report(report) == []
+    failed = [r for r in report["results"] if r["status"] == "failed"]
+    assert len(failed) == 1 and "fake backend failure" in failed[0]["reason"]
+    assert {r["backend"] + "/" + r["precision"] for r in report["results"] if r["status"] == "ok"} == {
+        "torch-eager/fp32",
+        "torch-eager/bf16-autocast",
+    }

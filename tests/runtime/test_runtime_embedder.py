@@ -1,0 +1,188 @@
+"""Embedder: order, ragged batches, pooling, resizing, the reader thread (overlap, errors, no deadlock)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from runtime_models import WIDTH, expected_embedding
+
+from virchow_rt.errors import BackendError, InputError
+from virchow_rt.kernels.resize import resize_tiles
+from virchow_rt.runtime import Embedder, open_backend, open_tiles
+from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.embedder import Prefetcher
+
+
+class FakeBackend(Backend):
+    """Embeds a tile as its mean RGB twice (E = 6, width 3); can sleep or fail on a given batch."""
+
+    name = "fake"
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None, max_batch: int | None = None) -> None:
+        self.info = ModelInfo("unknown-variant", 6, 3, 224, "fp32", True, "random")
+        self.delay, self.fail_on, self.max_batch = delay, fail_on, max_batch
+        self.sizes: list[int] = []
+        self.closed = False
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        if self.fail_on is not None and len(self.sizes) == self.fail_on:
+            raise BackendError("fake failure")
+        self.sizes.append(len(tiles))
+        time.sleep(self.delay)
+        mean = tiles.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)  # (B, 3)
+        return np.concatenate([mean, mean + 1000], axis=1)  # (B, 6)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "virchow-rt-reader"]
+
+
+def test_order_ragged_batches_and_values(models, tissue):
+    with Embedder(models["fp32"], batch_size=16) as embedder:
+        out = embedder.embed(tissue)  # 40 = 16 + 16 + 8
+        assert out.shape == (40, 2 * WIDTH) and out.dtype == np.float32
+        np.testing.assert_allclose(out, expected_embedding(tissue), atol=1e-5)
+        cls = embedder.embed(tissue, pooling="cls")
+        np.testing.assert_array_equal(cls, out[:, :WIDTH])
+        assert embedder.embedding_dim("cls") == WIDTH and embedder.embedding_dim() == 2 * WIDTH
+
+
+def test_batch_size_defaults(models):
+    with Embedder(models["fp32"]) as embedder:
+        assert embedder.batch_size == 32  # the registry's virchow2 batch opt (virchow2-tiny in the metadata)
+    assert Embedder(FakeBackend()).batch_size == 32  # unknown variant
+    assert Embedder(FakeBackend(max_batch=8)).batch_size == 8
+    with pytest.raises(InputError, match="batch size 0"):
+        Embedder(FakeBackend(), batch_size=0)
+
+
+def test_fake_backend_sees_exact_batches(tissue):
+    backend = FakeBackend()
+    out = Embedder(backend, batch_size=7).embed(tissue[:20])
+    assert backend.sizes == [7, 7, 6]
+    np.testing.assert_allclose(out[:, :3], tissue[:20].mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_other_sizes_are_resized(models):
+    tiles = np.random.default_rng(1).integers(0, 256, (5, 256, 300, 3), dtype=np.uint8)
+    out = Embedder(models["fp32"], batch_size=2).embed(tiles)
+    np.testing.assert_allclose(out, expected_embedding(resize_tiles(tiles, 224)), atol=1e-5)
+
+
+def test_tile_source_equals_array(models, tissue, tmp_path):
+    np.save(tmp_path / "t.npy", tissue)
+    embedder = Embedder(models["fp32"], batch_size=6)
+    np.testing.assert_array_equal(embedder.embed(open_tiles([tmp_path / "t.npy"])), embedder.embed(tissue))
+
+
+@pytest.mark.parametrize(
+    ("tiles", "pooling", "match"),
+    [
+        (np.zeros((0, 224, 224, 3), np.uint8), "cls_mean", "no tiles to embed"),
+        (np.zeros((2, 224, 224, 3), np.float64), "cls_mean", "float64"),
+        (np.zeros((2, 224, 224), np.uint8), "cls_mean", r"\(2, 224, 224\)"),
+        ([np.zeros((224, 224, 3), np.uint8)], "cls_mean", "list"),
+        (np.zeros((2, 224, 224, 3), np.uint8), "mean", "unknown pooling"),
+    ],
+    ids=["zero", "dtype", "rank", "list", "pooling"],
+)
+def test_bad_inputs(tiles, pooling, match):
+    with pytest.raises(InputError, match=match):
+        Embedder(FakeBackend()).embed(tiles, pooling=pooling)
+
+
+def test_reading_overlaps_inference():
+    """4 batches, 0.15 s to read each and 0.15 s to run each: ~0.75 s overlapped vs 1.2 s one after another."""
+    read_threads: set[int] = set()
+
+    def slow_batches():
+        for _ in range(4):
+            read_threads.add(threading.get_ident())
+            time.sleep(0.15)
+            yield np.zeros((2, 224, 224, 3), np.uint8)
+
+    embedder = Embedder(FakeBackend(delay=0.15))
+    start = time.perf_counter()
+    outs = list(embedder.embed_batches(slow_batches()))
+    elapsed = time.perf_counter() - start
+    assert len(outs) == 4 and read_threads and threading.get_ident() not in read_threads
+    assert elapsed < 1.05, f"no overlap: {elapsed:.2f} s"
+
+
+def test_reader_error_propagates_and_thread_is_joined(tissue):
+    def batches():
+        yield tissue[:2]
+        yield tissue[2:4]
+        raise InputError("tile 5 is broken")
+
+    with pytest.raises(InputError, match="tile 5 is broken"):
+        list(Embedder(FakeBackend()).embed_batches(batches()))
+    assert not _reader_threads()
+
+
+def test_backend_error_does_not_deadlock(tissue):
+    """The backend fails while the reader is blocked on a full queue of an endless source."""
+
+    def endless():
+        while True:
+            yield tissue[:2]
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            list(Embedder(FakeBackend(fail_on=2)).embed_batches(endless()))
+        except BackendError as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "deadlock: embed_batches did not return after a backend error"
+    assert outcome and "fake failure" in str(outcome[0])
+    assert not _reader_threads()
+
+
+def test_consumer_stopping_early_stops_the_reader(tissue):
+    def endless():
+        while True:
+            yield tissue[:2]
+
+    reader = Prefetcher(endless())
+    for i, _ in enumerate(reader):
+        if i == 3:
+            break
+    reader.close()
+    assert not reader.alive
+
+
+def test_embed_batches_splits_batches_above_max(tissue):
+    backend = FakeBackend(max_batch=4)
+    outs = list(Embedder(backend).embed_batches([tissue[:10], tissue[10:13]]))
+    assert [len(o) for o in outs] == [10, 3] and backend.sizes == [4, 4, 2, 3]
+    np.testing.assert_allclose(outs[0][:, :3], tissue[:10].mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_progress_bar_only_when_asked(tissue, capsys):
+    Embedder(FakeBackend(), batch_size=8).embed(tissue[:16])
+    assert "tile" not in capsys.readouterr().err
+    Embedder(FakeBackend(), batch_size=8, progress=True).embed(tissue[:16])
+    assert "16/16" in capsys.readouterr().err
+
+
+def test_owned_backend_is_closed_passed_backend_is_not(models):
+    backend = FakeBackend()
+    with Embedder(backend):
+        pass
+    assert not backend.closed
+    embedder = Embedder(models["fp32"])
+    embedder.close()
+    assert embedder.backend._session is None
+    embedder.close()  # twice is fine
+    assert open_backend(models["fp32"]).info.width == WIDTH

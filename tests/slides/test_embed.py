@@ -1,0 +1,153 @@
+"""The Python API: slide tiles and embeddings equal reading and embedding the same tiles directly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import FakeBackend, cosine_rows, resize_square
+
+from virchow_rt.errors import InputError
+from virchow_rt.slides import (
+    complete_groups,
+    embed_slide,
+    iter_embeddings,
+    iter_tiles,
+    open_slide,
+    tile_grid,
+)
+from virchow_rt.slides import tiles as tiles_module
+
+
+def _direct(synth_path, coords, size0, backend):
+    """Read the tiles ourselves from level 0 (tifffile), resize like timm, embed with the same backend."""
+    level0 = tifffile.imread(synth_path, key=0)
+    s = backend.info.tile_size
+    tiles = np.stack([resize_square(level0[y : y + size0, x : x + size0], s) for x, y in coords])
+    return backend.run(np.ascontiguousarray(tiles))
+
+
+def test_features_equal_direct_embedding_at_level0(make_slide, fake_backend):
+    synth = make_slide()
+    result = embed_slide(synth.path, fake_backend, mpp=0.5, batch_size=7, workers=2)
+    n = len(result.coords)
+    assert n >= 10 and result.features.shape == (n, 48) and result.features.dtype == np.float32
+    np.testing.assert_array_equal(result.coords, tile_grid(open_slide(synth.path)).coords)
+    direct = _direct(synth.path, result.coords, 224, FakeBackend())
+    np.testing.assert_allclose(result.features, direct, rtol=1e-5, atol=1e-5)  # same pixels, same model
+    assert cosine_rows(result.features, direct).min() > 0.99999
+    # and the features are informative: different tissue tiles are not all alike
+    assert cosine_rows(result.features[:-1], result.features[1:]).min() < 0.99
+    assert result.read_stats.tiles == n and result.read_stats.failed == 0 and result.embed_s > 0
+
+
+def test_features_from_a_coarser_level_match_level0_resized(make_slide):
+    synth = make_slide("scan40x.tif", 2240, 1792, ((300, 250, 1500, 1200),), mpp=0.25)
+    backend = FakeBackend()
+    result = embed_slide(synth.path, backend, mpp=0.5, workers=2)
+    assert result.grid.level == 1 and result.grid.patch_size_level0 == 448
+    direct = _direct(synth.path, result.coords, 448, FakeBackend())
+    # level 1 was box-downsampled when written; the reference resizes level 0 bicubically: close, not equal
+    assert cosine_rows(result.features, direct).min() > 0.999
+
+
+def test_iter_tiles_batches_in_grid_order(make_slide):
+    synth = make_slide()
+    batches = list(iter_tiles(synth.path, batch_size=5, workers=2))
+    coords = np.concatenate([b.coords for b in batches])
+    np.testing.assert_array_equal(coords, tile_grid(open_slide(synth.path)).coords)
+    assert [len(b) for b in batches[:-1]] == [5] * (len(batches) - 1) and 1 <= len(batches[-1]) <= 5
+    for batch in batches:
+        assert batch.tiles.dtype == np.uint8 and batch.tiles.shape[1:] == (224, 224, 3)
+        for (x, y), tile in zip(batch.coords, batch.tiles, strict=True):
+            np.testing.assert_array_equal(tile, synth.crop(x, y, 224))
+
+
+def test_iter_embeddings_and_cls_pooling(make_slide):
+    synth = make_slide()
+    full = embed_slide(synth.path, FakeBackend())
+    parts = list(iter_embeddings(synth.path, FakeBackend(), pooling="cls", batch_size=4))
+    coords = np.concatenate([c for c, _ in parts])
+    cls = np.concatenate([f for _, f in parts])
+    np.testing.assert_array_equal(coords, full.coords)
+    assert cls.shape == (len(coords), 24)  # the class token alone is the first D = width columns
+    np.testing.assert_allclose(
+        cls, full.features[:, :24], rtol=1e-5, atol=1e-4
+    )  # other batch sizes: float order
+
+
+def test_backend_max_batch_is_respected(make_slide):
+    backend = FakeBackend(max_batch=4)
+    result = embed_slide(make_slide().path, backend, batch_size=16)
+    assert max(backend.batches) == 4 and sum(backend.batches) == len(result.coords)
+
+
+def test_model_tile_size_differs_from_tile_size(make_slide):
+    # 448-px tiles at 0.5 µm/px are resized to the model's 224 px in the reading threads
+    synth = make_slide()
+    result = embed_slide(synth.path, FakeBackend(), tile_size=448, min_tissue=0.3)
+    assert result.grid.patch_size_level0 == 448 and len(result.coords) >= 2
+    direct = _direct(synth.path, result.coords, 448, FakeBackend())
+    assert cosine_rows(result.features, direct).min() > 0.99999
+
+
+def test_unreadable_tile_fails_or_is_skipped(make_slide, monkeypatch):
+    synth = make_slide()
+    coords = tile_grid(open_slide(synth.path)).coords
+    bad = tuple(int(v) for v in coords[3])
+    real = tiles_module.read_tile
+
+    def flaky(slide, x, y, size0, level, out_size):
+        if (x, y) == bad:
+            raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
+        return real(slide, x, y, size0, level, out_size)
+
+    monkeypatch.setattr(tiles_module, "read_tile", flaky)
+    with pytest.raises(InputError, match=rf"slide.tif: tile at level-0 \({bad[0]}, {bad[1]}\).*corrupt JPEG"):
+        embed_slide(synth.path, FakeBackend())
+    result = embed_slide(synth.path, FakeBackend(), skip_errors=True, batch_size=4)
+    assert len(result.coords) == len(coords) - 1 and bad not in {tuple(c) for c in result.coords}
+    assert result.read_stats.failed == 1 and result.read_stats.errors[0]["x"] == bad[0]
+    np.testing.assert_allclose(
+        result.features, _direct(synth.path, result.coords, 224, FakeBackend()), atol=1e-5
+    )
+
+
+def test_complete_groups_drops_groups_with_a_missing_member():
+    rows = np.arange(12, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)  # (12, 2)
+    present = np.array(
+        [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    )  # index 5 was skipped: group 1 (3, 4, 5) is incomplete
+    stream = [(present[i : i + 4], rows[present[i : i + 4]]) for i in range(0, len(present), 4)]
+    groups = list(complete_groups(stream, 3))
+    ids = np.concatenate([g for g, _ in groups])
+    values = np.concatenate([v for _, v in groups])
+    np.testing.assert_array_equal(ids, [0, 2, 3])
+    assert values.shape == (3, 3, 2)
+    np.testing.assert_array_equal(values[:, :, 0], [[0, 1, 2], [6, 7, 8], [9, 10, 11]])
+
+
+def test_reader_threads_run_ahead_with_bounded_memory(make_slide, monkeypatch):
+    synth = make_slide()
+    calls = []
+    real = tiles_module.read_tile
+
+    def counting(*args):
+        calls.append(args[1:3])
+        return real(*args)
+
+    monkeypatch.setattr(tiles_module, "read_tile", counting)
+    with open_slide(synth.path) as slide:
+        grid = tile_grid(slide)
+        assert len(grid.coords) > 8
+        reader = tiles_module.TileReader(slide, workers=2, prefetch_batches=1)
+        batches = reader.batches(grid.plan, batch_size=2)
+        first = next(batches)
+        time.sleep(0.3)  # the model would be busy here: the workers read ahead meanwhile
+        ahead = len(calls)
+        batches.close()  # stops the pool
+    assert len(first) == 2
+    # window = max(prefetch·batch, 2·workers·chunk) = 4 tiles in flight beyond the 2 handed out
+    assert 3 <= ahead <= 2 + 4, ahead

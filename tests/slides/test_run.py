@@ -1,0 +1,177 @@
+"""Many slides -> .h5 files: TRIDENT layout, atomic, resumable, failures isolated, a run summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import FakeBackend
+
+from virchow_rt import cli
+from virchow_rt.errors import InputError
+from virchow_rt.slides import SlideSettings, check_complete, process_slides, read_features
+from virchow_rt.slides import run as run_module
+from virchow_rt.slides.writer import TRIDENT_ATTRS
+
+QUIET = {"log": lambda line: None, "warn": lambda line: None}
+
+
+def _run(paths, out, settings=None, backend=None, **kw):
+    settings = settings or SlideSettings()
+    return process_slides([str(p) for p in paths], backend or FakeBackend(), out, settings, **{**QUIET, **kw})
+
+
+def test_h5_layout_and_summary(make_slide, tmp_path):
+    synth = make_slide()
+    out = tmp_path / "out"
+    warnings = []
+    summary = _run([synth.path], out, warn=warnings.append)
+    assert any("RANDOM WEIGHTS" in w for w in warnings)
+    h5 = out / "slide.h5"
+    assert sorted(p.name for p in out.iterdir()) == ["slide.h5", "summary.json"]  # no temporary file left
+    assert h5.stat().st_mode & 0o044  # readable by the group like any file, not mkstemp's owner-only 0600
+    with h5py.File(h5, "r") as f:
+        feats, coords = f["features"], f["coords"]
+        n = feats.shape[0]
+        assert n >= 10 and feats.shape == (n, 48) and feats.dtype == np.float32
+        assert coords.shape == (n, 2) and coords.dtype == np.int64
+        assert np.isfinite(feats[()]).all()
+        assert set(TRIDENT_ATTRS) <= set(coords.attrs)
+        assert coords.attrs["patch_size"] == 224 and coords.attrs["patch_size_level0"] == 224
+        assert coords.attrs["level0_magnification"] == 20 and coords.attrs["target_magnification"] == 20
+        assert coords.attrs["overlap"] == 0 and coords.attrs["name"] == "slide"
+        assert (coords.attrs["level0_width"], coords.attrs["level0_height"]) == (1792, 1344)
+        root = f.attrs
+        assert root["complete"] and root["num_tiles"] == n and root["embedding_dim"] == 48
+        assert root["encoder"] == "virchow2g-mini-tiny" and root["pooling"] == "cls_mean"
+        assert root["random_weights"] and feats.attrs["random_weights"]
+        assert root["model_sha256"].startswith("backend:") and root["reader"] in ("openslide", "tiffslide")
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    record = saved["slides"][0]
+    assert record["status"] == "done" and record["tiles"] == n and record["output"] == str(h5)
+    assert {"open_s", "mask_s", "read_s", "read_wait_s", "embed_s", "write_s", "total_s"} <= set(
+        record["timings"]
+    )
+    assert saved["totals"] == {**saved["totals"], "done": 1, "failed": 0, "tiles_embedded": n}
+    assert saved["model"]["random_weights"] is True and saved["failures"] == []
+
+
+def test_rerun_skips_complete_and_redoes_damaged(make_slide, tmp_path):
+    a, b, c = (make_slide(name) for name in ("a.tif", "b.tif", "c.tif"))
+    out = tmp_path / "out"
+    _run([a.path, b.path, c.path], out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    expected = read_features(out / "b.h5")
+
+    summary = _run([a.path, b.path, c.path], out)  # nothing changed: a no-op
+    assert [s["status"] for s in summary["slides"]] == ["skipped"] * 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == mtimes
+    assert summary["slides"][1]["tiles"] == len(expected["features"])
+
+    (out / "a.h5").write_bytes((out / "a.h5").read_bytes()[:2000])  # truncated (a crash while copying)
+    with h5py.File(out / "b.h5", "r+") as f:
+        del f.attrs["complete"]  # interrupted before completion
+    (out / ".c.h5.x1y2.partial").write_bytes(b"left by a killed run")
+    assert check_complete(out / "a.h5", {}) is not None
+    summary = _run([a.path, b.path, c.path], out)
+    status = {s["name"]: (s["status"], s["redone_because"]) for s in summary["slides"]}
+    assert status["a"][0] == "done" and status["a"][1].startswith("a.h5 cannot be opened")
+    assert status["b"] == ("done", "b.h5 not marked complete (an interrupted run)")
+    assert status["c"] == ("skipped", None)
+    assert (out / "c.h5").stat().st_mtime_ns == mtimes["c.h5"]
+    assert not list(out.glob("*.partial"))
+    redone = read_features(out / "b.h5")
+    np.testing.assert_array_equal(redone["coords"], expected["coords"])
+    np.testing.assert_allclose(redone["features"], expected["features"], atol=1e-5)
+
+
+def test_changed_settings_or_model_redo(make_slide, tmp_path):
+    synth = make_slide()
+    out = tmp_path / "out"
+    _run([synth.path], out)
+    summary = _run([synth.path], out, SlideSettings(pooling="cls"))
+    assert (
+        summary["slides"][0]["redone_because"]
+        == "slide.h5 was made with pooling='cls_mean', this run uses 'cls'"
+    )
+    assert read_features(out / "slide.h5")["features"].shape[1] == 24
+    summary = _run([synth.path], out, SlideSettings(pooling="cls"), backend=FakeBackend(width=8))
+    assert "model_sha256" in summary["slides"][0]["redone_because"]
+
+
+def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monkeypatch, capsys):
+    good = make_slide("good.tif")
+    bad = make_slide("bad.tif")
+    data = bad.path.read_bytes()
+    bad.path.write_bytes(data[: len(data) // 2])  # truncated mid-file
+    nompp = make_slide("nompp.tif", 512, 512, ((0, 0, 448, 448),), mpp=None)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"stand-in model file: only its hash is used here")
+
+    @contextlib.contextmanager
+    def fake_open(model_path, backend="auto"):
+        assert str(model_path) == str(model) and backend == "auto"
+        yield FakeBackend()
+
+    monkeypatch.setattr(run_module, "opened_backend", fake_open)
+    out = tmp_path / "out"
+    argv = [
+        "slides",
+        str(bad.path),
+        str(good.path),
+        str(nompp.path),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "bad.tif: FAILED" in captured.err and "RANDOM WEIGHTS" in captured.err
+    assert "1 done, 0 skipped (complete), 2 failed" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["good.h5", "summary.json"]  # nothing for the bad slides
+    summary = json.loads((out / "summary.json").read_text())
+    failures = {f["name"]: f["reason"] for f in summary["failures"]}
+    assert set(failures) == {"bad", "nompp"}
+    assert "bad.tif" in failures["bad"] and "corrupt" in failures["bad"]
+    assert "--slide-mpp" in failures["nompp"]
+    assert summary["model"]["sha256"] != "" and summary["model"]["file"] == str(model)
+    good_mtime = (out / "good.h5").stat().st_mtime_ns
+
+    # the same run again: the good slide is skipped, the bad ones fail again; --slide-mpp rescues one
+    assert cli.main([*argv, "--slide-mpp", "0.5"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["slides"]] == ["failed", "skipped", "done"]
+    assert (out / "good.h5").stat().st_mtime_ns == good_mtime
+
+
+def test_settings_are_checked_before_any_slide(make_slide, tmp_path):
+    synth = make_slide()
+    with pytest.raises(InputError, match="--mpp 0.5 .20x. is not one of the --regions"):
+        _run([synth.path], tmp_path / "out", SlideSettings(regions=(5, 10)))
+    with pytest.raises(InputError, match="whole multiple"):
+        _run([synth.path], tmp_path / "out", SlideSettings(regions=(5, 15, 20)))
+    with pytest.raises(InputError, match="pooling"):
+        _run([synth.path], tmp_path / "out", SlideSettings(pooling="mean"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_slide_writes_a_complete_empty_file(make_slide, tmp_path):
+    glass = make_slide("glass.tif", 896, 672, ())
+    out = tmp_path / "out"
+    summary = _run([glass.path], out)
+    assert summary["slides"][0]["status"] == "done" and summary["slides"][0]["tiles"] == 0
+    data = read_features(out / "glass.h5")
+    assert data["features"].shape == (0, 48) and data["coords"].shape == (0, 2)
+    assert _run([glass.path], out)["slides"][0]["status"] == "skipped"
+
+
+def test_summary_reports_throughput(make_slide, tmp_path):
+    summary = _run([make_slide().path], tmp_path / "out", SlideSettings(workers=2, batch_size=8))
+    totals = summary["totals"]
+    assert totals["tiles_per_s"] > 0 and totals["read_s"] > 0 and totals["embed_s"] > 0
+    assert summary["settings"]["workers"] == 2 and summary["settings"]["batch_size"] == 8

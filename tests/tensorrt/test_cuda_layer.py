@@ -1,0 +1,111 @@
+"""``virchow_rt.runtime.cuda`` without a GPU: error conversion, host views, GPU-array parsing, no-device behaviour."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from virchow_rt._deps import is_importable
+from virchow_rt.errors import BackendError, InputError
+from virchow_rt.runtime import cuda
+
+needs_cuda_python = pytest.mark.skipif(not is_importable("cuda.bindings.runtime"), reason="cuda-python missing")
+
+
+@needs_cuda_python
+def test_check_turns_cuda_errors_into_backend_errors() -> None:
+    from cuda.bindings import runtime as rt
+
+    with pytest.raises(BackendError, match=r"cudaMalloc\(64 bytes\) failed with cudaErrorMemoryAllocation.*code 2"):
+        cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc(64 bytes)")
+    with pytest.raises(BackendError, match="smaller batch size"):
+        cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation,), "cudaMalloc")
+    with pytest.raises(BackendError, match="nvidia-smi"):
+        cuda.check((rt.cudaError_t.cudaErrorInsufficientDriver,), "cudaGetDeviceCount")
+
+
+@needs_cuda_python
+def test_check_unpacks_values() -> None:
+    from cuda.bindings import runtime as rt
+
+    ok = rt.cudaError_t.cudaSuccess
+    assert cuda.check((ok,), "x") is None
+    assert cuda.check((ok, 7), "x") == 7
+    assert cuda.check((ok, 1, 2), "x") == (1, 2)
+    assert cuda.check(ok, "x") is None
+
+
+def test_host_view_is_a_writable_window_on_memory() -> None:
+    raw = (ctypes.c_ubyte * 64)()
+    view = cuda.host_view(ctypes.addressof(raw), 64, np.float32, (4, 4))
+    view[1, 2] = 3.5
+    assert np.frombuffer(raw, np.float32)[6] == 3.5
+    assert cuda.host_view(ctypes.addressof(raw), 64).shape == (64,)
+    with pytest.raises(BackendError, match="needs 128 bytes"):
+        cuda.host_view(ctypes.addressof(raw), 64, np.float32, (4, 8))
+    with pytest.raises(BackendError, match="0x0"):
+        cuda.host_view(0, 64)
+
+
+class FakeGpuArray:
+    def __init__(self, **interface: object) -> None:
+        base = {"data": (0x7F00_0000, False), "shape": (2, 4, 4, 3), "typestr": "|u1", "version": 3}
+        self.__cuda_array_interface__ = {**base, **interface}
+
+
+def test_gpu_array_interface_is_read() -> None:
+    arr = cuda.as_device_array(FakeGpuArray(stream=5))
+    assert arr is not None
+    assert (arr.ptr, arr.shape, arr.dtype, arr.stream) == (0x7F00_0000, (2, 4, 4, 3), np.dtype(np.uint8), 5)
+    assert cuda.as_device_array(FakeGpuArray(stream=None)).stream is None  # producer says: nothing to wait for
+    assert cuda.as_device_array(FakeGpuArray(version=2)).stream == 1  # no stream entry: legacy default stream
+    assert cuda.as_device_array(FakeGpuArray(strides=(48, 12, 3, 1))) is not None  # explicit C strides
+    assert cuda.as_device_array(np.zeros(3)) is None
+
+
+def test_non_contiguous_gpu_arrays_are_refused() -> None:
+    with pytest.raises(InputError, match="not C-contiguous.*contiguous"):
+        cuda.as_device_array(FakeGpuArray(strides=(3, 96, 24, 1)))
+    with pytest.raises(InputError, match="malformed"):
+        cuda.as_device_array(FakeGpuArray(data=None))
+
+
+@needs_cuda_python
+@pytest.mark.skipif(cuda.device_count() > 0, reason="checks the behaviour on a machine without a GPU")
+def test_without_a_gpu_allocations_fail_with_a_clear_error() -> None:
+    assert cuda.device_count() == 0
+    with pytest.raises(BackendError, match=r"cudaMallocHost\(16 bytes\) failed with cudaError"):
+        cuda.PinnedBuffer(16)
+    with pytest.raises(BackendError, match="cudaGetDeviceProperties|cudaGetDevice"):
+        cuda.device_info(0)
+
+
+def test_sizes_must_be_positive() -> None:
+    with pytest.raises(InputError, match="positive"):
+        cuda.PinnedBuffer(0)
+    with pytest.raises(InputError, match="positive"):
+        cuda.DeviceBuffer(-1)
+
+
+def test_importing_the_gpu_modules_needs_neither_torch_nor_cuda_python() -> None:
+    code = """
+import sys
+for name in ("torch", "cuda", "cuda.bindings", "cuda.bindings.runtime", "tensorrt", "onnxruntime"):
+    sys.modules[name] = None  # importing them now raises ImportError
+import virchow_rt.runtime.cuda, virchow_rt.runtime.engine_cache, virchow_rt.runtime.tensorrt_backend
+import virchow_rt.kernels.cuda_resize, virchow_rt.export.tensorrt_build
+from virchow_rt.runtime import cuda
+assert cuda.device_count() == 0
+try:
+    cuda.PinnedBuffer(16)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("MissingDependency cuda-python is needed to run TensorRT engines")
+    assert "pip install 'virchow-rt[cuda]'" in done.stdout

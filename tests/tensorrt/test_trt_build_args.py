@@ -1,0 +1,187 @@
+"""The engine builder's pure parts and argument checks (no TensorRT needed), and the CI removed-API check."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
+from virchow_rt.export.tensorrt_build import (
+    build_engine,
+    default_timing_cache,
+    engine_name,
+    network_flags,
+    resolve_profile,
+)
+from virchow_rt.manifest import sha256_file, write_manifest
+from virchow_rt.registry import BatchProfile, get_variant
+from virchow_rt.runtime.tensorrt_backend import LogBook, is_real_tensorrt
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profile_defaults_to_the_variant() -> None:
+    v = get_variant("virchow2")
+    assert resolve_profile(v) == v.batch == BatchProfile(1, 32, 64)
+    assert resolve_profile(get_variant("virchow2g-mini")) == BatchProfile(1, 64, 256)
+
+
+def test_max_batch_sets_the_max_and_caps_min_and_opt() -> None:
+    v = get_variant("virchow2")
+    assert resolve_profile(v, max_batch=128) == BatchProfile(1, 32, 128)
+    assert resolve_profile(v, max_batch=16) == BatchProfile(1, 16, 16)
+    assert resolve_profile(v, profile=(4, 8, 16), max_batch=2) == BatchProfile(2, 2, 2)
+
+
+@pytest.mark.parametrize("profile", [(2, 8, 32), {"min": 2, "opt": 8, "max": 32}, BatchProfile(2, 8, 32)])
+def test_profile_overrides(profile: Any) -> None:
+    assert resolve_profile(get_variant("virchow2"), profile=profile) == BatchProfile(2, 8, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"profile": (8, 4, 16)}, "min=8, opt=4, max=16 is invalid"),
+        ({"profile": (0, 1, 1)}, "is invalid"),
+        ({"profile": {"min": 1}}, "not \\(min, opt, max\\)"),
+        ({"profile": (1, 2)}, "not \\(min, opt, max\\)"),
+        ({"max_batch": 0}, "max_batch is 0"),
+    ],
+)
+def test_bad_profiles(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        resolve_profile(get_variant("virchow2"), **kwargs)
+
+
+class Flag:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        return 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED's value in TensorRT 10
+
+
+def test_strongly_typed_flag_on_10x_only() -> None:
+    flag = Flag()
+    assert network_flags("10.13.0.35", flag) == 1 << 1 and flag.calls == 1
+    assert network_flags("10.12.0.36", flag) == 1 << 1
+    eleven = Flag()
+    assert network_flags("11.1.0.106", eleven) == 0  # implicit in 11: the flag is not even looked up
+    assert eleven.calls == 0
+    with pytest.raises(BackendError, match="too old"):
+        network_flags("10.4.0.26", Flag())
+
+
+def test_default_timing_cache_is_per_release_and_architecture(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("VIRCHOW_RT_CACHE", str(tmp_path))
+    path = default_timing_cache("10.13.0.35", "8.9")
+    assert path == tmp_path / "tensorrt" / "timing-trt10.13.0-sm89.cache"
+    assert default_timing_cache("10.13.0.99", "8.9") == path  # build number does not matter
+    assert default_timing_cache("10.13.0.35", "9.0") != path
+
+
+def test_logbook_quotes_tensorrt_errors() -> None:
+    book = LogBook()
+    assert book.quote() == "TensorRT logged no error"
+    book.add("WARNING", "tactic skipped")
+    book.add("ERROR", "IBuilder::buildSerializedNetwork: Error Code 4: out of memory")
+    assert book.quote() == "TensorRT said: IBuilder::buildSerializedNetwork: Error Code 4: out of memory"
+    assert book.errors() == ["IBuilder::buildSerializedNetwork: Error Code 4: out of memory"]
+
+
+@pytest.fixture
+def fake_export(tmp_path: Path) -> Path:
+    """A folder that looks like an export (manifest + fp16/fp32 ONNX files); the graphs are placeholders."""
+    entries = []
+    for precision in ("fp32", "fp16"):
+        path = tmp_path / f"virchow2-tiny.{precision}.onnx"
+        path.write_bytes(f"not really onnx {precision}".encode())
+        entries.append({"path": path.name, "format": "onnx", "precision": precision, "sha256": sha256_file(path)})
+    v = get_variant("virchow2-tiny")
+    write_manifest(tmp_path, {"variant": v.name, "model_args": dict(v.model_args), "preprocess": {"size": 224},
+                              "weights": {"random": True, "sha256": "random"}, "artifacts": entries})  # fmt: skip
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimization_level": 6}, "levels are 0-5"),
+        ({"workspace_gib": 0}, "positive size"),
+        ({"exclude_lean_runtime": True}, "needs version_compatible"),
+        ({"parity_tiles": 0}, "at least 1"),
+        ({"max_batch": 0}, "max_batch is 0"),
+    ],
+)
+def test_build_engine_checks_its_arguments_first(fake_export: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        build_engine(fake_export / "virchow2-tiny.fp16.onnx", fake_export, "virchow2-tiny", **kwargs)
+
+
+def test_build_engine_wants_the_fp16_onnx_unchanged(fake_export: Path) -> None:
+    with pytest.raises(InputError, match="not the fp16 ONNX"):
+        build_engine(fake_export / "virchow2-tiny.fp32.onnx", fake_export, "virchow2-tiny")
+    (fake_export / "virchow2-tiny.fp16.onnx").write_bytes(b"edited")
+    with pytest.raises(ModelFileError, match="changed since it was exported"):
+        build_engine(fake_export / "virchow2-tiny.fp16.onnx", fake_export, "virchow2-tiny")
+
+
+@pytest.mark.skipif(is_real_tensorrt(), reason="checks the message on a machine without TensorRT")
+def test_build_engine_without_tensorrt_says_how_to_install_it(fake_export: Path) -> None:
+    # here TensorRT is either absent or only its type stubs are installed (they import as an empty package)
+    with pytest.raises(MissingDependency, match=r"TensorRT is needed to build TensorRT engines.*pip install"):
+        build_engine(fake_export / "virchow2-tiny.fp16.onnx", fake_export, "virchow2-tiny")
+    assert not (fake_export / engine_name(get_variant("virchow2-tiny"))).exists()
+
+
+BAD = """
+import tensorrt as trt
+config.set_flag(trt.BuilderFlag.FP16)
+config.max_workspace_size = 1 << 30
+n = engine.num_bindings
+shape = engine.get_binding_shape(0)
+context.execute_async_v2(bindings, stream)
+engine = builder.build_engine(network, config)
+if hasattr(trt.BuilderFlag, "FP16"):
+    pass
+import pycuda.autoinit
+"""
+
+GOOD = """
+import tensorrt as trt
+network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
+context.set_input_shape("tiles", (8, 224, 224, 3))
+context.execute_async_v3(stream)
+entry = tensorrt_build.build_engine(onnx_path, out_dir, variant, max_batch=64)
+dtype = trt.DataType.HALF  # a data type, not a builder flag
+"""
+
+
+def _api_check(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "sample.py"
+    path.write_text(source)
+    cmd = ["bash", str(ROOT / ".ci" / "typecheck"), "--api", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_removed_api_check_catches_every_removed_call(tmp_path: Path) -> None:
+    done = _api_check(tmp_path, BAD)
+    assert done.returncode == 1
+    for needle in ("FP16", "max_workspace_size", "num_bindings", "get_binding_shape", "execute_async_v2",
+                   "build_engine(network, config)", "hasattr(..., 'FP16')", "import pycuda"):  # fmt: skip
+        assert needle in done.stdout, (needle, done.stdout)
+    assert "8 problem(s)" in done.stdout
+
+
+def test_removed_api_check_passes_todays_api_and_this_package(tmp_path: Path) -> None:
+    assert _api_check(tmp_path, GOOD).returncode == 0
+    done = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "typecheck"), "--api", str(ROOT / "virchow_rt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout

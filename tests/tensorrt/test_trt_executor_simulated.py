@@ -1,0 +1,262 @@
+"""The TensorRT backend's pipelined executor, with the CUDA layer and the engine replaced by numpy stand-ins.
+
+SIMULATION, not TensorRT: buffers are numpy byte arrays at fake addresses, copies happen at once,
+and the "engine" is a known numpy function of each tile. This checks only the data flow of
+:meth:`TensorRTBackend.pipeline` (each batch through the right slot, results in order, ragged and
+empty batches, GPU arrays read in place, per-slot CUDA graphs, events recorded before they are
+waited on). TensorRT's own results are checked in ``test_trt_engine_real.py`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+from virchow_rt.errors import BackendError
+from virchow_rt.runtime import cuda as real_cuda
+from virchow_rt.runtime import tensorrt_backend as tb
+from virchow_rt.runtime.backend import ModelInfo
+from virchow_rt.runtime.engine_cache import TensorSpec
+
+S, E = 4, 6  # tile size and embedding width of the stand-in model
+
+
+def expected(tiles: np.ndarray) -> np.ndarray:
+    """The stand-in engine: per tile, the mean pixel plus the column index -> (B, E) float32."""
+    flat = tiles.reshape(len(tiles), S * S * 3).astype(np.float32)
+    return flat.mean(1, keepdims=True) + np.arange(E, dtype=np.float32)
+
+
+class Memory:
+    """Fake address space: allocations are numpy byte arrays at distinct integer addresses."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, np.ndarray] = {}
+        self.next = 0x1000
+
+    def alloc(self, nbytes: int) -> int:
+        base, self.next = self.next, self.next + nbytes + 0x1000
+        self.blocks[base] = np.zeros(nbytes, np.uint8)
+        return base
+
+    def at(self, addr: int, nbytes: int) -> np.ndarray:
+        for base, block in self.blocks.items():
+            if base <= addr and addr + nbytes <= base + len(block):
+                return block[addr - base : addr - base + nbytes]
+        raise AssertionError(f"access to unallocated memory {addr:#x}+{nbytes}")
+
+
+def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> types.SimpleNamespace:
+    class Buffer:
+        def __init__(self, nbytes: int) -> None:
+            self.nbytes, self.ptr, self.closed = nbytes, mem.alloc(nbytes), False
+
+        def view(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray:
+            raw = mem.at(self.ptr, self.nbytes).view(dtype)
+            return raw if shape is None else raw[: int(np.prod(shape))].reshape(shape)
+
+        def close(self) -> None:
+            self.closed = True
+
+    class Event:
+        def __init__(self) -> None:
+            self.recorded_on: Any = None
+
+        def record(self, stream: Any = None) -> None:
+            self.recorded_on = stream if stream is not None else 0
+
+        def synchronize(self) -> None:
+            assert self.recorded_on is not None, "host waited for an event never recorded"
+
+        def close(self) -> None:
+            pass
+
+    class Stream:
+        ptr = 0xABC
+
+        def wait(self, event: Event) -> None:
+            assert event.recorded_on is not None, "a stream waited for an event never recorded"
+
+        def synchronize(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def copy_async(dst: int, src: int, nbytes: int, kind: str, stream: Any) -> None:
+        log.append(("copy", kind, nbytes))
+        mem.at(dst, nbytes)[:] = mem.at(src, nbytes)
+
+    class Graph:
+        def __init__(self, replay: Any) -> None:
+            self.replay = replay
+
+        def launch(self, stream: Any) -> None:
+            log.append(("graph",))
+            self.replay()
+
+        def close(self) -> None:
+            pass
+
+    def capture_graph(stream: Any, enqueue: Any) -> Graph:
+        # a real graph replays the kernels with the addresses and shape of the capture: so does this one
+        ctx = contexts[0]
+        ctx.capturing = True
+        try:
+            assert enqueue()
+        finally:
+            ctx.capturing = False
+        addr, shape = ctx.captured
+        return Graph(lambda: ctx.compute(addr, shape))
+
+    return types.SimpleNamespace(
+        PinnedBuffer=Buffer, DeviceBuffer=Buffer, Event=Event, Stream=Stream, copy_async=copy_async,
+        capture_graph=capture_graph, set_device=lambda index: None, GraphExec=Graph,
+        DeviceArray=real_cuda.DeviceArray, as_device_array=real_cuda.as_device_array,
+    )  # fmt: skip
+
+
+class FakeContext:
+    """Stand-in for IExecutionContext: name-based addresses and shapes, a numpy 'engine'."""
+
+    def __init__(self, mem: Memory, log: list[tuple[Any, ...]]) -> None:
+        self.mem, self.log = mem, log
+        self.addr: dict[str, int] = {}
+        self.shape: tuple[int, ...] = ()
+        self.capturing = False
+        self.captured: tuple[dict[str, int], tuple[int, ...]] = ({}, ())
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        assert name == "tiles"
+        self.shape = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addr[name] = ptr
+        return True
+
+    def compute(self, addr: dict[str, int], shape: tuple[int, ...]) -> None:
+        b = shape[0]
+        tiles = self.mem.at(addr["tiles"], b * S * S * 3).reshape(b, S, S, 3)
+        out = expected(tiles)
+        self.mem.at(addr["embedding"], out.nbytes)[:] = out.view(np.uint8).ravel()
+
+    def execute_async_v3(self, stream: int) -> bool:
+        if self.capturing:  # recorded into the graph, not run
+            self.captured = (dict(self.addr), self.shape)
+            return True
+        self.log.append(("execute", self.shape[0]))
+        self.compute(self.addr, self.shape)
+        return True
+
+
+@pytest.fixture
+def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A TensorRTBackend (max batch 8) over the stand-ins; ``sim.mem``, ``sim.log`` for inspection."""
+    mem, log, contexts = Memory(), [], []
+    monkeypatch.setattr(tb, "cuda", fake_cuda(mem, log, contexts))
+
+    def make(slots: int = 3, graphs: bool = False) -> tb.TensorRTBackend:
+        backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
+        backend.info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
+        backend._device, backend._num_slots, backend._use_graphs = 0, slots, graphs
+        backend._slots, backend._streams, backend._lock = [], [], threading.Lock()
+        backend._book = tb.LogBook()
+        backend._specs = {
+            "tiles": TensorSpec("tiles", True, np.dtype(np.uint8), (-1, S, S, 3)),
+            "embedding": TensorSpec("embedding", False, np.dtype(np.float32), (-1, E)),
+        }
+        backend._max = backend.max_batch = 8
+        contexts[:] = [FakeContext(mem, log)]
+        backend._context = contexts[0]  # type: ignore[assignment]
+        backend._engine = backend._runtime = None
+        return backend
+
+    return types.SimpleNamespace(make=make, mem=mem, log=log)
+
+
+def tiles(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_run_splits_at_max_batch_and_keeps_order(sim: Any, slots: int) -> None:
+    x = tiles(33)
+    out = sim.make(slots).run(x)
+    assert out.shape == (33, E) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected(x))
+    assert [e[1] for e in sim.log if e[0] == "execute"] == [8, 8, 8, 8, 1]
+
+
+def test_pipeline_ragged_and_empty_batches(sim: Any) -> None:
+    sizes = [8, 3, 8, 1, 0, 5, 8]
+    batches = [tiles(n, seed=i) for i, n in enumerate(sizes)]
+    outs = list(sim.make().pipeline(iter(batches)))
+    assert [len(o) for o in outs] == sizes
+    for batch, out in zip(batches, outs, strict=True):
+        np.testing.assert_array_equal(out, expected(batch))
+    h2d = [e[2] for e in sim.log if e[:2] == ("copy", "h2d")]
+    assert h2d == [n * S * S * 3 for n in sizes if n]  # only the rows given are copied
+
+
+def test_results_are_fresh_arrays(sim: Any) -> None:
+    backend = sim.make(slots=2)
+    outs = list(backend.pipeline([tiles(8, seed=i) for i in range(5)]))
+    pinned = [slot.host_out.view(np.uint8) for slot in backend._slots]
+    assert not any(np.shares_memory(o, p) for o in outs for p in pinned)
+    np.testing.assert_array_equal(outs[0], expected(tiles(8, seed=0)))  # not overwritten by batch 2 or 4
+
+
+def test_gpu_arrays_are_read_in_place(sim: Any) -> None:
+    x = tiles(5)
+    ptr = sim.mem.alloc(x.nbytes)
+    sim.mem.at(ptr, x.nbytes)[:] = x.ravel()
+
+    class GpuArray:  # what CuPy / torch expose
+        __cuda_array_interface__ = {"data": (ptr, False), "shape": x.shape, "typestr": "|u1", "version": 3,
+                                    "strides": None, "stream": 7}  # fmt: skip
+
+    backend = sim.make()
+    out = backend.run(GpuArray())
+    np.testing.assert_array_equal(out, expected(x))
+    assert not [e for e in sim.log if e[:2] == ("copy", "h2d")]  # no host round trip
+    assert backend._slots[0].h2d_done.recorded_on == 7  # compute waited for the producer's stream
+    assert backend._slots[0].held is None  # the caller's array is released once its result is out
+
+
+def test_cuda_graphs_are_per_slot_and_only_for_full_batches(sim: Any) -> None:
+    batches = [tiles(8, seed=i) for i in range(7)] + [tiles(3, seed=99)]
+    backend = sim.make(slots=3, graphs=True)
+    outs = list(backend.pipeline(batches))
+    for batch, out in zip(batches, outs, strict=True):
+        np.testing.assert_array_equal(out, expected(batch))
+    # each slot's first full batch runs normally and is captured; later full batches replay their slot's
+    # graph; the ragged last batch runs normally
+    ran = [e[0] for e in sim.log if e[0] in ("execute", "graph")]
+    assert ran == ["execute"] * 3 + ["graph"] * 4 + ["execute"]
+
+
+def test_one_pipeline_at_a_time_and_released_when_abandoned(sim: Any) -> None:
+    backend = sim.make()
+    gen = backend.pipeline(tiles(8, seed=i) for i in range(10))
+    first = next(gen)
+    np.testing.assert_array_equal(first, expected(tiles(8, seed=0)))
+    with pytest.raises(BackendError, match="already running a pipeline"):
+        backend.run(tiles(2))
+    gen.close()  # a consumer that stops early (the Embedder does on errors)
+    assert all(slot.held is None for slot in backend._slots)
+    np.testing.assert_array_equal(backend.run(tiles(2)), expected(tiles(2)))
+
+
+def test_closed_backend_refuses_work(sim: Any) -> None:
+    backend = sim.make()
+    backend.run(tiles(3))
+    backend.close()
+    backend.close()  # twice is fine
+    assert backend._slots == []
+    with pytest.raises(BackendError, match="closed"):
+        backend.run(tiles(3))

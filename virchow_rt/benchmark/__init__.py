@@ -1,0 +1,276 @@
+"""Throughput and embedding parity of every backend against the PyTorch reference (``virchow-rt bench``).
+
+:func:`run_benchmark` measures every backend x precision row this machine has over a batch-size
+sweep (end-to-end tiles/s, compute-only on a GPU, latency, peak memory, achieved TFLOP/s against a
+matmul peak measured in the same run) and compares each row's embeddings with the fp32 reference on
+real tissue tiles; it writes ``report.json``, ``report.md`` and PNG plots. Rows this machine cannot
+run are reported with the reason, never with numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.benchmark.environment import collect_environment, load_average
+from virchow_rt.benchmark.report import SCHEMA_VERSION, validate_report, write_report
+from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine
+from virchow_rt.benchmark.runner import (
+    BenchmarkRun,
+    Settings,
+    cleanup_export,
+    plan,
+    reference_weights,
+    resolve_settings,
+    resolve_source,
+)
+from virchow_rt.benchmark.targets import evaluate_targets, format_target
+from virchow_rt.benchmark.timing import LatencyRecorder, Stats, percentile, time_calls
+
+TILE_SOURCE = "virchow_rt.tissue.tissue_tiles (scikit-image IHC colon image)"
+
+
+def _command(
+    model: str,
+    out: Path,
+    weights: str | None,
+    random_weights: bool,
+    backends: Sequence[str] | None,
+    s: Settings,
+) -> str:
+    parts = ["virchow-rt", "bench", model]
+    parts += ["--random-weights"] if random_weights else (["--weights", weights] if weights else [])
+    if backends:
+        parts += ["--backends", ",".join(backends)]
+    parts += [
+        "--batch-sizes",
+        ",".join(map(str, s.batch_sizes)),
+        "--tiles",
+        str(s.tiles),
+        "--repeats",
+        str(s.repeats),
+    ]
+    parts += ["--out", str(out)]
+    return shlex.join(parts)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, non-finite floats to None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _order(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rank = {f"{r.backend}/{r.precision}": i for i, r in enumerate(ROWS)}
+    status = {"ok": 0, "failed": 1, "not available": 2, "not run": 3}
+    return sorted(
+        results,
+        key=lambda r: (
+            status.get(r["status"], 9),
+            rank.get(f"{r['backend']}/{r['precision']}", 99),
+            r["batch_size"] or 0,
+        ),
+    )
+
+
+def _export_section(run: BenchmarkRun) -> dict[str, Any] | None:
+    src = run.source
+    if src.manifest is None:
+        return None
+    keep = ("path", "format", "precision", "size_bytes", "sha256", "seconds")
+    artifacts = [
+        {**{k: a.get(k) for k in keep}, "parity": (a.get("parity") or {}).get("summary")}
+        for a in src.manifest["artifacts"]
+    ]
+    where = (
+        "exported during this run (scratch folder, removed afterwards)"
+        if src.exported_here
+        else f"export folder {src.folder}"
+    )
+    return {"source": where, "export_s": src.export_s, "artifacts": artifacts}
+
+
+def run_benchmark(
+    model: str,
+    out: str | Path,
+    *,
+    weights: str | None = None,
+    random_weights: bool = False,
+    backends: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    tiles: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    seed: int = 0,
+    machine_label: str | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark ``model`` (a variant name, exported on the fly, or an export folder); report into ``out``.
+
+    Returns the report (the content of ``out/report.json``). ``backends``: row names as in
+    ``--backends`` (None: every row); ``machine_label`` names the machine in the report.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = Machine.probe()
+    source = resolve_source(model)
+    settings = resolve_settings(machine.device, source.variant, batch_sizes, tiles, repeats, warmup, seed)
+    ref_weights, ref_random = reference_weights(source, weights, random_weights)
+    specs, stubs = plan(backends, machine)
+    if ref_random:
+        echo(
+            f"RANDOM WEIGHTS: benchmarking {source.variant.name} with random weights; "
+            "its embeddings are meaningless"
+        )
+    progress = sys.stderr.isatty() if progress is None else progress
+    run = BenchmarkRun(source, settings, machine, echo, progress)
+    try:
+        if source.folder is None and any(s.kind != "torch" for s in specs):
+            run.export(specs, out, ref_weights, ref_random)
+        if any(s.kind == "torch" for s in specs):
+            run.build_reference(ref_weights, ref_random)
+        run.measure_peaks(specs)
+        run.measure_rows(specs)
+    finally:
+        cleanup_export(run)
+    results = _order(run.results + stubs)
+    env = collect_environment()
+    if machine_label:
+        env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
+    random = (
+        bool(run.weights_info.random)
+        if run.weights_info
+        else bool((source.manifest or {}).get("weights", {}).get("random"))
+    )
+    sha = (
+        run.weights_info.sha256
+        if run.weights_info
+        else (source.manifest or {}).get("weights", {}).get("sha256")
+    )
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "virchow-rt-benchmark",
+        "environment": env,
+        "variant": run.variant.name,
+        "variant_config": {**dict(run.variant.model_args), "mlp": run.variant.mlp},
+        "weights": "random" if random else sha,
+        "random_weights": random,
+        "weights_source": run.weights_info.source
+        if run.weights_info
+        else (source.manifest or {}).get("weights", {}).get("source"),
+        "command": _command(model, out, weights, random_weights, backends, settings),
+        "settings": {
+            "batch_sizes": list(settings.batch_sizes),
+            "tiles": settings.tiles,
+            "repeats": settings.repeats,
+            "warmup": settings.warmup,
+            "seed": settings.seed,
+            "tile_source": TILE_SOURCE,
+            "path": "uint8 tiles on the host -> Backend.pipeline -> float32 embeddings on the host, "
+            "batches taken from tiles already in memory",
+            "compute_only": "CUDA events around the backend's device work "
+            "(GPU only; null on a CPU with the reason)",
+            "memory": "host peak RSS of the process during warm-up and timed passes "
+            "(Linux VmHWM reset per row); "
+            "GPU: device memory in use (cudaMemGetInfo), sampled",
+        },
+        "flops_per_tile": run.flops_per_tile,
+        "matmul_peaks": run.peaks,
+        "export": _export_section(run),
+        "reference": {**run.reference_info, "tiles": run.reference_info.get("tiles", run.tiles_label)},
+        "results": results,
+    }
+    report["targets"] = evaluate_targets(results, machine.device, run.variant.name)
+    report["duration_s"] = time.perf_counter() - start
+    report["load_average_end"] = load_average()
+    report = _clean(report)
+    plots = _plots(report, run, out)
+    problems = validate_report(report)
+    if (
+        problems
+    ):  # a bug in the benchmark itself, never the user's fault: say so loudly, still write what we have
+        echo("warning: report schema problems: " + "; ".join(problems))
+    write_report(out, report, plots)
+    return report
+
+
+def _plots(report: dict[str, Any], run: BenchmarkRun, out: Path) -> list[str]:
+    from virchow_rt.benchmark import plots
+
+    random = " (RANDOM WEIGHTS)" if report["random_weights"] else ""
+    title = f"{report['variant']}{random} — {report['environment']['machine']}"
+    paths = [plots.plot_throughput(report["results"], out / "throughput.png", title)]
+    largest: dict[str, int] = {}
+    for key, bs in run.cosines:
+        largest[key] = max(bs, largest.get(key, 0))
+    cosines = {f"{k}\nbatch {bs}": run.cosines[(k, bs)] for k, bs in largest.items()}
+    tolerances = {
+        f"{k}\nbatch {bs}": run.variant.tolerance.min_cosine("fp32" if k.endswith("/fp32") else "fp16")
+        for k, bs in largest.items()
+    }
+    if cosines:
+        paths.append(plots.plot_parity(cosines, tolerances, out / "parity.png", title))
+    return [str(p) for p in paths]
+
+
+def print_summary(report: dict[str, Any], out: Path, echo: Callable[[str], None] = print) -> None:
+    """The lines a user reads at the end: best rows, missing rows, targets, where the files are."""
+    echo("")
+    echo(
+        f"{report['variant']} on {report['environment']['machine']}"
+        + (" — RANDOM WEIGHTS" if report["random_weights"] else "")
+    )
+    for r in report["results"]:
+        if r["status"] != "ok":
+            echo(f"  {r['backend'] + '/' + r['precision']:<32} {r['reason']}")
+    echo("targets:")
+    for t in report["targets"]:
+        echo(f"  {format_target(t)}")
+    echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``virchow-rt bench``: run the benchmark from parsed arguments; returns the exit code (0: it ran)."""
+    report = run_benchmark(
+        args.model,
+        args.out,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        backends=args.backends,
+        batch_sizes=args.batch_sizes,
+        tiles=args.tiles,
+        repeats=args.repeats,
+        warmup=getattr(args, "warmup", None),
+        machine_label=getattr(args, "machine", None),
+    )
+    print_summary(report, Path(args.out))
+    return 0
+
+
+__all__ = [
+    "REFERENCE_KEY",
+    "LatencyRecorder",
+    "Settings",
+    "Stats",
+    "percentile",
+    "print_summary",
+    "run_benchmark",
+    "run_cli",
+    "time_calls",
+    "validate_report",
+]

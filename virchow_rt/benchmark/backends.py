@@ -1,0 +1,148 @@
+"""Open the :class:`~virchow_rt.runtime.backend.Backend` behind one benchmark row, and time its compute alone.
+
+The benchmark talks to every backend through the Backend interface only: the PyTorch reference
+(``virchow_rt.export.reference.TorchBackend``), ONNX Runtime and TensorRT
+(``virchow_rt.runtime.open_backend``).
+Compute-only timing (device work alone, CUDA events) uses an optional ``time_compute`` method a GPU
+backend may offer; on a CPU there is no device apart from the host, so the figure is null with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.benchmark.rows import RowSpec
+from virchow_rt.benchmark.timing import LatencyRecorder, Stats
+from virchow_rt.errors import ModelFileError
+from virchow_rt.registry import Variant
+from virchow_rt.runtime.backend import Backend
+
+CPU_COMPUTE_REASON = (
+    "CPU run: the host is the device, so there is no compute apart from end to end "
+    "(compute-only needs CUDA events on a GPU)"
+)
+#: torch autocast dtypes a RowSpec precision maps to when TorchBackend does not offer that precision itself
+_AUTOCAST = {"bf16-autocast": ("bfloat16", "bf16")}
+
+
+class AutocastBackend(Backend):
+    """An fp32 ``TorchBackend`` run inside ``torch.autocast`` with another dtype (bf16 on a CPU).
+
+    Only used while ``TorchBackend`` has no such precision of its own: autocast is thread-local and
+    wraps the whole ``run`` (timm's transform has no matmul, so only the model is affected).
+    """
+
+    def __init__(self, inner: Backend, device: str, precision: str) -> None:
+        from virchow_rt._deps import optional_import
+
+        self._torch = optional_import("torch", "for the PyTorch reference rows")
+        dtype_name, info_precision = _AUTOCAST[precision]
+        self._dtype = getattr(self._torch, dtype_name)
+        self._device = device
+        self.inner = inner
+        self.name = f"torch-autocast-{info_precision}"
+        self.info = dataclasses.replace(inner.info, precision=info_precision)
+        self.max_batch = inner.max_batch
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        with self._torch.autocast(device_type=self._device, dtype=self._dtype):
+            return self.inner.run(tiles)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class TimedBackend(Backend):
+    """Pass-through to ``inner`` that records each batch's latency at the backend boundary.
+
+    The Embedder's reader thread takes batches ahead of the backend; wrapping the backend (not the
+    Embedder's input) keeps that read-ahead out of the latency: it runs from the moment the backend
+    takes a batch to the moment its embeddings come back.
+    """
+
+    def __init__(self, inner: Backend, recorder: LatencyRecorder | None = None) -> None:
+        self.inner = inner
+        self.recorder = recorder or LatencyRecorder()
+        self.name, self.info, self.max_batch = inner.name, inner.info, inner.max_batch
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        return self.inner.run(tiles)
+
+    def pipeline(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        outputs = self.inner.pipeline(self.recorder.feed(batches))
+        try:
+            yield from self.recorder.results(outputs)
+        finally:
+            close = getattr(outputs, "close", None)
+            if close is not None:
+                close()  # stop the inner pipeline early too when our consumer stops
+
+    def close(self) -> None:
+        """The benchmark closes the inner backend itself; nothing is owned here."""
+
+
+def artifact_path(folder: Path, variant: Variant, spec: RowSpec) -> Path:
+    """The export file a row runs: ``<variant>.<precision>.onnx`` or ``<variant>.fp16.engine``."""
+    suffix = "engine" if spec.kind == "tensorrt" else "onnx"
+    return folder / f"{variant.name}.{spec.artifact}.{suffix}"
+
+
+def open_row_backend(
+    spec: RowSpec,
+    device: str,
+    *,
+    variant: Variant,
+    torch_model: Any = None,
+    weights_info: Any = None,
+    folder: Path | None = None,
+) -> Backend:
+    """The Backend a row measures: the reference model at a precision, or an exported artifact."""
+    if spec.kind == "torch":
+        from virchow_rt.export import reference
+
+        if spec.precision in reference.PRECISIONS:
+            return reference.TorchBackend(
+                torch_model,
+                variant,
+                spec.precision,
+                compile=spec.compile,
+                device=device,
+                weights=weights_info,
+            )
+        inner = reference.TorchBackend(
+            torch_model, variant, "fp32", compile=spec.compile, device=device, weights=weights_info
+        )
+        return AutocastBackend(inner, device, spec.precision)
+    if folder is None:
+        raise ModelFileError(f"row {spec.key} needs an exported model but no export folder was given")
+    path = artifact_path(folder, variant, spec)
+    if not path.exists():
+        raise ModelFileError(
+            f"{path} does not exist; export it with `virchow-rt export {variant.name} --out {folder} "
+            f"--precision {spec.artifact}`" + (" --tensorrt" if spec.kind == "tensorrt" else "")
+        )
+    from virchow_rt.runtime import open_backend
+
+    return open_backend(path, backend=spec.backend)
+
+
+def compute_only(
+    backend: Backend, batches: Sequence[np.ndarray], device: str, *, repeats: int, warmup: int
+) -> tuple[Stats | None, str | None]:
+    """Device time per batch (CUDA events, no host copies) or None with the reason.
+
+    A backend that can time its device work alone offers ``time_compute(tiles, repeats=, warmup=)``
+    returning seconds per call; nothing else is guessed from its internals.
+    """
+    if device != "cuda":
+        return None, CPU_COMPUTE_REASON
+    hook = getattr(backend, "time_compute", None)
+    if not callable(hook):
+        return None, f"{backend.name} offers no device-only timing (no time_compute method)"
+    samples = hook(batches[0], repeats=repeats, warmup=warmup)
+    return Stats(tuple(float(s) for s in samples)), None

@@ -1,0 +1,272 @@
+"""The benchmark's outputs: ``report.json`` (schema below, written atomically) and ``report.md``.
+
+``report.json``::
+
+    {"schema_version": 1, "kind": "virchow-rt-benchmark", "environment": {machine, cpu, gpu, driver, cuda,
+     versions, ...}, "variant", "weights": "random"|sha256, "random_weights", "command", "settings",
+     "flops_per_tile", "matmul_peaks", "export", "reference", "results": [row, ...], "targets", "duration_s"}
+
+A row: ``backend, precision, device, status ("ok" | "not available" | "not run" | "failed"), reason,
+batch_size, tiles_per_s, compute_tiles_per_s, latency_ms {p50, p99, ...}, tflops, peak_fraction,
+parity {min_cosine, mean_cosine, p01_cosine, max_abs, rel_l2, knn10_overlap, passed, ...}`` and more;
+every measurement of a row whose status is not "ok" is null.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.benchmark.targets import format_target
+from virchow_rt.manifest import atomic_path, write_json
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+TOP_KEYS = ("environment", "variant", "weights", "results", "settings", "command", "matmul_peaks", "targets")
+ENV_KEYS = ("machine", "cpu", "gpu", "driver", "cuda", "versions")
+ROW_KEYS = (
+    "backend",
+    "precision",
+    "device",
+    "status",
+    "batch_size",
+    "tiles_per_s",
+    "compute_tiles_per_s",
+    "latency_ms",
+    "tflops",
+    "peak_fraction",
+    "parity",
+)
+PARITY_KEYS = ("min_cosine", "mean_cosine", "p01_cosine", "max_abs", "rel_l2", "knn10_overlap")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_report(report: dict[str, Any]) -> list[str]:
+    """Problems with ``report`` against the schema (empty when it is sound)."""
+    problems = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in report]
+    env = report.get("environment", {})
+    problems += [f"environment lacks {k!r}" for k in ENV_KEYS if k not in env]
+    weights = report.get("weights")
+    if not (weights == "random" or (isinstance(weights, str) and len(weights) == 64)):
+        problems.append(f"weights must be 'random' or a sha256 hex, got {weights!r}")
+    for i, row in enumerate(report.get("results", [])):
+        where = f"results[{i}] ({row.get('backend')}/{row.get('precision')} batch {row.get('batch_size')})"
+        problems += [f"{where} lacks {k!r}" for k in ROW_KEYS if k not in row]
+        if row.get("status") != "ok":
+            if not row.get("reason"):
+                problems.append(f"{where} is {row.get('status')!r} without a reason")
+            continue
+        for k in ("tiles_per_s", "tflops"):
+            if not (_finite(row.get(k)) and row[k] > 0):
+                problems.append(f"{where}: {k} must be a finite positive number, got {row.get(k)!r}")
+        latency = row.get("latency_ms") or {}
+        for k in ("p50", "p99"):
+            if not (_finite(latency.get(k)) and latency[k] > 0):
+                problems.append(
+                    f"{where}: latency_ms.{k} must be finite and positive, got {latency.get(k)!r}"
+                )
+        if row.get("compute_tiles_per_s") is None and not row.get("compute_reason"):
+            problems.append(f"{where}: compute_tiles_per_s is null without a compute_reason")
+        parity = row.get("parity")
+        if parity is None:
+            if not row.get("parity_reason"):
+                problems.append(f"{where}: parity is null without a parity_reason")
+            continue
+        problems += [f"{where}: parity.{k} is not finite" for k in PARITY_KEYS if not _finite(parity.get(k))]
+    return problems
+
+
+# --- Markdown ------------------------------------------------------------------------------------
+def _fmt(x: Any, spec: str = ".3g", scale: float = 1.0, suffix: str = "") -> str:
+    return "—" if x is None else f"{x * scale:{spec}}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _throughput_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        spread = (
+            f"{_fmt(r['tiles_per_s'])} ({_fmt(r.get('tiles_per_s_min'))}–{_fmt(r.get('tiles_per_s_max'))})"
+        )
+        mem = r.get("peak_memory") or {}
+        memory = _fmt(mem.get("host_peak_mb"), ".0f")
+        if mem.get("gpu_peak_mb") is not None:
+            memory += f" / GPU {mem['gpu_peak_mb']:.0f}"
+        out.append(
+            [
+                f"`{r['backend']}`",
+                r["precision"],
+                r["device"],
+                str(r["batch_size"]),
+                spread,
+                _fmt(r["compute_tiles_per_s"]),
+                f"{_fmt(r['latency_ms']['p50'], '.1f')} / {_fmt(r['latency_ms']['p99'], '.1f')}",
+                memory,
+                _fmt(r["tflops"], ".3f"),
+                _fmt(r["peak_fraction"], ".1%"),
+            ]
+        )
+    return out
+
+
+def _parity_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        p = r.get("parity")
+        if p is None:
+            out.append(
+                [f"`{r['backend']}`", r["precision"], str(r["batch_size"])] + ["—"] * 6 + [r["parity_reason"]]
+            )
+            continue
+        verdict = ("PASS" if p["passed"] else "FAIL") + f" (≥ {p['tolerance']})"
+        out.append(
+            [
+                f"`{r['backend']}`",
+                r["precision"],
+                str(r["batch_size"]),
+                f"{p['min_cosine']:.7f}",
+                f"{p['mean_cosine']:.7f}",
+                f"{p['p01_cosine']:.7f}",
+                f"{p['max_abs']:.3g}",
+                f"{p['rel_l2']:.3g}",
+                f"{p['knn10_overlap']:.3f}",
+                verdict,
+            ]
+        )
+    return out
+
+
+def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
+    """The report a person reads: machine, command, tables, rows not run and why, targets, plots."""
+    env, settings = report["environment"], report["settings"]
+    load = " / ".join(f"{x:g}" for x in env["load_average"]) if env.get("load_average") else "unknown"
+    if report.get("load_average_end"):
+        load += " (1/5/15 min), at the end " + " / ".join(f"{x:g}" for x in report["load_average_end"])
+    random = report["weights"] == "random"
+    title = f"# virchow-rt benchmark: {report['variant']}" + (" (RANDOM WEIGHTS)" if random else "")
+    lines = [title, ""]
+    if random:
+        lines += [
+            "> **RANDOM WEIGHTS.** The model was built with random weights (`--random-weights`):",
+            "> throughput is representative of the architecture, the embeddings themselves mean nothing.",
+            "> Parity compares each backend with the PyTorch fp32 reference on the *same* random weights.",
+            "",
+        ]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines += [
+        f"- **Machine:** {env['machine']}",
+        f"- **CPU:** {env['cpu']['model']} ({env['cpu']['usable_cpus']} usable cores, "
+        f"{_fmt(env['cpu'].get('memory_gb'), '.0f')} GB RAM, "
+        f"flags: {', '.join(env['cpu']['flags']) or 'none'}; load average at the start {load})",
+        f"- **GPU:** {env['gpu'] or 'none'}"
+        + (f", driver {env['driver']}, CUDA {env['cuda']}" if env["gpu"] else ""),
+        f"- **Weights:** {'RANDOM' if random else report['weights']} ({report.get('weights_source', '')})",
+        f"- **Reproduce:** `{report['command']}`",
+        f"- **Date:** {env.get('date')}, commit {env.get('git_commit') or 'unknown'}, "
+        f"took {report['duration_s']:.0f} s",
+        f"- **Software:** Python {env['python']}, {versions}",
+        "",
+        "## How it was measured",
+        "",
+        f"- Tiles: {settings['tiles']} per timed pass (rounded up to a multiple of the batch size), "
+        "real tissue from "
+        f"`{settings['tile_source']}`; batch sizes {', '.join(map(str, settings['batch_sizes']))}; "
+        f"{settings['warmup']} warm-up batch(es), then {settings['repeats']} timed passes per row.",
+        f"- End to end: {settings['path']}; tiles/s is the median pass (min–max of the passes in brackets).",
+        "- Latency: per batch, from the moment the backend takes the batch to the moment its embeddings "
+        "are back "
+        "on the host; p50 / p99 over every batch of every timed pass.",
+        f"- Compute-only: {settings['compute_only']}.",
+        f"- FLOPs per tile: {report['flops_per_tile'] / 1e9:.2f} GFLOP (from the variant's shapes). "
+        "TFLOP/s = FLOPs per tile x tiles/s; % peak = that over the matmul peak measured in this run:",
+    ]
+    for key, peak in report["matmul_peaks"].items():
+        libs = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in peak["by_library"].items())
+        lines.append(f"  - `{key}`: {_fmt(peak['tflops'], '.3f')} TFLOP/s ({peak['size']}² matmul; {libs})")
+    lines += [
+        "- Peak memory: " + settings["memory"] + ".",
+        "",
+        "## Throughput",
+        "",
+    ]
+    header = ["backend", "precision", "device", "batch", "tiles/s (min–max)", "compute-only tiles/s"]
+    header += ["latency p50 / p99 ms", "peak RSS MB", "TFLOP/s", "% peak"]
+    lines += _table(header, _throughput_rows(report["results"]))
+    lines += ["", f"## Parity against `{report['reference']['key']}` ({report['reference']['tiles']})", ""]
+    header = [
+        "backend",
+        "precision",
+        "batch",
+        "min cos",
+        "mean cos",
+        "p01 cos",
+        "max abs",
+        "rel L2",
+        "10-NN",
+        "parity",
+    ]
+    lines += _table(header, _parity_rows(report["results"]))
+    missing = [r for r in report["results"] if r["status"] != "ok"]
+    if missing:
+        lines += ["", "## Rows without measurements", ""]
+        seen = set()
+        for r in missing:
+            label = f"`{r['backend']}/{r['precision']}`" + (
+                f" batch {r['batch_size']}" if r["batch_size"] else ""
+            )
+            if label not in seen:
+                seen.add(label)
+                lines.append(f"- {label}: {r['reason']}")
+    lines += ["", "## Targets", ""] + [f"- {format_target(t)}" for t in report["targets"]]
+    export = report.get("export") or {}
+    if export.get("artifacts"):
+        lines += [
+            "",
+            "## Export / build",
+            "",
+            f"{export['source']}; export + its parity check took {_fmt(export.get('export_s'), '.1f')} s.",
+            "",
+        ]
+        rows = [
+            [
+                f"`{a['path']}`",
+                a.get("format", "?"),
+                a.get("precision", "?"),
+                _fmt(a.get("size_bytes"), ".1f", 1e-6, " MB"),
+            ]
+            for a in export["artifacts"]
+        ]
+        lines += _table(["artifact", "format", "precision", "size"], rows)
+    if report.get("reference", {}).get("build_s") is not None:
+        lines += [
+            "",
+            f"Reference model build (torch, weights loaded): {report['reference']['build_s']:.1f} s.",
+        ]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out_dir: str | Path, report: dict[str, Any], plots: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    json_path, md_path = out_dir / REPORT_JSON, out_dir / REPORT_MD
+    write_json(json_path, report)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(render_markdown(report, plots))
+    return json_path, md_path

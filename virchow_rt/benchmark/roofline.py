@@ -1,0 +1,119 @@
+"""Roofline figures: FLOPs per tile, achieved TFLOP/s, and the matmul peak measured in the same run.
+
+The peak is not a datasheet number: it is the best dense square matmul this machine did a moment
+before the rows ran, with the same threads (CPU: numpy and torch fp32, torch bf16 where the CPU has
+bf16 dot products; GPU: torch fp16 / fp32 with CUDA events). A row's ``peak_fraction`` divides its
+achieved TFLOP/s by the peak of its own device and precision class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from virchow_rt._deps import is_importable, optional_import
+from virchow_rt.benchmark.timing import CudaEventTimer, Stats, time_calls
+from virchow_rt.errors import InputError
+
+#: precision of a row -> the matmul dtype whose peak it is judged against, per device. A CPU has no
+#: fp16 matmul units worth the name (ONNX Runtime's fp16 kernels on x86 widen to fp32), so CPU fp16
+#: rows are judged against the fp32 peak; bf16 autocast against the bf16 peak.
+PEAK_CLASS = {
+    "cpu": {"fp32": "fp32", "fp16": "fp32", "fp16-autocast": "fp32", "bf16-autocast": "bf16"},
+    "cuda": {"fp32": "fp32", "fp16": "fp16", "fp16-autocast": "fp16", "bf16-autocast": "bf16"},
+}
+
+DEFAULT_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+def peak_key(device: str, precision: str) -> str:
+    """``"cpu-fp32"``-style key of the peak that a row on ``device`` at ``precision`` is judged against."""
+    try:
+        return f"{device}-{PEAK_CLASS[device][precision]}"
+    except KeyError as err:
+        raise InputError(f"no matmul peak class for device {device!r} and precision {precision!r}") from err
+
+
+def achieved_tflops(flops_per_tile: float, tiles_per_s: float | None) -> float | None:
+    """Useful TFLOP/s at ``tiles_per_s`` (None stays None)."""
+    return None if tiles_per_s is None else flops_per_tile * tiles_per_s / 1e12
+
+
+def _numpy_matmul(n: int, dtype: str, repeats: int) -> Stats | None:
+    if dtype != "fp32":
+        return None  # numpy has no fast fp16/bf16 GEMM
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    return time_calls(lambda: a @ b, repeats=repeats, warmup=1)
+
+
+def _torch_matmul(n: int, device: str, dtype: str, repeats: int) -> Stats | None:
+    torch = optional_import("torch", "to measure the matmul peak")
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+    with torch.inference_mode():
+        if device == "cuda":
+            # events time the device alone; several matmuls per event pair amortize the launch
+            timer = CudaEventTimer()
+            per_call = 4
+
+            def work() -> None:
+                for _ in range(per_call):
+                    torch.matmul(a, b)
+
+            stats = timer.time_calls(work, repeats=repeats, warmup=2)
+            return Stats(tuple(s / per_call for s in stats.samples))
+        return time_calls(lambda: torch.matmul(a, b), repeats=repeats, warmup=1)
+
+
+def measure_matmul_peak(device: str, dtype: str, size: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """Best dense ``size``² matmul on ``device`` in ``dtype`` (``fp32``/``fp16``/``bf16``), in TFLOP/s.
+
+    Returns ``{"key", "device", "dtype", "size", "tflops", "library", "by_library": {...}}``; ``tflops``
+    is None with a ``reason`` when no library could run it here.
+    """
+    n = size or DEFAULT_SIZE[device]
+    flops = 2.0 * n * n * n
+    by_library: dict[str, float | None] = {}
+    reasons = []
+    if device == "cpu":
+        stats = _numpy_matmul(n, dtype, repeats)
+        if stats is not None:
+            by_library["numpy"] = flops / stats.min / 1e12
+    if is_importable("torch"):
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            reasons.append("torch sees no CUDA device")
+        else:
+            stats = _torch_matmul(n, device, dtype, repeats)
+            if stats is not None:
+                by_library["torch"] = flops / stats.min / 1e12
+    else:
+        reasons.append("torch is not importable")
+    measured = {k: v for k, v in by_library.items() if v is not None}
+    best = max(measured, key=lambda k: measured[k]) if measured else None
+    return {
+        "key": f"{device}-{dtype}",
+        "device": device,
+        "dtype": dtype,
+        "size": n,
+        "repeats": repeats,
+        "tflops": measured[best] if best else None,
+        "library": best,
+        "by_library": by_library,
+        "reason": None if best else "; ".join(reasons) or "no library measured it",
+    }
+
+
+def measure_peaks(keys: set[str], repeats: int = 5) -> dict[str, dict[str, Any]]:
+    """Measure each needed ``device-dtype`` peak once (e.g. ``{"cpu-fp32", "cpu-bf16"}``)."""
+    out = {}
+    for key in sorted(keys):
+        device, dtype = key.split("-", 1)
+        out[key] = measure_matmul_peak(device, dtype, repeats=repeats)
+    return out

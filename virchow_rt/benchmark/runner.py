@@ -1,0 +1,472 @@
+"""One benchmark run: resolve the model, export it when needed, then time and check every row.
+
+For each available backend/precision row and each batch size: warm-up batches (the first one timed
+apart: it holds compilation / engine build), then timed passes of the same real-tissue tiles through
+the backend's streaming path, end to end (uint8 tiles on the host -> embeddings on the host). The
+embeddings of the last pass are compared with the fp32 PyTorch reference's on the same tiles.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.benchmark import roofline
+from virchow_rt.benchmark.backends import TimedBackend, compute_only, open_row_backend
+from virchow_rt.benchmark.memory import PeakMemory
+from virchow_rt.benchmark.rows import (
+    REFERENCE_KEY,
+    Machine,
+    RowSpec,
+    row_stub,
+    select_rows,
+    unavailable_reason,
+)
+from virchow_rt.benchmark.timing import Stats, split_batches, time_calls
+from virchow_rt.compare import compare, cosine_rows
+from virchow_rt.errors import InputError, ModelFileError, ParityError
+from virchow_rt.manifest import read_manifest
+from virchow_rt.registry import Variant, get_variant
+from virchow_rt.runtime.backend import Backend
+from virchow_rt.tissue import tissue_tiles
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure: batch sizes, tiles per timed pass, timed passes, warm-up batches."""
+
+    batch_sizes: tuple[int, ...]
+    tiles: int
+    repeats: int
+    warmup: int
+    seed: int = 0
+
+    def tiles_for(self, batch_size: int) -> int:
+        """Tiles per pass at ``batch_size``: rounded up to whole batches, so no odd-shaped batch is timed."""
+        return math.ceil(self.tiles / batch_size) * batch_size
+
+
+#: defaults per machine kind: a 2-core CPU must finish in minutes; a GPU gets a wider sweep and more repeats
+DEFAULTS = {
+    "cpu": Settings(batch_sizes=(1, 8, 32), tiles=32, repeats=3, warmup=1),
+    "cuda": Settings(batch_sizes=(1, 8, 16, 32, 64, 128), tiles=256, repeats=5, warmup=3),
+}
+
+
+def resolve_settings(
+    device: str,
+    variant: Variant,
+    batch_sizes: Sequence[int] | None = None,
+    tiles: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    seed: int = 0,
+) -> Settings:
+    """Fill what the caller left out from :data:`DEFAULTS` (batch sizes capped at the variant's max)."""
+    base = DEFAULTS[device]
+    if batch_sizes is None:
+        batch_sizes = tuple(b for b in base.batch_sizes if b <= variant.batch.max) or (variant.batch.min,)
+    settings = Settings(
+        batch_sizes=tuple(sorted(dict.fromkeys(int(b) for b in batch_sizes))),
+        tiles=base.tiles if tiles is None else int(tiles),
+        repeats=base.repeats if repeats is None else int(repeats),
+        warmup=base.warmup if warmup is None else int(warmup),
+        seed=seed,
+    )
+    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
+        raise InputError(
+            f"batch sizes must be positive integers, got {list(batch_sizes)}; e.g. --batch-sizes 1,8,32"
+        )
+    if settings.tiles < 1 or settings.repeats < 1 or settings.warmup < 0:
+        raise InputError(
+            f"need --tiles >= 1, --repeats >= 1 and warm-up >= 0, got tiles={settings.tiles}, "
+            f"repeats={settings.repeats}, warmup={settings.warmup}"
+        )
+    return settings
+
+
+# --- where the model comes from ------------------------------------------------------------------
+@dataclass
+class Source:
+    """The variant and, when the model is an export folder, the folder and its manifest."""
+
+    variant: Variant
+    folder: Path | None = None
+    manifest: dict[str, Any] | None = None
+    exported_here: bool = False
+    export_s: float | None = None
+
+
+def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
+    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
+    base = get_variant(manifest["variant"])
+    pre = manifest.get("preprocess") or {}
+    config: dict[str, Any] = {
+        "model_args": {**manifest.get("model_args", {}), "mlp": manifest.get("mlp", base.mlp)}
+    }
+    if manifest.get("timm_arch"):
+        config["architecture"] = manifest["timm_arch"]
+    if pre:
+        config["pretrained_cfg"] = {
+            "input_size": (3, pre["size"], pre["size"]),
+            **{k: pre[k] for k in pre if k != "size"},
+        }
+    return base.with_config(config)
+
+
+def resolve_source(model: str) -> Source:
+    """A variant name (exported during the run) or an export folder / model file with its manifest."""
+    path = Path(model)
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        manifest = read_manifest(folder)
+        return Source(variant_from_manifest(manifest), folder=folder, manifest=manifest)
+    if path.suffix in (".onnx", ".engine", ".plan") or "/" in model:
+        raise ModelFileError(
+            f"no such export folder or model file: {model}; give a variant name or an existing path"
+        )
+    return Source(get_variant(model))
+
+
+def reference_weights(source: Source, weights: str | None, random_weights: bool) -> tuple[str | None, bool]:
+    """Weights for the PyTorch reference: the caller's, else those the export folder was made from."""
+    if weights is not None or random_weights or source.manifest is None:
+        return weights, random_weights
+    recorded = source.manifest.get("weights") or {}
+    if recorded.get("random"):
+        return None, True
+    if recorded.get("source") and Path(recorded["source"]).exists():
+        return recorded["source"], False
+    raise InputError(
+        f"the reference needs the weights {source.folder} was exported from "
+        f"({recorded.get('source')!r} is not "
+        "here); pass --weights PATH"
+    )
+
+
+# --- the run ------------------------------------------------------------------------------------
+class BenchmarkRun:
+    """State of one run; :meth:`measure_rows` fills :attr:`results` (report rows) and :attr:`cosines`."""
+
+    def __init__(
+        self,
+        source: Source,
+        settings: Settings,
+        machine: Machine,
+        echo: Echo,
+        progress: bool,
+    ) -> None:
+        self.source, self.settings, self.machine, self.echo, self.progress = (
+            source,
+            settings,
+            machine,
+            echo,
+            progress,
+        )
+        self.variant = source.variant
+        self.flops_per_tile = self.variant.flops_per_tile()
+        self.results: list[dict[str, Any]] = []
+        self.cosines: dict[tuple[str, int], np.ndarray] = {}
+        self.reference: np.ndarray | None = None
+        self.reference_info: dict[str, Any] = {"key": REFERENCE_KEY}
+        self.peaks: dict[str, dict[str, Any]] = {}
+        self.torch_model: Any = None
+        self.weights_info: Any = None
+        self.export_failure: str | None = None
+        n_max = max(settings.tiles_for(b) for b in settings.batch_sizes)
+        size = self.variant.preprocess.size
+        self.tiles = tissue_tiles(n_max, size, seed=settings.seed)
+        call = f"virchow_rt.tissue.tissue_tiles({n_max}, {size}, seed={settings.seed})"
+        self.tiles_label = f"{n_max} real-tissue tiles: {call}"
+
+    # -- preparation --
+    def export(self, specs: Sequence[RowSpec], out: Path, weights: str | None, random_weights: bool) -> Path:
+        """Export the variant for the artifact rows into a scratch folder under ``out``; returns it."""
+        from virchow_rt.export import export_model
+
+        precisions = sorted({s.artifact for s in specs if s.artifact}, key=("fp32", "fp16").index)
+        tensorrt = any(s.kind == "tensorrt" for s in specs)
+        folder = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+        self.echo(
+            f"exporting {self.variant.name} ({', '.join(precisions)}{', TensorRT' if tensorrt else ''}) ..."
+        )
+        start = time.perf_counter()
+        kwargs = dict(
+            weights=weights, random_weights=random_weights, max_batch=max(self.settings.batch_sizes)
+        )
+        try:
+            manifest = export_model(
+                self.variant.name, folder, precisions=precisions, tensorrt=tensorrt, **kwargs
+            )
+        except ParityError as err:
+            if precisions == ["fp32"]:
+                raise
+            # keep benchmarking what did pass: the fp16 rows are reported as failed with the export's verdict
+            self.echo(f"warning: {err}; benchmarking the fp32 export only")
+            self.export_failure = str(err)
+            manifest = export_model(self.variant.name, folder, precisions=["fp32"], **kwargs)
+        self.source.export_s = time.perf_counter() - start
+        self.source.folder, self.source.manifest, self.source.exported_here = folder, manifest, True
+        return folder
+
+    def build_reference(self, weights: str | None, random_weights: bool) -> None:
+        from virchow_rt.export import build_model
+
+        start = time.perf_counter()
+        self.torch_model, self.variant, self.weights_info = build_model(self.variant, weights, random_weights)
+        self.reference_info["build_s"] = time.perf_counter() - start
+
+    def measure_peaks(self, specs: Sequence[RowSpec]) -> None:
+        keys = {roofline.peak_key(s.resolve_device(self.machine.has_cuda), s.precision) for s in specs}
+        self.echo(f"measuring the matmul peak ({', '.join(sorted(keys))}) ...")
+        self.peaks = roofline.measure_peaks(keys)
+
+    # -- rows --
+    def measure_rows(self, specs: Sequence[RowSpec]) -> None:
+        from virchow_rt._deps import optional_import
+
+        tqdm = optional_import("tqdm", "to show benchmark progress").tqdm
+        total = len(specs) * len(self.settings.batch_sizes)
+        with tqdm(total=total, disable=not self.progress, unit="row", desc="bench") as bar:
+            for spec in specs:
+                self._measure_spec(spec, bar)
+
+    def _log(self, bar: Any, text: str) -> None:
+        if self.progress:
+            bar.write(text)
+        else:
+            self.echo(text)
+
+    def _measure_spec(self, spec: RowSpec, bar: Any) -> None:
+        device = spec.resolve_device(self.machine.has_cuda)
+        sizes = list(self.settings.batch_sizes)
+        if spec.key == REFERENCE_KEY:
+            # the pass with the most tiles first: its embeddings are the reference for every row
+            sizes.sort(key=lambda b: -self.settings.tiles_for(b))
+        if self.export_failure and spec.artifact == "fp16":
+            reason = f"export refused the fp16 graph: {self.export_failure}"
+            self.results.append(row_stub(spec, "failed", reason, device))
+            bar.update(len(sizes))
+            return
+        bar.set_postfix_str(spec.key)
+        try:
+            start = time.perf_counter()
+            backend = open_row_backend(
+                spec,
+                device,
+                variant=self.variant,
+                torch_model=self.torch_model,
+                weights_info=self.weights_info,
+                folder=self.source.folder,
+            )
+            setup_s = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 - one broken backend must not stop the others; recorded
+            self.results.append(
+                row_stub(spec, "failed", f"could not open: {type(err).__name__}: {err}", device)
+            )
+            self._log(bar, f"{spec.key}: FAILED to open ({err})")
+            bar.update(len(sizes))
+            return
+        with backend:
+            for batch_size in sizes:
+                bar.set_postfix_str(f"{spec.key} batch {batch_size}")
+                row = self._measure_one(spec, backend, device, batch_size, setup_s)
+                self.results.append(row)
+                self._log(bar, _summary_line(row))
+                bar.update()
+
+    def _measure_one(
+        self, spec: RowSpec, backend: Backend, device: str, batch_size: int, setup_s: float
+    ) -> dict:
+        if backend.max_batch is not None and batch_size > backend.max_batch:
+            reason = (
+                f"batch size {batch_size} is above this backend's max batch {backend.max_batch} "
+                "(re-export with --max-batch)"
+            )
+            return {
+                **row_stub(spec, "not available", f"not available on this machine: {reason}", device),
+                "batch_size": batch_size,
+            }
+        try:
+            return self._time_row(spec, backend, device, batch_size, setup_s)
+        except Exception as err:  # noqa: BLE001 - recorded in the report as a failed row, the run goes on
+            return {
+                **row_stub(spec, "failed", f"{type(err).__name__}: {err}", device),
+                "batch_size": batch_size,
+            }
+
+    def _time_row(
+        self, spec: RowSpec, backend: Backend, device: str, batch_size: int, setup_s: float
+    ) -> dict:
+        from virchow_rt.runtime import Embedder
+
+        s = self.settings
+        n = s.tiles_for(batch_size)
+        tiles = self.tiles[:n]  # (n, S, S, 3) uint8, already in host memory
+        timed = TimedBackend(backend)
+        embedder = Embedder(timed, batch_size=batch_size)  # the path users run: reader thread + pipeline
+        totals, latencies = [], []
+        with PeakMemory(gpu=device == "cuda") as memory:
+            # the first call holds compilation / engine building: timed apart, never in the figures
+            first = time_calls(lambda: backend.run(tiles[:batch_size]), repeats=1, warmup=0)
+            for _ in range(max(s.warmup - 1, 0)):
+                backend.run(tiles[:batch_size])
+            for _ in range(s.repeats):
+                timed.recorder.reset()
+                start = time.perf_counter()
+                embeddings = embedder.embed(tiles)  # (n, E) float32
+                totals.append(time.perf_counter() - start)
+                latencies += timed.recorder.latencies_s
+        pass_s = Stats(tuple(totals))
+        latency = Stats(tuple(latencies))
+        batches = split_batches(tiles, batch_size)
+        compute, compute_reason = compute_only(
+            backend, batches, device, repeats=s.repeats * 4, warmup=s.warmup
+        )
+        tiles_per_s = n / pass_s.median
+        compute_tiles_per_s = batch_size / compute.median if compute else None
+        peak = self.peaks.get(roofline.peak_key(device, spec.precision), {})
+        tflops = roofline.achieved_tflops(self.flops_per_tile, tiles_per_s)
+        compute_tflops = roofline.achieved_tflops(self.flops_per_tile, compute_tiles_per_s)
+        peak_tflops = peak.get("tflops")
+        latency_ms = {
+            k: v for k, v in latency.to_dict(1e3).items() if k != "samples"
+        }  # every batch: too long
+        row: dict[str, Any] = {
+            "backend": spec.backend,
+            "precision": spec.precision,
+            "device": device,
+            "status": "ok",
+            "reason": None,
+            "backend_name": backend.name,
+            "batch_size": batch_size,
+            "tiles": n,
+            "repeats": s.repeats,
+            "warmup_batches": s.warmup,
+            "tiles_per_s": tiles_per_s,
+            "tiles_per_s_min": n / pass_s.max,
+            "tiles_per_s_max": n / pass_s.min,
+            "pass_s": pass_s.to_dict(),
+            "compute_tiles_per_s": compute_tiles_per_s,
+            "compute_reason": compute_reason,
+            "compute_ms": compute.to_dict(1e3) if compute else None,
+            "latency_ms": latency_ms,
+            "first_call_s": first.median,
+            "setup_s": setup_s,
+            "peak_memory": memory.to_dict(),
+            "tflops": tflops,
+            "compute_tflops": compute_tflops,
+            "peak": peak.get("key"),
+            "peak_fraction": tflops / peak_tflops if tflops and peak_tflops else None,
+            "compute_peak_fraction": compute_tflops / peak_tflops if compute_tflops and peak_tflops else None,
+            "artifact": self._artifact(spec),
+            "note": spec.note or None,
+        }
+        row.update(self._parity(spec, batch_size, embeddings))
+        return row
+
+    def _artifact(self, spec: RowSpec) -> dict[str, Any] | None:
+        if not spec.artifact or not self.source.manifest:
+            return None
+        suffix = ".engine" if spec.kind == "tensorrt" else ".onnx"
+        for a in self.source.manifest.get("artifacts", []):
+            if a.get("precision") == spec.artifact and a["path"].endswith(suffix):
+                return {
+                    k: a.get(k) for k in ("path", "format", "precision", "size_bytes", "sha256", "seconds")
+                }
+        return None
+
+    def _parity(self, spec: RowSpec, batch_size: int, embeddings: np.ndarray) -> dict[str, Any]:
+        if spec.key == REFERENCE_KEY and self.reference is None:
+            self.reference = embeddings
+            self.reference_info.update(batch_size=batch_size, tiles=self.tiles_label)
+        if self.reference is None:
+            return {"parity": None, "parity_reason": f"no {REFERENCE_KEY} reference could be run"}
+        reference = self.reference[: len(embeddings)]
+        tolerance = self.variant.tolerance.min_cosine(spec.parity_precision)
+        result = compare(embeddings, reference, tolerance)
+        self.cosines[(spec.key, batch_size)] = cosine_rows(embeddings, reference)
+        parity = {
+            **result.to_dict(),
+            "reference": REFERENCE_KEY,
+            "tiles": len(embeddings),
+            "summary": str(result),
+        }
+        return {"parity": parity, "parity_reason": None}
+
+
+def _summary_line(row: dict[str, Any]) -> str:
+    head = f"{row['backend'] + '/' + row['precision']:<32} batch {row['batch_size']!s:>4}"
+    if row["status"] != "ok":
+        return f"{head}: {row['status']}: {row['reason']}"
+    parity = row.get("parity")
+    cos = (
+        f"min cos {parity['min_cosine']:.6f} {'PASS' if parity['passed'] else 'FAIL'}"
+        if parity
+        else "no parity"
+    )
+    return (
+        f"{head}: {row['tiles_per_s']:9.2f} tiles/s  p50 {row['latency_ms']['p50']:8.1f} ms  "
+        f"p99 {row['latency_ms']['p99']:8.1f} ms  {row['tflops']:.3f} TFLOP/s  {cos}"
+    )
+
+
+def unavailable_rows(
+    specs: Sequence[RowSpec], machine: Machine
+) -> tuple[list[RowSpec], list[dict[str, Any]]]:
+    """Split ``specs`` into those that can run here and report stubs for those that cannot."""
+    runnable, stubs = [], []
+    for spec in specs:
+        reason = unavailable_reason(spec, machine)
+        if reason is None:
+            runnable.append(spec)
+        else:
+            device = spec.resolve_device(machine.has_cuda)
+            stubs.append(row_stub(spec, "not available", f"not available on this machine: {reason}", device))
+    return runnable, stubs
+
+
+def cleanup_export(run: BenchmarkRun) -> None:
+    """Remove the scratch export made by this run (the report keeps its manifest's facts)."""
+    if run.source.exported_here and run.source.folder is not None:
+        shutil.rmtree(run.source.folder, ignore_errors=True)
+
+
+def skipped_rows(skipped: dict[str, str], machine: Machine) -> list[dict[str, Any]]:
+    from virchow_rt.benchmark.rows import ROWS_BY_KEY
+
+    return [
+        row_stub(ROWS_BY_KEY[k], "not run", reason, ROWS_BY_KEY[k].resolve_device(machine.has_cuda))
+        for k, reason in skipped.items()
+    ]
+
+
+def plan(requested: Sequence[str] | None, machine: Machine) -> tuple[list[RowSpec], list[dict[str, Any]]]:
+    """Rows to measure, and stubs (not available / not run) for the rest."""
+    chosen, skipped = select_rows(requested, machine)
+    runnable, stubs = unavailable_rows(chosen, machine)
+    return runnable, stubs + skipped_rows(skipped, machine)
+
+
+__all__ = [
+    "DEFAULTS",
+    "BenchmarkRun",
+    "Settings",
+    "Source",
+    "cleanup_export",
+    "plan",
+    "reference_weights",
+    "resolve_settings",
+    "resolve_source",
+    "variant_from_manifest",
+]

@@ -1,0 +1,172 @@
+"""Performance targets from the benchmark issue, as data, checked against a run's rows.
+
+A target applies to one kind of machine (CPU-only or GPU) and was set for one variant; on other
+machines it is reported as not applicable, never guessed. "Best path" everywhere means the fastest
+end-to-end row (any batch size) whose parity passed: a fast wrong answer does not count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from virchow_rt.benchmark.rows import REFERENCE_KEY
+
+Rows = Sequence[dict[str, Any]]
+Measure = Callable[[Rows], tuple[float | None, str]]
+
+
+def _key(row: dict[str, Any]) -> str:
+    return f"{row['backend']}/{row['precision']}"
+
+
+def _ok(rows: Rows) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok" and r.get("tiles_per_s") is not None]
+
+
+def _passed(row: dict[str, Any]) -> bool:
+    return bool(row.get("parity") and row["parity"].get("passed"))
+
+
+def _fastest(
+    rows: Rows, keys: set[str] | None = None, exclude: set[str] | None = None
+) -> dict[str, Any] | None:
+    pool = [r for r in _ok(rows) if (keys is None or _key(r) in keys) and _key(r) not in (exclude or set())]
+    return max(pool, key=lambda r: r["tiles_per_s"], default=None)
+
+
+def _best_path(rows: Rows, exclude: set[str] | None = None) -> dict[str, Any] | None:
+    return _fastest([r for r in rows if _passed(r)], exclude=exclude)
+
+
+def _describe(row: dict[str, Any]) -> str:
+    return f"{_key(row)} at batch {row['batch_size']}: {row['tiles_per_s']:.3g} tiles/s"
+
+
+def _speedup_over(baseline_key: str) -> Measure:
+    def measure(rows: Rows) -> tuple[float | None, str]:
+        base = _fastest(rows, keys={baseline_key})
+        best = _best_path(rows, exclude={baseline_key})
+        if base is None or best is None:
+            missing = baseline_key if base is None else "a faster path with parity passed"
+            return None, f"no measured row for {missing}"
+        return best["tiles_per_s"] / base["tiles_per_s"], f"{_describe(best)} vs {_describe(base)}"
+
+    return measure
+
+
+def _peak_fraction(rows: Rows) -> tuple[float | None, str]:
+    best = _best_path(rows)
+    if best is None:
+        return None, "no row with parity passed"
+    value = best.get("compute_peak_fraction") or best.get("peak_fraction")
+    which = "compute-only" if best.get("compute_peak_fraction") else "end-to-end"
+    if value is None:
+        return None, f"{_describe(best)}: no matmul peak measured"
+    return value, f"{_describe(best)}, {which} vs the {best.get('peak')} matmul peak"
+
+
+def _e2e_vs_compute(rows: Rows) -> tuple[float | None, str]:
+    best = _best_path(rows)
+    if best is None:
+        return None, "no row with parity passed"
+    if not best.get("compute_tiles_per_s"):
+        return None, f"{_describe(best)}: no compute-only figure ({best.get('compute_reason')})"
+    return best["tiles_per_s"] / best["compute_tiles_per_s"], (
+        f"{_describe(best)} end to end vs {best['compute_tiles_per_s']:.3g} tiles/s compute-only"
+    )
+
+
+def _fp16_parity(rows: Rows) -> tuple[float | None, str]:
+    pool = [r for r in _ok(rows) if r["precision"] != "fp32" and r.get("parity")]
+    if not pool:
+        return None, "no reduced-precision row with parity"
+    worst = min(pool, key=lambda r: r["parity"]["min_cosine"])
+    return worst["parity"]["min_cosine"], f"worst: {_key(worst)} at batch {worst['batch_size']}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One goal: ``measure(rows)`` gives (value, detail); met when value >= ``threshold``."""
+
+    name: str
+    device: str  # "cpu" (CPU-only machine) or "cuda" (GPU machine)
+    set_for: str  # variant the goal was set for
+    threshold: float
+    unit: str
+    measure: Measure
+
+    def evaluate(self, rows: Rows, device: str, variant: str) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "name": self.name,
+            "device": self.device,
+            "set_for": self.set_for,
+            "threshold": self.threshold,
+            "unit": self.unit,
+        }
+        if device != self.device:
+            return {
+                **result,
+                "value": None,
+                "met": None,
+                "detail": f"not applicable on a {device.upper()} run",
+            }
+        value, detail = self.measure(rows)
+        if variant != self.set_for:
+            detail += f" (target set for {self.set_for}, this run is {variant})"
+        return {
+            **result,
+            "value": value,
+            "met": None if value is None else bool(value >= self.threshold),
+            "detail": detail,
+        }
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "best CPU path vs PyTorch eager fp32, end to end",
+        "cpu",
+        "virchow2g-mini",
+        1.3,
+        "x",
+        _speedup_over(REFERENCE_KEY),
+    ),
+    Target(
+        "best path vs PyTorch fp16 autocast eager",
+        "cuda",
+        "virchow2",
+        2.0,
+        "x",
+        _speedup_over("torch-eager/fp16-autocast"),
+    ),
+    Target("fraction of the measured matmul peak", "cuda", "virchow2", 0.60, "fraction", _peak_fraction),
+    Target("end to end vs compute-only", "cuda", "virchow2", 0.90, "fraction", _e2e_vs_compute),
+    Target("fp16 parity, min cosine", "cuda", "virchow2", 0.999, "cosine", _fp16_parity),
+)
+
+
+def evaluate_targets(rows: Rows, device: str, variant: str) -> list[dict[str, Any]]:
+    """Every target's verdict for this run (``met`` None when not applicable or not measurable)."""
+    return [t.evaluate(rows, device, variant) for t in TARGETS]
+
+
+def _show(value: float, unit: str) -> str:
+    if unit == "cosine":
+        return f"{value:.6f}"
+    if unit == "fraction":
+        return f"{value:.1%}"
+    return f"{value:.3g}x"
+
+
+def format_target(result: dict[str, Any]) -> str:
+    """One printable line: name, measured value vs threshold, met / not met."""
+    value, unit = result["value"], result["unit"]
+    if result["met"] is None:
+        verdict = "n/a" if value is None and "not applicable" in result["detail"] else "NOT MEASURED"
+    else:
+        verdict = "MET" if result["met"] else "NOT MET"
+    shown = "—" if value is None else _show(value, unit)
+    goal = f">= {_show(result['threshold'], unit)}"
+    where = f"{result['device'].upper()}, set for {result['set_for']}"
+    return f"[{verdict}] {result['name']} ({where}): {shown} (goal {goal}) — {result['detail']}"

@@ -1,0 +1,281 @@
+"""weights -> fp32 ONNX -> fp16 ONNX (-> TensorRT engine), each gated on parity, with a manifest beside them.
+
+Every artifact is made in a hidden staging folder inside ``out_dir``, checked (ONNX checker, I/O
+contract, precision plan) and measured in ONNX Runtime CPU against the fp32 PyTorch reference on real
+tissue tiles. Only when every requested artifact passes are they renamed into place (external data
+first, then the graph), and ``manifest.json`` is written. A failing artifact is never left looking valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt._deps import optional_import
+from virchow_rt.compare import Comparison, compare
+from virchow_rt.errors import BackendError, InputError, ParityError
+from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
+from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
+from virchow_rt.export.reference import TorchBackend, build_model
+from virchow_rt.manifest import SCHEMA_VERSION, read_manifest, sha256_file, write_manifest
+from virchow_rt.registry import Variant, get_variant
+from virchow_rt.tissue import tissue_tiles
+
+PRECISIONS = ("fp32", "fp16")
+REFERENCE = "torch-eager-fp32"
+PARITY_SEED = 0
+_PARITY_BATCH = 16  # tiles per reference / ONNX Runtime call during the parity check (bounds memory)
+
+
+def artifact_name(variant: Variant, precision: str) -> str:
+    """File name of an exported graph: ``<variant>.<precision>.onnx``."""
+    return f"{variant.name}.{precision}.onnx"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shaped an export (recorded in the manifest)."""
+    import virchow_rt
+
+    found = {"virchow_rt": virchow_rt.__version__, "python": platform.python_version()}
+    for module in ("torch", "timm", "onnx", "onnxruntime", "numpy"):
+        found[module] = getattr(
+            optional_import(module, "to record export versions"), "__version__", "unknown"
+        )
+    found["platform"] = platform.platform()
+    return found
+
+
+def run_onnx_cpu(path: str | os.PathLike, tiles: np.ndarray, batch: int = _PARITY_BATCH) -> np.ndarray:
+    """Embed uint8 tiles (N, S, S, 3) with an exported graph in ONNX Runtime CPU -> (N, E) float32."""
+    ort = optional_import("onnxruntime", "to check exported models")
+    try:
+        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        outs = [
+            session.run(["embedding"], {"tiles": tiles[i : i + batch]})[0]
+            for i in range(0, len(tiles), batch)
+        ]
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise BackendError(f"ONNX Runtime CPU cannot run {path} ({type(err).__name__}: {err})") from err
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def _reference_embeddings(backend: TorchBackend, tiles: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [backend.run(tiles[i : i + _PARITY_BATCH]) for i in range(0, len(tiles), _PARITY_BATCH)]
+    )
+
+
+def _check_args(
+    precisions: Sequence[str], parity_tiles: int, max_batch: int | None, tensorrt: bool
+) -> tuple[str, ...]:
+    wanted = tuple(dict.fromkeys(precisions))
+    if not wanted or set(wanted) - set(PRECISIONS):
+        raise InputError(
+            f"precisions {list(precisions)} are not valid; use a non-empty subset of {list(PRECISIONS)}"
+        )
+    if parity_tiles < 1:
+        raise InputError(
+            f"parity_tiles is {parity_tiles}; every artifact is checked, use at least 1 (default 32)"
+        )
+    if max_batch is not None and max_batch < 1:
+        raise InputError(f"max_batch is {max_batch}; use a positive batch size")
+    if tensorrt and "fp16" not in wanted:
+        raise InputError("a TensorRT engine is built from the fp16 ONNX; add fp16 to the precisions")
+    return wanted
+
+
+def _artifact(
+    path: Path, precision: str, data_name: str | None, variant: Variant, outputs: Sequence[str]
+) -> dict:
+    inputs, outs = io_spec(variant, outputs)
+    entry: dict[str, Any] = {
+        "path": path.name,
+        "format": "onnx",
+        "precision": precision,
+        "sha256": sha256_file(path),
+        "size_bytes": path.stat().st_size,
+        "external_data": data_name,
+        "opset": OPSET,
+        "inputs": inputs,
+        "outputs": outs,
+    }
+    if data_name is not None:
+        entry["external_data_sha256"] = sha256_file(path.parent / data_name)
+        entry["external_data_size_bytes"] = (path.parent / data_name).stat().st_size
+    return entry
+
+
+def _parity(
+    path: Path, precision: str, tiles: np.ndarray, reference: np.ndarray, variant: Variant
+) -> Comparison:
+    result = compare(run_onnx_cpu(path, tiles), reference, variant.tolerance.min_cosine(precision))
+    if not result:
+        raise ParityError(
+            f"{precision} ONNX of {variant.name} disagrees with the {REFERENCE} reference in ONNX Runtime "
+            f"CPU: {result}; {path.name} was not written. Export the other precision, or report this line "
+            "as a bug"
+        )
+    return result
+
+
+def _commit(staging: Path, out_dir: Path, artifacts: list[dict]) -> None:
+    """Rename staged artifacts into place: external data first, so a graph never points at a missing file."""
+    for entry in artifacts:
+        if entry["external_data"]:
+            os.replace(staging / entry["external_data"], out_dir / entry["external_data"])
+    for entry in artifacts:
+        os.replace(staging / entry["path"], out_dir / entry["path"])
+        if not entry["external_data"]:
+            (out_dir / f"{entry['path']}.data").unlink(missing_ok=True)  # stale data of an older export
+
+
+def export_model(
+    variant_name: str | Variant,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    random_weights: bool = False,
+    precisions: Sequence[str] = PRECISIONS,
+    max_batch: int | None = None,
+    outputs: Sequence[str] = ("embedding",),
+    parity_tiles: int = 32,
+    tensorrt: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
+
+    Loads ``weights`` (folder, state-dict file or cached model id) or builds ``random_weights``; checks
+    each artifact and its parity against the fp32 PyTorch reference in ONNX Runtime CPU on
+    ``parity_tiles`` real tissue tiles (:class:`ParityError` below the variant's tolerance, nothing
+    written); writes ``manifest.json``; with ``tensorrt=True`` then builds an fp16 engine through
+    :mod:`virchow_rt.export.tensorrt_build`. ``progress`` shows a bar of the stages. Returns the manifest.
+    """
+    variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
+    wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
+    outputs = check_outputs(outputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = [
+        "build model",
+        "reference",
+        *[f"{s} {p}" for p in PRECISIONS if p in wanted for s in ("export", "parity")],
+    ]
+    stages += ["manifest", *(["tensorrt"] if tensorrt else [])]
+    tqdm = optional_import("tqdm", "to show export progress").tqdm
+    bar = tqdm(total=len(stages), disable=not progress, unit="stage", desc=f"export {variant.name}")
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    try:
+        stage("build model")
+        model, variant, weights_info = build_model(variant, weights, random_weights)
+        bar.update()
+        stage("reference")
+        size = variant.preprocess.size
+        tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
+        reference = _reference_embeddings(TorchBackend(model, variant, "fp32", weights=weights_info), tiles)
+        bar.update()
+        tiles_label = f"virchow_rt.tissue.tissue_tiles({parity_tiles}, {size}, seed={PARITY_SEED})"
+        artifacts: list[dict] = []
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        try:
+            fp32_path = staging / artifact_name(variant, "fp32")
+            for precision in ("fp32", "fp16") if "fp16" in wanted else ("fp32",):  # fp16 is made from fp32
+                path = staging / artifact_name(variant, precision)
+                shown = precision in wanted
+                if shown:
+                    stage(f"export {precision}")
+                start = time.perf_counter()
+                plan: dict[str, Any] | None = None
+                if precision == "fp32":
+                    data_name = export_onnx(model, variant, path, weights=weights_info, outputs=outputs)
+                else:
+                    data_name, counts = convert_fp16(
+                        fp32_path, path, variant, weights=weights_info, outputs=outputs
+                    )
+                    plan = {**DEFAULT_PLAN.to_dict(), "verified": counts}
+                export_s = time.perf_counter() - start
+                if not shown:  # fp32 made only as the source of the fp16 graph
+                    continue
+                bar.update()
+                stage(f"parity {precision}")
+                start = time.perf_counter()
+                result = _parity(path, precision, tiles, reference, variant)
+                parity_s = time.perf_counter() - start
+                entry = _artifact(path, precision, data_name, variant, outputs)
+                if plan is not None:
+                    entry["precision_plan"] = plan
+                entry["parity"] = {
+                    **result.to_dict(),
+                    "reference": REFERENCE,
+                    "backend": "onnxruntime-cpu",
+                    "tiles": tiles_label,
+                    "summary": str(result),
+                }
+                entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
+                artifacts.append(entry)
+                bar.update()
+            _commit(staging, out_dir, artifacts)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+        stage("manifest")
+        batch = {"min": variant.batch.min, "opt": variant.batch.opt, "max": max_batch or variant.batch.max}
+        batch["opt"] = min(batch["opt"], batch["max"])
+        manifest: dict[str, Any] = {
+            "variant": variant.name,
+            "timm_arch": variant.timm_arch,
+            "model_args": dict(variant.model_args),
+            "mlp": variant.mlp,
+            "preprocess": dataclasses.asdict(variant.preprocess),
+            "batch": batch,
+            "embedding": {
+                "pooling": "cls_mean",
+                "dim": variant.embedding_dim(),
+                "width": variant.width,
+                "layout": "class token ‖ mean of patch tokens (registers excluded); "
+                "class token alone = [:, :width]",
+            },
+            "weights": weights_info.to_dict(),
+            "versions": versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "artifacts": artifacts,
+        }
+        if weights_info.random:
+            manifest["warning"] = (
+                "RANDOM WEIGHTS: these artifacts embed nothing meaningful (tests and demos only)"
+            )
+        write_manifest(out_dir, manifest)
+        bar.update()
+        if tensorrt:
+            stage("tensorrt")
+            # imported only now: TensorRT is optional and absent on most machines
+            builder = importlib.import_module("virchow_rt.export.tensorrt_build")
+            engine = builder.build_engine(
+                out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=batch["max"]
+            )
+            # the builder records its engine in manifest.json itself; add it only if it did not
+            manifest = read_manifest(out_dir)
+            manifest.pop("schema_version", None)
+            names = [a.get("path") for a in manifest["artifacts"]]
+            if isinstance(engine, dict) and engine.get("path") not in names:
+                manifest["artifacts"].append(engine)
+                write_manifest(out_dir, manifest)
+            bar.update()
+    finally:
+        bar.close()
+    # as read back from manifest.json (tuples become lists)
+    return json.loads(json.dumps({"schema_version": SCHEMA_VERSION, **manifest}))

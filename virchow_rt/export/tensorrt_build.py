@@ -1,0 +1,412 @@
+"""fp16 ONNX -> TensorRT engine (strongly typed), gated on parity, recorded in ``manifest.json``.
+
+Precision comes from the graph, never from builder flags: TensorRT 11 builds strongly typed networks
+only (``BuilderFlag.FP16`` and the precision-constraint flags are gone) and on 10.12-10.x we ask for
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. The choice is made from ``trt.__version__``, never by
+probing for a flag with ``hasattr`` (a missing fp16 flag would otherwise silently build fp32). The
+fp16 ONNX's precision plan (LayerNorm, Softmax, reductions and the output kept fp32) is what the
+engine runs.
+
+The engine is measured against the fp32 reference on real tissue tiles before it is written
+(:class:`ParityError` below the variant's fp16 tolerance, nothing written); the file is written
+atomically and its manifest entry records the TensorRT version, GPU, compute capability, batch
+profile and ONNX sha256 that it is tied to (see :mod:`virchow_rt.runtime.engine_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from virchow_rt._deps import is_importable, optional_import
+from virchow_rt.compare import compare
+from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError, VirchowError
+from virchow_rt.manifest import atomic_path, find_artifact, read_manifest, sha256_file, write_manifest
+from virchow_rt.registry import BatchProfile, Variant, get_variant
+from virchow_rt.runtime import cuda
+from virchow_rt.runtime.backend import Backend
+from virchow_rt.runtime.engine_cache import (
+    INPUT,
+    OUTPUT,
+    EngineKey,
+    check_version,
+    model_info,
+    release,
+    stale_reasons,
+)
+from virchow_rt.runtime.tensorrt_backend import LogBook, TensorRTBackend, import_tensorrt, make_logger
+from virchow_rt.tissue import tissue_tiles
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+PURPOSE = "to build TensorRT engines"
+DEFAULT_WORKSPACE_GIB = 4.0
+#: ``timing_cache="auto"``: one cache file per TensorRT version and GPU under the user cache folder
+AUTO = "auto"
+PARITY_SEED = 0
+_PARITY_BATCH = 16
+
+
+def engine_name(variant: Variant) -> str:
+    return f"{variant.name}.fp16.engine"
+
+
+def resolve_profile(
+    variant: Variant,
+    max_batch: int | None = None,
+    profile: BatchProfile | Mapping[str, int] | Sequence[int] | None = None,
+) -> BatchProfile:
+    """The batch optimization profile: the variant's, replaced by ``profile``, its max set by ``max_batch``.
+
+    ``max_batch`` also lowers min and opt when they exceed it. Raises :class:`InputError` unless
+    1 <= min <= opt <= max.
+    """
+    base = variant.batch
+    if profile is not None:
+        try:
+            if isinstance(profile, BatchProfile):
+                base = profile
+            elif isinstance(profile, Mapping):
+                base = BatchProfile(int(profile["min"]), int(profile["opt"]), int(profile["max"]))
+            else:
+                lo, opt, hi = (int(v) for v in profile)
+                base = BatchProfile(lo, opt, hi)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(
+                f"batch profile {profile!r} is not (min, opt, max) or {{min, opt, max}} ({err})"
+            ) from err
+    if max_batch is not None:
+        if int(max_batch) < 1:
+            raise InputError(f"max_batch is {max_batch}; use a positive batch size")
+        base = BatchProfile(min(base.min, int(max_batch)), min(base.opt, int(max_batch)), int(max_batch))
+    if not 1 <= base.min <= base.opt <= base.max:
+        raise InputError(
+            f"batch profile min={base.min}, opt={base.opt}, max={base.max} is invalid; "
+            "need 1 <= min <= opt <= max"
+        )
+    return base
+
+
+def network_flags(version: str, strongly_typed_bit: Callable[[], int]) -> int:
+    """``create_network`` flags for TensorRT ``version``: strongly typed on 10.x, nothing on 11+.
+
+    ``strongly_typed_bit`` is called only on 10.x (TensorRT 11 made strong typing implicit), so
+    nothing is probed on a version that may not have the flag.
+    """
+    major = check_version(version)[0]
+    return 0 if major >= 11 else 1 << strongly_typed_bit()
+
+
+def default_timing_cache(tensorrt_version: str, compute_capability: str) -> Path:
+    """Per-user timing cache for one TensorRT release and GPU architecture.
+
+    The folder is ``$VIRCHOW_RT_CACHE`` or ``~/.cache/virchow-rt``.
+    """
+    root = Path(os.environ.get("VIRCHOW_RT_CACHE") or Path.home() / ".cache" / "virchow-rt")
+    major, minor, patch = release(tensorrt_version)
+    return (
+        root / "tensorrt" / f"timing-trt{major}.{minor}.{patch}-sm{compute_capability.replace('.', '')}.cache"
+    )
+
+
+def _host_bytes(memory: trt.IHostMemory) -> bytes:
+    # IHostMemory implements the buffer protocol; the stubs do not declare it
+    return bytes(memoryview(cast(Any, memory)))
+
+
+def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogBook) -> None:
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+        usable = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception:  # noqa: BLE001 - TensorRT raises RuntimeError/TypeError for a corrupt cache file
+        usable = False
+    if not usable:
+        book.add(
+            "WARNING",
+            f"timing cache {path} is unusable (other TensorRT or GPU, or damaged); starting a new one",
+        )
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
+    """Merge what this build timed with the file as it is now (another build may have added to it); atomic."""
+    cache = config.get_timing_cache()
+    if path.is_file():
+        try:
+            cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=True)
+        except Exception:  # noqa: BLE001 - a damaged file on disk is replaced, not merged
+            pass
+    data = _host_bytes(cache.serialize())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _parse(
+    trt_mod: Any, network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path: Path, book: LogBook
+) -> Any:
+    parser: trt.OnnxParser = trt_mod.OnnxParser(network, logger)
+    ok = parser.parse_from_file(os.fspath(onnx_path))  # keeps the folder, so external data (> 2 GB) is found
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if not ok or errors:
+        said = " | ".join(errors) if errors else book.quote()
+        raise BackendError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {said}")
+    return parser  # the network refers to weights the parser owns: keep it alive until the build ends
+
+
+def _check_network(network: trt.INetworkDefinition, size: int) -> None:
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    outputs = {network.get_output(i).name: network.get_output(i) for i in range(network.num_outputs)}
+    tiles, emb = inputs.get(INPUT), outputs.get(OUTPUT)
+    if len(inputs) != 1 or tiles is None or tiles.dtype.name != "UINT8":
+        raise ModelFileError(
+            f"the ONNX graph's inputs are {list(inputs)}, expected one uint8 {INPUT!r}; re-export it"
+        )
+    shape = tuple(tiles.shape[i] for i in range(len(tiles.shape)))
+    if shape[1:] != (size, size, 3) or shape[0] != -1:
+        raise ModelFileError(
+            f"input {INPUT!r} has shape {shape}, expected (batch, {size}, {size}, 3); re-export it"
+        )
+    if emb is None or emb.dtype.name != "FLOAT":
+        raise ModelFileError(
+            f"the ONNX graph has no float32 output {OUTPUT!r} (outputs: {list(outputs)}); re-export it"
+        )
+
+
+def _torch_reference(manifest: Mapping[str, Any], variant: Variant) -> tuple[Backend, str] | None:
+    """The fp32 PyTorch reference rebuilt from the manifest's weights, if torch is here and they are found."""
+    if not (is_importable("torch") and is_importable("timm")):
+        return None
+    weights = manifest.get("weights") or {}
+    ref = importlib.import_module("virchow_rt.export.reference")
+    source, random = str(weights.get("source", "")), bool(weights.get("random"))
+    hf = re.match(r"hf://([^@\s]+)", source)
+    location = None if random else (source if Path(source).exists() else (hf.group(1) if hf else None))
+    if not random and location is None:
+        return None
+    try:
+        model, built, info = ref.build_model(variant, location, random)
+    except VirchowError:
+        return None
+    if not random and info.sha256 != weights.get("sha256"):
+        return None  # not the weights the ONNX was made from
+    device = "cuda" if optional_import("torch", PURPOSE).cuda.is_available() else "cpu"
+    return ref.TorchBackend(model, built, "fp32", device=device, weights=info), "torch-eager-fp32"
+
+
+def _reference(
+    manifest: Mapping[str, Any], variant: Variant, folder: Path, given: Backend | None
+) -> tuple[Backend, str]:
+    if given is not None:
+        return given, given.name
+    rebuilt = _torch_reference(manifest, variant)
+    if rebuilt is not None:
+        return rebuilt
+    fp32 = next(
+        (a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"), None
+    )
+    if fp32 is None or not (folder / fp32["path"]).is_file():
+        raise ModelFileError(
+            f"no fp32 reference for the engine's parity check: torch cannot rebuild the weights and {folder} "
+            "has no fp32 ONNX; export fp32 too, or pass reference= (a TorchBackend)"
+        )
+    runtime = importlib.import_module("virchow_rt.runtime")
+    backend: Backend = runtime.open_backend(folder / fp32["path"], backend="onnxruntime-cpu")
+    return (
+        backend,
+        f"onnxruntime-cpu fp32 ONNX ({fp32['parity']['summary'] if 'parity' in fp32 else 'unchecked'})",
+    )
+
+
+def _embed(backend: Backend, tiles: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [backend.run(tiles[i : i + _PARITY_BATCH]) for i in range(0, len(tiles), _PARITY_BATCH)]
+    )
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    variant: Variant | str,
+    *,
+    max_batch: int | None = None,
+    profile: BatchProfile | Mapping[str, int] | Sequence[int] | None = None,
+    workspace_gib: float = DEFAULT_WORKSPACE_GIB,
+    optimization_level: int = 3,
+    version_compatible: bool = False,
+    exclude_lean_runtime: bool = False,
+    timing_cache: str | os.PathLike[str] | None = AUTO,
+    reference: Backend | None = None,
+    parity_tiles: int = 32,
+    device: int = 0,
+) -> dict[str, Any]:
+    """Build ``<variant>.fp16.engine`` in ``out_dir`` from the fp16 ONNX; returns its manifest entry.
+
+    ``profile``/``max_batch``: batch profile (:func:`resolve_profile`). ``workspace_gib``: tactic
+    scratch memory limit. ``optimization_level``: TensorRT builder level 0-5 (3 is TensorRT's
+    default). ``version_compatible``: runs on later TensorRT and the lean runtime
+    (``tensorrt_lean``); ``exclude_lean_runtime`` leaves the lean runtime out of the plan (for devices
+    that install ``tensorrt-lean`` of the same version). ``timing_cache``: "auto" (per-user file),
+    a path, or None; reused and updated atomically. ``reference``: the fp32 reference backend to
+    measure parity against (default: PyTorch rebuilt from the manifest's weights, else the fp32
+    ONNX in ONNX Runtime CPU). Raises :class:`ParityError` (nothing written) below tolerance.
+    """
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    onnx_path, folder = Path(onnx_path), Path(out_dir)
+    prof = resolve_profile(variant, max_batch, profile)
+    if not 0 <= optimization_level <= 5:
+        raise InputError(f"optimization_level is {optimization_level}; TensorRT's builder levels are 0-5")
+    if not workspace_gib > 0:
+        raise InputError(f"workspace_gib is {workspace_gib}; give a positive size in GiB, e.g. 4")
+    if exclude_lean_runtime and not version_compatible:
+        raise InputError("exclude_lean_runtime needs version_compatible=True (only those engines carry it)")
+    if parity_tiles < 1:
+        raise InputError(f"parity_tiles is {parity_tiles}; every engine is checked, use at least 1")
+    manifest = read_manifest(onnx_path.parent)
+    source = find_artifact(manifest, onnx_path)
+    if source is None or source.get("format") != "onnx" or source.get("precision") != "fp16":
+        raise InputError(
+            f"{onnx_path} is not the fp16 ONNX of its manifest; build the engine from <variant>.fp16.onnx"
+        )
+    onnx_sha = sha256_file(onnx_path)
+    if onnx_sha != source.get("sha256"):
+        raise ModelFileError(f"{onnx_path.name} changed since it was exported (sha256 differs); re-export it")
+
+    import_tensorrt(
+        "tensorrt", PURPOSE
+    )  # a clear MissingDependency when TensorRT (not just its stubs) is absent
+    import tensorrt as trt  # the same module, typed through tensorrt-stubs
+
+    check_version(trt.__version__)
+    cuda.set_device(device)
+    gpu = cuda.device_info(device)
+    book = LogBook()
+    logger = make_logger(trt, book)
+    builder = trt.Builder(logger)
+    flags = network_flags(trt.__version__, lambda: int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(flags)
+    if flags and not network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED):
+        raise BackendError(
+            f"TensorRT {trt.__version__} did not create a strongly typed network; upgrade TensorRT"
+        )
+    parser = _parse(trt, network, logger, onnx_path, book)
+    size = variant.preprocess.size
+    _check_network(network, size)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = optimization_level
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if exclude_lean_runtime:
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    opt_profile = builder.create_optimization_profile()
+    dims = [trt.Dims([b, size, size, 3]) for b in (prof.min, prof.opt, prof.max)]
+    opt_profile.set_shape(INPUT, dims[0], dims[1], dims[2])
+    config.add_optimization_profile(opt_profile)
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    if timing_cache == AUTO:
+        cache_path = default_timing_cache(trt.__version__, gpu.compute_capability)
+    _load_timing_cache(config, cache_path, book)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT could not build an engine from {onnx_path.name} ({book.quote()})")
+    plan = _host_bytes(serialized)
+    build_s = time.perf_counter() - start
+    del parser, serialized
+    if cache_path is not None:
+        _save_timing_cache(config, cache_path)
+
+    start = time.perf_counter()
+    info = dataclasses.replace(model_info(manifest, source), precision="fp16")
+    tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
+    ref_backend, ref_label = _reference(manifest, variant, onnx_path.parent, reference)
+    expected = _embed(ref_backend, tiles)
+    with TensorRTBackend.from_serialized(
+        plan, info, device=device, version_compatible=version_compatible
+    ) as engine:
+        got = engine.run(tiles)
+    result = compare(got, expected, variant.tolerance.fp16_min_cosine)
+    name = engine_name(variant)
+    if not result:
+        raise ParityError(
+            f"TensorRT fp16 engine of {variant.name} disagrees with the {ref_label} reference: {result}; "
+            f"{name} was not written. Check the fp16 precision plan (fp16 ONNX parity), or report a bug"
+        )
+    target = folder / name
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(plan)
+    entry: dict[str, Any] = {
+        "path": name,
+        "format": "tensorrt",
+        "precision": "fp16",
+        "sha256": sha256_file(target),
+        "size_bytes": target.stat().st_size,
+        "external_data": None,
+        "inputs": source.get("inputs"),
+        "outputs": source.get("outputs"),
+        "precision_plan": source.get("precision_plan"),
+        "parity": {
+            **result.to_dict(),
+            "reference": ref_label,
+            "backend": "tensorrt",
+            "tiles": f"virchow_rt.tissue.tissue_tiles({parity_tiles}, {size}, seed={PARITY_SEED})",
+            "summary": str(result),
+        },
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "profile": {"min": prof.min, "opt": prof.opt, "max": prof.max},
+        "onnx_path": onnx_path.name,
+        "onnx_sha256": onnx_sha,
+        "strongly_typed": True,
+        "version_compatible": version_compatible,
+        "lean_runtime": ("excluded" if exclude_lean_runtime else "embedded") if version_compatible else None,
+        "builder_optimization_level": optimization_level,
+        "workspace_gib": workspace_gib,
+        "timing_cache": None if cache_path is None else str(cache_path),
+        "seconds": {"build": round(build_s, 2), "parity": round(time.perf_counter() - start, 2)},
+    }
+    current = read_manifest(folder) if (folder / "manifest.json").is_file() else dict(manifest)
+    current["artifacts"] = [a for a in current.get("artifacts", []) if a.get("path") != name] + [entry]
+    current.pop("schema_version", None)  # write_manifest puts it first
+    write_manifest(folder, current)
+    return entry
+
+
+def ensure_engine(
+    onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], variant: Variant | str, **build: Any
+) -> dict[str, Any]:
+    """The engine's manifest entry; rebuilt only if missing, changed, or tied to another TensorRT/GPU/profile.
+
+    ``build``: :func:`build_engine`'s keyword arguments (``max_batch``, ``profile``, ``version_compatible``).
+    """
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    folder = Path(out_dir)
+    target = folder / engine_name(variant)
+    if target.is_file() and (folder / "manifest.json").is_file():
+        entry = find_artifact(read_manifest(folder), target)
+        if entry is not None and entry.get("sha256") == sha256_file(target):
+            trt = import_tensorrt("tensorrt", PURPOSE)
+            prof = resolve_profile(variant, build.get("max_batch"), build.get("profile"))
+            wanted = EngineKey(
+                onnx_sha256=sha256_file(onnx_path),
+                tensorrt_version=str(trt.__version__),
+                compute_capability=cuda.device_info(int(build.get("device", 0))).compute_capability,
+                profile=(prof.min, prof.opt, prof.max),
+                version_compatible=bool(build.get("version_compatible", False)),
+            )
+            if not stale_reasons(EngineKey.from_artifact(entry), wanted):
+                return entry
+    return build_engine(onnx_path, out_dir, variant, **build)

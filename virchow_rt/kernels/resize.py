@@ -1,0 +1,94 @@
+"""CPU reference resize: exactly timm's eval transform geometry for ``crop_pct`` 1.0.
+
+timm's eval transform for the Virchow models is ``Resize(size, bicubic)`` (shorter side to ``size``,
+on a PIL image, so PIL's antialiased bicubic) followed by ``CenterCrop(size)``. torchvision computes
+the resized long side as ``int(size * long / short)`` (truncation) and the crop offset as
+``int(round((extent - size) / 2))`` (Python's round: halves go to even), and skips the resize when the
+image already has the target size. This module does the same calls on the same PIL images, so its
+output equals timm's pixel for pixel; tiles that are already ``size`` × ``size`` pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from virchow_rt.errors import InputError
+
+
+def resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """``(resized_h, resized_w, crop_top, crop_left)`` of timm's Resize(size) + CenterCrop(size).
+
+    Same integer arithmetic as torchvision's ``_compute_resized_output_size`` and ``center_crop``.
+    """
+    if height < 1 or width < 1 or size < 1:
+        raise InputError(
+            f"cannot resize a {height}x{width} tile to {size} px; tiles and size must be >= 1 px"
+        )
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return new_h, new_w, top, left
+
+
+def check_tile(tile: np.ndarray, what: str = "tile") -> np.ndarray:
+    """Validate one uint8 (H, W, 3) tile; the error names the bad dtype/shape and the fix."""
+    if not isinstance(tile, np.ndarray):
+        raise InputError(
+            f"{what} is a {type(tile).__name__}, not a numpy array; pass uint8 (H, W, 3) RGB arrays"
+        )
+    if tile.dtype != np.uint8:
+        raise InputError(
+            f"{what} has dtype {tile.dtype}; tiles must be uint8 RGB (0-255): convert with "
+            "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first)"
+        )
+    if tile.ndim != 3 or tile.shape[-1] != 3:
+        raise InputError(
+            f"{what} has shape {tile.shape}; expected (H, W, 3) RGB (drop alpha, stack gray to 3)"
+        )
+    return tile
+
+
+def resize_tile(tile: np.ndarray, size: int = 224) -> np.ndarray:
+    """One uint8 (H, W, 3) tile -> uint8 (size, size, 3), timm's eval geometry (see module doc)."""
+    check_tile(tile)
+    height, width = tile.shape[:2]
+    if height == size and width == size:
+        return tile  # torchvision skips the resize and the crop is the whole image
+    new_h, new_w, top, left = resize_geometry(height, width, size)
+    image = Image.fromarray(np.ascontiguousarray(tile))  # (H, W, 3) uint8 -> an RGB image
+    if (new_h, new_w) != (height, width):
+        # PIL's BICUBIC resize is antialiased (its support widens with the downscale factor), as in timm
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image)  # (size, size, 3) uint8
+
+
+def resize_tiles(tiles: np.ndarray | Sequence[np.ndarray], size: int = 224) -> np.ndarray:
+    """uint8 tiles (N, H, W, 3) (or a sequence of (H, W, 3) tiles of any sizes) -> uint8 (N, size, size, 3).
+
+    Fast path: an (N, size, size, 3) array is returned as it is (made C-contiguous, no copy when it
+    already is). Otherwise each tile is resized on its own, shorter side to ``size`` then center
+    cropped, exactly as timm's eval transform does it with ``crop_pct`` 1.0.
+    """
+    if isinstance(tiles, np.ndarray):
+        if tiles.dtype != np.uint8:
+            raise InputError(
+                f"tiles have dtype {tiles.dtype}; expected uint8 RGB (0-255): convert with "
+                "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first)"
+            )
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise InputError(
+                f"tiles have shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB "
+                "(add a batch axis with x[None] for one tile; drop alpha with x[..., :3])"
+            )
+        if tiles.shape[1] == size and tiles.shape[2] == size:
+            return np.ascontiguousarray(tiles)
+    out = np.empty((len(tiles), size, size, 3), np.uint8)  # (N, S, S, 3)
+    for i, tile in enumerate(tiles):
+        out[i] = resize_tile(check_tile(tile, f"tile {i}"), size)
+    return out

@@ -1,0 +1,104 @@
+"""``virchow-rt embed``: tiles -> embeddings ``FILE.npy`` (N, E) float32 + ``FILE.json`` metadata.
+
+Both files are written atomically (temporary file + rename) and only after every tile was embedded,
+so an error leaves no output behind, never a half-written ``.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from virchow_rt import __version__
+from virchow_rt.errors import InputError
+from virchow_rt.manifest import atomic_path, sha256_file
+from virchow_rt.runtime import open_backend, open_tiles
+from virchow_rt.runtime.capabilities import package_version
+from virchow_rt.runtime.embedder import Embedder
+
+
+def _out_paths(out: str) -> tuple[Path, Path]:
+    path = Path(out)
+    if path.suffix != ".npy":
+        raise InputError(
+            f"--out {out!r} must end in .npy (embeddings are saved with numpy); e.g. --out {path.stem}.npy"
+        )
+    if path.is_dir():
+        raise InputError(f"--out {out!r} is a folder; pass a file name ending in .npy")
+    return path, path.with_suffix(".json")
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    """Run ``virchow-rt embed`` from parsed arguments (see :mod:`virchow_rt.cli`); returns the exit code."""
+    out_npy, out_json = _out_paths(args.out)
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch {args.batch} must be >= 1")
+    # inputs are checked before the model loads: a wrong array fails in milliseconds, not after a model load
+    source = open_tiles(args.tiles, skip_errors=args.skip_errors)
+    with open_backend(args.model, args.backend) as backend:
+        embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty())
+        info = embedder.info
+        if info.random_weights:
+            print(
+                f"virchow-rt embed: WARNING: RANDOM WEIGHTS: {args.model} was exported with random weights; "
+                "its embeddings mean nothing (tests and demos only)",
+                file=sys.stderr,
+            )
+        start = time.perf_counter()
+        embeddings = embedder.embed(source, pooling=args.pooling)  # (N, E) float32
+        elapsed = time.perf_counter() - start
+        model_file = Path(getattr(backend, "path", args.model))
+        model_sha = getattr(backend, "model_sha256", None) or (
+            sha256_file(model_file) if model_file.is_file() else None
+        )
+    meta = {
+        "embeddings": out_npy.name,
+        "shape": list(embeddings.shape),
+        "dtype": "float32",
+        "pooling": args.pooling,
+        "embedding_dim": int(embeddings.shape[1]),
+        "model": {
+            "path": str(model_file.resolve()),
+            "sha256": model_sha,
+            "variant": info.variant,
+            "precision": info.precision,
+            "tile_size": info.tile_size,
+            "weights_sha256": info.weights_sha256,
+        },
+        "random_weights": info.random_weights,
+        "backend": backend.name,
+        "batch_size": embedder.batch_size,
+        "tiles": int(embeddings.shape[0]),
+        "sources": source.sources,
+        "skipped": [{"name": name, "reason": reason} for name, reason in source.skipped],
+        "elapsed_s": round(elapsed, 3),
+        "tiles_per_s": round(embeddings.shape[0] / max(elapsed, 1e-9), 2),
+        "versions": {
+            "virchow_rt": __version__,
+            "python": platform.python_version(),
+            "onnxruntime": package_version("onnxruntime"),
+            "numpy": np.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if info.random_weights:
+        meta["warning"] = "RANDOM WEIGHTS: these embeddings mean nothing (tests and demos only)"
+    # both files appear together, after everything succeeded (the .json is renamed first, then the .npy)
+    with atomic_path(out_npy) as tmp_npy, atomic_path(out_json) as tmp_json:
+        with open(tmp_npy, "wb") as fh:
+            np.save(fh, embeddings)  # a file handle: np.save(path) would append ".npy" to the temporary name
+        tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+    skipped = f", {len(source.skipped)} skipped (see {out_json.name})" if source.skipped else ""
+    print(
+        f"embedded {embeddings.shape[0]} tiles in {elapsed:.2f} s ({meta['tiles_per_s']} tiles/s) with "
+        f"{backend.name} ({info.variant} {info.precision}, {args.pooling} {embeddings.shape[1]}-d){skipped} "
+        f"-> {out_npy}"
+    )
+    return 0

@@ -1,0 +1,250 @@
+"""The :class:`Embedder`: any number of tiles in, float32 embeddings (N, E) out, in input order.
+
+A background reader thread reads and preprocesses batch k+1 (memory-mapped .npy rows, image decoding,
+resizing) while the backend runs batch k. The queue between them is bounded (memory stays flat), an
+exception on either side reaches the caller, and the thread is always stopped and joined, so an error
+never deadlocks or leaks a thread. The embedder talks to the model only through
+:meth:`Backend.pipeline <virchow_rt.runtime.backend.Backend.pipeline>`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.errors import InputError
+from virchow_rt.kernels.resize import resize_tiles
+from virchow_rt.registry import check_pooling, get_variant
+from virchow_rt.runtime.backend import Backend
+from virchow_rt.runtime.tiles import TileSource
+
+DEFAULT_BATCH = 32
+PREFETCH = 2  # batches read ahead: one being filled, one waiting; more only costs memory
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, ``depth`` items ahead; iterate it in the caller's thread.
+
+    An exception raised by the source is re-raised by the consumer at that position. :meth:`close`
+    (also on ``with`` exit) stops the thread even when the consumer stopped early, and joins it.
+    """
+
+    _DONE = object()
+
+    def __init__(self, source: Iterable[Any], depth: int = PREFETCH) -> None:
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="virchow-rt-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, re-raised there
+            self._put(_Failure(err))
+            return
+        self._put(self._DONE)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _check_array(tiles: np.ndarray) -> None:
+    if tiles.dtype != np.uint8:
+        raise InputError(
+            f"tiles have dtype {tiles.dtype}; expected uint8 RGB (0-255): convert with "
+            "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first)"
+        )
+    if tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise InputError(
+            f"tiles have shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB, channels last "
+            "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
+        )
+
+
+class Embedder:
+    """Embed tiles with an exported model (a path, opened with :func:`open_backend`) or a :class:`Backend`.
+
+    ``batch_size`` defaults to the variant's optimal batch (the engine profile's ``opt``), or 32 for an
+    unknown variant, capped at the backend's ``max_batch``. ``progress`` shows a tqdm bar on stderr.
+    A backend passed in stays open on :meth:`close`; one opened here is closed.
+    """
+
+    def __init__(
+        self,
+        model_or_backend: str | os.PathLike | Backend,
+        backend: str = "auto",
+        batch_size: int | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> None:
+        if isinstance(model_or_backend, Backend):
+            self.backend, self._owns_backend = model_or_backend, False
+        else:
+            from virchow_rt.runtime import open_backend
+
+            self.backend, self._owns_backend = open_backend(model_or_backend, backend, **options), True
+        self.info = self.backend.info
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch size {batch_size} must be >= 1")
+        size = batch_size or _variant_batch(self.info.variant)
+        self.batch_size = min(size, self.backend.max_batch) if self.backend.max_batch else size
+        self.progress = progress
+
+    def embedding_dim(self, pooling: str = "cls_mean") -> int:
+        """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls"."""
+        return self.info.embedding_dim if check_pooling(pooling) == "cls_mean" else self.info.width
+
+    def embed(self, tiles: np.ndarray | TileSource, pooling: str = "cls_mean") -> np.ndarray:
+        """Embed uint8 tiles (N, H, W, 3) or a :class:`TileSource`; returns a new float32 (N, E) array.
+
+        Tiles that are not S×S are resized with timm's eval geometry. Zero tiles raise :class:`InputError`.
+        """
+        check_pooling(pooling)
+        if isinstance(tiles, TileSource):
+            tiles.tile_size = self.info.tile_size
+            batches: Iterable[np.ndarray] = tiles.batches(self.batch_size)
+            total = len(tiles)
+        elif isinstance(tiles, np.ndarray):
+            _check_array(tiles)
+            batches, total = self._array_batches(tiles), len(tiles)
+        else:
+            raise InputError(
+                f"tiles are a {type(tiles).__name__}; pass a uint8 numpy array (N, H, W, 3) or "
+                "virchow_rt.runtime.open_tiles([...])"
+            )
+        if total == 0:
+            raise InputError("no tiles to embed (0 given); pass at least one uint8 (H, W, 3) tile")
+        parts = list(self._run(batches, pooling, total))
+        if not parts:  # every image was skipped while reading
+            raise InputError(
+                "no tiles to embed: every input was skipped as unreadable (see the skipped list)"
+            )
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]  # (N, E)
+
+    def embed_batches(self, batches: Iterable[np.ndarray], pooling: str = "cls_mean") -> Iterator[np.ndarray]:
+        """Embed a stream of uint8 batches (B, H, W, 3); yields one float32 (B, E) array per batch, in order.
+
+        Each batch is validated and resized in the reader thread; batches larger than the backend's
+        ``max_batch`` are split and their embeddings joined again.
+        """
+        check_pooling(pooling)
+        limit = self.backend.max_batch
+
+        def prepared() -> Iterator[np.ndarray]:
+            for batch in batches:
+                if not isinstance(batch, np.ndarray):
+                    raise InputError(
+                        f"a batch is a {type(batch).__name__}; pass uint8 numpy arrays (B, H, W, 3)"
+                    )
+                _check_array(batch)
+                yield resize_tiles(batch, self.info.tile_size)  # (B, S, S, 3)
+
+        if not limit:
+            yield from self._run(prepared(), pooling, None)
+            return
+        for batch in prepared():  # rare: a caller's batch bigger than the engine profile
+            pieces = (batch[i : i + limit] for i in range(0, len(batch), limit))
+            yield np.concatenate(list(self._run(pieces, pooling, None)))
+
+    # --- internals ---------------------------------------------------------------------------
+    def _array_batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
+        size = self.info.tile_size
+        for start in range(0, len(tiles), self.batch_size):
+            rows = tiles[start : start + self.batch_size]  # (b, H, W, 3)
+            # resize (or copy a strided/memory-mapped view) here, in the reader thread
+            yield resize_tiles(rows, size) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
+
+    def _run(self, batches: Iterable[np.ndarray], pooling: str, total: int | None) -> Iterator[np.ndarray]:
+        """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays."""
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tile", desc=f"embed ({self.backend.name})", dynamic_ncols=True)
+        width = self.info.width
+        reader = Prefetcher(batches)
+        outputs = self.backend.pipeline(reader)
+        try:
+            for out in outputs:  # (B, E) float32
+                out = out[:, :width] if pooling == "cls" else out
+                if bar is not None:
+                    bar.update(len(out))
+                yield np.ascontiguousarray(out, dtype=np.float32)
+        finally:
+            close = getattr(outputs, "close", None)
+            if close is not None:
+                close()  # stop the backend's pipeline generator (frees its in-flight work)
+            reader.close()
+            if bar is not None:
+                bar.close()
+
+    def close(self) -> None:
+        """Close the backend if this embedder opened it. Safe to call twice."""
+        if self._owns_backend:
+            self.backend.close()
+            self._owns_backend = False
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _variant_batch(variant: str) -> int:
+    """The registry's optimal batch for ``variant`` (``NAME-tiny`` too), else :data:`DEFAULT_BATCH`."""
+    try:
+        return get_variant(variant).batch.opt
+    except InputError:
+        return DEFAULT_BATCH

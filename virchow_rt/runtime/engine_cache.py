@@ -1,0 +1,277 @@
+"""What a TensorRT engine is tied to and what it computes; when it can be used here or must be rebuilt.
+
+Pure logic (stdlib and numpy), unit-tested on the CPU; the TensorRT backend and builder use it.
+
+A serialized engine is tied to what it was built from and for. :class:`EngineKey` names all of it:
+the ONNX graph (sha256), the TensorRT version, the GPU's compute capability, the batch profile and
+whether it was built version-compatible. :func:`stale_reasons` compares the key recorded in a
+manifest with the key wanted now (rebuild only when the list is non-empty), and
+:func:`runtime_problems` says whether this machine's TensorRT and GPU can load an engine at all.
+
+Rules (NVIDIA's engine compatibility guide): an engine runs only on the TensorRT version that built
+it, unless it was built with ``BuilderFlag.VERSION_COMPATIBLE``, in which case any later runtime
+(including the lean runtime, ``tensorrt_lean``) can run it; and only on GPUs of the same compute
+capability (we never build hardware-compatible engines). Another GPU model of the same compute
+capability loads it, with tactics tuned for the original one: a warning, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.runtime.backend import ModelInfo
+
+INPUT, OUTPUT = "tiles", "embedding"
+#: oldest TensorRT whose API (strong typing, name-based tensors, execute_async_v3) this package targets
+MIN_TENSORRT = (10, 12)
+#: TensorRT DataType names -> numpy dtypes (types without a numpy twin are refused at load)
+NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
+               "UINT8": "uint8", "BOOL": "bool"}  # fmt: skip
+#: TensorRT module names that can deserialize engines (full, lean, dispatch runtimes)
+RUNTIME_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_dispatch")
+#: runtimes without the builder: they load only version-compatible engines
+LEAN_MODULES = ("tensorrt_lean", "tensorrt_dispatch")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"10.13.0.35"`` -> ``(10, 13, 0, 35)``; a suffix (``"11.0.0rc1"``) ends the numbers."""
+    match = re.match(r"\s*(\d+(?:\.\d+)*)", str(text))
+    if not match:
+        raise ModelFileError(f"cannot read a version number from {text!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def release(text: str) -> tuple[int, int, int]:
+    """major.minor.patch of a TensorRT version string (the build number does not change engines)."""
+    v = parse_version(text) + (0, 0, 0)
+    return v[0], v[1], v[2]
+
+
+def check_version(version: str) -> tuple[int, ...]:
+    """Parse a TensorRT version and refuse ones older than :data:`MIN_TENSORRT`."""
+    parsed = parse_version(version)
+    if parsed[:2] < MIN_TENSORRT:
+        raise BackendError(
+            f"TensorRT {version} is too old: virchow-rt needs {'.'.join(map(str, MIN_TENSORRT))} or newer "
+            "(strongly typed networks, name-based tensors); pip install -U 'tensorrt>=10.12'"
+        )
+    return parsed
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything a built engine depends on; equal keys mean the engine can be reused as it is."""
+
+    onnx_sha256: str
+    tensorrt_version: str
+    compute_capability: str
+    profile: tuple[int, int, int]  # (min, opt, max) batch
+    version_compatible: bool
+
+    @classmethod
+    def from_artifact(cls, artifact: Mapping[str, Any]) -> EngineKey:
+        """The key recorded in a manifest's TensorRT artifact entry."""
+        try:
+            prof = artifact["profile"]
+            return cls(
+                onnx_sha256=str(artifact["onnx_sha256"]),
+                tensorrt_version=str(artifact["tensorrt_version"]),
+                compute_capability=str(artifact["compute_capability"]),
+                profile=(int(prof["min"]), int(prof["opt"]), int(prof["max"])),
+                version_compatible=bool(artifact.get("version_compatible", False)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFileError(
+                f"TensorRT artifact {artifact.get('path', '?')!r} in the manifest lacks {err} (build "
+                "metadata); rebuild the engine with `virchow-rt export ... --tensorrt`"
+            ) from err
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["profile"] = dict(zip(("min", "opt", "max"), self.profile, strict=True))
+        return d
+
+    def digest(self) -> str:
+        """Short stable hash of the key (for cache file names)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stale_reasons(built: EngineKey, wanted: EngineKey) -> list[str]:
+    """Why an engine built as ``built`` is not the one ``wanted`` now; empty when it can be reused."""
+    reasons = []
+    if built.onnx_sha256 != wanted.onnx_sha256:
+        reasons.append(
+            f"the ONNX graph changed (sha256 {built.onnx_sha256[:12]}… -> {wanted.onnx_sha256[:12]}…)"
+        )
+    if built.version_compatible != wanted.version_compatible:
+        reasons.append(
+            f"version_compatible is {built.version_compatible}, wanted {wanted.version_compatible}"
+        )
+    if built.version_compatible and wanted.version_compatible:
+        if release(wanted.tensorrt_version) < release(built.tensorrt_version):
+            reasons.append(
+                f"it was built with TensorRT {built.tensorrt_version}, "
+                f"newer than this {wanted.tensorrt_version}"
+            )
+    elif release(built.tensorrt_version) != release(wanted.tensorrt_version):
+        reasons.append(
+            f"it was built with TensorRT {built.tensorrt_version}, this is {wanted.tensorrt_version}"
+        )
+    if built.compute_capability != wanted.compute_capability:
+        reasons.append(
+            f"it was built for compute capability {built.compute_capability}, "
+            f"this GPU is {wanted.compute_capability}"
+        )
+    if built.profile != wanted.profile:
+        reasons.append(f"its batch profile (min, opt, max) is {built.profile}, wanted {wanted.profile}")
+    return reasons
+
+
+def runtime_problems(
+    artifact: Mapping[str, Any],
+    runtime_module: str,
+    runtime_version: str,
+    gpu_name: str,
+    compute_capability: str,
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about loading the engine described by ``artifact`` with this runtime on this GPU."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    built_version = str(artifact.get("tensorrt_version", "unknown"))
+    vc = bool(artifact.get("version_compatible", False))
+    if runtime_module in LEAN_MODULES and not vc:
+        errors.append(
+            f"the {runtime_module} runtime loads only version-compatible engines and this one is not "
+            "(build it with version_compatible=True)"
+        )
+    try:
+        built, here = release(built_version), release(runtime_version)
+    except ModelFileError:
+        errors.append(f"the manifest does not record which TensorRT built the engine ({built_version!r})")
+    else:
+        if vc and here < built:
+            errors.append(
+                f"it was built (version-compatible) with TensorRT {built_version}, newer than this runtime "
+                f"{runtime_version}; version compatibility only works forwards"
+            )
+        elif not vc and here != built:
+            errors.append(f"it was built with TensorRT {built_version} and this runtime is {runtime_version}")
+    built_cc = str(artifact.get("compute_capability", "unknown"))
+    if built_cc != compute_capability:
+        errors.append(
+            f"it was built for a GPU of compute capability {built_cc} ({artifact.get('gpu', 'unknown GPU')}) "
+            f"and this is {gpu_name}, compute capability {compute_capability}"
+        )
+    elif artifact.get("gpu") and artifact.get("gpu") != gpu_name:
+        warnings.append(
+            f"it was tuned on a {artifact['gpu']} and runs on a {gpu_name} (same compute capability "
+            f"{compute_capability}): it works but may be slower; rebuild it here for the best speed"
+        )
+    return errors, warnings
+
+
+def rebuild_command(manifest: Mapping[str, Any], folder: str | os.PathLike[str]) -> str:
+    """The command that rebuilds the export folder's engine on this machine."""
+    weights = manifest.get("weights") or {}
+    if weights.get("random"):
+        source = "--random-weights"
+    else:
+        path = str(weights.get("source", ""))
+        source = (
+            f"--weights {path}"
+            if path and Path(path).exists()
+            else "--weights <the weights it was made from>"
+        )
+    variant = manifest.get("variant", "<variant>")
+    return f"virchow-rt export {variant} --out {os.fspath(folder)} {source} --tensorrt"
+
+
+# --- engine I/O and what it computes ---------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    """One I/O tensor of an engine: shape with -1 for the dynamic batch."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    def nbytes(self, rows: int) -> int:
+        return buffer_nbytes(self.shape, rows, self.dtype.itemsize)
+
+
+def buffer_nbytes(shape: Sequence[int], rows: int, itemsize: int) -> int:
+    """Bytes of a tensor of ``shape`` with its first (batch) dimension set to ``rows``."""
+    rest = [int(d) for d in shape[1:]]
+    if not shape or any(d < 0 for d in rest) or rows < 0:
+        raise BackendError(
+            f"tensor shape {tuple(shape)} has a dynamic dimension besides the batch; cannot size it"
+        )
+    return int(rows) * int(np.prod(rest, dtype=np.int64)) * int(itemsize)
+
+
+def check_io(specs: Mapping[str, TensorSpec], info: ModelInfo) -> None:
+    """The engine must take uint8 ``tiles`` (B, S, S, 3) and give float32 ``embedding`` (B, E)."""
+    s, e = info.tile_size, info.embedding_dim
+    tiles, emb = specs.get(INPUT), specs.get(OUTPUT)
+    if tiles is None or not tiles.is_input or tiles.dtype != np.uint8 or tiles.shape[1:] != (s, s, 3):
+        raise ModelFileError(
+            f"engine input {INPUT!r} is {tiles}, expected uint8 (batch, {s}, {s}, 3); re-export it"
+        )
+    if emb is None or emb.is_input or emb.dtype != np.float32 or emb.shape[1:] != (e,):
+        raise ModelFileError(
+            f"engine output {OUTPUT!r} is {emb}, expected float32 (batch, {e}); re-export it"
+        )
+    extra = [n for n, t in specs.items() if t.is_input and n != INPUT]
+    if extra:
+        raise ModelFileError(f"engine has inputs {extra} besides {INPUT!r}; it is not a virchow-rt export")
+
+
+def check_batch(shape: Sequence[int], dtype: Any, tile_size: int, max_batch: int) -> int:
+    """Rows of a batch of tiles, or an :class:`InputError` that says what is wrong with it."""
+    s = tile_size
+    if len(shape) != 4 or tuple(shape[1:]) != (s, s, 3):
+        raise InputError(
+            f"tiles of shape {tuple(shape)} given; this engine takes (batch, {s}, {s}, 3) uint8 RGB: resize "
+            f"them first (virchow_rt.kernels.resize.resize_tiles(tiles, {s}))"
+        )
+    if np.dtype(dtype) != np.uint8:
+        raise InputError(f"tiles of dtype {np.dtype(dtype)} given; this engine takes uint8 RGB (0-255)")
+    if shape[0] > max_batch:
+        raise InputError(
+            f"a batch of {shape[0]} tiles exceeds the engine's max batch {max_batch}; use batches of at most "
+            f"{max_batch} or rebuild the engine with --max-batch {shape[0]}"
+        )
+    return int(shape[0])
+
+
+def model_info(manifest: Mapping[str, Any], artifact: Mapping[str, Any]) -> ModelInfo:
+    """What the engine computes, read from its manifest."""
+    try:
+        width = int(manifest["model_args"]["embed_dim"])
+        weights = manifest.get("weights") or {}
+        outputs = {o["name"]: o for o in artifact.get("outputs", [])}
+        emb = outputs.get(OUTPUT, {}).get("shape", [None, 2 * width])[-1]
+        return ModelInfo(
+            variant=str(manifest["variant"]),
+            embedding_dim=int(emb) if isinstance(emb, int) else 2 * width,
+            width=width,
+            tile_size=int(manifest["preprocess"]["size"]),
+            precision=str(artifact.get("precision", "fp16")),
+            random_weights=bool(weights.get("random", False)),
+            weights_sha256=str(weights.get("sha256", "unknown")),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(
+            f"manifest.json lacks {err} needed to describe the engine; re-export the model"
+        ) from err

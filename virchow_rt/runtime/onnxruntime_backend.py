@@ -1,0 +1,473 @@
+"""ONNX Runtime backend: TensorRT EP / CUDA EP where available, else a tuned CPU session.
+
+CPU tuning, measured on the 2-core AMD EPYC (Zen 5, AVX-512) build machine with the full-size
+virchow2g-mini fp32 export (random weights), batch 32, best of interleaved runs (the machine is
+shared, so medians swing by +-30 %; ``bench/embed_vs_timm.py`` has the end-to-end figures):
+
+* graph optimization level: DISABLE_ALL 19.9, BASIC 18.7, EXTENDED 20.4, ALL 21.7 tiles/s -> ALL.
+  MatMul is ~79 % of the time, so graph rewrites move little beyond the attention fusion below.
+* ``onnxruntime.transformers.optimizer.optimize_model(model_type="vit")`` fuses SkipLayerNormalization
+  and BiasGelu but finds 0 Attention nodes in timm's packed-qkv graph (its BERT matcher expects three
+  q/k/v MatMuls); it ran at 20.3 tiles/s, no better than ORT's own level-ALL fusions, so it is not used.
+* packed-qkv -> ``com.microsoft.Attention`` (this module, :func:`fuse_attention`): 23.5 tiles/s (+8 %
+  over ALL); MatMul+Softmax+Transpose time 84 % -> 58 % MatMul + 30 % Attention. Kept, CPU fp32 only,
+  applied once to a cached copy keyed by the model's sha256 and checked against the original graph.
+* intra-op threads = physical cores (2), inter-op 1 with sequential execution; memory arena and
+  memory patterns on (ORT defaults, turning them off measured no gain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt._deps import is_importable, optional_import
+from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.manifest import find_artifact, read_manifest, sha256_file, write_json
+from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.capabilities import physical_cores
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT = "tiles", "embedding"
+PROVIDERS = {  # ORT execution provider -> backend name
+    "TensorrtExecutionProvider": "onnxruntime-tensorrt",
+    "CUDAExecutionProvider": "onnxruntime-cuda",
+    "CPUExecutionProvider": "onnxruntime-cpu",
+}
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+FUSION_VERSION = 1  # bump when fuse_attention changes: old cache entries are then ignored
+FUSED_MIN_COSINE = 0.99999  # the fused graph must match the original like an fp32 export matches torch
+_REEXPORT = "re-export it with `virchow-rt export VARIANT --out DIR` (or copy the file again)"
+
+
+def default_cache_dir() -> Path:
+    """``$VIRCHOW_RT_CACHE``, else ``$XDG_CACHE_HOME/virchow-rt``, else ``~/.cache/virchow-rt``."""
+    if os.environ.get("VIRCHOW_RT_CACHE"):
+        return Path(os.environ["VIRCHOW_RT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "virchow-rt"
+
+
+def _ort() -> Any:
+    return optional_import("onnxruntime", "to run ONNX models")
+
+
+def check_model_file(path: Path) -> None:
+    """Missing, empty or non-file model paths fail here with a message naming the path and the fix."""
+    if not path.exists():
+        raise ModelFileError(
+            f"model file {path} does not exist; export one with `virchow-rt export VARIANT --out DIR`"
+        )
+    if not path.is_file():
+        raise ModelFileError(f"model path {path} is not a file; pass the .onnx file (or its export folder)")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"model file {path} is empty (0 bytes, truncated); {_REEXPORT}")
+
+
+def session_options(ort: Any, threads: int | None = None, spinning: bool = True) -> Any:
+    """CPU-tuned session options (see the module doc for the measurements behind them)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of big GEMMs: nothing to run in parallel
+    so.intra_op_num_threads = int(threads or physical_cores())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _providers(ort: Any, choice: str, cache: Path, profile: tuple[int, int, int], size: int) -> list[Any]:
+    """The ORT provider list for ``choice`` ("auto", "cpu", "cuda", "tensorrt"), best first, CPU last."""
+    if choice not in PROVIDER_CHOICES:
+        raise InputError(
+            f"unknown ONNX Runtime provider choice {choice!r}; use one of {', '.join(PROVIDER_CHOICES)}"
+        )
+    available = ort.get_available_providers()
+    wanted = {
+        "auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+        "cpu": [],
+        "cuda": ["CUDAExecutionProvider"],
+        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    }[choice]
+    if wanted and choice != "auto" and wanted[0] not in available:
+        raise BackendError(
+            f"ONNX Runtime provider {wanted[0]} is not available (onnxruntime here has "
+            f"{', '.join(available)}); install onnxruntime-gpu with CUDA/TensorRT, or use "
+            "--backend onnxruntime-cpu"
+        )
+    chosen: list[Any] = [p for p in wanted if p in available]
+    if chosen and chosen[0] == "TensorrtExecutionProvider":
+        engines = cache / "ort-trt"
+        engines.mkdir(parents=True, exist_ok=True)
+
+        def shape(batch: int) -> str:
+            return f"{INPUT}:{batch}x{size}x{size}x3"
+
+        # engines are built once per model and profile, then reused from the cache folder
+        chosen[0] = (
+            "TensorrtExecutionProvider",
+            {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(engines),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(engines),
+                "trt_profile_min_shapes": shape(profile[0]),
+                "trt_profile_opt_shapes": shape(profile[1]),
+                "trt_profile_max_shapes": shape(profile[2]),
+            },
+        )
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, this file's artifact entry) from the manifest.json beside ``path``; ({}, {}) if none."""
+    if not (path.parent / "manifest.json").exists():
+        return {}, {}
+    try:
+        manifest = read_manifest(path)
+    except ModelFileError:
+        return {}, {}
+    return manifest, find_artifact(manifest, path) or {}
+
+
+def _profile(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    batch = manifest.get("batch") or {}
+    return int(batch.get("min", 1)), int(batch.get("opt", 32)), int(batch.get("max", 64))
+
+
+def _read_info(session: Any, path: Path) -> ModelInfo:
+    """ModelInfo from the ONNX metadata_props, else the manifest beside the file, else the graph's shapes."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    dims = list(inputs[0].shape)
+    out_dims = list(next((o.shape for o in outputs if o.name == OUTPUT), outputs[0].shape))
+    graph_size = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else 224
+    graph_dim = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else 0
+    manifest, artifact = _manifest(path) if "virchow_rt.variant" not in meta else ({}, {})
+    weights = manifest.get("weights", {})
+    width = int(
+        meta.get("virchow_rt.width") or manifest.get("model_args", {}).get("embed_dim") or graph_dim // 2
+    )
+    return ModelInfo(
+        variant=meta.get("virchow_rt.variant") or manifest.get("variant") or "unknown",
+        embedding_dim=int(meta.get("virchow_rt.embedding_dim") or graph_dim or 2 * width),
+        width=width,
+        tile_size=int(
+            meta.get("virchow_rt.tile_size") or manifest.get("preprocess", {}).get("size") or graph_size
+        ),
+        precision=meta.get("virchow_rt.precision") or artifact.get("precision") or "unknown",
+        random_weights=(meta.get("virchow_rt.random_weights") == "true")
+        or bool(weights.get("random", False)),
+        weights_sha256=meta.get("virchow_rt.weights_sha256") or weights.get("sha256") or "unknown",
+    )
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs an exported ``.onnx`` (uint8 tiles -> float32 embedding) with ONNX Runtime.
+
+    ``providers``: "auto" (TensorRT EP, CUDA EP, else CPU), "cpu", "cuda" or "tensorrt". ``threads``:
+    intra-op threads (default: physical cores). ``optimize``: on CPU, run an fp32 model through
+    :func:`fuse_attention` once and reuse the checked, cached copy from ``cache_dir``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        providers: str = "auto",
+        *,
+        threads: int | None = None,
+        optimize: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        spinning: bool = True,
+    ) -> None:
+        self.path = Path(model_path)
+        check_model_file(self.path)
+        ort = _ort()
+        self._ort = ort
+        self._cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._options = session_options(ort, threads, spinning)
+        self._sha256: str | None = None
+        #: what the CPU optimization did: {"fused_attention": n, "cache": path} or {"skipped": reason}
+        self.optimization: dict[str, Any] = {
+            "skipped": "not requested" if not optimize else "not a CPU session"
+        }
+        manifest, _ = _manifest(self.path)
+        profile = _profile(manifest)
+        size = int(manifest.get("preprocess", {}).get("size", 224))
+        provider_list = _providers(ort, providers, self._cache, profile, size)
+        session = self._open(self.path, provider_list)
+        self.info = _read_info(session, self.path)
+        if session.get_providers()[0] == "TensorrtExecutionProvider":
+            self.max_batch = profile[2]  # the engine's optimization profile
+        if provider_list == ["CPUExecutionProvider"] and optimize:
+            session = self._optimized(session)
+        self._session = session
+        self.name = PROVIDERS.get(session.get_providers()[0], "onnxruntime")
+        self._check_io(session)
+
+    # --- loading -----------------------------------------------------------------------------
+    def _open(self, path: Path, providers: list[Any]) -> Any:
+        try:
+            return self._ort.InferenceSession(str(path), self._options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelFileError(
+                f"cannot load {path} ({path.stat().st_size} bytes) as an ONNX model: it is truncated, "
+                f"corrupt or not ONNX ({first}); {_REEXPORT}"
+            ) from err
+
+    def _check_io(self, session: Any) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        tiles = inputs.get(INPUT)
+        if tiles is None or tiles.type != "tensor(uint8)" or len(tiles.shape) != 4 or OUTPUT not in outputs:
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs.values())
+            raise ModelFileError(
+                f"{self.path} is not a virchow-rt export: expected input '{INPUT}' uint8 (batch, S, S, 3) "
+                f"and output '{OUTPUT}', found inputs [{found}] and outputs {sorted(outputs)}; {_REEXPORT}"
+            )
+
+    @property
+    def model_sha256(self) -> str:
+        """Hex SHA-256 of the ``.onnx`` file (computed once)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def _optimized(self, original: Any) -> Any:
+        """The attention-fused copy of an fp32 model from the cache (made and checked on first use)."""
+        if self.info.precision == "fp16" or not is_importable("onnx"):
+            self.optimization = {
+                "skipped": "fp16 model" if self.info.precision == "fp16" else "onnx not installed"
+            }
+            return original
+        data = self.path.with_name(
+            self.path.name + ".data"
+        )  # external data: keyed by size + mtime, not hashed
+        stamp = f"-{data.stat().st_size}-{data.stat().st_mtime_ns}" if data.exists() else ""
+        key = f"{self.model_sha256[:32]}{stamp}-ort{self._ort.__version__}-f{FUSION_VERSION}"
+        entry = self._cache / "ort-cpu" / key
+        try:
+            if not (entry / "result.json").exists():
+                _build_entry(self.path, original, entry, self._ort)
+            result = json.loads((entry / "result.json").read_text())
+            if not result.get("use"):
+                self.optimization = {"skipped": result.get("reason", "no gain")}
+                return original
+            session = self._open(entry / "model.onnx", ["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - an optimization must never stop a run: fall back
+            log.warning(
+                "CPU graph optimization of %s failed (%s); running the original graph", self.path, err
+            )
+            self.optimization = {"skipped": f"failed: {err}"}
+            return original
+        self.optimization = {"fused_attention": result["fused_attention"], "cache": str(entry)}
+        return session
+
+    # --- running -----------------------------------------------------------------------------
+    def check_tiles(self, tiles: Any) -> np.ndarray:
+        """Validate one batch: C-contiguous uint8 (B, S, S, 3); errors name the bad value and the fix."""
+        size = self.info.tile_size
+        if not isinstance(tiles, np.ndarray):
+            raise InputError(
+                f"tiles are a {type(tiles).__name__}; pass a numpy uint8 array (B, {size}, {size}, 3)"
+            )
+        if tiles.dtype != np.uint8:
+            raise InputError(
+                f"tiles have dtype {tiles.dtype}; the model takes uint8 RGB (0-255): convert with "
+                "np.clip(x, 0, 255).astype(np.uint8) (normalization happens inside the model)"
+            )
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise InputError(
+                f"tiles have shape {tiles.shape}; expected (B, {size}, {size}, 3) RGB, channels last "
+                "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
+            )
+        if tiles.shape[1:3] != (size, size):
+            raise InputError(
+                f"tiles are {tiles.shape[1]}x{tiles.shape[2]} px; the model takes {size}x{size}: resize with "
+                f"virchow_rt.kernels.resize_tiles(tiles, {size}) or use virchow_rt.runtime.Embedder"
+            )
+        if tiles.shape[0] == 0 or (self.max_batch is not None and tiles.shape[0] > self.max_batch):
+            raise InputError(
+                f"batch of {tiles.shape[0]} tiles; use 1 to {self.max_batch or 'any number of'} tiles"
+            )
+        return np.ascontiguousarray(tiles)
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = self.check_tiles(tiles)
+        try:
+            (out,) = self._session.run([OUTPUT], {INPUT: tiles})  # (B, E)
+        except Exception as err:  # noqa: BLE001 - ORT's runtime errors become one BackendError
+            raise BackendError(
+                f"{self.name} failed on a batch of {tiles.shape} tiles from {self.path}: {err}"
+            ) from err
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        self._session = None
+
+
+# --- CPU graph optimization: timm's packed-qkv attention -> com.microsoft.Attention ----------------
+_LAYOUT_OPS = {"Squeeze", "Split", "Gather", "Transpose", "Reshape", "Mul", "Div", "Identity"}
+
+
+def fuse_attention(model: Any) -> int:
+    """Rewrite timm attention blocks of an ONNX ``ModelProto`` in place; returns how many were fused.
+
+    Pattern (timm ``Attention`` with packed qkv, as exported by torch): ``x @ W_qkv + b`` -> reshape
+    (B, N, 3, H, hd) -> transpose/split -> ``softmax(q k^T * scale) @ v`` -> transpose -> reshape (B, N, D).
+    The whole chain becomes one ``com.microsoft.Attention(x, W_qkv, b, num_heads=H)`` (its weight layout
+    is timm's: q, k, v concatenated along the output dimension, heads major). The default scale
+    1/sqrt(hd) is timm's; :func:`_build_entry` checks the result against the original graph anyway.
+    """
+    onnx = optional_import("onnx", "to optimize ONNX graphs")
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {i.name: i for i in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}  # torch dedups weights
+
+    def const(name: str) -> np.ndarray | None:
+        while name in alias:
+            name = alias[name]
+        node = producer.get(name)
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def qkv_add(name: str) -> Any:  # walk up layout ops to the Add of the qkv projection
+        for _ in range(8):
+            node = producer.get(name)
+            if node is None or node.op_type not in _LAYOUT_OPS | {"Add"}:
+                return None
+            if node.op_type == "Add":
+                return node
+            name = next((i for i in node.input if const(i) is None and i in producer), "")
+        return None
+
+    def only(name: str, op: str) -> Any:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    replacements = []
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        scores, attn_v = producer.get(softmax.input[0]), only(softmax.output[0], "MatMul")
+        merge = attn_v and only(attn_v.output[0], "Transpose")
+        out = merge and only(merge.output[0], "Reshape")
+        if scores is None or scores.op_type != "MatMul" or out is None:
+            continue
+        adds = [qkv_add(n) for n in (scores.input[0], scores.input[1], attn_v.input[1])]
+        add = adds[0]
+        if add is None or any(a is not add for a in adds):
+            continue
+        bias = next((i for i in add.input if const(i) is not None), None)
+        proj = next(
+            (producer[i] for i in add.input if i in producer and producer[i].op_type == "MatMul"), None
+        )
+        split_shape = only(add.output[0], "Reshape")
+        if bias is None or proj is None or const(proj.input[1]) is None or split_shape is None:
+            continue
+        shape = const(split_shape.input[1])
+        if shape is None and producer.get(split_shape.input[1]) is not None:  # Concat(B, N, 3, H, hd)
+            parts = [const(i) for i in producer[split_shape.input[1]].input]
+            shape = [None if p is None else int(np.asarray(p).reshape(-1)[0]) for p in parts]
+        if shape is None or len(shape) != 5 or shape[3] is None:
+            continue
+        fused = helper.make_node(
+            "Attention", [proj.input[0], proj.input[1], bias], [out.output[0]],
+            domain="com.microsoft", num_heads=int(shape[3]), name=f"virchow_rt_attention_{len(replacements)}",
+        )  # fmt: skip
+        replacements.append((out, fused))
+    for old, new in replacements:
+        index = list(graph.node).index(old)
+        graph.node.remove(old)
+        graph.node.insert(index, new)
+    if replacements:
+        _drop_dead_nodes(graph)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(replacements)
+
+
+def _drop_dead_nodes(graph: Any) -> None:
+    live = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    used = [i for i in graph.initializer if i.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+
+
+def _build_entry(path: Path, original: Any, entry: Path, ort: Any) -> None:
+    """Fuse ``path`` into the cache folder ``entry`` (atomically: temp folder + rename), checked for parity.
+
+    ``entry/result.json`` records the outcome; ``entry/model.onnx`` exists only when the fused graph
+    matched the original (min cosine >= FUSED_MIN_COSINE on noise tiles) and is to be used.
+    """
+    onnx = optional_import("onnx", "to optimize ONNX graphs")
+    model = onnx.load(str(path))  # external data, if any, is read from beside the file
+    fused = fuse_attention(model)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        result: dict[str, Any] = {"source": str(path), "fused_attention": fused, "use": False}
+        if fused == 0:
+            result["reason"] = "no timm attention pattern found"
+        else:
+            big = (
+                sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000
+            )  # protobuf caps at 2 GB
+            onnx.save_model(
+                model, str(tmp / "model.onnx"), save_as_external_data=big, location="model.onnx.data"
+            )
+            del model
+            tile = (
+                int(original.get_inputs()[0].shape[1])
+                if isinstance(original.get_inputs()[0].shape[1], int)
+                else 224
+            )
+            noise = np.random.default_rng(0).integers(0, 256, (2, tile, tile, 3), dtype=np.uint8)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            check = ort.InferenceSession(str(tmp / "model.onnx"), so, providers=["CPUExecutionProvider"])
+            a = original.run([OUTPUT], {INPUT: noise})[0].astype(np.float64)
+            b = check.run([OUTPUT], {INPUT: noise})[0].astype(np.float64)
+            cos = float(
+                np.min(
+                    np.sum(a * b, 1)
+                    / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+                )
+            )
+            result.update(min_cosine=cos, use=cos >= FUSED_MIN_COSINE)
+            if not result["use"]:
+                result["reason"] = f"fused graph disagrees with the original (min cosine {cos:.7f})"
+                (tmp / "model.onnx").unlink()
+                (tmp / "model.onnx.data").unlink(missing_ok=True)
+        write_json(tmp / "result.json", result)
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process made the same entry first: use theirs
+            if not (entry / "result.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

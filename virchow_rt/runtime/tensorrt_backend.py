@@ -1,0 +1,520 @@
+"""Native TensorRT backend: a checked engine, run with copies and compute overlapped across batches.
+
+Loading: the engine's ``manifest.json`` entry must match the file (sha256) and this machine (TensorRT
+version, GPU compute capability: :func:`~virchow_rt.runtime.engine_cache.runtime_problems`); if not,
+the error says why and how to rebuild. Only the name-based tensor API is used
+(``num_io_tensors``, ``get_tensor_name/mode/dtype/shape``, ``set_input_shape``, ``set_tensor_address``,
+``execute_async_v3``), as in NVIDIA's TensorRT 10/11 Python samples.
+
+Running (:meth:`TensorRTBackend.pipeline`): ``slots`` sets of buffers (pinned host in/out, device
+in/out, each sized for the profile's max batch) are made once and reused round-robin. Three
+streams share the work: H2D copies, compute (one execution context, so batches compute in order)
+and D2H copies, ordered by events. While batch k computes, batch k+1 is filled and copied in and
+batch k-1 copied out; the host waits only for a slot's previous D2H before refilling it. The
+bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU arrays
+(``__cuda_array_interface__``: CuPy, torch) are read in place, without a host round trip.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import importlib
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from virchow_rt._deps import optional_import
+from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
+from virchow_rt.manifest import find_artifact, read_manifest
+from virchow_rt.runtime import cuda
+from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.engine_cache import (
+    INPUT,
+    LEAN_MODULES,
+    NUMPY_TYPES,
+    OUTPUT,
+    RUNTIME_MODULES,
+    TensorSpec,
+    check_batch,
+    check_io,
+    check_version,
+    model_info,
+    rebuild_command,
+    runtime_problems,
+)
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+#: ILogger.Severity values -> names (TensorRT 10/11)
+SEVERITIES = {0: "INTERNAL_ERROR", 1: "ERROR", 2: "WARNING", 3: "INFO", 4: "VERBOSE"}
+_log = logging.getLogger("virchow_rt.tensorrt")
+
+
+# --- TensorRT module, version and logger -----------------------------------------------------------
+def _real(module: ModuleType, name: str, purpose: str) -> ModuleType:
+    # tensorrt-stubs installs a bare tensorrt/ folder of .pyi files: it imports as an empty namespace package
+    if not hasattr(module, "__version__") or not hasattr(module, "Runtime"):
+        raise MissingDependency(
+            f"{name} is needed {purpose}, but only its type stubs are installed (an empty package at "
+            f"{list(getattr(module, '__path__', []))}): pip install 'virchow-rt[tensorrt]' on a GPU machine"
+        )
+    return module
+
+
+def is_real_tensorrt(name: str = "tensorrt") -> bool:
+    """True when TensorRT itself (not just tensorrt-stubs) is importable as ``name``."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return False
+    return hasattr(module, "__version__") and hasattr(module, "Runtime")
+
+
+def import_tensorrt(module: str = "auto", purpose: str = "to run TensorRT engines") -> ModuleType:
+    """The TensorRT module: "tensorrt", "tensorrt_lean", "tensorrt_dispatch", or "auto" (the first found)."""
+    if module == "auto":
+        module = next((name for name in RUNTIME_MODULES if is_real_tensorrt(name)), "tensorrt")
+    if module not in RUNTIME_MODULES:
+        raise InputError(
+            f"unknown TensorRT runtime module {module!r}; use one of: auto, {', '.join(RUNTIME_MODULES)}"
+        )
+    if module in LEAN_MODULES:
+        try:
+            return _real(importlib.import_module(module), module, purpose)
+        except ImportError as err:
+            package = module.replace("_", "-")
+            raise MissingDependency(
+                f"{module} is needed {purpose} without the TensorRT builder: pip install {package} ({err})"
+            ) from err
+    return _real(optional_import(module, purpose), "TensorRT", purpose)
+
+
+class LogBook:
+    """What TensorRT logged, kept so that errors can quote TensorRT's own words; also sent to ``logging``."""
+
+    def __init__(self, keep: int = 500) -> None:
+        self.records: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep)
+
+    def add(self, severity: str, message: str) -> None:
+        self.records.append((severity, message))
+        level = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING}
+        _log.log(level.get(severity, logging.DEBUG), "TensorRT %s: %s", severity, message)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def errors(self) -> list[str]:
+        return [m for s, m in self.records if s in ("INTERNAL_ERROR", "ERROR")]
+
+    def quote(self, limit: int = 5) -> str:
+        """The last ``limit`` errors TensorRT logged, as one line."""
+        errors = self.errors()[-limit:]
+        return "TensorRT said: " + " | ".join(errors) if errors else "TensorRT logged no error"
+
+
+def make_logger(trt_module: ModuleType, book: LogBook, min_severity: int = 3) -> trt.ILogger:
+    """A ``trt.ILogger`` that records messages up to ``min_severity`` (3: INFO) in ``book``."""
+
+    # the base class comes from the module picked at run time (tensorrt or tensorrt_lean), hence Any
+    class CapturingLogger(trt_module.ILogger):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt_module.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = int(severity)
+            if level <= min_severity:
+                book.add(SEVERITIES.get(level, str(level)), str(msg))
+
+    logger: trt.ILogger = CapturingLogger()
+    return logger
+
+
+# --- the pipeline schedule, pure -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One action of the pipelined executor: ``op`` on ``batch`` (of ``rows`` tiles) in ``slot``.
+
+    ops: "fill" (host copies the batch into the slot's pinned input), "h2d", "compute", "d2h" (queued
+    on their streams, never blocking), "wait" (host blocks until the slot's D2H is done), "emit"
+    (host hands out the result). A batch of zero rows uses no slot (-1) and is only emitted.
+    """
+
+    op: str
+    batch: int
+    slot: int
+    rows: int
+
+
+class SlotSchedule:
+    """Round-robin assignment of batches to ``slots`` buffer sets, results in submission order.
+
+    A slot is reused only after the host has waited for its previous batch's D2H and emitted it, so
+    with ``slots >= 2`` batch k+1's H2D is always queued before batch k's D2H is waited for.
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 2:
+            raise InputError(f"a pipeline needs at least 2 slots to overlap copies with compute, got {slots}")
+        self.slots = slots
+        self.submitted = 0
+        self.in_flight: collections.deque[Step] = collections.deque()  # their "d2h" steps, oldest first
+
+    def _retire_oldest(self) -> list[Step]:
+        d2h = self.in_flight.popleft()
+        return [Step("wait", d2h.batch, d2h.slot, d2h.rows), Step("emit", d2h.batch, d2h.slot, d2h.rows)]
+
+    def submit(self, rows: int) -> list[Step]:
+        """Steps to run, in order, when the next batch (of ``rows`` tiles) arrives."""
+        k = self.submitted
+        self.submitted += 1
+        steps: list[Step] = []
+        if rows == 0:  # nothing to compute, but it must come out after the batches before it
+            while self.in_flight:
+                steps += self._retire_oldest()
+            return [*steps, Step("emit", k, -1, 0)]
+        while len(self.in_flight) >= self.slots:
+            steps += self._retire_oldest()
+        slot = k % self.slots
+        assert all(s.slot != slot for s in self.in_flight), "round-robin slot still busy"
+        steps += [Step(op, k, slot, rows) for op in ("fill", "h2d", "compute", "d2h")]
+        self.in_flight.append(steps[-1])
+        return steps
+
+    def drain(self) -> list[Step]:
+        """Steps that hand out every batch still in flight, in order."""
+        steps: list[Step] = []
+        while self.in_flight:
+            steps += self._retire_oldest()
+        return steps
+
+
+# --- GPU side ------------------------------------------------------------------------------------
+class _Slot:
+    """One set of buffers for a batch in flight, sized for the profile's max batch."""
+
+    def __init__(self, specs: Mapping[str, TensorSpec], rows: int) -> None:
+        self.device: dict[str, cuda.DeviceBuffer] = {}
+        self.graph: cuda.GraphExec | None = None
+        self.graph_failed = False
+        self.held: object | None = None  # a caller's GPU array read in place: kept alive until emitted
+        self.input_ptr = 0
+        self.wait_input = True
+        try:
+            self.host_in = cuda.PinnedBuffer(specs[INPUT].nbytes(rows))
+            self.host_out = cuda.PinnedBuffer(specs[OUTPUT].nbytes(rows))
+            for name, spec in specs.items():
+                self.device[name] = cuda.DeviceBuffer(spec.nbytes(rows))
+            self.h2d_done, self.compute_done, self.d2h_done = cuda.Event(), cuda.Event(), cuda.Event()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for name in ("graph", "h2d_done", "compute_done", "d2h_done", "host_in", "host_out"):
+            res = getattr(self, name, None)
+            if res is not None:
+                res.close()
+        for buf in self.device.values():
+            buf.close()
+        self.held = None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    rows: int
+    data: np.ndarray | cuda.DeviceArray  # host tiles, or a caller's GPU array read in place
+
+
+class TensorRTBackend(Backend):
+    """Runs an fp16 TensorRT engine (``<variant>.fp16.engine``) on one GPU.
+
+    ``slots`` (2-3): batches in flight. ``cuda_graphs``: replay full batches from a CUDA graph
+    captured per slot (ragged batches run normally). ``runtime_module``: "auto", "tensorrt",
+    "tensorrt_lean" or "tensorrt_dispatch" (the latter two run version-compatible engines only).
+    Not thread-safe: use one backend per thread. Free it with :meth:`close` or ``with``.
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        engine_path: str | Path,
+        *,
+        device: int = 0,
+        slots: int = 3,
+        cuda_graphs: bool = False,
+        runtime_module: str = "auto",
+    ) -> None:
+        path = Path(engine_path)
+        manifest = read_manifest(path)
+        artifact = find_artifact(manifest, path)
+        if artifact is None or artifact.get("format") != "tensorrt":
+            raise ModelFileError(
+                f"{path.parent / 'manifest.json'} has no TensorRT entry for {path.name}; rebuild it: "
+                f"{rebuild_command(manifest, path.parent)}"
+            )
+        try:
+            plan = path.read_bytes()
+        except OSError as err:
+            raise ModelFileError(f"cannot read the engine {path} ({err})") from err
+        if hashlib.sha256(plan).hexdigest() != artifact.get("sha256"):
+            raise ModelFileError(
+                f"{path.name} does not match the sha256 in its manifest (changed or truncated since it was "
+                f"built); rebuild it: {rebuild_command(manifest, path.parent)}"
+            )
+        trt_module = import_tensorrt(runtime_module)
+        check_version(trt_module.__version__)
+        cuda.set_device(device)
+        gpu = cuda.device_info(device)
+        errors, notes = runtime_problems(
+            artifact, trt_module.__name__, trt_module.__version__, gpu.name, gpu.compute_capability
+        )
+        if errors:
+            raise ModelFileError(
+                f"cannot use {path.name} here: {'; '.join(errors)}. TensorRT engines are specific to the "
+                "TensorRT version and GPU that built them; rebuild it on this machine: "
+                f"{rebuild_command(manifest, path.parent)}"
+            )
+        for note in notes:
+            warnings.warn(f"{path.name}: {note}", stacklevel=2)
+        info = model_info(manifest, artifact)
+        if info.random_weights:
+            warnings.warn(
+                f"RANDOM WEIGHTS: {path.name} embeds nothing meaningful (tests and demos only)", stacklevel=2
+            )
+        self._setup(
+            trt_module, plan, info, device, slots, cuda_graphs, bool(artifact.get("version_compatible"))
+        )
+
+    @classmethod
+    def from_serialized(
+        cls,
+        plan: bytes,
+        info: ModelInfo,
+        *,
+        device: int = 0,
+        slots: int = 3,
+        cuda_graphs: bool = False,
+        version_compatible: bool = False,
+    ) -> TensorRTBackend:
+        """A backend over an engine held in memory (the builder's parity check, before the file exists)."""
+        self = cls.__new__(cls)
+        cuda.set_device(device)
+        self._setup(import_tensorrt("tensorrt"), plan, info, device, slots, cuda_graphs, version_compatible)
+        return self
+
+    def _setup(
+        self,
+        trt_module: ModuleType,
+        plan: bytes,
+        info: ModelInfo,
+        device: int,
+        slots: int,
+        graphs: bool,
+        vc: bool,
+    ) -> None:
+        self.info, self._device, self._num_slots, self._use_graphs = info, device, slots, graphs
+        self._slots: list[_Slot] = []
+        self._streams: list[cuda.Stream] = []
+        self._lock = threading.Lock()
+        SlotSchedule(slots)  # validates the slot count before anything is allocated
+        self._book = LogBook()
+        self._logger = make_logger(trt_module, self._book)
+        runtime: trt.Runtime = trt_module.Runtime(self._logger)
+        if vc and trt_module.__name__ != "tensorrt_lean":
+            # a version-compatible plan carries the lean runtime's host code; it is trusted because its
+            # sha256 was checked against the manifest (or it was just built in this process)
+            runtime.engine_host_code_allowed = True
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise BackendError(
+                f"TensorRT could not load the engine ({self._book.quote()}); rebuild it on this machine"
+            )
+        self._runtime: trt.Runtime | None = runtime
+        self._engine: trt.ICudaEngine | None = engine
+        self._specs = self._read_io(engine)
+        check_io(self._specs, info)
+        self._max = int(engine.get_tensor_profile_shape(INPUT, 0)[2][0])
+        self.max_batch = self._max
+        context = engine.create_execution_context()
+        if context is None:
+            raise BackendError(
+                f"TensorRT could not create an execution context ({self._book.quote()}); out of memory?"
+            )
+        self._context: trt.IExecutionContext | None = context
+
+    @staticmethod
+    def _read_io(engine: trt.ICudaEngine) -> dict[str, TensorSpec]:
+        specs = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            type_name = engine.get_tensor_dtype(name).name
+            if type_name not in NUMPY_TYPES:
+                raise ModelFileError(
+                    f"engine tensor {name!r} has type {type_name}, which virchow-rt cannot feed"
+                )
+            is_input = engine.get_tensor_mode(name).name == "INPUT"
+            dims = engine.get_tensor_shape(name)
+            shape = tuple(int(dims[j]) for j in range(len(dims)))
+            specs[name] = TensorSpec(name, is_input, np.dtype(NUMPY_TYPES[type_name]), shape)
+        return specs
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, tiles: Any) -> np.ndarray:
+        """Embed uint8 tiles (N, S, S, 3), a host or GPU array of any N -> a new (N, E) float32 array."""
+        dev = None if isinstance(tiles, np.ndarray) else cuda.as_device_array(tiles)
+        n = dev.shape[0] if dev is not None and dev.shape else len(tiles)
+        m = self._max
+        if dev is not None:
+            row = int(np.prod(dev.shape[1:], dtype=np.int64)) * dev.dtype.itemsize
+            chunks: list[Any] = [
+                dataclasses.replace(dev, ptr=dev.ptr + i * row, shape=(min(m, n - i), *dev.shape[1:]))
+                for i in range(0, n, m)
+            ]
+        else:
+            chunks = [tiles[i : i + m] for i in range(0, n, m)]
+        outs = list(self.pipeline(chunks))
+        if not outs:
+            return np.empty((0, self.info.embedding_dim), np.float32)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _prepare(self, batch: Any) -> _Batch:
+        dev = batch if isinstance(batch, cuda.DeviceArray) else None
+        if dev is None and not isinstance(batch, np.ndarray):
+            dev = cuda.as_device_array(batch)
+        if dev is not None:
+            rows = check_batch(dev.shape, dev.dtype, self.info.tile_size, self._max)
+            return _Batch(rows, dev)
+        host = np.asarray(batch)
+        return _Batch(check_batch(host.shape, host.dtype, self.info.tile_size, self._max), host)
+
+    def pipeline(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Embed batches in order, copies overlapped with compute; yields a fresh (B, E) float32 array each.
+
+        Batches are uint8 (B, S, S, 3) numpy arrays or GPU arrays with ``__cuda_array_interface__``
+        (read in place; their producer's stream is waited for), B <= :attr:`max_batch`. The input
+        iterator is consumed lazily; results come out up to ``slots`` batches behind it.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise BackendError(
+                "this TensorRTBackend is already running a pipeline; use one backend per thread"
+            )
+        try:
+            if self._context is None:
+                raise BackendError("this TensorRTBackend was closed; open the engine again")
+            cuda.set_device(self._device)
+            self._allocate()
+            schedule = SlotSchedule(len(self._slots))
+            pending: dict[int, _Batch] = {}
+            for batch in batches:
+                prepared = pending[schedule.submitted] = self._prepare(batch)
+                for step in schedule.submit(prepared.rows):
+                    out = self._do(step, pending)
+                    if out is not None:
+                        yield out
+            for step in schedule.drain():
+                out = self._do(step, pending)
+                if out is not None:
+                    yield out
+        finally:
+            try:
+                for stream in self._streams:  # an abandoned generator must not leave copies in flight
+                    stream.synchronize()
+            finally:
+                for slot in self._slots:
+                    slot.held = None
+                self._lock.release()
+
+    def _allocate(self) -> None:
+        if not self._slots:
+            self._streams = [cuda.Stream() for _ in range(3)]  # H2D, compute, D2H
+            self._slots = [_Slot(self._specs, self._max) for _ in range(self._num_slots)]
+
+    def _do(self, step: Step, pending: dict[int, _Batch]) -> np.ndarray | None:
+        h2d, compute, d2h = self._streams
+        if step.slot < 0:  # an empty batch
+            pending.pop(step.batch)
+            return np.empty((0, self.info.embedding_dim), np.float32)
+        slot, batch = self._slots[step.slot], pending[step.batch]
+        tiles = self._specs[INPUT]
+        if step.op == "fill":
+            if isinstance(batch.data, np.ndarray):
+                np.copyto(slot.host_in.view(np.uint8, (self._max, *tiles.shape[1:]))[: step.rows], batch.data)
+                slot.input_ptr, slot.held = slot.device[INPUT].ptr, None
+            else:
+                slot.input_ptr, slot.held = batch.data.ptr, batch.data.owner
+        elif step.op == "h2d":
+            slot.wait_input = True
+            if isinstance(batch.data, np.ndarray):
+                cuda.copy_async(slot.input_ptr, slot.host_in.ptr, tiles.nbytes(step.rows), "h2d", h2d)
+                slot.h2d_done.record(h2d)
+            elif batch.data.stream is not None:
+                slot.h2d_done.record(batch.data.stream)  # the producer's stream: wait for its writes
+            else:
+                slot.wait_input = False
+        elif step.op == "compute":
+            if slot.wait_input:
+                compute.wait(slot.h2d_done)
+            self._enqueue(slot, step.rows, compute)
+            slot.compute_done.record(compute)
+        elif step.op == "d2h":
+            d2h.wait(slot.compute_done)
+            nbytes = self._specs[OUTPUT].nbytes(step.rows)
+            cuda.copy_async(slot.host_out.ptr, slot.device[OUTPUT].ptr, nbytes, "d2h", d2h)
+            slot.d2h_done.record(d2h)
+        elif step.op == "wait":
+            slot.d2h_done.synchronize()
+        elif step.op == "emit":
+            pending.pop(step.batch)
+            slot.held = None
+            out = slot.host_out.view(np.float32, (self._max, self.info.embedding_dim))[: step.rows]
+            return out.copy()  # the pinned buffer is refilled by a later batch
+        return None
+
+    def _enqueue(self, slot: _Slot, rows: int, stream: cuda.Stream) -> None:
+        context = self._context
+        assert context is not None
+        own_input = slot.input_ptr == slot.device[INPUT].ptr
+        full = self._use_graphs and own_input and rows == self._max
+        if full and slot.graph is not None:
+            slot.graph.launch(stream)
+            return
+        if not context.set_input_shape(INPUT, (rows, *self._specs[INPUT].shape[1:])):
+            raise BackendError(f"TensorRT refused input shape ({rows}, ...) ({self._book.quote()})")
+        context.set_tensor_address(INPUT, slot.input_ptr)
+        for name, spec in self._specs.items():
+            if not spec.is_input:
+                context.set_tensor_address(name, slot.device[name].ptr)
+        if not context.execute_async_v3(stream.ptr):
+            raise BackendError(f"TensorRT inference failed on a batch of {rows} tiles ({self._book.quote()})")
+        if full and slot.graph is None and not slot.graph_failed:
+            stream.synchronize()  # let one-time work finish outside the capture, as trtexec does
+            slot.graph = cuda.capture_graph(stream, lambda: context.execute_async_v3(stream.ptr))
+            slot.graph_failed = slot.graph is None
+            if slot.graph_failed:
+                _log.warning("this engine cannot be captured in a CUDA graph; running it without graphs")
+
+    def close(self) -> None:
+        """Synchronize and free streams, buffers, graphs, the execution context and the engine. Safe twice."""
+        streams, slots = getattr(self, "_streams", []), getattr(self, "_slots", [])
+        try:
+            for stream in streams:
+                stream.synchronize()
+        finally:
+            for slot in slots:
+                slot.close()
+            for stream in streams:
+                stream.close()
+            self._slots, self._streams = [], []
+            self._context = None
+            self._engine = self._runtime = None

@@ -1,0 +1,249 @@
+"""Tile input: .npy arrays, image files and folders of images, read in batches of uint8 (B, S, S, 3).
+
+:func:`open_tiles` checks every input when it is opened (file exists, array dtype/rank/channels,
+image header), so that a wrong input fails before a model is loaded. Image pixels are decoded while
+iterating (in the :class:`~virchow_rt.runtime.Embedder`'s reader thread); an image that turns out to be
+corrupt or truncated then raises :class:`~virchow_rt.errors.InputError` naming it, or with
+``skip_errors`` is left out and listed in :attr:`TileSource.skipped`. Tiles that are not S px are
+resized with timm's eval geometry (:func:`virchow_rt.kernels.resize.resize_tile`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from virchow_rt.errors import InputError
+from virchow_rt.kernels.resize import resize_tile, resize_tiles
+
+DEFAULT_BATCH = 32
+
+
+@dataclass
+class _Entry:
+    """One input: a (memory-mapped) .npy array of tiles, or one image file (one tile)."""
+
+    path: Path
+    array: np.ndarray | None = None  # (N, H, W, 3) uint8 for .npy entries; None for an image file
+
+    @property
+    def count(self) -> int:
+        return 1 if self.array is None else int(self.array.shape[0])
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(
+            f"{path} is not a readable .npy array ({err}); save tiles with np.save(path, tiles_uint8)"
+        ) from err
+    if array.dtype != np.uint8:
+        raise InputError(
+            f"{path} holds dtype {array.dtype}; tiles must be uint8 RGB (0-255): re-save it with "
+            "np.save(path, np.clip(x, 0, 255).astype(np.uint8)) (multiply 0-1 floats by 255 first)"
+        )
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise InputError(
+            f"{path} has shape {array.shape}; expected (N, H, W, 3) uint8 RGB tiles (one tile: save x[None]; "
+            "channels-first: x.transpose(0, 2, 3, 1); RGBA: x[..., :3])"
+        )
+    if min(array.shape[1:3]) < 1:
+        raise InputError(f"{path} has shape {array.shape}; tiles need at least 1x1 pixels")
+    return array
+
+
+def _check_image(path: Path) -> None:
+    """Read the image header only (cheap); the pixels are decoded later, while iterating."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header parse is the check
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(
+            f"{path} is not an image Pillow can read ({type(err).__name__}: {err}); "
+            "pass PNG/JPEG/TIFF tiles or .npy arrays, or use --skip-errors to skip it"
+        ) from err
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")  # decodes all pixels: a truncated file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(
+            f"cannot decode {path} ({type(err).__name__}: {err}); the file is corrupt or truncated: "
+            "re-export it, or use --skip-errors to skip it"
+        ) from err
+    return np.asarray(rgb)  # (H, W, 3) uint8
+
+
+class TileSource:
+    """Tiles from .npy arrays and image files, yielded in batches of C-contiguous uint8 (B, S, S, 3).
+
+    ``len()`` is the number of tiles; with ``skip_errors`` an image that fails to decode while iterating
+    is left out, so ``len()``, :attr:`names` and :attr:`skipped` are final once iteration has finished.
+    """
+
+    def __init__(
+        self,
+        entries: list[_Entry],
+        tile_size: int = 224,
+        skip_errors: bool = False,
+        skipped: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self._entries = entries
+        self.tile_size = int(tile_size)
+        self.skip_errors = skip_errors
+        #: (name, reason) of every input left out (only with skip_errors)
+        self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self._failed: set[int] = set()  # entry indices whose image failed to decode
+
+    def __len__(self) -> int:
+        return sum(e.count for i, e in enumerate(self._entries) if i not in self._failed)
+
+    @property
+    def names(self) -> list[str]:
+        """One name per tile, in order: ``file.npy[i]`` for array rows, the file path for images."""
+        out: list[str] = []
+        for i, entry in enumerate(self._entries):
+            if i in self._failed:
+                continue
+            if entry.array is None:
+                out.append(str(entry.path))
+            else:
+                out.extend(f"{entry.path}[{row}]" for row in range(entry.count))
+        return out
+
+    @property
+    def sources(self) -> list[dict]:
+        """Provenance, compact: each input file with the output rows ``[start, stop)`` it filled."""
+        out, row = [], 0
+        for i, entry in enumerate(self._entries):
+            if i in self._failed:
+                continue
+            kind = "image" if entry.array is None else "npy"
+            out.append({"path": str(entry.path), "kind": kind, "rows": [row, row + entry.count]})
+            row += entry.count
+        return out
+
+    def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Arrays of at most ``batch_size`` tiles (N, S, S, 3), in input order."""
+        size = self.tile_size
+        for i, entry in enumerate(self._entries):
+            if entry.array is None:
+                try:
+                    tile = _decode(entry.path)
+                except InputError as err:
+                    if not self.skip_errors:
+                        raise
+                    self._failed.add(i)
+                    self.skipped.append((str(entry.path), _reason(err)))
+                    continue
+                yield resize_tile(tile, size)[None]  # (1, S, S, 3)
+                continue
+            for start in range(0, entry.count, batch_size):
+                rows = entry.array[start : start + batch_size]  # (b, H, W, 3) view of the memory map
+                if rows.shape[1] == size and rows.shape[2] == size:
+                    yield np.array(rows)  # copy now: the disk reads happen in this (reader) thread
+                else:
+                    yield resize_tiles(rows, size)
+
+    def batches(self, batch_size: int = DEFAULT_BATCH) -> Iterator[np.ndarray]:
+        """Yield C-contiguous uint8 (B, S, S, 3) batches of exactly ``batch_size`` (the last may be smaller).
+
+        Batches cross file boundaries, so many small files still make full batches. Each yielded array
+        is new (not reused): a consumer may keep it.
+        """
+        if batch_size < 1:
+            raise InputError(f"batch size {batch_size} must be >= 1")
+        pending: list[np.ndarray] = []
+        filled = 0
+        for chunk in self._chunks(batch_size):
+            while len(chunk):
+                take = min(batch_size - filled, len(chunk))
+                pending.append(chunk[:take])
+                filled += take
+                chunk = chunk[take:]
+                if filled == batch_size:
+                    yield _join(pending)
+                    pending, filled = [], 0
+        if filled:
+            yield _join(pending)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.batches(DEFAULT_BATCH)
+
+    def read_all(self) -> np.ndarray:
+        """All tiles as one uint8 (N, S, S, 3) array (small inputs only: it is all in memory)."""
+        parts = list(self.batches(max(1, min(len(self), 4096))))
+        if not parts:
+            return np.empty((0, self.tile_size, self.tile_size, 3), np.uint8)
+        return np.concatenate(parts)
+
+
+def _reason(err: InputError) -> str:
+    cause = err.__cause__
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0])
+    return np.concatenate(parts)  # (B, S, S, 3), a new contiguous array
+
+
+def _expand(path: Path, skip_errors: bool, skipped: list[tuple[str, str]]) -> list[_Entry]:
+    """Entries for one input path: a .npy, an image, or a folder of those (sorted, not recursive)."""
+    if path.is_dir():
+        # hidden files (.DS_Store, ._x) and sub-folders are not tiles; everything else must be one
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+        if not files:
+            raise InputError(f"folder {path} has no files; put .npy arrays or PNG/JPEG/TIFF tiles in it")
+        entries: list[_Entry] = []
+        for file in files:
+            entries.extend(_expand(file, skip_errors, skipped))
+        return entries
+    if not path.exists():
+        raise InputError(f"{path} does not exist; pass .npy arrays, image files or folders of images")
+    try:
+        if path.suffix.lower() == ".npy":
+            return [_Entry(path, _open_npy(path))]
+        _check_image(path)
+    except InputError as err:
+        if not skip_errors:
+            raise
+        skipped.append((str(path), _reason(err)))
+        return []
+    return [_Entry(path)]
+
+
+def open_tiles(
+    inputs: list[str] | list[os.PathLike], tile_size: int = 224, skip_errors: bool = False
+) -> TileSource:
+    """Open .npy uint8 (N, H, W, 3) arrays (memory-mapped), image files and folders of images as one source.
+
+    Inputs are checked now: a missing path, an empty folder, a wrong array dtype/rank/channels or a file
+    that is not an image raises :class:`InputError` naming it and the fix (with ``skip_errors``, unreadable
+    image files are skipped and listed in ``.skipped`` instead). Zero tiles in total is an error.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise InputError("no tile inputs given; pass .npy arrays, image files or folders of images")
+    skipped: list[tuple[str, str]] = []
+    entries: list[_Entry] = []
+    for item in inputs:
+        entries.extend(_expand(Path(item), skip_errors, skipped))
+    source = TileSource(entries, tile_size=tile_size, skip_errors=skip_errors, skipped=skipped)
+    if len(source) == 0:
+        detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+        raise InputError(
+            f"no tiles to embed in {', '.join(map(str, inputs))}{detail}; "
+            "pass non-empty (N, H, W, 3) arrays or images"
+        )
+    return source

@@ -1,0 +1,81 @@
+"""Whole slides -> tissue tiles -> embeddings, in the HDF5 layout pathology tools read (TRIDENT, CLAM).
+
+- :func:`open_slide`: OpenSlide, or tiffslide where OpenSlide is missing or cannot read the file.
+- :func:`tissue_mask`, :func:`tile_grid`, :func:`region_grid`: where the tiles are (level-0 coordinates).
+- :func:`iter_tiles`, :func:`iter_embeddings`, :func:`embed_slide`, :func:`embed_regions`: the Python API,
+  no files written.
+- :func:`write_synthetic_slide`: a pyramidal TIFF of real IHC tissue on glass (tests, demos, benchmarks).
+- :func:`process_slides` / :func:`run_cli`: many slides -> ``<out>/<name>.h5`` + ``summary.json``,
+  resumable; the file layout is documented in :mod:`virchow_rt.slides.writer`.
+
+Needs the ``slides`` extra (h5py, scikit-image, openslide-python + openslide-bin or tiffslide); each is
+imported on first use with an error that says what to install.
+"""
+
+from __future__ import annotations
+
+from virchow_rt.slides.embed import (
+    EmbeddingStream,
+    RegionEmbedding,
+    SlideEmbedding,
+    complete_groups,
+    embed_regions,
+    embed_slide,
+    iter_embeddings,
+    iter_tiles,
+)
+from virchow_rt.slides.grid import (
+    TileGrid,
+    TilePlan,
+    magnification_to_mpp,
+    nominal_magnification,
+    pick_level,
+    tile_grid,
+)
+from virchow_rt.slides.mask import MaskConfig, TissueMask, tissue_mask
+from virchow_rt.slides.reader import SLIDE_SUFFIXES, Slide, find_slides, open_slide
+from virchow_rt.slides.regions import RegionGrid, RegionLayout, region_grid, region_layout
+from virchow_rt.slides.run import SlideSettings, process_slides, run_cli
+from virchow_rt.slides.synthetic import SyntheticSlide, write_synthetic_slide
+from virchow_rt.slides.tiles import ReadStats, TileBatch, TileReader, read_tile
+from virchow_rt.slides.writer import FeatureWriter, check_complete, read_features
+
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "EmbeddingStream",
+    "FeatureWriter",
+    "MaskConfig",
+    "ReadStats",
+    "RegionEmbedding",
+    "RegionGrid",
+    "RegionLayout",
+    "Slide",
+    "SlideEmbedding",
+    "SlideSettings",
+    "SyntheticSlide",
+    "TileBatch",
+    "TileGrid",
+    "TilePlan",
+    "TileReader",
+    "TissueMask",
+    "check_complete",
+    "complete_groups",
+    "embed_regions",
+    "embed_slide",
+    "find_slides",
+    "iter_embeddings",
+    "iter_tiles",
+    "magnification_to_mpp",
+    "nominal_magnification",
+    "open_slide",
+    "pick_level",
+    "process_slides",
+    "read_features",
+    "read_tile",
+    "region_grid",
+    "region_layout",
+    "run_cli",
+    "tile_grid",
+    "tissue_mask",
+    "write_synthetic_slide",
+]

@@ -1,0 +1,235 @@
+"""Whole-slide readers: OpenSlide first (the ``openslide-bin`` wheel), tiffslide as the pure-Python fallback.
+
+Both expose the same pyramid (level dimensions and downsamples, level-0 coordinates); :class:`Slide`
+hides which one is in use and always returns uint8 RGB arrays, transparent (unscanned) pixels made
+glass-white. Microns per pixel come from the slide's metadata, else from ``slide_mpp``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+import numpy as np
+
+from virchow_rt._deps import optional_import
+from virchow_rt.errors import InputError, MissingDependency
+
+READERS = ("openslide", "tiffslide")
+#: file suffixes picked up when a folder is given (OpenSlide's formats plus plain/OME TIFF)
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+)
+_PURPOSE = "to read whole-slide images"
+
+
+def _load(reader: str) -> ModuleType:
+    # openslide-python raises OSError (not ImportError) when the C library is missing: treat both alike
+    try:
+        return optional_import(reader, _PURPOSE)
+    except OSError as err:
+        raise MissingDependency(
+            f"OpenSlide's library is needed {_PURPOSE}: pip install 'virchow-rt[slides]' (OSError: {err})"
+        ) from err
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def to_rgb(array: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) from a reader's (H, W), (H, W, 1|3|4) array; transparent pixels become white."""
+    if array.dtype != np.uint8:
+        raise InputError(
+            f"slide pixels are {array.dtype}, not uint8; only 8-bit brightfield slides are supported"
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    channels = array.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if channels == 3:
+        return np.ascontiguousarray(array)
+    rgb, alpha = array[:, :, :3], array[:, :, 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    # OpenSlide marks unscanned areas fully transparent; composite over glass-white (255)
+    a = alpha.astype(np.uint16)  # (H, W, 1)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+class Slide:
+    """One open whole-slide image. Use :func:`open_slide`; close it (or use ``with``) when done.
+
+    A handle is not shared between threads: :meth:`reopen` gives each reading thread its own.
+    """
+
+    def __init__(self, path: Path, reader: str, handle: Any, mpp: float, mpp_source: str) -> None:
+        self.path = path
+        self.reader = reader  # "openslide" | "tiffslide"
+        self.mpp = mpp  # level-0 microns per pixel
+        self.mpp_source = mpp_source  # "metadata" | "slide_mpp"
+        self._handle = handle
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in handle.level_dimensions
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
+
+    @property
+    def name(self) -> str:
+        """The slide's name: its file name without the suffix (the output is ``<name>.h5``)."""
+        return self.path.stem
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """uint8 RGB (height, width, 3) read at ``level``; ``x``, ``y``: level-0 top-left corner."""
+        try:
+            if self.reader == "openslide":
+                array = np.asarray(
+                    self._handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+                )
+            else:
+                array = self._handle.read_region(
+                    (int(x), int(y)), int(level), (int(width), int(height)), as_array=True
+                )
+        except Exception as err:  # noqa: BLE001 - readers raise many types (OpenSlideError, codec errors, OSError)
+            raise InputError(
+                f"slide {self.path.name}: reading {width}x{height} px at level {level}, level-0 ({x}, {y}) "
+                f"failed ({type(err).__name__}: {err}); the file may be truncated or corrupt"
+            ) from err
+        return to_rgb(np.asarray(array))
+
+    def reopen(self) -> Slide:
+        """A new handle on the same file with the same reader and µm/px (for another thread)."""
+        return Slide(self.path, self.reader, _open_handle(self.reader, self.path), self.mpp, self.mpp_source)
+
+    def close(self) -> None:
+        """Release the file handle. Safe to call twice."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        levels = len(self.level_dimensions)
+        return f"Slide({self.path.name!r}, {w}x{h} px, {self.mpp:.4g} µm/px, {levels} levels, {self.reader})"
+
+
+def _open_handle(reader: str, path: Path) -> Any:
+    module = _load(reader)
+    if reader == "openslide":
+        return module.OpenSlide(str(path))
+    return module.TiffSlide(str(path))
+
+
+def _metadata_mpp(reader: str, handle: Any) -> float | None:
+    props = handle.properties
+    return _positive_float(props.get(f"{reader}.mpp-x")) or _positive_float(props.get(f"{reader}.mpp-y"))
+
+
+def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "auto") -> Slide:
+    """Open a whole slide with OpenSlide, or with tiffslide where OpenSlide is missing or cannot read it.
+
+    ``slide_mpp`` is the level-0 µm/px to use when the slide does not record one (the metadata wins
+    otherwise). ``reader``: "auto", "openslide" or "tiffslide".
+    """
+    path = Path(path)
+    if reader not in ("auto", *READERS):
+        raise InputError(f"unknown slide reader {reader!r}; use auto, {', '.join(READERS)}")
+    if not path.is_file():
+        raise InputError(f"slide {path} does not exist or is not a file; check the path")
+    order = READERS if reader == "auto" else (reader,)
+    problems: list[str] = []
+    missing: list[MissingDependency] = []
+    for name in order:
+        try:
+            handle = _open_handle(name, path)
+        except MissingDependency as err:
+            missing.append(err)
+            continue
+        except Exception as err:  # noqa: BLE001 - each reader has its own error types for "not my format"/corrupt
+            problems.append(f"{name}: {type(err).__name__}: {err}")
+            continue
+        mpp = _metadata_mpp(name, handle)
+        source = "metadata"
+        if mpp is None and slide_mpp is not None:
+            mpp, source = _positive_float(slide_mpp), "slide_mpp"
+            if mpp is None:
+                handle.close()
+                raise InputError(f"--slide-mpp {slide_mpp!r} must be a positive number of microns per pixel")
+        if mpp is None:
+            handle.close()
+            raise InputError(
+                f"slide {path.name} records no microns per pixel ({name} found no mpp in its metadata); "
+                "pass --slide-mpp (level-0 µm/px, e.g. 0.25 for a 40x scan)"
+            )
+        return Slide(path, name, handle, mpp, source)
+    if not problems and missing:
+        raise MissingDependency(
+            f"OpenSlide or tiffslide is needed {_PURPOSE}: pip install 'virchow-rt[slides]' ({missing[-1]})"
+        )
+    raise InputError(
+        f"slide {path.name} cannot be opened ({'; '.join(problems)}); the file may be truncated or corrupt"
+    )
+
+
+def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (non-recursive, by :data:`SLIDE_SUFFIXES`) into a sorted, de-duplicated list.
+
+    Two slides with the same name would write the same ``<name>.h5``: that is an error.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES))
+        elif p.exists():
+            found.append(p)
+        else:
+            raise InputError(f"slide path {p} does not exist; check the path")
+    unique = list(dict.fromkeys(f.resolve() for f in found))
+    if not unique:
+        raise InputError(
+            f"no slides found in {', '.join(map(str, inputs))}; give slide files or folders holding "
+            f"{', '.join(SLIDE_SUFFIXES)} files"
+        )
+    names: dict[str, Path] = {}
+    for f in unique:
+        if f.stem in names:
+            raise InputError(
+                f"slides {names[f.stem]} and {f} would both write {f.stem}.h5; rename one or run them apart"
+            )
+        names[f.stem] = f
+    return unique

@@ -1,0 +1,397 @@
+"""``virchow-rt slides``: many slides -> one ``.h5`` each, resumable, failures isolated, a run summary.
+
+A rerun skips every slide whose ``.h5`` is complete and valid for this model and these settings
+(checked, not just present) and redoes the rest. A slide that cannot be read is reported with its
+reason, leaves no file, and does not stop the others; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.errors import InputError, MissingDependency, VirchowError
+from virchow_rt.manifest import atomic_path, sha256_file, write_json
+from virchow_rt.registry import check_pooling
+from virchow_rt.runtime.backend import Backend
+from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
+from virchow_rt.slides.grid import (
+    MPP_AT_1X,
+    check_tile_settings,
+    magnification_to_mpp,
+    nominal_magnification,
+    pick_level,
+    tile_grid,
+)
+from virchow_rt.slides.reader import Slide, find_slides, open_slide
+from virchow_rt.slides.regions import parse_magnifications, region_grid
+from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, check_complete, shareable
+
+SUMMARY_NAME = "summary.json"
+#: skipped-tile errors listed per slide in the summary (the count is always complete)
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How slides are tiled and embedded (the CLI flags of ``virchow-rt slides``)."""
+
+    mpp: float = 0.5
+    tile_size: int = 224
+    slide_mpp: float | None = None
+    regions: tuple[float, ...] | None = None
+    min_tissue: float = 0.5
+    batch_size: int | None = None
+    workers: int | None = None
+    pooling: str = "cls_mean"
+    skip_errors: bool = False
+    reader: str = "auto"
+    prefetch_batches: int = 2
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
+        check_tile_settings(self.mpp, self.tile_size, self.min_tissue)
+        check_pooling(self.pooling)
+        if self.regions:
+            mags = parse_magnifications(self.regions)
+            if not any(np.isclose(magnification_to_mpp(m), self.mpp) for m in mags):
+                raise InputError(
+                    f"--mpp {self.mpp} ({MPP_AT_1X / self.mpp:g}x) is not one of the --regions "
+                    f"magnifications {','.join(f'{m:g}' for m in mags)}: the file's features/coords are the "
+                    f"region tiles at --mpp; add {MPP_AT_1X / self.mpp:g} to --regions or pass "
+                    f"--mpp {magnification_to_mpp(mags[-1]):g}"
+                )
+
+    @property
+    def regions_text(self) -> str:
+        return ",".join(f"{m:g}" for m in parse_magnifications(self.regions)) if self.regions else ""
+
+
+@dataclass
+class _Model:
+    """The model as recorded in every output."""
+
+    backend: Backend
+    file: str
+    sha256: str
+
+    @classmethod
+    def identify(cls, model: str | Path | Backend, backend: Backend) -> _Model:
+        # the file the backend runs (an export folder resolves to one of its artifacts), else the argument
+        file = getattr(backend, "path", None) or (None if isinstance(model, Backend) else model)
+        if file is not None and Path(file).is_file():
+            return cls(backend, str(file), sha256_file(file))
+        # no file to hash (a Backend object): the model's own description identifies it
+        info = json.dumps(asdict(backend.info), sort_keys=True).encode()
+        return cls(backend, "", "backend:" + hashlib.sha256(info).hexdigest())
+
+
+@dataclass
+class _Record:
+    name: str
+    path: str
+    status: str = "pending"  # done | skipped | failed
+    output: str | None = None
+    reason: str | None = None
+    redone_because: str | None = None
+    tiles: int = 0
+    regions: int | None = None
+    skipped_tiles: int = 0
+    skipped_tile_errors: list[dict] = field(default_factory=list)
+    reader: str | None = None
+    level0_mpp: float | None = None
+    read_level: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    tiles_per_s: float | None = None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[str, Any]:
+    """Root attributes a complete file of this run must carry (anything else changed -> redo)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_sha256": model.sha256,
+        "pooling": settings.pooling,
+        "embedding_dim": dim,
+        "patch_size": settings.tile_size,
+        "target_mpp": float(settings.mpp),
+        "min_tissue": float(settings.min_tissue),
+        "regions": settings.regions_text,
+    }
+
+
+def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Path, record: _Record) -> None:
+    backend = model.backend
+    dim = embedding_dim(backend.info, settings.pooling)
+    t0 = time.perf_counter()
+    if settings.regions:
+        grid = region_grid(
+            slide, settings.regions, tile_size=settings.tile_size, min_tissue=settings.min_tissue
+        )
+        layout = grid.layout
+        top = layout.index_of(MPP_AT_1X / settings.mpp)  # positions of the --mpp tiles inside a region
+        plan, group, tile_coords = grid.plan(slide), layout.tiles_per_region, grid.tile_coords()
+        size0 = int(layout.size0[top[0]])
+        level = pick_level(slide, size0 * slide.mpp / settings.tile_size)
+        tissue_threshold = grid.mask.threshold
+    else:
+        layout, top = None, None
+        tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue)
+        plan, group, tile_coords = tiles.plan, 1, tiles.coords
+        size0, level, tissue_threshold = tiles.patch_size_level0, tiles.level, tiles.mask.threshold
+    record.timings["mask_s"] = time.perf_counter() - t0
+
+    stream = EmbeddingStream(
+        slide,
+        backend,
+        plan,
+        pooling=settings.pooling,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        skip_errors=settings.skip_errors,
+        prefetch_batches=settings.prefetch_batches,
+    )
+    writer = FeatureWriter(tmp, dim, layout)
+    write_s = 0.0
+    try:
+        for ids, features in complete_groups(stream, group):  # features (G, group, E)
+            t1 = time.perf_counter()
+            if top is None:
+                writer.append(tile_coords[ids], features[:, 0])
+            else:
+                coords = tile_coords[ids]  # (G, T, 2)
+                writer.append_regions(coords, features)
+                writer.append(coords[:, top].reshape(-1, 2), features[:, top].reshape(-1, dim))
+            write_s += time.perf_counter() - t1
+        stats = stream.read_stats
+        record.tiles = writer.num_tiles
+        record.regions = writer.num_regions if layout is not None else None
+        width, height = slide.dimensions
+        info = backend.info
+        writer.finish(
+            {
+                "name": slide.name,
+                "patch_size": settings.tile_size,
+                "patch_size_level0": size0,
+                "level0_magnification": nominal_magnification(slide.mpp),
+                "target_magnification": nominal_magnification(settings.mpp),
+                "overlap": 0,
+                "level0_width": width,
+                "level0_height": height,
+                "encoder": info.variant,
+                "pooling": settings.pooling,
+                "embedding_dim": dim,
+                "model_sha256": model.sha256,
+                "model_file": Path(model.file).name,
+                "weights_sha256": info.weights_sha256,
+                "precision": info.precision,
+                "random_weights": bool(info.random_weights),
+                "backend": backend.name,
+                "reader": slide.reader,
+                "slide_path": str(slide.path),
+                "level0_mpp": slide.mpp,
+                "mpp_source": slide.mpp_source,
+                "target_mpp": float(settings.mpp),
+                "effective_mpp": size0 * slide.mpp / settings.tile_size,
+                "read_level": level,
+                "min_tissue": float(settings.min_tissue),
+                "tissue_threshold": tissue_threshold,
+                "regions": settings.regions_text,
+                "region_size_level0": layout.region_size0 if layout is not None else 0,
+                "skipped_tiles": stats.failed,
+                "created": _now(),
+                "virchow_rt_version": _version(),
+            }
+        )
+    finally:
+        writer.close()
+    record.skipped_tiles = stats.failed
+    record.skipped_tile_errors = stats.errors[:MAX_LISTED_ERRORS]
+    record.read_level = level
+    record.timings.update(
+        read_s=stats.read_s, read_wait_s=stats.wait_s, embed_s=stream.embed_s, write_s=write_s
+    )
+
+
+def _version() -> str:
+    from virchow_rt import __version__
+
+    return __version__
+
+
+def _process_one(path: Path, out_dir: Path, model: _Model, settings: SlideSettings, record: _Record) -> None:
+    out = out_dir / f"{path.stem}.h5"
+    start = time.perf_counter()
+    try:
+        with open_slide(path, slide_mpp=settings.slide_mpp, reader=settings.reader) as slide:
+            record.reader, record.level0_mpp = slide.reader, slide.mpp
+            record.timings["open_s"] = time.perf_counter() - start
+            with atomic_path(out) as tmp:
+                _embed_to_file(slide, model, settings, tmp, record)
+                shareable(tmp)
+    except BaseException:
+        out.unlink(missing_ok=True)  # an invalid old file must not survive a failed redo
+        raise
+    record.timings["total_s"] = time.perf_counter() - start
+    record.status, record.output = "done", str(out)
+    record.tiles_per_s = record.tiles / record.timings["total_s"] if record.timings["total_s"] > 0 else None
+
+
+def process_slides(
+    slides: Sequence[str | Path],
+    model: str | Path | Backend,
+    out_dir: str | Path,
+    settings: SlideSettings = SlideSettings(),
+    *,
+    backend: str = "auto",
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """Embed every slide into ``out_dir/<name>.h5`` and write ``out_dir/summary.json``; returns the summary.
+
+    ``model`` is an exported model file (opened with ``backend``) or an open :class:`Backend`.
+    Complete, valid files for this model and these settings are skipped; failures are recorded, not raised.
+    """
+    settings.check()
+    paths = find_slides(slides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started, wall0 = _now(), time.perf_counter()
+    records: list[_Record] = []
+    with opened_backend(model, backend) as runner:
+        ident = _Model.identify(model, runner)
+        info = runner.info
+        dim = embedding_dim(info, settings.pooling)
+        if info.random_weights:
+            warn(
+                f"WARNING: {info.variant} has RANDOM WEIGHTS: its embeddings are meaningless "
+                "(tests and demos only); every output is labelled random_weights=true"
+            )
+        expected = _expected_attrs(settings, ident, dim)
+        for i, path in enumerate(paths, 1):
+            record = _Record(name=path.stem, path=str(path))
+            records.append(record)
+            out = out_dir / f"{path.stem}.h5"
+            prefix = f"[{i}/{len(paths)}] {path.name}"
+            # temporary files left by a killed run (atomic_path cleans up after errors itself)
+            for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
+                stale.unlink(missing_ok=True)
+            if out.exists():
+                reason = check_complete(out, expected)
+                if reason is None:
+                    record.status, record.output = "skipped", str(out)
+                    record.tiles = _stored_tiles(out)
+                    log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+                    continue
+                record.redone_because = f"{out.name} {reason}"
+                log(f"{prefix}: redoing, {out.name} {reason}")
+            try:
+                _process_one(path, out_dir, ident, settings, record)
+            except MissingDependency:
+                raise  # every other slide would fail the same way
+            except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch; the reason is kept
+                record.status = "failed"
+                # our errors carry a full sentence; anything else gets its type so the reason is readable
+                record.reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+                warn(f"{prefix}: FAILED: {record.reason}")
+                continue
+            t = record.timings
+            skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
+            log(
+                f"{prefix}: {record.tiles} tiles{skipped} in {t['total_s']:.1f} s "
+                f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
+                f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
+            )
+        summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def _stored_tiles(path: Path) -> int:
+    from virchow_rt._deps import optional_import
+
+    with optional_import("h5py", "to read slide features (.h5)").File(path, "r") as f:
+        return int(f.attrs["num_tiles"])
+
+
+def _summary(
+    records: list[_Record], settings: SlideSettings, model: _Model, dim: int, started: str, wall_s: float
+) -> dict[str, Any]:
+    info = model.backend.info
+    done = [r for r in records if r.status == "done"]
+    sums = {
+        key: sum(r.timings.get(key, 0.0) for r in done)
+        for key in ("read_s", "read_wait_s", "embed_s", "write_s")
+    }
+    busy = sum(r.timings.get("total_s", 0.0) for r in done)
+    embedded = sum(r.tiles for r in done)
+    return {
+        "schema_version": 1,
+        "started": started,
+        "finished": _now(),
+        "model": {
+            "file": model.file,
+            "sha256": model.sha256,
+            "variant": info.variant,
+            "precision": info.precision,
+            "backend": model.backend.name,
+            "random_weights": bool(info.random_weights),
+            "weights_sha256": info.weights_sha256,
+            "embedding_dim": dim,
+            "pooling": settings.pooling,
+        },
+        "settings": {**asdict(settings), "regions": settings.regions_text or None},
+        "slides": [asdict(r) for r in records],
+        "failures": [
+            {"name": r.name, "path": r.path, "reason": r.reason} for r in records if r.status == "failed"
+        ],
+        "totals": {
+            "slides": len(records),
+            "done": len(done),
+            "skipped": sum(r.status == "skipped" for r in records),
+            "failed": sum(r.status == "failed" for r in records),
+            "tiles_embedded": embedded,
+            "wall_s": wall_s,
+            **sums,
+            "tiles_per_s": embedded / busy if busy > 0 else None,
+        },
+    }
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``virchow-rt slides``: returns 0 when every slide is done or skipped, 1 when any failed."""
+    settings = SlideSettings(
+        mpp=args.mpp,
+        tile_size=args.tile_size,
+        slide_mpp=args.slide_mpp,
+        regions=tuple(args.regions) if args.regions else None,
+        min_tissue=args.min_tissue,
+        batch_size=args.batch,
+        workers=args.workers,
+        pooling=args.pooling,
+        skip_errors=args.skip_errors,
+    )
+    summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
+    totals = summary["totals"]
+    rate = f", {totals['tiles_per_s']:.1f} tiles/s" if totals["tiles_per_s"] else ""
+    print(
+        f"{totals['done']} done, {totals['skipped']} skipped (complete), {totals['failed']} failed; "
+        f"{totals['tiles_embedded']} tiles embedded{rate}; summary: {Path(args.out) / SUMMARY_NAME}"
+    )
+    for failure in summary["failures"]:
+        print(f"virchow-rt slides: failed: {failure['name']}: {failure['reason']}", file=sys.stderr)
+    return 1 if totals["failed"] else 0
