@@ -24,7 +24,9 @@ def expected_embedding(tiles: np.ndarray, width: int = WIDTH) -> np.ndarray:
     return np.tanh(mean_rgb @ weights(width).astype(np.float64))  # (N, E)
 
 
-def metadata(variant: str = "virchow2-tiny", precision: str = "fp32", random: bool = True, width: int = WIDTH):
+def metadata(
+    variant: str = "virchow2-tiny", precision: str = "fp32", random: bool = True, width: int = WIDTH
+) -> dict:
     return {
         "virchow_rt.variant": variant,
         "virchow_rt.width": str(width),

@@ -98,7 +98,7 @@ def test_bad_inputs(tiles, pooling, match):
 
 
 def test_reading_overlaps_inference():
-    """4 batches, 0.15 s to read each and 0.15 s to run each: ~0.75 s overlapped vs 1.2 s one after another."""
+    """4 batches, 0.15 s to read and 0.15 s to run each: ~0.75 s overlapped vs 1.2 s one after another."""
     read_threads: set[int] = set()
 
     def slow_batches():

@@ -1,4 +1,4 @@
-"""Fixtures of the slide tests: synthetic pyramidal TIFFs of real IHC tissue on glass, and a fake backend.
+"""Fixtures of the slide tests: synthetic pyramidal TIFFs of real IHC tissue on glass, a fake backend.
 
 The slides come from :func:`virchow_rt.slides.synthetic.write_synthetic_slide` (tifffile, zlib, µm/px
 in the resolution tags); each distinct one is written once per session and copied into the test.
@@ -11,68 +11,26 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from slide_helpers import STANDARD_PATCHES, FakeBackend
 
-from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt._deps import is_importable
 from virchow_rt.slides.synthetic import SyntheticSlide, write_synthetic_slide
 
-tifffile = pytest.importorskip("tifffile")
-pytest.importorskip("h5py")
-pytest.importorskip("skimage")
+_NEEDED = (("h5py", "h5py"), ("skimage", "scikit-image"), ("tifffile", "tifffile"))
+
+_MISSING = [name for module, name in _NEEDED if not is_importable(module)]
 
 
-class FakeBackend(Backend):
-    """A cheap deterministic 'model': block means of the tile (14×14×3) times a fixed random matrix.
-
-    Sensitive to tile content (cosine between different tissue tiles is well below 1), exact for equal tiles.
-    """
-
-    name = "fake-cpu"
-
-    def __init__(
-        self, width: int = 24, tile_size: int = 224, random_weights: bool = True, max_batch: int | None = None
-    ):
-        rng = np.random.default_rng(1234)
-        self.proj = rng.standard_normal((14 * 14 * 3, 2 * width)).astype(np.float32)
-        self.info = ModelInfo(
-            "virchow2g-mini-tiny", 2 * width, width, tile_size, "fp32", random_weights, "random"
-        )
-        self.max_batch = max_batch
-        self.batches: list[int] = []
-        self.closed = False
-
-    def run(self, tiles: np.ndarray) -> np.ndarray:
-        s = self.info.tile_size
-        assert tiles.dtype == np.uint8 and tiles.shape[1:] == (s, s, 3) and tiles.flags.c_contiguous, (
-            tiles.shape
-        )
-        assert self.max_batch is None or len(tiles) <= self.max_batch
-        self.batches.append(len(tiles))
-        blocks = (
-            tiles.reshape(len(tiles), 14, s // 14, 14, s // 14, 3).mean(axis=(2, 4)) / 255.0 - 0.5
-        )  # (B, 14, 14, 3)
-        return (blocks.reshape(len(tiles), -1).astype(np.float32) @ self.proj).astype(np.float32)  # (B, 2W)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def resize_square(tile: np.ndarray, size: int) -> np.ndarray:
-    """PIL antialiased bicubic, as timm's eval transform (square tiles: no crop)."""
-    if tile.shape[0] == size:
-        return tile
-    return np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BICUBIC))
-
-
-#: a 1792 × 1344 slide at 0.5 µm/px (8 × 6 tiles of 224 px) with two tissue pieces off the tile grid
-STANDARD_PATCHES = ((250, 200, 900, 700), (1230, 760, 450, 430))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip this folder's tests, with the reason, where the ``slides`` extra is not installed."""
+    if not _MISSING:
+        return
+    here = Path(__file__).parent
+    reason = f"the slides extra is missing {', '.join(_MISSING)}: pip install 'virchow-rt[slides]'"
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

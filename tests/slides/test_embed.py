@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-import tifffile
-from conftest import FakeBackend, cosine_rows, resize_square
+from slide_helpers import FakeBackend, cosine_rows, resize_square
 
 from virchow_rt.errors import InputError
 from virchow_rt.slides import (
@@ -19,6 +18,8 @@ from virchow_rt.slides import (
     tile_grid,
 )
 from virchow_rt.slides import tiles as tiles_module
+
+tifffile = pytest.importorskip("tifffile")
 
 
 def _direct(synth_path, coords, size0, backend):

@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import tifffile
-from conftest import cosine_rows
+from slide_helpers import cosine_rows
 
 from virchow_rt import cli
 from virchow_rt.manifest import sha256_file
 from virchow_rt.slides import embed_slide, read_features
+
+tifffile = pytest.importorskip("tifffile")
 
 VARIANT = "virchow2g-mini-tiny"
 

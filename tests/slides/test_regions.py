@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
-from conftest import FakeBackend, cosine_rows, resize_square
+from slide_helpers import FakeBackend, cosine_rows, resize_square
 
 from virchow_rt.errors import InputError
 from virchow_rt.slides import (
@@ -17,6 +16,8 @@ from virchow_rt.slides import (
     region_grid,
 )
 from virchow_rt.slides.regions import parse_magnifications, region_layout
+
+tifffile = pytest.importorskip("tifffile")
 
 QUIET = {"log": lambda line: None, "warn": lambda line: None}
 # a 2688 × 1792 slide at 0.5 µm/px: 3 × 2 regions of 896 level-0 px at 5x
@@ -99,7 +100,9 @@ def test_regions_in_the_h5(make_slide, tmp_path):
     out = tmp_path / "out"
     settings = SlideSettings(regions=(5, 10, 20), mpp=0.5)
     summary = process_slides([synth.path], FakeBackend(), out, settings, **QUIET)
-    assert summary["slides"][0]["regions"] == 6 and summary["slides"][0]["tiles"] == 6 * 16
+    record = summary["slides"][0]
+    assert record["regions"] == 6 and record["tiles"] == 6 * 16 and record["embedded_tiles"] == 6 * 21
+    assert summary["totals"]["tiles_embedded"] == 6 * 21
     data = read_features(out / "regions.h5")
     reg = data["regions"]
     assert reg["features"].shape == (6, 21, 48) and reg["coords"].shape == (6, 21, 2)
@@ -112,7 +115,7 @@ def test_regions_in_the_h5(make_slide, tmp_path):
     assert data["attrs"]["region_size_level0"] == 896 and data["attrs"]["patch_size_level0"] == 224
     # resumable like the plain layout; a different region list redoes it
     again = process_slides([synth.path], FakeBackend(), out, settings, **QUIET)
-    assert again["slides"][0]["status"] == "skipped"
+    assert again["slides"][0]["status"] == "skipped" and again["slides"][0]["regions"] == 6
     other = SlideSettings(regions=(10, 20), mpp=0.5)
     redo = process_slides([synth.path], FakeBackend(), out, other, **QUIET)
     assert redo["slides"][0]["status"] == "done" and "regions" in redo["slides"][0]["redone_because"]

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 
-import h5py
 import numpy as np
 import pytest
-from conftest import FakeBackend
+from slide_helpers import FakeBackend
 
 from virchow_rt import cli
 from virchow_rt.errors import InputError
 from virchow_rt.slides import SlideSettings, check_complete, process_slides, read_features
 from virchow_rt.slides import run as run_module
+from virchow_rt.slides import tiles as tiles_module
 from virchow_rt.slides.writer import TRIDENT_ATTRS
+
+h5py = pytest.importorskip("h5py")
 
 QUIET = {"log": lambda line: None, "warn": lambda line: None}
 
@@ -175,3 +177,33 @@ def test_summary_reports_throughput(make_slide, tmp_path):
     totals = summary["totals"]
     assert totals["tiles_per_s"] > 0 and totals["read_s"] > 0 and totals["embed_s"] > 0
     assert summary["settings"]["workers"] == 2 and summary["settings"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("regions", [None, (5, 10, 20)])
+def test_unreadable_tile_skip_errors(make_slide, tmp_path, monkeypatch, regions):
+    synth = make_slide("regions.tif", 2688, 1792, ((150, 100, 2300, 1500),))
+    real = tiles_module.read_tile
+    bad = (1120, 448)  # a 20x tile inside region (896, 0)
+
+    def flaky(slide, x, y, size0, level, out_size):
+        if (x, y, size0) == (*bad, 224):
+            raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
+        return real(slide, x, y, size0, level, out_size)
+
+    monkeypatch.setattr(tiles_module, "read_tile", flaky)
+    out = tmp_path / "out"
+    summary = _run([synth.path], out, SlideSettings(regions=regions))
+    assert summary["slides"][0]["status"] == "failed" and "(1120, 448)" in summary["slides"][0]["reason"]
+    assert not (out / "regions.h5").exists()
+
+    summary = _run([synth.path], out, SlideSettings(regions=regions, skip_errors=True))
+    record = summary["slides"][0]
+    assert record["status"] == "done" and record["skipped_tiles"] == 1
+    assert record["skipped_tile_errors"] == [
+        {"x": 1120, "y": 448, "reason": "slide regions.tif: corrupt JPEG tile"}
+    ]
+    data = read_features(out / "regions.h5")
+    assert data["attrs"]["skipped_tiles"] == 1 and tuple(bad) not in {tuple(c) for c in data["coords"]}
+    if regions:  # the region holding the bad tile is left out whole
+        assert data["regions"]["features"].shape[0] == 5
+        assert (896, 0) not in {tuple(c) for c in data["regions"]["coords"][:, 0]}

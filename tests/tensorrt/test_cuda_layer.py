@@ -1,4 +1,4 @@
-"""``virchow_rt.runtime.cuda`` without a GPU: error conversion, host views, GPU-array parsing, no-device behaviour."""
+"""``virchow_rt.runtime.cuda`` without a GPU: errors, host views, GPU arrays, no-device behaviour."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from virchow_rt._deps import is_importable
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.runtime import cuda
 
-needs_cuda_python = pytest.mark.skipif(not is_importable("cuda.bindings.runtime"), reason="cuda-python missing")
+needs_cuda_python = pytest.mark.skipif(not is_importable("cuda.bindings.runtime"), reason="no cuda-python")
 
 
 @needs_cuda_python
 def test_check_turns_cuda_errors_into_backend_errors() -> None:
     from cuda.bindings import runtime as rt
 
-    with pytest.raises(BackendError, match=r"cudaMalloc\(64 bytes\) failed with cudaErrorMemoryAllocation.*code 2"):
+    with pytest.raises(
+        BackendError, match=r"cudaMalloc\(64 bytes\) failed with cudaErrorMemoryAllocation.*2"
+    ):
         cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc(64 bytes)")
     with pytest.raises(BackendError, match="smaller batch size"):
         cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation,), "cudaMalloc")
@@ -61,7 +63,7 @@ def test_gpu_array_interface_is_read() -> None:
     arr = cuda.as_device_array(FakeGpuArray(stream=5))
     assert arr is not None
     assert (arr.ptr, arr.shape, arr.dtype, arr.stream) == (0x7F00_0000, (2, 4, 4, 3), np.dtype(np.uint8), 5)
-    assert cuda.as_device_array(FakeGpuArray(stream=None)).stream is None  # producer says: nothing to wait for
+    assert cuda.as_device_array(FakeGpuArray(stream=None)).stream is None  # nothing to wait for
     assert cuda.as_device_array(FakeGpuArray(version=2)).stream == 1  # no stream entry: legacy default stream
     assert cuda.as_device_array(FakeGpuArray(strides=(48, 12, 3, 1))) is not None  # explicit C strides
     assert cuda.as_device_array(np.zeros(3)) is None

@@ -76,7 +76,7 @@ def test_strongly_typed_flag_on_10x_only() -> None:
         network_flags("10.4.0.26", Flag())
 
 
-def test_default_timing_cache_is_per_release_and_architecture(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_default_timing_cache_is_per_release_and_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VIRCHOW_RT_CACHE", str(tmp_path))
     path = default_timing_cache("10.13.0.35", "8.9")
     assert path == tmp_path / "tensorrt" / "timing-trt10.13.0-sm89.cache"
@@ -100,10 +100,13 @@ def fake_export(tmp_path: Path) -> Path:
     for precision in ("fp32", "fp16"):
         path = tmp_path / f"virchow2-tiny.{precision}.onnx"
         path.write_bytes(f"not really onnx {precision}".encode())
-        entries.append({"path": path.name, "format": "onnx", "precision": precision, "sha256": sha256_file(path)})
+        entries.append(
+            {"path": path.name, "format": "onnx", "precision": precision, "sha256": sha256_file(path)}
+        )
     v = get_variant("virchow2-tiny")
-    write_manifest(tmp_path, {"variant": v.name, "model_args": dict(v.model_args), "preprocess": {"size": 224},
-                              "weights": {"random": True, "sha256": "random"}, "artifacts": entries})  # fmt: skip
+    manifest = {"variant": v.name, "model_args": dict(v.model_args), "preprocess": {"size": 224},
+                "weights": {"random": True, "sha256": "random"}, "artifacts": entries}  # fmt: skip
+    write_manifest(tmp_path, manifest)
     return tmp_path
 
 
@@ -117,7 +120,7 @@ def fake_export(tmp_path: Path) -> Path:
         ({"max_batch": 0}, "max_batch is 0"),
     ],
 )
-def test_build_engine_checks_its_arguments_first(fake_export: Path, kwargs: dict[str, Any], match: str) -> None:
+def test_build_engine_checks_arguments_first(fake_export: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(InputError, match=match):
         build_engine(fake_export / "virchow2-tiny.fp16.onnx", fake_export, "virchow2-tiny", **kwargs)
 
@@ -128,6 +131,11 @@ def test_build_engine_wants_the_fp16_onnx_unchanged(fake_export: Path) -> None:
     (fake_export / "virchow2-tiny.fp16.onnx").write_bytes(b"edited")
     with pytest.raises(ModelFileError, match="changed since it was exported"):
         build_engine(fake_export / "virchow2-tiny.fp16.onnx", fake_export, "virchow2-tiny")
+
+
+def test_build_engine_writes_into_the_export_folder(fake_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="beside the ONNX and its manifest"):
+        build_engine(fake_export / "virchow2-tiny.fp16.onnx", tmp_path / "elsewhere", "virchow2-tiny")
 
 
 @pytest.mark.skipif(is_real_tensorrt(), reason="checks the message on a machine without TensorRT")

@@ -83,6 +83,7 @@ def test_same_key_is_not_stale(trt_artifact: dict[str, Any]) -> None:
         ({"compute_capability": "9.0"}, r"compute capability 8\.9, this GPU is 9\.0"),
         ({"profile": (1, 16, 32)}, r"batch profile .* \(1, 32, 64\), wanted \(1, 16, 32\)"),
         ({"version_compatible": True}, "version_compatible is False, wanted True"),
+        ({"onnx_data_sha256": "d" * 64}, "external data"),
     ],
 )
 def test_each_change_makes_the_engine_stale(trt_artifact: dict[str, Any], change: dict, reason: str) -> None:

@@ -240,6 +240,17 @@ def test_cuda_graphs_are_per_slot_and_only_for_full_batches(sim: Any) -> None:
     assert ran == ["execute"] * 3 + ["graph"] * 4 + ["execute"]
 
 
+def test_graphs_are_recaptured_after_a_ragged_batch(sim: Any) -> None:
+    sizes = [8, 8, 8, 3, 8, 8, 8, 8]
+    batches = [tiles(n, seed=i) for i, n in enumerate(sizes)]
+    backend = sim.make(slots=3, graphs=True)
+    for batch, out in zip(batches, backend.pipeline(batches), strict=True):
+        np.testing.assert_array_equal(out, expected(batch))
+    ran = [e[0] for e in sim.log if e[0] in ("execute", "graph")]
+    # slots 0-2 captured, the ragged batch drops every graph, slots 1, 2, 0 recapture, slot 1 replays
+    assert ran == ["execute"] * 7 + ["graph"]
+
+
 def test_one_pipeline_at_a_time_and_released_when_abandoned(sim: Any) -> None:
     backend = sim.make()
     gen = backend.pipeline(tiles(8, seed=i) for i in range(10))

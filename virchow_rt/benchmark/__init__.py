@@ -20,16 +20,9 @@ from typing import Any
 
 from virchow_rt.benchmark.environment import collect_environment, load_average
 from virchow_rt.benchmark.report import SCHEMA_VERSION, validate_report, write_report
-from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine
-from virchow_rt.benchmark.runner import (
-    BenchmarkRun,
-    Settings,
-    cleanup_export,
-    plan,
-    reference_weights,
-    resolve_settings,
-    resolve_source,
-)
+from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, plan
+from virchow_rt.benchmark.runner import BenchmarkRun, cleanup_export
+from virchow_rt.benchmark.source import Settings, reference_weights, resolve_settings, resolve_source
 from virchow_rt.benchmark.targets import evaluate_targets, format_target
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats, percentile, time_calls
 
@@ -138,6 +131,9 @@ def run_benchmark(
             "its embeddings are meaningless"
         )
     progress = sys.stderr.isatty() if progress is None else progress
+    env = collect_environment()  # before the run: the load average at the start is part of the story
+    if machine_label:
+        env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
     run = BenchmarkRun(source, settings, machine, echo, progress)
     try:
         if source.folder is None and any(s.kind != "torch" for s in specs):
@@ -149,9 +145,6 @@ def run_benchmark(
     finally:
         cleanup_export(run)
     results = _order(run.results + stubs)
-    env = collect_environment()
-    if machine_label:
-        env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
     random = (
         bool(run.weights_info.random)
         if run.weights_info
@@ -181,8 +174,8 @@ def run_benchmark(
             "warmup": settings.warmup,
             "seed": settings.seed,
             "tile_source": TILE_SOURCE,
-            "path": "uint8 tiles on the host -> Backend.pipeline -> float32 embeddings on the host, "
-            "batches taken from tiles already in memory",
+            "path": "uint8 tiles (N, S, S, 3) already in host memory -> virchow_rt.runtime.Embedder.embed "
+            "(reader thread + Backend.pipeline) -> float32 embeddings (N, E) on the host",
             "compute_only": "CUDA events around the backend's device work "
             "(GPU only; null on a CPU with the reason)",
             "memory": "host peak RSS of the process during warm-up and timed passes "

@@ -115,6 +115,8 @@ def _throughput_rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 memory,
                 _fmt(r["tflops"], ".3f"),
                 _fmt(r["peak_fraction"], ".1%"),
+                _fmt(r.get("cpu_utilization"), ".0%"),
+                f"{_fmt(r.get('setup_s'), '.2f')} / {_fmt(r.get('first_call_s'), '.2f')}",
             ]
         )
     return out
@@ -149,15 +151,20 @@ def _parity_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
-    """The report a person reads: machine, command, tables, rows not run and why, targets, plots."""
-    env, settings = report["environment"], report["settings"]
-    load = " / ".join(f"{x:g}" for x in env["load_average"]) if env.get("load_average") else "unknown"
+def _load_text(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    if not env.get("load_average"):
+        return "unknown"
+    text = " / ".join(f"{x:g}" for x in env["load_average"]) + " (1/5/15 min)"
     if report.get("load_average_end"):
-        load += " (1/5/15 min), at the end " + " / ".join(f"{x:g}" for x in report["load_average_end"])
+        text += ", at the end " + " / ".join(f"{x:g}" for x in report["load_average_end"])
+    return text
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    env = report["environment"]
     random = report["weights"] == "random"
-    title = f"# virchow-rt benchmark: {report['variant']}" + (" (RANDOM WEIGHTS)" if random else "")
-    lines = [title, ""]
+    lines = [f"# virchow-rt benchmark: {report['variant']}" + (" (RANDOM WEIGHTS)" if random else ""), ""]
     if random:
         lines += [
             "> **RANDOM WEIGHTS.** The model was built with random weights (`--random-weights`):",
@@ -165,96 +172,113 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
             "> Parity compares each backend with the PyTorch fp32 reference on the *same* random weights.",
             "",
         ]
+    cpu = env["cpu"]
+    ident = ", ".join(
+        f"{k} {cpu[key]}"
+        for k, key in (("vendor", "vendor"), ("family", "family"), ("model", "model_id"))
+        if cpu.get(key)
+    )
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    lines += [
+    gpu = f"{env['gpu']}, driver {env['driver']}, CUDA {env['cuda']}" if env["gpu"] else "none"
+    return lines + [
         f"- **Machine:** {env['machine']}",
-        f"- **CPU:** {env['cpu']['model']} ({env['cpu']['usable_cpus']} usable cores, "
-        f"{_fmt(env['cpu'].get('memory_gb'), '.0f')} GB RAM, "
-        f"flags: {', '.join(env['cpu']['flags']) or 'none'}; load average at the start {load})",
-        f"- **GPU:** {env['gpu'] or 'none'}"
-        + (f", driver {env['driver']}, CUDA {env['cuda']}" if env["gpu"] else ""),
+        f"- **CPU:** `{cpu['model']}` from /proc/cpuinfo ({ident}; {cpu['usable_cpus']} usable cores, "
+        f"{_fmt(cpu.get('memory_gb'), '.0f')} GB RAM{', virtual machine' if cpu.get('hypervisor') else ''}; "
+        f"flags: {', '.join(cpu['flags']) or 'none'})",
+        f"- **Load average:** {_load_text(report)}; other processes on the same cores lower every figure",
+        f"- **GPU:** {gpu}",
         f"- **Weights:** {'RANDOM' if random else report['weights']} ({report.get('weights_source', '')})",
         f"- **Reproduce:** `{report['command']}`",
         f"- **Date:** {env.get('date')}, commit {env.get('git_commit') or 'unknown'}, "
         f"took {report['duration_s']:.0f} s",
         f"- **Software:** Python {env['python']}, {versions}",
-        "",
+    ]
+
+
+def _method(report: dict[str, Any]) -> list[str]:
+    settings = report["settings"]
+    lines = [
         "## How it was measured",
         "",
-        f"- Tiles: {settings['tiles']} per timed pass (rounded up to a multiple of the batch size), "
-        "real tissue from "
+        f"- Tiles: {settings['tiles']} per timed pass (rounded up to whole batches), real tissue from "
         f"`{settings['tile_source']}`; batch sizes {', '.join(map(str, settings['batch_sizes']))}; "
-        f"{settings['warmup']} warm-up batch(es), then {settings['repeats']} timed passes per row.",
-        f"- End to end: {settings['path']}; tiles/s is the median pass (min–max of the passes in brackets).",
-        "- Latency: per batch, from the moment the backend takes the batch to the moment its embeddings "
-        "are back "
-        "on the host; p50 / p99 over every batch of every timed pass.",
+        f"{settings['warmup']} warm-up batch(es) (the first call timed apart: compilation and engine builds "
+        f"happen there), then {settings['repeats']} timed passes per row.",
+        f"- End to end: {settings['path']}. tiles/s is the median pass (slowest–fastest pass in brackets).",
+        "- Latency: per batch, from the moment the backend takes the batch to the moment its embeddings are "
+        "back on the host; p50 / p99 over every batch of every timed pass.",
         f"- Compute-only: {settings['compute_only']}.",
+        "- CPU use: CPU time of this process during the timed passes over (wall time x usable cores).",
         f"- FLOPs per tile: {report['flops_per_tile'] / 1e9:.2f} GFLOP (from the variant's shapes). "
         "TFLOP/s = FLOPs per tile x tiles/s; % peak = that over the matmul peak measured in this run:",
     ]
     for key, peak in report["matmul_peaks"].items():
         libs = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in peak["by_library"].items())
         lines.append(f"  - `{key}`: {_fmt(peak['tflops'], '.3f')} TFLOP/s ({peak['size']}² matmul; {libs})")
-    lines += [
-        "- Peak memory: " + settings["memory"] + ".",
-        "",
-        "## Throughput",
-        "",
-    ]
-    header = ["backend", "precision", "device", "batch", "tiles/s (min–max)", "compute-only tiles/s"]
-    header += ["latency p50 / p99 ms", "peak RSS MB", "TFLOP/s", "% peak"]
-    lines += _table(header, _throughput_rows(report["results"]))
-    lines += ["", f"## Parity against `{report['reference']['key']}` ({report['reference']['tiles']})", ""]
-    header = [
-        "backend",
-        "precision",
-        "batch",
-        "min cos",
-        "mean cos",
-        "p01 cos",
-        "max abs",
-        "rel L2",
-        "10-NN",
-        "parity",
-    ]
-    lines += _table(header, _parity_rows(report["results"]))
-    missing = [r for r in report["results"] if r["status"] != "ok"]
-    if missing:
-        lines += ["", "## Rows without measurements", ""]
-        seen = set()
-        for r in missing:
-            label = f"`{r['backend']}/{r['precision']}`" + (
-                f" batch {r['batch_size']}" if r["batch_size"] else ""
-            )
-            if label not in seen:
-                seen.add(label)
-                lines.append(f"- {label}: {r['reason']}")
-    lines += ["", "## Targets", ""] + [f"- {format_target(t)}" for t in report["targets"]]
+    return lines + [f"- Peak memory: {settings['memory']}."]
+
+
+def _missing(results: list[dict[str, Any]]) -> list[str]:
+    lines, seen = [], set()
+    for r in results:
+        if r["status"] == "ok":
+            continue
+        label = f"`{r['backend']}/{r['precision']}`" + (
+            f" batch {r['batch_size']}" if r["batch_size"] else ""
+        )
+        if label not in seen:
+            seen.add(label)
+            lines.append(f"- {label}: {r['reason']}")
+    return ["", "## Rows without measurements", "", *lines] if lines else []
+
+
+def _export(report: dict[str, Any]) -> list[str]:
     export = report.get("export") or {}
+    lines = []
     if export.get("artifacts"):
+        took = _fmt(export.get("export_s"), ".1f")
         lines += [
             "",
             "## Export / build",
             "",
-            f"{export['source']}; export + its parity check took {_fmt(export.get('export_s'), '.1f')} s.",
+            f"{export['source']}; the export and its own parity check took {took} s.",
             "",
         ]
         rows = [
             [
                 f"`{a['path']}`",
-                a.get("format", "?"),
-                a.get("precision", "?"),
+                a.get("format") or "?",
+                a.get("precision") or "?",
                 _fmt(a.get("size_bytes"), ".1f", 1e-6, " MB"),
+                ", ".join(f"{k} {v:.1f} s" for k, v in (a.get("seconds") or {}).items()) or "—",
+                a.get("parity") or "—",
             ]
             for a in export["artifacts"]
         ]
-        lines += _table(["artifact", "format", "precision", "size"], rows)
-    if report.get("reference", {}).get("build_s") is not None:
-        lines += [
-            "",
-            f"Reference model build (torch, weights loaded): {report['reference']['build_s']:.1f} s.",
-        ]
+        lines += _table(["artifact", "format", "precision", "size", "time", "export's parity check"], rows)
+    build_s = report.get("reference", {}).get("build_s")
+    if build_s is not None:
+        lines += ["", f"PyTorch reference model build (weights loaded or drawn): {build_s:.1f} s."]
+    return lines
+
+
+def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
+    """The report a person reads: machine, command, tables, rows not run and why, targets, plots."""
+    lines = [*_header(report), "", *_method(report), "", "## Throughput", ""]
+    header = ["backend", "precision", "device", "batch", "tiles/s (min–max)", "compute-only tiles/s"]
+    header += ["latency p50 / p99 ms", "peak RSS MB", "TFLOP/s", "% peak", "CPU use", "open / 1st call s"]
+    lines += _table(header, _throughput_rows(report["results"]))
+    ref = report["reference"]
+    lines += [
+        "",
+        f"## Parity against `{ref['key']}` at batch {ref.get('batch_size', '?')} ({ref['tiles']})",
+        "",
+    ]
+    header = ["backend", "precision", "batch", "min cos", "mean cos", "p01 cos", "max abs", "rel L2", "10-NN"]
+    lines += _table([*header, "parity"], _parity_rows(report["results"]))
+    lines += _missing(report["results"])
+    lines += ["", "## Targets", ""] + [f"- {format_target(t)}" for t in report["targets"]]
+    lines += _export(report)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

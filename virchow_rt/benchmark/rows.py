@@ -229,3 +229,20 @@ def row_stub(spec: RowSpec, status: str, reason: str, device: str | None = None)
         "peak_fraction": None,
         "parity": None,
     }
+
+
+def plan(requested: Sequence[str] | None, machine: Machine) -> tuple[list[RowSpec], list[dict[str, Any]]]:
+    """Rows to measure here, and report stubs (not available / not run, with the reason) for the rest."""
+    chosen, skipped = select_rows(requested, machine)
+    runnable, stubs = [], []
+    for spec in chosen:
+        reason = unavailable_reason(spec, machine)
+        device = spec.resolve_device(machine.has_cuda)
+        if reason is None:
+            runnable.append(spec)
+        else:
+            stubs.append(row_stub(spec, "not available", f"not available on this machine: {reason}", device))
+    for key, reason in skipped.items():
+        spec = ROWS_BY_KEY[key]
+        stubs.append(row_stub(spec, "not run", reason, spec.resolve_device(machine.has_cuda)))
+    return runnable, stubs

@@ -1,19 +1,18 @@
-"""One benchmark run: resolve the model, export it when needed, then time and check every row.
+"""One benchmark run: export the model when needed, then time and check every row.
 
 For each available backend/precision row and each batch size: warm-up batches (the first one timed
 apart: it holds compilation / engine build), then timed passes of the same real-tissue tiles through
-the backend's streaming path, end to end (uint8 tiles on the host -> embeddings on the host). The
-embeddings of the last pass are compared with the fp32 PyTorch reference's on the same tiles.
+the Embedder, end to end (uint8 tiles on the host -> embeddings on the host). The embeddings of the
+last pass are compared with the fp32 PyTorch reference's on the same tiles.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,139 +21,25 @@ import numpy as np
 from virchow_rt.benchmark import roofline
 from virchow_rt.benchmark.backends import TimedBackend, compute_only, open_row_backend
 from virchow_rt.benchmark.memory import PeakMemory
-from virchow_rt.benchmark.rows import (
-    REFERENCE_KEY,
-    Machine,
-    RowSpec,
-    row_stub,
-    select_rows,
-    unavailable_reason,
-)
+from virchow_rt.benchmark.rows import REFERENCE_KEY, Machine, RowSpec, row_stub
+from virchow_rt.benchmark.source import Settings, Source
 from virchow_rt.benchmark.timing import Stats, split_batches, time_calls
 from virchow_rt.compare import compare, cosine_rows
-from virchow_rt.errors import InputError, ModelFileError, ParityError
-from virchow_rt.manifest import read_manifest
-from virchow_rt.registry import Variant, get_variant
+from virchow_rt.errors import ParityError
 from virchow_rt.runtime.backend import Backend
 from virchow_rt.tissue import tissue_tiles
 
 Echo = Callable[[str], None]
+EXPORT_PARITY_TILES = 16
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How much to measure: batch sizes, tiles per timed pass, timed passes, warm-up batches."""
-
-    batch_sizes: tuple[int, ...]
-    tiles: int
-    repeats: int
-    warmup: int
-    seed: int = 0
-
-    def tiles_for(self, batch_size: int) -> int:
-        """Tiles per pass at ``batch_size``: rounded up to whole batches, so no odd-shaped batch is timed."""
-        return math.ceil(self.tiles / batch_size) * batch_size
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-#: defaults per machine kind: a 2-core CPU must finish in minutes; a GPU gets a wider sweep and more repeats
-DEFAULTS = {
-    "cpu": Settings(batch_sizes=(1, 8, 32), tiles=32, repeats=3, warmup=1),
-    "cuda": Settings(batch_sizes=(1, 8, 16, 32, 64, 128), tiles=256, repeats=5, warmup=3),
-}
-
-
-def resolve_settings(
-    device: str,
-    variant: Variant,
-    batch_sizes: Sequence[int] | None = None,
-    tiles: int | None = None,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    seed: int = 0,
-) -> Settings:
-    """Fill what the caller left out from :data:`DEFAULTS` (batch sizes capped at the variant's max)."""
-    base = DEFAULTS[device]
-    if batch_sizes is None:
-        batch_sizes = tuple(b for b in base.batch_sizes if b <= variant.batch.max) or (variant.batch.min,)
-    settings = Settings(
-        batch_sizes=tuple(sorted(dict.fromkeys(int(b) for b in batch_sizes))),
-        tiles=base.tiles if tiles is None else int(tiles),
-        repeats=base.repeats if repeats is None else int(repeats),
-        warmup=base.warmup if warmup is None else int(warmup),
-        seed=seed,
-    )
-    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
-        raise InputError(
-            f"batch sizes must be positive integers, got {list(batch_sizes)}; e.g. --batch-sizes 1,8,32"
-        )
-    if settings.tiles < 1 or settings.repeats < 1 or settings.warmup < 0:
-        raise InputError(
-            f"need --tiles >= 1, --repeats >= 1 and warm-up >= 0, got tiles={settings.tiles}, "
-            f"repeats={settings.repeats}, warmup={settings.warmup}"
-        )
-    return settings
-
-
-# --- where the model comes from ------------------------------------------------------------------
-@dataclass
-class Source:
-    """The variant and, when the model is an export folder, the folder and its manifest."""
-
-    variant: Variant
-    folder: Path | None = None
-    manifest: dict[str, Any] | None = None
-    exported_here: bool = False
-    export_s: float | None = None
-
-
-def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
-    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
-    base = get_variant(manifest["variant"])
-    pre = manifest.get("preprocess") or {}
-    config: dict[str, Any] = {
-        "model_args": {**manifest.get("model_args", {}), "mlp": manifest.get("mlp", base.mlp)}
-    }
-    if manifest.get("timm_arch"):
-        config["architecture"] = manifest["timm_arch"]
-    if pre:
-        config["pretrained_cfg"] = {
-            "input_size": (3, pre["size"], pre["size"]),
-            **{k: pre[k] for k in pre if k != "size"},
-        }
-    return base.with_config(config)
-
-
-def resolve_source(model: str) -> Source:
-    """A variant name (exported during the run) or an export folder / model file with its manifest."""
-    path = Path(model)
-    if path.exists():
-        folder = path if path.is_dir() else path.parent
-        manifest = read_manifest(folder)
-        return Source(variant_from_manifest(manifest), folder=folder, manifest=manifest)
-    if path.suffix in (".onnx", ".engine", ".plan") or "/" in model:
-        raise ModelFileError(
-            f"no such export folder or model file: {model}; give a variant name or an existing path"
-        )
-    return Source(get_variant(model))
-
-
-def reference_weights(source: Source, weights: str | None, random_weights: bool) -> tuple[str | None, bool]:
-    """Weights for the PyTorch reference: the caller's, else those the export folder was made from."""
-    if weights is not None or random_weights or source.manifest is None:
-        return weights, random_weights
-    recorded = source.manifest.get("weights") or {}
-    if recorded.get("random"):
-        return None, True
-    if recorded.get("source") and Path(recorded["source"]).exists():
-        return recorded["source"], False
-    raise InputError(
-        f"the reference needs the weights {source.folder} was exported from "
-        f"({recorded.get('source')!r} is not "
-        "here); pass --weights PATH"
-    )
-
-
-# --- the run ------------------------------------------------------------------------------------
 class BenchmarkRun:
     """State of one run; :meth:`measure_rows` fills :attr:`results` (report rows) and :attr:`cosines`."""
 
@@ -201,8 +86,12 @@ class BenchmarkRun:
             f"exporting {self.variant.name} ({', '.join(precisions)}{', TensorRT' if tensorrt else ''}) ..."
         )
         start = time.perf_counter()
+        # the export checks its own parity (on 16 tiles here: the bench measures every row's anyway)
         kwargs = dict(
-            weights=weights, random_weights=random_weights, max_batch=max(self.settings.batch_sizes)
+            weights=weights,
+            random_weights=random_weights,
+            max_batch=max(self.settings.batch_sizes),
+            parity_tiles=EXPORT_PARITY_TILES,
         )
         try:
             manifest = export_model(
@@ -277,6 +166,17 @@ class BenchmarkRun:
             self._log(bar, f"{spec.key}: FAILED to open ({err})")
             bar.update(len(sizes))
             return
+        if spec.kind == "onnx" and backend.name != spec.backend:
+            # ONNX Runtime falls back to a lesser provider silently; its figures would wear the wrong label
+            backend.close()
+            reason = (
+                f"ONNX Runtime put the session on {backend.name}, not {spec.backend} "
+                "(the provider failed to start)"
+            )
+            self.results.append(row_stub(spec, "failed", reason, device))
+            self._log(bar, f"{spec.key}: FAILED ({reason})")
+            bar.update(len(sizes))
+            return
         with backend:
             for batch_size in sizes:
                 bar.set_postfix_str(f"{spec.key} batch {batch_size}")
@@ -321,13 +221,19 @@ class BenchmarkRun:
             first = time_calls(lambda: backend.run(tiles[:batch_size]), repeats=1, warmup=0)
             for _ in range(max(s.warmup - 1, 0)):
                 backend.run(tiles[:batch_size])
+            cpu_start = os.times()
             for _ in range(s.repeats):
                 timed.recorder.reset()
                 start = time.perf_counter()
                 embeddings = embedder.embed(tiles)  # (n, E) float32
                 totals.append(time.perf_counter() - start)
                 latencies += timed.recorder.latencies_s
+            cpu_end = os.times()
         pass_s = Stats(tuple(totals))
+        # CPU time this process got over what the usable cores could give: well below 1 on a CPU run
+        # means other processes took the cores (or the backend left them idle)
+        cpu_s = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
+        cpu_utilization = cpu_s / (sum(totals) * usable_cores())
         latency = Stats(tuple(latencies))
         batches = split_batches(tiles, batch_size)
         compute, compute_reason = compute_only(
@@ -364,12 +270,15 @@ class BenchmarkRun:
             "first_call_s": first.median,
             "setup_s": setup_s,
             "peak_memory": memory.to_dict(),
+            "cpu_utilization": cpu_utilization,
             "tflops": tflops,
             "compute_tflops": compute_tflops,
             "peak": peak.get("key"),
             "peak_fraction": tflops / peak_tflops if tflops and peak_tflops else None,
             "compute_peak_fraction": compute_tflops / peak_tflops if compute_tflops and peak_tflops else None,
             "artifact": self._artifact(spec),
+            # what the backend did to the graph (ONNX Runtime's CPU attention fusion, for instance)
+            "backend_details": getattr(backend, "optimization", None),
             "note": spec.note or None,
         }
         row.update(self._parity(spec, batch_size, embeddings))
@@ -421,52 +330,7 @@ def _summary_line(row: dict[str, Any]) -> str:
     )
 
 
-def unavailable_rows(
-    specs: Sequence[RowSpec], machine: Machine
-) -> tuple[list[RowSpec], list[dict[str, Any]]]:
-    """Split ``specs`` into those that can run here and report stubs for those that cannot."""
-    runnable, stubs = [], []
-    for spec in specs:
-        reason = unavailable_reason(spec, machine)
-        if reason is None:
-            runnable.append(spec)
-        else:
-            device = spec.resolve_device(machine.has_cuda)
-            stubs.append(row_stub(spec, "not available", f"not available on this machine: {reason}", device))
-    return runnable, stubs
-
-
 def cleanup_export(run: BenchmarkRun) -> None:
     """Remove the scratch export made by this run (the report keeps its manifest's facts)."""
     if run.source.exported_here and run.source.folder is not None:
         shutil.rmtree(run.source.folder, ignore_errors=True)
-
-
-def skipped_rows(skipped: dict[str, str], machine: Machine) -> list[dict[str, Any]]:
-    from virchow_rt.benchmark.rows import ROWS_BY_KEY
-
-    return [
-        row_stub(ROWS_BY_KEY[k], "not run", reason, ROWS_BY_KEY[k].resolve_device(machine.has_cuda))
-        for k, reason in skipped.items()
-    ]
-
-
-def plan(requested: Sequence[str] | None, machine: Machine) -> tuple[list[RowSpec], list[dict[str, Any]]]:
-    """Rows to measure, and stubs (not available / not run) for the rest."""
-    chosen, skipped = select_rows(requested, machine)
-    runnable, stubs = unavailable_rows(chosen, machine)
-    return runnable, stubs + skipped_rows(skipped, machine)
-
-
-__all__ = [
-    "DEFAULTS",
-    "BenchmarkRun",
-    "Settings",
-    "Source",
-    "cleanup_export",
-    "plan",
-    "reference_weights",
-    "resolve_settings",
-    "resolve_source",
-    "variant_from_manifest",
-]

@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError, ModelFileError
@@ -30,7 +30,10 @@ from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.manifest import SCHEMA_VERSION
 from virchow_rt.registry import Variant
 
-torch = optional_import("torch", "to export ONNX models")
+if TYPE_CHECKING:
+    import torch
+else:  # through the helper, so a missing package says how to install it
+    torch = optional_import("torch", "to export ONNX models")
 onnx = optional_import("onnx", "to export ONNX models")
 
 OPSET = 17
@@ -65,11 +68,14 @@ def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
 class ExportWrapper(torch.nn.Module):
     """uint8 tiles (N, S, S, 3) -> embedding (N, 2D) float32 [+ patch tokens (N, P, D)], as one module."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(
         self, backbone: torch.nn.Module, variant: Variant, outputs: Sequence[str] = ("embedding",)
     ) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # a timm VisionTransformer (forward_features)
         self.num_prefix_tokens = variant.num_prefix_tokens
         self.outputs = check_outputs(outputs)
         mean = torch.tensor(variant.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -91,7 +97,8 @@ class ExportWrapper(torch.nn.Module):
 @contextlib.contextmanager
 def exportable_attention(model: torch.nn.Module) -> Iterator[None]:
     """Turn timm's fused SDPA attention off for the export (plain MatMul/Softmax), then restore it."""
-    saved = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    modules: list[Any] = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    saved = [(m, bool(m.fused_attn)) for m in modules]
     try:
         for module, _ in saved:
             module.fused_attn = False

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
-import json
 import os
 import platform
 import shutil
@@ -29,7 +28,8 @@ from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.reference import TorchBackend, build_model
-from virchow_rt.manifest import SCHEMA_VERSION, read_manifest, sha256_file, write_manifest
+from virchow_rt.export.weights import WeightsInfo
+from virchow_rt.manifest import read_manifest, sha256_file, write_manifest
 from virchow_rt.registry import Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -141,6 +141,128 @@ def _commit(staging: Path, out_dir: Path, artifacts: list[dict]) -> None:
             (out_dir / f"{entry['path']}.data").unlink(missing_ok=True)  # stale data of an older export
 
 
+class _Progress:
+    """A tqdm bar of export stages (disabled unless asked)."""
+
+    def __init__(self, variant: Variant, stages: int, enabled: bool) -> None:
+        tqdm = optional_import("tqdm", "to show export progress").tqdm
+        self.bar = tqdm(total=stages, disable=not enabled, unit="stage", desc=f"export {variant.name}")
+
+    def stage(self, name: str) -> None:
+        self.bar.set_postfix_str(name)
+
+    def done(self) -> None:
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _make_artifacts(
+    model: Any,
+    variant: Variant,
+    weights_info: WeightsInfo,
+    wanted: tuple[str, ...],
+    outputs: tuple[str, ...],
+    parity_tiles: int,
+    out_dir: Path,
+    progress: _Progress,
+) -> list[dict[str, Any]]:
+    """Export, check and parity-test each wanted precision in a staging folder; rename them into place."""
+    size = variant.preprocess.size
+    progress.stage("reference")
+    tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
+    reference = _reference_embeddings(TorchBackend(model, variant, "fp32", weights=weights_info), tiles)
+    progress.done()
+    tiles_label = f"virchow_rt.tissue.tissue_tiles({len(tiles)}, {size}, seed={PARITY_SEED})"
+    artifacts: list[dict[str, Any]] = []
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        fp32_path = staging / artifact_name(variant, "fp32")
+        for precision in ("fp32", "fp16") if "fp16" in wanted else ("fp32",):  # fp16 is made from fp32
+            path, shown = staging / artifact_name(variant, precision), precision in wanted
+            if shown:
+                progress.stage(f"export {precision}")
+            start = time.perf_counter()
+            plan: dict[str, Any] | None = None
+            if precision == "fp32":
+                data_name = export_onnx(model, variant, path, weights=weights_info, outputs=outputs)
+            else:
+                data_name, counts = convert_fp16(
+                    fp32_path, path, variant, weights=weights_info, outputs=outputs
+                )
+                plan = {**DEFAULT_PLAN.to_dict(), "verified": counts}
+            export_s = time.perf_counter() - start
+            if not shown:  # the fp32 graph was made only as the source of the fp16 one
+                continue
+            progress.done()
+            progress.stage(f"parity {precision}")
+            start = time.perf_counter()
+            result = _parity(path, precision, tiles, reference, variant)
+            parity_s = time.perf_counter() - start
+            entry = _artifact(path, precision, data_name, variant, outputs)
+            if plan is not None:
+                entry["precision_plan"] = plan
+            entry["parity"] = {
+                **result.to_dict(),
+                "reference": REFERENCE,
+                "backend": "onnxruntime-cpu",
+                "tiles": tiles_label,
+                "summary": str(result),
+            }
+            entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
+            artifacts.append(entry)
+            progress.done()
+        _commit(staging, out_dir, artifacts)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return artifacts
+
+
+def _manifest(
+    variant: Variant, weights_info: WeightsInfo, max_batch: int | None, artifacts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    batch = {"min": variant.batch.min, "opt": variant.batch.opt, "max": max_batch or variant.batch.max}
+    batch["opt"] = min(batch["opt"], batch["max"])
+    manifest: dict[str, Any] = {
+        "variant": variant.name,
+        "timm_arch": variant.timm_arch,
+        "model_args": dict(variant.model_args),
+        "mlp": variant.mlp,
+        "preprocess": dataclasses.asdict(variant.preprocess),
+        "batch": batch,
+        "embedding": {
+            "pooling": "cls_mean",
+            "dim": variant.embedding_dim(),
+            "width": variant.width,
+            "layout": "class token ‖ mean of patch tokens (registers excluded); class token = [:, :width]",
+        },
+        "weights": weights_info.to_dict(),
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "artifacts": artifacts,
+    }
+    if weights_info.random:
+        manifest["warning"] = (
+            "RANDOM WEIGHTS: these artifacts embed nothing meaningful (tests and demos only)"
+        )
+    return manifest
+
+
+def _build_engine(variant: Variant, out_dir: Path, max_batch: int) -> None:
+    # imported only now: TensorRT is optional and absent on most machines; its errors propagate
+    builder = importlib.import_module("virchow_rt.export.tensorrt_build")
+    engine = builder.build_engine(
+        out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=max_batch
+    )
+    # the builder records its engine in manifest.json itself; add the entry only if it did not
+    manifest = read_manifest(out_dir)
+    manifest.pop("schema_version", None)
+    if isinstance(engine, dict) and engine.get("path") not in [a.get("path") for a in manifest["artifacts"]]:
+        manifest["artifacts"].append(engine)
+        write_manifest(out_dir, manifest)
+
+
 def export_model(
     variant_name: str | Variant,
     out_dir: str | os.PathLike,
@@ -167,115 +289,22 @@ def export_model(
     outputs = check_outputs(outputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = [
-        "build model",
-        "reference",
-        *[f"{s} {p}" for p in PRECISIONS if p in wanted for s in ("export", "parity")],
-    ]
-    stages += ["manifest", *(["tensorrt"] if tensorrt else [])]
-    tqdm = optional_import("tqdm", "to show export progress").tqdm
-    bar = tqdm(total=len(stages), disable=not progress, unit="stage", desc=f"export {variant.name}")
-
-    def stage(name: str) -> None:
-        bar.set_postfix_str(name)
-
+    stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
+    bar = _Progress(variant, stages, progress)
     try:
-        stage("build model")
+        bar.stage("build model")
         model, variant, weights_info = build_model(variant, weights, random_weights)
-        bar.update()
-        stage("reference")
-        size = variant.preprocess.size
-        tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
-        reference = _reference_embeddings(TorchBackend(model, variant, "fp32", weights=weights_info), tiles)
-        bar.update()
-        tiles_label = f"virchow_rt.tissue.tissue_tiles({parity_tiles}, {size}, seed={PARITY_SEED})"
-        artifacts: list[dict] = []
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-        try:
-            fp32_path = staging / artifact_name(variant, "fp32")
-            for precision in ("fp32", "fp16") if "fp16" in wanted else ("fp32",):  # fp16 is made from fp32
-                path = staging / artifact_name(variant, precision)
-                shown = precision in wanted
-                if shown:
-                    stage(f"export {precision}")
-                start = time.perf_counter()
-                plan: dict[str, Any] | None = None
-                if precision == "fp32":
-                    data_name = export_onnx(model, variant, path, weights=weights_info, outputs=outputs)
-                else:
-                    data_name, counts = convert_fp16(
-                        fp32_path, path, variant, weights=weights_info, outputs=outputs
-                    )
-                    plan = {**DEFAULT_PLAN.to_dict(), "verified": counts}
-                export_s = time.perf_counter() - start
-                if not shown:  # fp32 made only as the source of the fp16 graph
-                    continue
-                bar.update()
-                stage(f"parity {precision}")
-                start = time.perf_counter()
-                result = _parity(path, precision, tiles, reference, variant)
-                parity_s = time.perf_counter() - start
-                entry = _artifact(path, precision, data_name, variant, outputs)
-                if plan is not None:
-                    entry["precision_plan"] = plan
-                entry["parity"] = {
-                    **result.to_dict(),
-                    "reference": REFERENCE,
-                    "backend": "onnxruntime-cpu",
-                    "tiles": tiles_label,
-                    "summary": str(result),
-                }
-                entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
-                artifacts.append(entry)
-                bar.update()
-            _commit(staging, out_dir, artifacts)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-        stage("manifest")
-        batch = {"min": variant.batch.min, "opt": variant.batch.opt, "max": max_batch or variant.batch.max}
-        batch["opt"] = min(batch["opt"], batch["max"])
-        manifest: dict[str, Any] = {
-            "variant": variant.name,
-            "timm_arch": variant.timm_arch,
-            "model_args": dict(variant.model_args),
-            "mlp": variant.mlp,
-            "preprocess": dataclasses.asdict(variant.preprocess),
-            "batch": batch,
-            "embedding": {
-                "pooling": "cls_mean",
-                "dim": variant.embedding_dim(),
-                "width": variant.width,
-                "layout": "class token ‖ mean of patch tokens (registers excluded); "
-                "class token alone = [:, :width]",
-            },
-            "weights": weights_info.to_dict(),
-            "versions": versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "artifacts": artifacts,
-        }
-        if weights_info.random:
-            manifest["warning"] = (
-                "RANDOM WEIGHTS: these artifacts embed nothing meaningful (tests and demos only)"
-            )
+        bar.done()
+        artifacts = _make_artifacts(model, variant, weights_info, wanted, outputs, parity_tiles, out_dir, bar)
+        del model  # a ViT-H/G holds GBs: free it before the TensorRT build
+        bar.stage("manifest")
+        manifest = _manifest(variant, weights_info, max_batch, artifacts)
         write_manifest(out_dir, manifest)
-        bar.update()
+        bar.done()
         if tensorrt:
-            stage("tensorrt")
-            # imported only now: TensorRT is optional and absent on most machines
-            builder = importlib.import_module("virchow_rt.export.tensorrt_build")
-            engine = builder.build_engine(
-                out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=batch["max"]
-            )
-            # the builder records its engine in manifest.json itself; add it only if it did not
-            manifest = read_manifest(out_dir)
-            manifest.pop("schema_version", None)
-            names = [a.get("path") for a in manifest["artifacts"]]
-            if isinstance(engine, dict) and engine.get("path") not in names:
-                manifest["artifacts"].append(engine)
-                write_manifest(out_dir, manifest)
-            bar.update()
+            bar.stage("tensorrt")
+            _build_engine(variant, out_dir, manifest["batch"]["max"])
+            bar.done()
     finally:
         bar.close()
-    # as read back from manifest.json (tuples become lists)
-    return json.loads(json.dumps({"schema_version": SCHEMA_VERSION, **manifest}))
+    return read_manifest(out_dir)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,8 +27,12 @@ from virchow_rt.export.weights import WeightsInfo, check_state_dict, load_weight
 from virchow_rt.registry import Variant, get_variant
 from virchow_rt.runtime.backend import Backend, ModelInfo
 
-torch = optional_import("torch", "for the PyTorch reference and ONNX export")
-timm = optional_import("timm", "for the PyTorch reference and ONNX export")
+if TYPE_CHECKING:
+    import timm
+    import torch
+else:  # through the helper, so a missing package says how to install it
+    torch = optional_import("torch", "for the PyTorch reference and ONNX export")
+    timm = optional_import("timm", "for the PyTorch reference and ONNX export")
 
 #: Variant.mlp -> extra timm.create_model kwargs; the published config.json does not record these
 MLP_LAYERS: dict[str, dict[str, Any]] = {
@@ -76,7 +80,7 @@ def _create(variant: Variant) -> torch.nn.Module:
             f"variant {variant.name!r} has MLP kind {variant.mlp!r}; known: {', '.join(MLP_LAYERS)}"
         )
     try:
-        model = timm.create_model(
+        model: Any = timm.create_model(
             variant.timm_arch, pretrained=False, **variant.model_args, **MLP_LAYERS[variant.mlp]
         )
     except Exception as err:  # noqa: BLE001 - timm raises many types for bad kwargs
@@ -147,7 +151,7 @@ class _Embed(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, num_prefix_tokens: int) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a timm VisionTransformer (forward_features)
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) float

@@ -227,6 +227,24 @@ def _reference(
     )
 
 
+def _checked_onnx(onnx_path: Path) -> tuple[dict[str, Any], dict[str, Any], str, str | None]:
+    """(manifest, fp16 ONNX entry, graph sha256, external data sha256 or None), verified against the files."""
+    manifest = read_manifest(onnx_path.parent)
+    source = find_artifact(manifest, onnx_path)
+    if source is None or source.get("format") != "onnx" or source.get("precision") != "fp16":
+        raise InputError(
+            f"{onnx_path} is not the fp16 ONNX of its manifest; build the engine from <variant>.fp16.onnx"
+        )
+    graph_sha = sha256_file(onnx_path)
+    data = source.get("external_data")
+    data_sha = sha256_file(onnx_path.parent / data) if data else None
+    if graph_sha != source.get("sha256") or (data and data_sha != source.get("external_data_sha256")):
+        raise ModelFileError(
+            f"{onnx_path.name} (or its external data) changed since it was exported; re-export it"
+        )
+    return manifest, source, graph_sha, data_sha
+
+
 def _embed(backend: Backend, tiles: np.ndarray) -> np.ndarray:
     return np.concatenate(
         [backend.run(tiles[i : i + _PARITY_BATCH]) for i in range(0, len(tiles), _PARITY_BATCH)]
@@ -271,19 +289,14 @@ def build_engine(
         raise InputError("exclude_lean_runtime needs version_compatible=True (only those engines carry it)")
     if parity_tiles < 1:
         raise InputError(f"parity_tiles is {parity_tiles}; every engine is checked, use at least 1")
-    manifest = read_manifest(onnx_path.parent)
-    source = find_artifact(manifest, onnx_path)
-    if source is None or source.get("format") != "onnx" or source.get("precision") != "fp16":
+    if folder.resolve() != onnx_path.parent.resolve():
         raise InputError(
-            f"{onnx_path} is not the fp16 ONNX of its manifest; build the engine from <variant>.fp16.onnx"
+            f"out_dir {folder} is not the folder of {onnx_path.name}; engines are built into the export "
+            "folder, beside the ONNX and its manifest.json"
         )
-    onnx_sha = sha256_file(onnx_path)
-    if onnx_sha != source.get("sha256"):
-        raise ModelFileError(f"{onnx_path.name} changed since it was exported (sha256 differs); re-export it")
+    manifest, source, onnx_sha, data_sha = _checked_onnx(onnx_path)
 
-    import_tensorrt(
-        "tensorrt", PURPOSE
-    )  # a clear MissingDependency when TensorRT (not just its stubs) is absent
+    import_tensorrt("tensorrt", PURPOSE)  # MissingDependency when TensorRT itself (not its stubs) is absent
     import tensorrt as trt  # the same module, typed through tensorrt-stubs
 
     check_version(trt.__version__)
@@ -327,6 +340,7 @@ def build_engine(
     del parser, serialized
     if cache_path is not None:
         _save_timing_cache(config, cache_path)
+    del config, network, builder  # free the builder's GPU memory before the parity run
 
     start = time.perf_counter()
     info = dataclasses.replace(model_info(manifest, source), precision="fp16")
@@ -370,6 +384,7 @@ def build_engine(
         "profile": {"min": prof.min, "opt": prof.opt, "max": prof.max},
         "onnx_path": onnx_path.name,
         "onnx_sha256": onnx_sha,
+        "onnx_external_data_sha256": data_sha,
         "strongly_typed": True,
         "version_compatible": version_compatible,
         "lean_runtime": ("excluded" if exclude_lean_runtime else "embedded") if version_compatible else None,
@@ -378,7 +393,7 @@ def build_engine(
         "timing_cache": None if cache_path is None else str(cache_path),
         "seconds": {"build": round(build_s, 2), "parity": round(time.perf_counter() - start, 2)},
     }
-    current = read_manifest(folder) if (folder / "manifest.json").is_file() else dict(manifest)
+    current = read_manifest(folder)  # as it is now, not as it was before the build
     current["artifacts"] = [a for a in current.get("artifacts", []) if a.get("path") != name] + [entry]
     current.pop("schema_version", None)  # write_manifest puts it first
     write_manifest(folder, current)
@@ -400,8 +415,10 @@ def ensure_engine(
         if entry is not None and entry.get("sha256") == sha256_file(target):
             trt = import_tensorrt("tensorrt", PURPOSE)
             prof = resolve_profile(variant, build.get("max_batch"), build.get("profile"))
+            _, _, graph_sha, data_sha = _checked_onnx(Path(onnx_path))
             wanted = EngineKey(
-                onnx_sha256=sha256_file(onnx_path),
+                onnx_sha256=graph_sha,
+                onnx_data_sha256=data_sha,
                 tensorrt_version=str(trt.__version__),
                 compute_capability=cuda.device_info(int(build.get("device", 0))).compute_capability,
                 profile=(prof.min, prof.opt, prof.max),

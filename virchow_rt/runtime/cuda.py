@@ -179,10 +179,10 @@ class DeviceBuffer(_Owned):
 
 
 class Stream(_Owned):
-    """A CUDA stream. ``blocking=True`` (default) keeps the legacy default-stream ordering, so timing
-    events recorded on stream 0 (see :class:`EventTimer`) still bracket the work queued here."""
+    """A CUDA stream, non-blocking by default (as trtexec's): it neither waits for nor delays work that
+    other code queues on the legacy default stream, and graph capture on it is not disturbed by it."""
 
-    def __init__(self, blocking: bool = True) -> None:
+    def __init__(self, blocking: bool = False) -> None:
         rt = cudart()
         flags = rt.cudaStreamDefault if blocking else rt.cudaStreamNonBlocking
         self._handle = check(rt.cudaStreamCreateWithFlags(flags), "cudaStreamCreateWithFlags")
@@ -297,15 +297,17 @@ def capture_graph(stream: Stream, enqueue: Callable[[], bool]) -> GraphExec | No
     rt = cudart()
     mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
     check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
+    ok = False
     try:
         ok = bool(enqueue())
-    finally:
-        result = rt.cudaStreamEndCapture(stream.handle)
-    err, graph = result[0], result[1]
-    if not ok or int(err) != 0:
-        if graph is not None and int(err) == 0:
-            check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
-        rt.cudaGetLastError()  # clear the sticky capture error so later calls are not blamed for it
+    finally:  # end the capture whatever happened, or the stream stays unusable
+        err, graph = rt.cudaStreamEndCapture(stream.handle)[:2]
+        captured = ok and int(err) == 0 and graph is not None
+        if not captured:
+            if int(err) == 0 and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            rt.cudaGetLastError()  # clear a sticky capture error so later calls are not blamed for it
+    if not captured:
         return None
     try:
         exec_handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
@@ -317,8 +319,10 @@ def capture_graph(stream: Stream, enqueue: Callable[[], bool]) -> GraphExec | No
 class EventTimer:
     """Device time of the work a callable queues on ``stream`` (default: legacy stream 0), via CUDA events.
 
-    Work on this module's blocking :class:`Stream` objects is ordered with stream 0, so the default
-    brackets it too. Used by :mod:`virchow_rt.benchmark.timing` for compute-only figures.
+    Pass the stream the work runs on (e.g. a backend's compute stream). With the default, work on
+    other non-blocking streams is bracketed only if ``fn`` waits for it, as ``Backend.run`` does, so
+    the figure is then the device-side span of the whole call. Used by
+    :mod:`virchow_rt.benchmark.timing` for compute-only figures.
     """
 
     def __init__(self, stream: Stream | int | None = None) -> None:

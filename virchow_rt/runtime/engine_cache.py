@@ -77,6 +77,7 @@ class EngineKey:
     compute_capability: str
     profile: tuple[int, int, int]  # (min, opt, max) batch
     version_compatible: bool
+    onnx_data_sha256: str | None = None  # the graph's external data (> 2 GB models), which holds the weights
 
     @classmethod
     def from_artifact(cls, artifact: Mapping[str, Any]) -> EngineKey:
@@ -89,6 +90,7 @@ class EngineKey:
                 compute_capability=str(artifact["compute_capability"]),
                 profile=(int(prof["min"]), int(prof["opt"]), int(prof["max"])),
                 version_compatible=bool(artifact.get("version_compatible", False)),
+                onnx_data_sha256=artifact.get("onnx_external_data_sha256"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(
@@ -113,6 +115,8 @@ def stale_reasons(built: EngineKey, wanted: EngineKey) -> list[str]:
         reasons.append(
             f"the ONNX graph changed (sha256 {built.onnx_sha256[:12]}… -> {wanted.onnx_sha256[:12]}…)"
         )
+    if built.onnx_data_sha256 != wanted.onnx_data_sha256:
+        reasons.append("the ONNX graph's external data (its weights) changed")
     if built.version_compatible != wanted.version_compatible:
         reasons.append(
             f"version_compatible is {built.version_compatible}, wanted {wanted.version_compatible}"

@@ -373,7 +373,7 @@ class TensorRTBackend(Backend):
     def run(self, tiles: Any) -> np.ndarray:
         """Embed uint8 tiles (N, S, S, 3), a host or GPU array of any N -> a new (N, E) float32 array."""
         dev = None if isinstance(tiles, np.ndarray) else cuda.as_device_array(tiles)
-        n = dev.shape[0] if dev is not None and dev.shape else len(tiles)
+        n = (dev.shape[0] if dev.shape else 0) if dev is not None else len(tiles)
         m = self._max
         if dev is not None:
             row = int(np.prod(dev.shape[1:], dtype=np.int64)) * dev.dtype.itemsize
@@ -489,6 +489,12 @@ class TensorRTBackend(Backend):
         if full and slot.graph is not None:
             slot.graph.launch(stream)
             return
+        if rows != self._max:
+            # a graph is only valid for the context state it was captured in: recapture after another shape
+            for other in self._slots:
+                if other.graph is not None:
+                    other.graph.close()
+                    other.graph = None
         if not context.set_input_shape(INPUT, (rows, *self._specs[INPUT].shape[1:])):
             raise BackendError(f"TensorRT refused input shape ({rows}, ...) ({self._book.quote()})")
         context.set_tensor_address(INPUT, slot.input_ptr)

@@ -105,8 +105,9 @@ class _Record:
     output: str | None = None
     reason: str | None = None
     redone_because: str | None = None
-    tiles: int = 0
+    tiles: int = 0  # rows of the file's features (with regions: the --mpp tiles)
     regions: int | None = None
+    embedded_tiles: int = 0  # tiles through the model (with regions: every tile of every region)
     skipped_tiles: int = 0
     skipped_tile_errors: list[dict] = field(default_factory=list)
     reader: str | None = None
@@ -179,6 +180,7 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
             write_s += time.perf_counter() - t1
         stats = stream.read_stats
         record.tiles = writer.num_tiles
+        record.embedded_tiles = stats.tiles
         record.regions = writer.num_regions if layout is not None else None
         width, height = slide.dimensions
         info = backend.info
@@ -248,7 +250,8 @@ def _process_one(path: Path, out_dir: Path, model: _Model, settings: SlideSettin
         raise
     record.timings["total_s"] = time.perf_counter() - start
     record.status, record.output = "done", str(out)
-    record.tiles_per_s = record.tiles / record.timings["total_s"] if record.timings["total_s"] > 0 else None
+    total = record.timings["total_s"]
+    record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
 
 
 def process_slides(
@@ -282,50 +285,56 @@ def process_slides(
                 "(tests and demos only); every output is labelled random_weights=true"
             )
         expected = _expected_attrs(settings, ident, dim)
-        for i, path in enumerate(paths, 1):
-            record = _Record(name=path.stem, path=str(path))
-            records.append(record)
-            out = out_dir / f"{path.stem}.h5"
-            prefix = f"[{i}/{len(paths)}] {path.name}"
-            # temporary files left by a killed run (atomic_path cleans up after errors itself)
-            for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
-                stale.unlink(missing_ok=True)
-            if out.exists():
-                reason = check_complete(out, expected)
-                if reason is None:
-                    record.status, record.output = "skipped", str(out)
-                    record.tiles = _stored_tiles(out)
-                    log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+        try:
+            for i, path in enumerate(paths, 1):
+                record = _Record(name=path.stem, path=str(path))
+                records.append(record)
+                out = out_dir / f"{path.stem}.h5"
+                prefix = f"[{i}/{len(paths)}] {path.name}"
+                # temporary files left by a killed run (atomic_path cleans up after errors itself)
+                for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
+                    stale.unlink(missing_ok=True)
+                if out.exists():
+                    reason = check_complete(out, expected)
+                    if reason is None:
+                        record.status, record.output = "skipped", str(out)
+                        record.tiles, record.regions = _stored_counts(out)
+                        log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+                        continue
+                    record.redone_because = f"{out.name} {reason}"
+                    log(f"{prefix}: redoing, {out.name} {reason}")
+                try:
+                    _process_one(path, out_dir, ident, settings, record)
+                except MissingDependency:
+                    raise  # every other slide would fail the same way
+                except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch; the reason is kept
+                    record.status = "failed"
+                    # our errors carry a full sentence; anything else gets its type so the reason is readable
+                    record.reason = (
+                        str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+                    )
+                    warn(f"{prefix}: FAILED: {record.reason}")
                     continue
-                record.redone_because = f"{out.name} {reason}"
-                log(f"{prefix}: redoing, {out.name} {reason}")
-            try:
-                _process_one(path, out_dir, ident, settings, record)
-            except MissingDependency:
-                raise  # every other slide would fail the same way
-            except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch; the reason is kept
-                record.status = "failed"
-                # our errors carry a full sentence; anything else gets its type so the reason is readable
-                record.reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
-                warn(f"{prefix}: FAILED: {record.reason}")
-                continue
-            t = record.timings
-            skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
-            log(
-                f"{prefix}: {record.tiles} tiles{skipped} in {t['total_s']:.1f} s "
-                f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
-                f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
-            )
-        summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
-    write_json(out_dir / SUMMARY_NAME, summary)
+                t = record.timings
+                skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
+                log(
+                    f"{prefix}: {record.embedded_tiles} tiles{skipped} in {t['total_s']:.1f} s "
+                    f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
+                    f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
+                )
+        finally:
+            # also after an interrupt: the summary says what was done so far
+            summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
+            write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 
 
-def _stored_tiles(path: Path) -> int:
+def _stored_counts(path: Path) -> tuple[int, int | None]:
     from virchow_rt._deps import optional_import
 
     with optional_import("h5py", "to read slide features (.h5)").File(path, "r") as f:
-        return int(f.attrs["num_tiles"])
+        regions = int(f.attrs["num_regions"]) if "num_regions" in f.attrs else None
+        return int(f.attrs["num_tiles"]), regions
 
 
 def _summary(
@@ -338,7 +347,7 @@ def _summary(
         for key in ("read_s", "read_wait_s", "embed_s", "write_s")
     }
     busy = sum(r.timings.get("total_s", 0.0) for r in done)
-    embedded = sum(r.tiles for r in done)
+    embedded = sum(r.embedded_tiles for r in done)
     return {
         "schema_version": 1,
         "started": started,
@@ -384,6 +393,7 @@ def run_cli(args: argparse.Namespace) -> int:
         workers=args.workers,
         pooling=args.pooling,
         skip_errors=args.skip_errors,
+        reader=getattr(args, "reader", "auto"),  # a --reader flag is optional in the CLI
     )
     summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
     totals = summary["totals"]

@@ -1,0 +1,43 @@
+"""capabilities(): machine facts without importing torch; TensorRT stubs do not count as TensorRT."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+from virchow_rt.runtime.capabilities import (
+    NOT_INSTALLED,
+    capabilities,
+    package_version,
+    physical_cores,
+    runnable_backends,
+    tensorrt_version,
+    usable_cpus,
+)
+
+
+def test_capabilities_are_json_and_sane():
+    caps = capabilities()
+    json.dumps(caps)
+    assert 1 <= caps["cpu_physical_cores"] <= caps["cpu_logical_cpus"] == usable_cpus()
+    assert physical_cores() == caps["cpu_physical_cores"]
+    assert "CPUExecutionProvider" in caps["onnxruntime_providers"]
+    assert caps["numpy"] != NOT_INSTALLED
+
+
+def test_versions_come_from_metadata_not_imports():
+    torch_loaded = "torch" in sys.modules
+    assert package_version("definitely-not-a-package-xyz") == NOT_INSTALLED
+    package_version("torch")
+    assert ("torch" in sys.modules) == torch_loaded
+
+
+def test_tensorrt_stubs_namespace_is_not_tensorrt(monkeypatch):
+    stub = types.ModuleType("tensorrt")  # what tensorrt-stubs alone gives: no __version__
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", types.ModuleType("tensorrt_lean"))
+    assert tensorrt_version() == NOT_INSTALLED
+    stub.__version__ = "10.13.0"
+    assert tensorrt_version() == "10.13.0 (tensorrt)"
+    assert runnable_backends()[0] == "onnxruntime-cpu"

@@ -1,0 +1,129 @@
+"""What a benchmark measures and on what: settings (batch sizes, tiles, repeats) and the model source.
+
+The model is a registry variant name (exported during the run) or an export folder / model file,
+whose manifest says exactly which variant and weights it was made from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.errors import InputError, ModelFileError
+from virchow_rt.manifest import read_manifest
+from virchow_rt.registry import Variant, get_variant
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure: batch sizes, tiles per timed pass, timed passes, warm-up batches."""
+
+    batch_sizes: tuple[int, ...]
+    tiles: int
+    repeats: int
+    warmup: int
+    seed: int = 0
+
+    def tiles_for(self, batch_size: int) -> int:
+        """Tiles per pass at ``batch_size``: rounded up to whole batches, so no odd-shaped batch is timed."""
+        return math.ceil(self.tiles / batch_size) * batch_size
+
+
+#: defaults per machine kind: a 2-core CPU must finish in minutes; a GPU gets a wider sweep and more repeats
+DEFAULTS = {
+    "cpu": Settings(batch_sizes=(1, 8, 32), tiles=32, repeats=3, warmup=1),
+    "cuda": Settings(batch_sizes=(1, 8, 16, 32, 64, 128), tiles=256, repeats=5, warmup=3),
+}
+
+
+def resolve_settings(
+    device: str,
+    variant: Variant,
+    batch_sizes: Sequence[int] | None = None,
+    tiles: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    seed: int = 0,
+) -> Settings:
+    """Fill what the caller left out from :data:`DEFAULTS` (batch sizes capped at the variant's max)."""
+    base = DEFAULTS[device]
+    if batch_sizes is None:
+        batch_sizes = tuple(b for b in base.batch_sizes if b <= variant.batch.max) or (variant.batch.min,)
+    settings = Settings(
+        batch_sizes=tuple(sorted(dict.fromkeys(int(b) for b in batch_sizes))),
+        tiles=base.tiles if tiles is None else int(tiles),
+        repeats=base.repeats if repeats is None else int(repeats),
+        warmup=base.warmup if warmup is None else int(warmup),
+        seed=seed,
+    )
+    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
+        raise InputError(
+            f"batch sizes must be positive integers, got {list(batch_sizes)}; e.g. --batch-sizes 1,8,32"
+        )
+    if settings.tiles < 1 or settings.repeats < 1 or settings.warmup < 0:
+        raise InputError(
+            f"need --tiles >= 1, --repeats >= 1 and warm-up >= 0, got tiles={settings.tiles}, "
+            f"repeats={settings.repeats}, warmup={settings.warmup}"
+        )
+    return settings
+
+
+@dataclass
+class Source:
+    """The variant and, when the model is an export folder, the folder and its manifest."""
+
+    variant: Variant
+    folder: Path | None = None
+    manifest: dict[str, Any] | None = None
+    exported_here: bool = False
+    export_s: float | None = None
+
+
+def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
+    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
+    base = get_variant(manifest["variant"])
+    pre = manifest.get("preprocess") or {}
+    config: dict[str, Any] = {
+        "model_args": {**manifest.get("model_args", {}), "mlp": manifest.get("mlp", base.mlp)}
+    }
+    if manifest.get("timm_arch"):
+        config["architecture"] = manifest["timm_arch"]
+    if pre:
+        config["pretrained_cfg"] = {
+            "input_size": (3, pre["size"], pre["size"]),
+            **{k: pre[k] for k in pre if k != "size"},
+        }
+    return base.with_config(config)
+
+
+def resolve_source(model: str) -> Source:
+    """A variant name (exported during the run) or an export folder / model file with its manifest."""
+    path = Path(model)
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        manifest = read_manifest(folder)
+        return Source(variant_from_manifest(manifest), folder=folder, manifest=manifest)
+    if path.suffix in (".onnx", ".engine", ".plan") or "/" in model:
+        raise ModelFileError(
+            f"no such export folder or model file: {model}; give a variant name or an existing path"
+        )
+    return Source(get_variant(model))
+
+
+def reference_weights(source: Source, weights: str | None, random_weights: bool) -> tuple[str | None, bool]:
+    """Weights for the PyTorch reference: the caller's, else those the export folder was made from."""
+    if weights is not None or random_weights or source.manifest is None:
+        return weights, random_weights
+    recorded = source.manifest.get("weights") or {}
+    if recorded.get("random"):
+        return None, True
+    if recorded.get("source") and Path(recorded["source"]).exists():
+        return recorded["source"], False
+    raise InputError(
+        f"the reference needs the weights {source.folder} was exported from "
+        f"({recorded.get('source')!r} is not "
+        "here); pass --weights PATH"
+    )
