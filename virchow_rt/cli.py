@@ -102,6 +102,8 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="tile reading workers")
     p.add_argument("--pooling", choices=POOLINGS, default="cls_mean")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--reader", choices=("auto", "openslide", "tiffslide"), default="auto",
+                   help="slide reader (auto: OpenSlide, else tiffslide)")
     p.add_argument("--skip-errors", action="store_true", help="skip unreadable tiles (a bad slide never stops the others)")
     p.set_defaults(handler=_run_slides)
 

@@ -25,14 +25,16 @@ NOISE = {"torch-eager/fp32": 0.0, "torch-eager/bf16-autocast": 3e-3, "onnxruntim
 def fake_run(monkeypatch, tmp_path):
     """run_benchmark with this machine = CPU_ONLY, no export, no torch model, fake backends."""
     opened: list[FakeBackend] = []
+    names: dict[str, str] = {}  # row key -> the name the backend reports (a test may make ORT "fall back")
 
     def open_fake(spec, device, **_):
+        name = names.get(spec.key, spec.backend)
         if spec.key == "onnxruntime-cpu/fp16":
-            backend = FakeBackend(spec.key, noise=1e-3, max_batch=4)
+            backend = FakeBackend(name, noise=1e-3, max_batch=4)
         elif spec.key == "onnxruntime-cpu/fp32":
-            backend = FakeBackend(spec.key, noise=NOISE[spec.key], fail="fail" in str(tmp_path))
+            backend = FakeBackend(name, noise=NOISE[spec.key], fail="fail" in str(tmp_path))
         else:
-            backend = FakeBackend(spec.key, noise=NOISE[spec.key])
+            backend = FakeBackend(name, noise=NOISE[spec.key])
         opened.append(backend)
         return backend
 
@@ -48,7 +50,8 @@ def fake_run(monkeypatch, tmp_path):
     monkeypatch.setattr(runner.BenchmarkRun, "export", fake_export)
     monkeypatch.setattr(runner.BenchmarkRun, "build_reference", lambda self, w, r: None)
     monkeypatch.setitem(runner.roofline.DEFAULT_SIZE, "cpu", 128)
-    return opened
+    fake_run = type("FakeRun", (), {"opened": opened, "names": names})
+    return fake_run
 
 
 def test_run_with_fake_backends_writes_a_sound_report(fake_run, tmp_path) -> None:
@@ -101,7 +104,7 @@ def test_run_with_fake_backends_writes_a_sound_report(fake_run, tmp_path) -> Non
     gpu_rows = [r for r in by_status["not available"] if r["device"] == "cuda"]
     assert gpu_rows and all(r["reason"].startswith("not available on this machine:") for r in gpu_rows)
     assert all(r["tiles_per_s"] is None and r["parity"] is None for r in by_status["not available"])
-    assert all(b.closed for b in fake_run)
+    assert all(b.closed for b in fake_run.opened)
     assert any("RANDOM WEIGHTS" in line for line in lines)
     assert report["command"].startswith(
         "virchow-rt bench virchow2g-mini-tiny --random-weights --batch-sizes 2,8"
@@ -128,3 +131,23 @@ def test_a_failing_backend_is_recorded_and_the_run_goes_on(fake_run, tmp_path: P
         "torch-eager/fp32",
         "torch-eager/bf16-autocast",
     }
+
+
+def test_a_backend_on_another_provider_than_asked_is_not_reported_under_the_wrong_name(
+    fake_run, tmp_path
+) -> None:
+    fake_run.names["onnxruntime-cpu/fp32"] = "onnxruntime-slowpath"
+    report = run_benchmark(
+        "virchow2g-mini-tiny",
+        tmp_path / "fallback",
+        random_weights=True,
+        backends=["onnxruntime-cpu/fp32"],
+        batch_sizes=[2],
+        tiles=2,
+        repeats=1,
+        progress=False,
+        echo=lambda _: None,
+    )
+    row = next(r for r in report["results"] if r["backend"] == "onnxruntime-cpu")
+    assert row["status"] == "failed" and row["tiles_per_s"] is None
+    assert "put the session on onnxruntime-slowpath, not onnxruntime-cpu" in row["reason"]
