@@ -24,12 +24,13 @@ def main() -> None:
     keys = [("cpu", "fp32"), ("cpu", "bf16")]
     if Machine.probe().has_cuda:
         keys += [("cuda", "fp16"), ("cuda", "fp32")]
-    peaks = [measure_matmul_peak(device, dtype, size=args.size, repeats=args.repeats) for device, dtype in keys]
+    peaks = [measure_matmul_peak(dev, dtype, size=args.size, repeats=args.repeats) for dev, dtype in keys]
     if args.json:
         print(json.dumps(peaks, indent=2))
         return
     for p in peaks:
-        value = f"{p['tflops']:.3f} TFLOP/s via {p['library']}" if p["tflops"] else f"not measured: {p['reason']}"
+        measured = f"{p['tflops']:.3f} TFLOP/s via {p['library']}" if p["tflops"] else None
+        value = measured or f"not measured: {p['reason']}"
         print(f"{p['key']:>10}: {value} ({p['size']}² matmul, best of {p['repeats']})")
 
 

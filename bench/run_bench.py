@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin entry point: ``python bench/run_bench.py MODEL [virchow-rt bench options] [--machine TEXT] [--warmup N]``.
+"""Thin entry point: ``python bench/run_bench.py MODEL [bench options] [--machine TEXT] [--warmup N]``.
 
 Same as ``virchow-rt bench``, plus two options the CLI may not have yet: ``--machine`` (a name for
 the machine, written into the report) and ``--warmup`` (warm-up batches per row). All the work is

@@ -22,7 +22,9 @@ def _cuda_visible() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {
-        "slow": None if config.getoption("--runslow") else "slow (full-size model or torch.compile): run with --runslow",
+        "slow": None
+        if config.getoption("--runslow")
+        else "slow (full-size model or torch.compile): run with --runslow",
         "tensorrt": None if is_importable("tensorrt") else "TensorRT is not importable on this machine",
     }
     if any("gpu" in item.keywords for item in items):

@@ -25,14 +25,21 @@ def test_flops_close_to_published_estimates(name, gflops):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_tiny_keeps_architecture(name):
     v, t = get_variant(name), get_variant(f"{name}-tiny")
-    assert (t.mlp, t.num_registers, t.model_args["patch_size"]) == (v.mlp, v.num_registers, v.model_args["patch_size"])
+    assert (t.mlp, t.num_registers, t.model_args["patch_size"]) == (
+        v.mlp,
+        v.num_registers,
+        v.model_args["patch_size"],
+    )
     assert t.width < v.width and t.mlp_hidden % 2 == 0
 
 
 def test_config_json_overrides_unconfirmed_settings():
     v = get_variant("virchow2g").with_config(
-        {"architecture": "vit_giant_patch14_224", "model_args": {"embed_dim": 1408, "depth": 40, "mlp": "gelu"},
-         "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 224, 224]}}
+        {
+            "architecture": "vit_giant_patch14_224",
+            "model_args": {"embed_dim": 1408, "depth": 40, "mlp": "gelu"},
+            "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 224, 224]},
+        }
     )
     assert (v.width, v.model_args["depth"], v.mlp, v.timm_arch) == (1408, 40, "gelu", "vit_giant_patch14_224")
     assert v.preprocess.mean == (0.5, 0.5, 0.5)

@@ -34,42 +34,61 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
         help="Hugging Face-layout folder (config.json + pytorch_model.bin or model.safetensors), "
         "a state-dict file, or a model id in the local Hugging Face cache (never downloaded)",
     )
-    g.add_argument("--random-weights", action="store_true", help="use random weights (for tests and demos only)")
+    g.add_argument(
+        "--random-weights", action="store_true", help="use random weights (for tests and demos only)"
+    )
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a variant to ONNX (fp32, fp16) and optionally TensorRT")
     p.add_argument("variant", help=f"one of: {', '.join(VARIANTS)} (NAME-tiny for a tiny test config)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (manifest.json is written there)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (manifest.json is written there)"
+    )
     _add_weights(p)
     p.add_argument("--precision", type=_csv, default=["fp32", "fp16"], help="comma-separated: fp32,fp16")
     p.add_argument("--max-batch", type=int, default=None, help="largest batch of the TensorRT profile")
     p.add_argument("--outputs", type=_csv, default=["embedding"], help="embedding[,patch_tokens]")
     p.add_argument("--parity-tiles", type=int, default=32, help="real-tissue tiles used for the parity check")
-    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT fp16 engine from the fp16 ONNX")
+    p.add_argument(
+        "--tensorrt", action="store_true", help="also build a TensorRT fp16 engine from the fp16 ONNX"
+    )
     p.set_defaults(handler=_run_export)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed tiles with an exported model")
     p.add_argument("model", help="exported model: .onnx (or a TensorRT .engine)")
-    p.add_argument("tiles", nargs="+", help=".npy uint8 (N, H, W, 3) arrays, image files or folders of images")
-    p.add_argument("--out", required=True, metavar="FILE.npy", help="embeddings (N, E) float32; FILE.json gets metadata")
+    p.add_argument(
+        "tiles", nargs="+", help=".npy uint8 (N, H, W, 3) arrays, image files or folders of images"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE.npy", help="embeddings (N, E) float32; FILE.json gets metadata"
+    )
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the variant's)")
-    p.add_argument("--pooling", choices=POOLINGS, default="cls_mean", help="cls_mean: class ‖ patch mean; cls: class token")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default="cls_mean",
+        help="cls_mean: class ‖ patch mean; cls: class token",
+    )
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt")
     p.add_argument("--skip-errors", action="store_true", help="skip unreadable images and report them")
     p.set_defaults(handler=_run_embed)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="what this machine can run: CPU/GPU, ONNX Runtime providers, TensorRT, CUDA")
+    p = sub.add_parser(
+        "info", help="what this machine can run: CPU/GPU, ONNX Runtime providers, TensorRT, CUDA"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_info)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="export the mini variant (random weights) and embed bundled real-tissue tiles")
+    p = sub.add_parser(
+        "demo", help="export the mini variant (random weights) and embed bundled real-tissue tiles"
+    )
     p.add_argument("--variant", default="virchow2g-mini")
     p.add_argument("--out", default="out/demo", metavar="DIR")
     p.add_argument("--tiles", type=int, default=512, help="number of bundled tissue tiles to embed")
@@ -77,10 +96,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="throughput and parity of every available backend against the PyTorch reference")
+    p = sub.add_parser(
+        "bench", help="throughput and parity of every available backend against the PyTorch reference"
+    )
     p.add_argument("model", help="a variant name (exported on the fly) or an export folder / .onnx")
     _add_weights(p)
-    p.add_argument("--backends", type=_csv, default=None, help="comma-separated backend/precision rows (default: all available)")
+    p.add_argument(
+        "--backends",
+        type=_csv,
+        default=None,
+        help="comma-separated backend/precision rows (default: all available)",
+    )
     p.add_argument("--batch-sizes", type=_csv_ints, default=None, help="comma-separated batch sizes")
     p.add_argument("--tiles", type=int, default=None, help="tiles per timed run")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
@@ -90,21 +116,35 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_slides(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slides", help="whole slides -> tissue tiles -> embeddings (.h5, TRIDENT/CLAM layout)")
-    p.add_argument("slides", nargs="+", help="slide files (any format OpenSlide or tifffile reads) or folders")
+    p.add_argument(
+        "slides", nargs="+", help="slide files (any format OpenSlide or tifffile reads) or folders"
+    )
     p.add_argument("--model", required=True, help="exported model (.onnx or TensorRT .engine)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
     p.add_argument("--tile-size", type=int, default=224)
-    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 µm/px when the slide does not record it")
-    p.add_argument("--regions", type=_csv_ints, default=None, help="magnifications for region sequences, e.g. 5,10,20")
+    p.add_argument(
+        "--slide-mpp", type=float, default=None, help="level-0 µm/px when the slide does not record it"
+    )
+    p.add_argument(
+        "--regions", type=_csv_ints, default=None, help="magnifications for region sequences, e.g. 5,10,20"
+    )
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="tile reading workers")
     p.add_argument("--pooling", choices=POOLINGS, default="cls_mean")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--reader", choices=("auto", "openslide", "tiffslide"), default="auto",
-                   help="slide reader (auto: OpenSlide, else tiffslide)")
-    p.add_argument("--skip-errors", action="store_true", help="skip unreadable tiles (a bad slide never stops the others)")
+    p.add_argument(
+        "--reader",
+        choices=("auto", "openslide", "tiffslide"),
+        default="auto",
+        help="slide reader (auto: OpenSlide, else tiffslide)",
+    )
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="skip unreadable tiles (a bad slide never stops the others)",
+    )
     p.set_defaults(handler=_run_slides)
 
 
@@ -124,7 +164,10 @@ def _run_export(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     for artifact in manifest["artifacts"]:
-        print(f"{artifact['path']}: {artifact['precision']} {artifact['format']}, parity {artifact['parity']['summary']}")
+        print(
+            f"{artifact['path']}: {artifact['precision']} {artifact['format']}, "
+            f"parity {artifact['parity']['summary']}"
+        )
     print(f"manifest: {args.out}/manifest.json")
     return 0
 
@@ -176,8 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings API
+    return f"virchow-rt: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        import warnings
+
+        warnings.formatwarning = _one_line_warning
     try:
         return int(args.handler(args) or 0)
     except VirchowError as err:

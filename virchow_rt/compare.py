@@ -41,7 +41,8 @@ class Comparison:
         verdict = "PASS" if self.passed else "FAIL"
         finite = "" if self.all_finite else ", NON-FINITE values"
         return (
-            f"{verdict}: min cosine {self.min_cosine:.6f} (tolerance {self.tolerance}), mean {self.mean_cosine:.6f}, "
+            f"{verdict}: min cosine {self.min_cosine:.6f} (tolerance {self.tolerance}), "
+            f"mean {self.mean_cosine:.6f}, "
             f"max abs {self.max_abs:.3g}, rel L2 {self.rel_l2:.3g}, 10-NN overlap {self.knn10_overlap:.3f} "
             f"over {self.n} tiles{finite}"
         )
@@ -55,7 +56,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    """Mean overlap of each row's k nearest neighbours (cosine) under ``a`` and under ``b``; 1.0 is identical."""
+    """Mean overlap of each row's k nearest neighbours (cosine) under ``a`` and ``b``; 1.0: identical."""
     n = a.shape[0]
     k = min(k, n - 1)
     if k < 1:
@@ -75,7 +76,9 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 def compare(tested: np.ndarray, reference: np.ndarray, tolerance: float) -> Comparison:
     """Compare two (N, E) embedding arrays; ``tolerance`` is the minimum cosine that passes."""
     if tested.shape != reference.shape or tested.ndim != 2:
-        raise InputError(f"cannot compare embeddings of shapes {tested.shape} and {reference.shape}; expected equal (N, E)")
+        raise InputError(
+            f"cannot compare embeddings of shapes {tested.shape} and {reference.shape}; expected equal (N, E)"
+        )
     finite = bool(np.isfinite(tested).all())
     t = np.nan_to_num(tested.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     r = reference.astype(np.float64)

@@ -18,7 +18,7 @@ from virchow_rt.tissue import tissue_tiles
 
 
 def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512) -> int:
-    """Export ``variant_name`` (fp32 + fp16, random weights), then embed ``n_tiles`` tissue tiles with each export."""
+    """Export ``variant_name`` (fp32 + fp16, random weights), then embed ``n_tiles`` tissue tiles."""
     from virchow_rt.export import export_model
     from virchow_rt.runtime import Embedder
 

@@ -67,9 +67,13 @@ def read_manifest(folder_or_file: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise ModelFileError(f"no {MANIFEST_NAME} at {path}; re-export the model with `virchow-rt export`") from err
+        raise ModelFileError(
+            f"no {MANIFEST_NAME} at {path}; re-export the model with `virchow-rt export`"
+        ) from err
     except json.JSONDecodeError as err:
-        raise ModelFileError(f"{path} is not valid JSON ({err}); re-export the model with `virchow-rt export`") from err
+        raise ModelFileError(
+            f"{path} is not valid JSON ({err}); re-export the model with `virchow-rt export`"
+        ) from err
     if not isinstance(data, dict) or "artifacts" not in data:
         raise ModelFileError(f"{path} has no 'artifacts' list; re-export the model with `virchow-rt export`")
     return data

@@ -150,7 +150,7 @@ class Variant:
         )
 
     def tiny(self) -> Variant:
-        """Same architecture (MLP kind, registers, LayerScale, patch size), tiny width and depth: for fast tests."""
+        """The same architecture (MLP kind, registers, LayerScale, patch) at tiny width and depth."""
         args = {**self.model_args, "embed_dim": 96, "depth": 2, "num_heads": 2}
         return dataclasses.replace(self, name=f"{self.name}-tiny", model_args=args, hf_repo=None)
 
@@ -161,7 +161,9 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, reg_tokens: int, init_values: float | None):
+def _vit(
+    embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, reg_tokens: int, init_values: float | None
+):
     return {
         "img_size": 224,
         "patch_size": 14,

@@ -193,3 +193,53 @@ def test_removed_api_check_passes_todays_api_and_this_package(tmp_path: Path) ->
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout
+
+
+def _uint8_graph(path: Path, cast_first: bool) -> None:
+    """tiles uint8 (N, 4, 4, 3) -> [Transpose -> Cast | Cast -> Transpose] -> *2 -> embedding."""
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    cast = h.make_node("Cast", ["tiles"] if cast_first else ["b"], ["a"] if cast_first else ["c"], to=1)
+    if cast_first:
+        perm = h.make_node("Transpose", ["a"], ["c"], perm=[0, 3, 1, 2])
+    else:
+        perm = h.make_node("Transpose", ["tiles"], ["b"], perm=[0, 3, 1, 2])
+    two = h.make_tensor("two", onnx.TensorProto.FLOAT, [], [2.0])
+    mul = h.make_node("Mul", ["c", "two"], ["embedding"])
+    graph = h.make_graph(
+        [cast, perm, mul] if cast_first else [perm, cast, mul],
+        "g",
+        [h.make_tensor_value_info("tiles", onnx.TensorProto.UINT8, ["batch", 4, 4, 3])],
+        [h.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [two],
+    )
+    if not cast_first:  # what shape inference records in real exports: the transposed tiles are uint8
+        graph.value_info.append(h.make_tensor_value_info("b", onnx.TensorProto.UINT8, ["batch", 3, 4, 4]))
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def test_uint8_input_is_cast_before_anything_else(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from virchow_rt.export.tensorrt_build import cast_input_first
+
+    path = tmp_path / "transpose_first.onnx"
+    _uint8_graph(path, cast_first=False)
+    rewritten = cast_input_first(path)
+    assert rewritten is not None
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load_from_string(rewritten)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node if "tiles" in n.input] == ["Cast"]  # all TensorRT accepts
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"tiles": tiles})[
+        0
+    ]
+    after = ort.InferenceSession(rewritten, providers=["CPUExecutionProvider"]).run(None, {"tiles": tiles})[0]
+    np.testing.assert_array_equal(after, before)  # same numbers: uint8 -> float32 is exact
+    cast_first = tmp_path / "cast_first.onnx"
+    _uint8_graph(cast_first, cast_first=True)
+    assert cast_input_first(cast_first) is None  # already what TensorRT wants: parsed from the file as it is

@@ -51,13 +51,11 @@ class BenchmarkRun:
         echo: Echo,
         progress: bool,
     ) -> None:
-        self.source, self.settings, self.machine, self.echo, self.progress = (
-            source,
-            settings,
-            machine,
-            echo,
-            progress,
-        )
+        self.source = source
+        self.settings = settings
+        self.machine = machine
+        self.echo = echo
+        self.progress = progress
         self.variant = source.variant
         self.flops_per_tile = self.variant.flops_per_tile()
         self.results: list[dict[str, Any]] = []
@@ -143,9 +141,9 @@ class BenchmarkRun:
             # the pass with the most tiles first: its embeddings are the reference for every row
             sizes.sort(key=lambda b: -self.settings.tiles_for(b))
         if self.export_failure and spec.artifact == "fp16":
-            reason = f"export refused the fp16 graph: {self.export_failure}"
-            self.results.append(row_stub(spec, "failed", reason, device))
-            bar.update(len(sizes))
+            self._give_up(
+                spec, device, f"export refused the fp16 graph: {self.export_failure}", bar, len(sizes)
+            )
             return
         bar.set_postfix_str(spec.key)
         try:
@@ -160,22 +158,13 @@ class BenchmarkRun:
             )
             setup_s = time.perf_counter() - start
         except Exception as err:  # noqa: BLE001 - one broken backend must not stop the others; recorded
-            self.results.append(
-                row_stub(spec, "failed", f"could not open: {type(err).__name__}: {err}", device)
-            )
-            self._log(bar, f"{spec.key}: FAILED to open ({err})")
-            bar.update(len(sizes))
+            self._give_up(spec, device, f"could not open: {type(err).__name__}: {err}", bar, len(sizes))
             return
         if spec.kind == "onnx" and backend.name != spec.backend:
             # ONNX Runtime falls back to a lesser provider silently; its figures would wear the wrong label
             backend.close()
-            reason = (
-                f"ONNX Runtime put the session on {backend.name}, not {spec.backend} "
-                "(the provider failed to start)"
-            )
-            self.results.append(row_stub(spec, "failed", reason, device))
-            self._log(bar, f"{spec.key}: FAILED ({reason})")
-            bar.update(len(sizes))
+            reason = f"ONNX Runtime put the session on {backend.name}, not {spec.backend} (provider failed)"
+            self._give_up(spec, device, reason, bar, len(sizes))
             return
         with backend:
             for batch_size in sizes:
@@ -184,6 +173,11 @@ class BenchmarkRun:
                 self.results.append(row)
                 self._log(bar, _summary_line(row))
                 bar.update()
+
+    def _give_up(self, spec: RowSpec, device: str, reason: str, bar: Any, rows: int) -> None:
+        self.results.append(row_stub(spec, "failed", reason, device))
+        self._log(bar, f"{spec.key}: FAILED: {reason}")
+        bar.update(rows)
 
     def _measure_one(
         self, spec: RowSpec, backend: Backend, device: str, batch_size: int, setup_s: float
@@ -194,7 +188,7 @@ class BenchmarkRun:
                 "(re-export with --max-batch)"
             )
             return {
-                **row_stub(spec, "not available", f"not available on this machine: {reason}", device),
+                **row_stub(spec, "not available", f"not available with this export: {reason}", device),
                 "batch_size": batch_size,
             }
         try:

@@ -151,16 +151,47 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
         tmp.write_bytes(data)
 
 
+def cast_input_first(onnx_path: Path) -> bytes | None:
+    """The graph with a Cast to float32 straight after the uint8 input, or None when it already starts so.
+
+    TensorRT takes uint8 only as a network input or output, consumed by a Cast (onnx-tensorrt's operator
+    matrix: Transpose has no UINT8); an export that transposes the uint8 tiles before widening them
+    (cheaper in ONNX Runtime) is rewritten here. The later Cast then casts float32 to float32, a no-op.
+    Weights stay where they are: external data is not loaded, and the parser finds it from the path.
+    """
+    onnx = optional_import("onnx", PURPOSE)
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    consumers = [node for node in model.graph.node if INPUT in node.input]
+    if all(node.op_type == "Cast" for node in consumers):
+        return None
+    widened = f"{INPUT}_float32"
+    for node in consumers:
+        node.input[:] = [widened if name == INPUT else name for name in node.input]
+    cast = onnx.helper.make_node(
+        "Cast", [INPUT], [widened], to=onnx.TensorProto.FLOAT, name="virchow_rt_cast_tiles"
+    )
+    model.graph.node.insert(0, cast)
+    # tensors between the input and the old Cast are float32 now: drop their recorded uint8 types
+    kept = [v for v in model.graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.UINT8]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return bytes(model.SerializeToString())
+
+
 def _parse(
     trt_mod: Any, network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path: Path, book: LogBook
-) -> Any:
+) -> tuple[Any, bool]:
     parser: trt.OnnxParser = trt_mod.OnnxParser(network, logger)
-    ok = parser.parse_from_file(os.fspath(onnx_path))  # keeps the folder, so external data (> 2 GB) is found
+    rewritten = cast_input_first(onnx_path)
+    if rewritten is None:
+        ok = parser.parse_from_file(os.fspath(onnx_path))  # the path lets it find external data (> 2 GB)
+    else:
+        ok = parser.parse(rewritten, os.fspath(onnx_path))  # the path: where external data lives
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
     if not ok or errors:
         said = " | ".join(errors) if errors else book.quote()
         raise BackendError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {said}")
-    return parser  # the network refers to weights the parser owns: keep it alive until the build ends
+    return parser, rewritten is not None  # the network refers to weights the parser owns: keep it alive
 
 
 def _check_network(network: trt.INetworkDefinition, size: int) -> None:
@@ -311,7 +342,7 @@ def build_engine(
         raise BackendError(
             f"TensorRT {trt.__version__} did not create a strongly typed network; upgrade TensorRT"
         )
-    parser = _parse(trt, network, logger, onnx_path, book)
+    parser, cast_inserted = _parse(trt, network, logger, onnx_path, book)
     size = variant.preprocess.size
     _check_network(network, size)
 
@@ -386,6 +417,7 @@ def build_engine(
         "onnx_sha256": onnx_sha,
         "onnx_external_data_sha256": data_sha,
         "strongly_typed": True,
+        "input_cast_inserted": cast_inserted,
         "version_compatible": version_compatible,
         "lean_runtime": ("excluded" if exclude_lean_runtime else "embedded") if version_compatible else None,
         "builder_optimization_level": optimization_level,
