@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 from virchow_rt.errors import MissingDependency
@@ -32,7 +33,9 @@ def optional_import(module: str, purpose: str) -> ModuleType:
     >>> trt = optional_import("tensorrt", "to build TensorRT engines")  # doctest: +SKIP
     """
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
+        _refuse_stub_only(imported)
+        return imported
     except ImportError as err:
         top = module.split(".")[0]
         name, extra = _KNOWN.get(top, (top, "all"))
@@ -41,10 +44,21 @@ def optional_import(module: str, purpose: str) -> ModuleType:
         ) from err
 
 
+def _refuse_stub_only(imported: ModuleType) -> None:
+    # A type-stubs package (tensorrt-stubs) leaves a bare folder that imports as an empty namespace
+    # package: treat it as missing rather than fail later on its first attribute.
+    spec = imported.__spec__
+    if spec is None or spec.origin is not None or not hasattr(imported, "__path__"):
+        return
+    contents = [entry for folder in imported.__path__ for entry in Path(folder).iterdir()]
+    if all(entry.is_file() and entry.suffix in {".pyi", ".typed"} for entry in contents):
+        raise ImportError(f"only type stubs of {spec.name!r} are installed, not the package itself")
+
+
 def is_importable(module: str) -> bool:
     """True when ``module`` imports cleanly (used for capability reports and test skips)."""
     try:
-        importlib.import_module(module)
+        _refuse_stub_only(importlib.import_module(module))
     except Exception:  # noqa: BLE001 - a broken install counts as absent, whatever it raises
         return False
     return True

@@ -53,6 +53,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tensorrt", action="store_true", help="also build a TensorRT fp16 engine from the fp16 ONNX"
     )
+    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
+    p.add_argument(
+        "--version-compatible", action="store_true", help="engine runs on later TensorRT and the lean runtime"
+    )
+    p.add_argument(
+        "--exclude-lean-runtime", action="store_true", help="with --version-compatible: leave the lean runtime out"
+    )
     p.set_defaults(handler=_run_export)
 
 
@@ -161,6 +168,11 @@ def _run_export(args: argparse.Namespace) -> int:
         outputs=args.outputs,
         parity_tiles=args.parity_tiles,
         tensorrt=args.tensorrt,
+        tensorrt_options={
+            "workspace_gib": args.workspace_gib,
+            "version_compatible": args.version_compatible,
+            "exclude_lean_runtime": args.exclude_lean_runtime,
+        },
         progress=sys.stderr.isatty(),
     )
     for artifact in manifest["artifacts"]:

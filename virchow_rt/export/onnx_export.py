@@ -1,7 +1,7 @@
 """fp32 ONNX export: uint8 tiles in, embeddings out, preprocessing inside the graph.
 
-The exported graph takes ``tiles`` uint8 (batch, S, S, 3) HWC RGB, transposes to NCHW while still
-uint8 (4x less memory traffic than float), normalises with one multiply-add ((x/255 - mean)/std folded
+The exported graph takes ``tiles`` uint8 (batch, S, S, 3) HWC RGB, casts it to float first (TensorRT
+takes uint8 only into a Cast), transposes to NCHW, normalises with one multiply-add ((x/255 - mean)/std folded
 into x·scale + shift), runs timm's ``forward_features`` and returns ``embedding`` float32 (batch, 2D)
 = class token ‖ mean of the patch tokens, plus ``patch_tokens`` (batch, P, D) when asked.
 
@@ -85,8 +85,9 @@ class ExportWrapper(torch.nn.Module):
         self.register_buffer("shift", -mean / std, persistent=False)  # (1, 3, 1, 1)
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (N, S, S, 3) uint8
-        x = tiles.permute(0, 3, 1, 2)  # (N, 3, S, S) uint8: transpose before widening to float
-        x = x.float() * self.scale + self.shift  # (N, 3, S, S) float32
+        # cast first: TensorRT takes a uint8 tensor only as a network input that feeds a Cast
+        x = tiles.float().permute(0, 3, 1, 2)  # (N, 3, S, S) float32
+        x = x * self.scale + self.shift  # (N, 3, S, S) float32
         tokens = self.backbone.forward_features(x)  # (N, T, D), after the final LayerNorm
         result = [pool_tokens(tokens, self.num_prefix_tokens)]  # (N, 2D)
         if "patch_tokens" in self.outputs:

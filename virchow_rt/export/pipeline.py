@@ -16,7 +16,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,11 +249,11 @@ def _manifest(
     return manifest
 
 
-def _build_engine(variant: Variant, out_dir: Path, max_batch: int) -> None:
+def _build_engine(variant: Variant, out_dir: Path, max_batch: int, options: Mapping[str, Any]) -> None:
     # imported only now: TensorRT is optional and absent on most machines; its errors propagate
     builder = importlib.import_module("virchow_rt.export.tensorrt_build")
     engine = builder.build_engine(
-        out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=max_batch
+        out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=max_batch, **options
     )
     # the builder records its engine in manifest.json itself; add the entry only if it did not
     manifest = read_manifest(out_dir)
@@ -274,6 +274,7 @@ def export_model(
     outputs: Sequence[str] = ("embedding",),
     parity_tiles: int = 32,
     tensorrt: bool = False,
+    tensorrt_options: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
@@ -282,7 +283,8 @@ def export_model(
     each artifact and its parity against the fp32 PyTorch reference in ONNX Runtime CPU on
     ``parity_tiles`` real tissue tiles (:class:`ParityError` below the variant's tolerance, nothing
     written); writes ``manifest.json``; with ``tensorrt=True`` then builds an fp16 engine through
-    :mod:`virchow_rt.export.tensorrt_build`. ``progress`` shows a bar of the stages. Returns the manifest.
+    :mod:`virchow_rt.export.tensorrt_build` (``tensorrt_options``: keyword arguments of its
+    ``build_engine``, e.g. ``version_compatible=True``). ``progress`` shows a bar of the stages. Returns the manifest.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
@@ -303,7 +305,7 @@ def export_model(
         bar.done()
         if tensorrt:
             bar.stage("tensorrt")
-            _build_engine(variant, out_dir, manifest["batch"]["max"])
+            _build_engine(variant, out_dir, manifest["batch"]["max"], tensorrt_options or {})
             bar.done()
     finally:
         bar.close()

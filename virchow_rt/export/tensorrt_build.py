@@ -5,7 +5,8 @@ only (``BuilderFlag.FP16`` and the precision-constraint flags are gone) and on 1
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. The choice is made from ``trt.__version__``, never by
 probing for a flag with ``hasattr`` (a missing fp16 flag would otherwise silently build fp32). The
 fp16 ONNX's precision plan (LayerNorm, Softmax, reductions and the output kept fp32) is what the
-engine runs.
+engine runs. TensorRT accepts the uint8 input only into a Cast, so a graph that transposes the tiles
+first gets a Cast in front (:func:`cast_input_first`, same numbers).
 
 The engine is measured against the fp32 reference on real tissue tiles before it is written
 (:class:`ParityError` below the variant's fp16 tolerance, nothing written); the file is written
@@ -167,10 +168,10 @@ def cast_input_first(onnx_path: Path) -> bytes | None:
     widened = f"{INPUT}_float32"
     for node in consumers:
         node.input[:] = [widened if name == INPUT else name for name in node.input]
-    cast = onnx.helper.make_node(
+    widen = onnx.helper.make_node(
         "Cast", [INPUT], [widened], to=onnx.TensorProto.FLOAT, name="virchow_rt_cast_tiles"
     )
-    model.graph.node.insert(0, cast)
+    model.graph.node.insert(0, widen)
     # tensors between the input and the old Cast are float32 now: drop their recorded uint8 types
     kept = [v for v in model.graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.UINT8]
     del model.graph.value_info[:]
