@@ -58,7 +58,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--version-compatible", action="store_true", help="engine runs on later TensorRT and the lean runtime"
     )
     p.add_argument(
-        "--exclude-lean-runtime", action="store_true", help="with --version-compatible: leave the lean runtime out"
+        "--exclude-lean-runtime", action="store_true", help="with --version-compatible: omit the lean runtime"
     )
     p.set_defaults(handler=_run_export)
 

@@ -284,7 +284,8 @@ def export_model(
     ``parity_tiles`` real tissue tiles (:class:`ParityError` below the variant's tolerance, nothing
     written); writes ``manifest.json``; with ``tensorrt=True`` then builds an fp16 engine through
     :mod:`virchow_rt.export.tensorrt_build` (``tensorrt_options``: keyword arguments of its
-    ``build_engine``, e.g. ``version_compatible=True``). ``progress`` shows a bar of the stages. Returns the manifest.
+    ``build_engine``, e.g. ``version_compatible=True``). ``progress`` shows a bar of the stages.
+    Returns the manifest.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)

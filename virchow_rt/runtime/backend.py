@@ -38,7 +38,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Embed one batch synchronously. ``tiles``: C-contiguous uint8 (B, S, S, 3). Returns a new (B, E) float32 array."""
+        """Embed one batch synchronously.
+
+        ``tiles``: C-contiguous uint8 (B, S, S, 3). Returns a new (B, E) float32 array.
+        """
 
     def pipeline(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Embed a stream of batches in order, overlapping work where the backend can.
@@ -49,7 +52,7 @@ class Backend(abc.ABC):
         for batch in batches:
             yield self.run(batch)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a backend holding nothing need not override it
         """Free sessions, streams and buffers. Safe to call twice."""
 
     def __enter__(self) -> Backend:
