@@ -55,7 +55,10 @@ def test_order_ragged_batches_and_values(models, tissue):
 
 def test_batch_size_defaults(models):
     with Embedder(models["fp32"]) as embedder:
-        assert embedder.batch_size == 32  # the registry's virchow2 batch opt (virchow2-tiny in the metadata)
+        assert embedder.batch_size == 8  # ONNX Runtime on CPU prefers small batches (measured)
+    backend = FakeBackend()
+    backend.info = ModelInfo("virchow2g-mini-tiny", 6, 3, 224, "fp32", True, "random")
+    assert Embedder(backend).batch_size == 64  # the registry's batch opt for the model's variant
     assert Embedder(FakeBackend()).batch_size == 32  # unknown variant
     assert Embedder(FakeBackend(max_batch=8)).batch_size == 8
     with pytest.raises(InputError, match="batch size 0"):

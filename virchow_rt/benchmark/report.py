@@ -111,7 +111,8 @@ def _throughput_rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 str(r["batch_size"]),
                 spread,
                 _fmt(r["compute_tiles_per_s"]),
-                f"{_fmt(r['latency_ms']['p50'], '.1f')} / {_fmt(r['latency_ms']['p99'], '.1f')}",
+                f"{_fmt(r['latency_ms']['p50'], '.1f')} / {_fmt(r['latency_ms']['p99'], '.1f')}"
+                f" ({r['latency_ms'].get('n', '?')})",
                 memory,
                 _fmt(r["tflops"], ".3f"),
                 _fmt(r["peak_fraction"], ".1%"),
@@ -266,7 +267,14 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
     """The report a person reads: machine, command, tables, rows not run and why, targets, plots."""
     lines = [*_header(report), "", *_method(report), "", "## Throughput", ""]
     header = ["backend", "precision", "device", "batch", "tiles/s (min–max)", "compute-only tiles/s"]
-    header += ["latency p50 / p99 ms", "peak RSS MB", "TFLOP/s", "% peak", "CPU use", "open / 1st call s"]
+    header += [
+        "latency p50 / p99 ms (batches)",
+        "peak RSS MB",
+        "TFLOP/s",
+        "% peak",
+        "CPU use",
+        "open / 1st call s",
+    ]
     lines += _table(header, _throughput_rows(report["results"]))
     ref = report["reference"]
     lines += [

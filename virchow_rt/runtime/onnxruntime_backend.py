@@ -1,19 +1,26 @@
 """ONNX Runtime backend: TensorRT EP / CUDA EP where available, else a tuned CPU session.
 
 CPU tuning, measured on the 2-core AMD EPYC (Zen 5, AVX-512) build machine with the full-size
-virchow2g-mini fp32 export (random weights), batch 32, best of interleaved runs (the machine is
-shared, so medians swing by +-30 %; ``bench/embed_vs_timm.py`` has the end-to-end figures):
+virchow2g-mini fp32 export (random weights): 64 tiles per run, 4 interleaved runs per setting, tiles/s
+best / median (load average ~2.0, i.e. only the run itself; the machine is shared, so other runs
+swung by +-30 %). MatMul is ~79 % of the time, so most graph rewrites move little.
 
-* graph optimization level: DISABLE_ALL 19.9, BASIC 18.7, EXTENDED 20.4, ALL 21.7 tiles/s -> ALL.
-  MatMul is ~79 % of the time, so graph rewrites move little beyond the attention fusion below.
-* ``onnxruntime.transformers.optimizer.optimize_model(model_type="vit")`` fuses SkipLayerNormalization
-  and BiasGelu but finds 0 Attention nodes in timm's packed-qkv graph (its BERT matcher expects three
-  q/k/v MatMuls); it ran at 20.3 tiles/s, no better than ORT's own level-ALL fusions, so it is not used.
-* packed-qkv -> ``com.microsoft.Attention`` (this module, :func:`fuse_attention`): 23.5 tiles/s (+8 %
-  over ALL); MatMul+Softmax+Transpose time 84 % -> 58 % MatMul + 30 % Attention. Kept, CPU fp32 only,
-  applied once to a cached copy keyed by the model's sha256 and checked against the original graph.
-* intra-op threads = physical cores (2), inter-op 1 with sequential execution; memory arena and
-  memory patterns on (ORT defaults, turning them off measured no gain).
+* graph optimization level, batch 32: DISABLE_ALL 18.7 / 17.4, BASIC 18.7 / 17.3, EXTENDED 21.7 / 19.7,
+  ALL 20.7 / 19.2 -> ALL (EXTENDED and ALL are within the noise; ALL also lays out the patch Conv).
+* ``onnxruntime.transformers.optimizer.optimize_model(model_type="vit")``: fuses 24 SkipLayerNormalization
+  and 12 BiasGelu but 0 Attention (its BERT matcher wants three q/k/v MatMuls, timm packs one qkv):
+  18.3 / 17.4, slower than ORT's own level-ALL fusions; on top of the attention fusion below it also
+  lost (20.2 / 18.8 vs 22.8 / 19.7). Not used.
+* packed qkv -> ``com.microsoft.Attention`` (:func:`fuse_attention`, here): 22.8 / 19.7 vs 20.7 / 19.2
+  at batch 32, and +7 % at every batch size (batch 8: 24.4 vs 22.8; CPU time 81.5 vs 90.0 ms/tile).
+  Kept: CPU fp32 only, made once into a cache folder keyed by the model's sha256, and used only when it
+  matches the original graph (min cosine >= 0.99999).
+* batch size (fused): 1: 24.1, 2: 24.4, 4: 24.4, 8: 24.7, 16: 22.7, 32: 20.8, 64: 19.4 tiles/s (best).
+  Smaller batches keep the activations in cache; the plateau is 2-8, so the CPU session prefers 8
+  (:attr:`OnnxRuntimeBackend.preferred_batch`), +27 % over the variant's GPU batch of 64.
+* intra-op threads = physical cores: 1 thread 11.3, 2 threads 22.8 tiles/s; inter-op 1, sequential.
+* memory arena + memory patterns off: 13.6 vs 22.8 tiles/s -> on (ORT's default). Thread spinning off:
+  21.2 / 20.5 vs 22.8 / 19.7, a wash -> ORT's default (on), ``spinning=False`` to change it.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ PROVIDERS = {  # ORT execution provider -> backend name
 }
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 FUSION_VERSION = 1  # bump when fuse_attention changes: old cache entries are then ignored
+CPU_BATCH = 8  # the CPU throughput plateau is batch 2-8 (module doc); GPUs use the variant's batch
 FUSED_MIN_COSINE = 0.99999  # the fused graph must match the original like an fp32 export matches torch
 _REEXPORT = "re-export it with `virchow-rt export VARIANT --out DIR` (or copy the file again)"
 
@@ -211,6 +219,8 @@ class OnnxRuntimeBackend(Backend):
             session = self._optimized(session)
         self._session = session
         self.name = PROVIDERS.get(session.get_providers()[0], "onnxruntime")
+        #: batch this session runs fastest at (CPU: 8, measured, module doc); None: the variant's
+        self.preferred_batch: int | None = CPU_BATCH if self.name == "onnxruntime-cpu" else None
         self._check_io(session)
 
     # --- loading -----------------------------------------------------------------------------
