@@ -78,7 +78,9 @@ def _report(results):
             "memory": "VmHWM",
         },
         "flops_per_tile": 12e9,
-        "matmul_peaks": {"cpu-fp32": {"tflops": 0.1, "size": 2048, "by_library": {"numpy": 0.1}}},
+        "matmul_peaks": {
+            "cpu-fp32": {"tflops": 0.1, "size": 2048, "by_library": {"numpy": {"tflops": 0.1, "size": 2048}}}
+        },
         "reference": {"key": "torch-eager/fp32", "tiles": "32 tissue tiles"},
         "results": results,
         "targets": evaluate_targets(results, "cpu", "virchow2g-mini"),

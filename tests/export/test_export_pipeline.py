@@ -40,7 +40,7 @@ def test_real_weights_folder_is_recorded(tmp_path, checkpoint_dir, recwarn):
 def test_missing_weights_refused_and_nothing_written(tmp_path):
     with pytest.raises(WeightsError, match="--random-weights"):
         export_model("virchow2-tiny", tmp_path / "out")
-    assert not list((tmp_path / "out").glob("*"))
+    assert not list((tmp_path / "out").glob("*")) and not (tmp_path / "out").exists()
 
 
 def test_failed_parity_leaves_no_artifact_and_keeps_the_previous_export(tmp_path):

@@ -86,10 +86,14 @@ def build_tiny_onnx(
     return path
 
 
-def build_attention_onnx(path: str | Path, width: int = 16, heads: int = 2) -> Path:
+def build_attention_onnx(
+    path: str | Path, width: int = 16, heads: int = 2, scale: float | list[float] | None = None
+) -> Path:
     """A one-block model with timm's packed-qkv attention pattern, as torch exports it (for the fusion).
 
     tiles -> mean over W -> tokens (B, 224, 3) -> (B, 224, D) -> x + proj(attention(x)) -> class ‖ mean.
+    ``scale``: q's factor (default timm's 1/sqrt(head dim)); a list (one per head channel) is a pattern
+    the fusion cannot express, so its check must refuse the fused graph.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -109,7 +113,7 @@ def build_attention_onnx(path: str | Path, width: int = 16, heads: int = 2) -> P
         init("shape5", np.array([0, 0, 3, heads, hd], np.int64)),
         init("split3", np.array([1, 1, 1], np.int64)),
         init("axis0", np.array([0], np.int64)),
-        init("scale", np.array(hd**-0.5, np.float32)),
+        init("scale", np.array(hd**-0.5 if scale is None else scale, np.float32)),  # () or (hd,)
         init("shape3", np.array([0, 0, width], np.int64)),
         init("W_proj", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)),
         init("start0", np.array([0], np.int64)),

@@ -163,7 +163,7 @@ def test_unknown_backend_and_suffix(models, tmp_path):
 
 
 # --- CPU attention fusion ---------------------------------------------------------------------------
-def test_attention_fusion_matches_and_is_cached(tmp_path, tissue, private_cache):
+def test_attention_fusion_matches_and_is_cached(tmp_path, tissue, private_cache, monkeypatch):
     model = build_attention_onnx(tmp_path / "attn.onnx")
     plain = OnnxRuntimeBackend(model, "cpu", optimize=False)
     fused = OnnxRuntimeBackend(model, "cpu")
@@ -175,8 +175,35 @@ def test_attention_fusion_matches_and_is_cached(tmp_path, tissue, private_cache)
     a, b = plain.run(tissue[:6]), fused.run(tissue[:6])
     assert cosine_rows(a, b).min() >= 0.99999 and np.abs(a - b).max() < 1e-4
     stamp = (entry / "model.onnx").stat().st_mtime_ns
-    again = OnnxRuntimeBackend(model, "cpu")  # second open: reuses the entry, builds nothing
+    opened: list[str] = []
+    real_open = OnnxRuntimeBackend._open
+
+    def spy(self, path, providers):
+        opened.append(Path(path).name)
+        return real_open(self, path, providers)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_open", spy)
+    again = OnnxRuntimeBackend(model, "cpu")  # second open: only the cached copy loads, nothing is rebuilt
     assert again.optimization["cache"] == str(entry) and (entry / "model.onnx").stat().st_mtime_ns == stamp
+    assert opened == ["model.onnx"]
+
+
+@pytest.mark.parametrize("scale", [0.9, 0.02])
+def test_constant_scales_are_carried_over(tmp_path, tissue, scale):
+    model = build_attention_onnx(tmp_path / "scaled.onnx", scale=scale)  # not 1/sqrt(head dim)
+    fused = OnnxRuntimeBackend(model, "cpu")
+    assert fused.optimization.get("fused_attention") == 1, fused.optimization
+    reference = OnnxRuntimeBackend(model, "cpu", optimize=False).run(tissue[:4])
+    assert cosine_rows(fused.run(tissue[:4]), reference).min() >= 0.99999
+
+
+def test_fusion_that_changes_results_is_refused(tmp_path, tissue):
+    odd = [0.1, 0.9, 0.2, 0.5, 0.3, 0.7, 0.4, 0.6]  # a per-channel q factor: Attention has no such scale
+    model = build_attention_onnx(tmp_path / "odd_scale.onnx", scale=odd)
+    backend = OnnxRuntimeBackend(model, "cpu")
+    assert "disagrees with the original" in backend.optimization["skipped"]
+    reference = OnnxRuntimeBackend(model, "cpu", optimize=False).run(tissue[:2])
+    np.testing.assert_array_equal(backend.run(tissue[:2]), reference)
 
 
 def test_fusion_finds_nothing_in_plain_graphs(models):
@@ -197,6 +224,9 @@ def test_broken_cache_entry_falls_back(tmp_path, tissue, caplog):
     assert "running the original graph" in caplog.text
     reference = OnnxRuntimeBackend(model, "cpu", optimize=False).run(tissue[:2])
     np.testing.assert_allclose(backend.run(tissue[:2]), reference, atol=1e-6)
+    assert not entry.exists()  # the damaged entry was dropped: the next open rebuilds it
+    rebuilt = OnnxRuntimeBackend(model, "cpu")
+    assert rebuilt.optimization == {"fused_attention": 1, "cache": str(entry)}
 
 
 @pytest.mark.parametrize("fused_sdpa", [False, True], ids=["exportable-attention", "sdpa-attention"])

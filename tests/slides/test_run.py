@@ -207,3 +207,21 @@ def test_unreadable_tile_skip_errors(make_slide, tmp_path, monkeypatch, regions)
     if regions:  # the region holding the bad tile is left out whole
         assert data["regions"]["features"].shape[0] == 5
         assert (896, 0) not in {tuple(c) for c in data["regions"]["coords"][:, 0]}
+
+
+def test_another_slide_of_the_same_name_or_another_slide_mpp_is_redone(make_slide, tmp_path):
+    out = tmp_path / "out"
+    first = make_slide()
+    assert _run([first.path], out)["slides"][0]["status"] == "done"
+    other = make_slide("slide.tif", 896, 672, ((0, 0, 672, 448),))  # same name, another slide
+    record = _run([other.path], out)["slides"][0]
+    assert record["status"] == "done" and "slide_size_bytes" in record["redone_because"]
+    assert read_features(out / "slide.h5")["attrs"]["level0_width"] == 896
+
+    nompp = make_slide("nompp.tif", 512, 512, ((0, 0, 448, 448),), mpp=None)
+    assert _run([nompp.path], out, SlideSettings(slide_mpp=0.5))["slides"][0]["tiles"] == 4
+    record = _run([nompp.path], out, SlideSettings(slide_mpp=0.25))["slides"][0]
+    assert record["status"] == "done" and record["tiles"] == 1
+    assert record["redone_because"] == "nompp.h5 was made with --slide-mpp 0.5, this run uses 0.25"
+    assert _run([nompp.path], out, SlideSettings(slide_mpp=0.25))["slides"][0]["status"] == "skipped"
+    assert _run([nompp.path], out)["slides"][0]["status"] == "skipped"  # the slide records none: keep it

@@ -26,7 +26,23 @@ from virchow_rt.benchmark.source import Settings, reference_weights, resolve_set
 from virchow_rt.benchmark.targets import evaluate_targets, format_target
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats, percentile, time_calls
 
-TILE_SOURCE = "virchow_rt.tissue.tissue_tiles (scikit-image IHC colon image)"
+#: how the figures were taken, recorded in every report's settings
+METHOD = {
+    "tile_source": "virchow_rt.tissue.tissue_tiles (scikit-image IHC colon image)",
+    "path": "uint8 tiles (N, S, S, 3) already in host memory -> virchow_rt.runtime.Embedder.embed "
+    "(reader thread + Backend.pipeline) -> float32 embeddings (N, E) on the host",
+    "compute_only": "CUDA events around the backend's device work (GPU only; null on a CPU with the reason)",
+    "memory": "host peak RSS of the process during warm-up and timed passes (Linux VmHWM reset per row); "
+    "GPU: device memory in use (cudaMemGetInfo), sampled",
+}
+
+
+def _weights_facts(run: BenchmarkRun) -> tuple[bool, str | None, str | None]:
+    """(random?, sha256, where from) of the weights: the reference model's, else the export manifest's."""
+    if run.weights_info is not None:
+        return bool(run.weights_info.random), run.weights_info.sha256, run.weights_info.source
+    recorded = (run.source.manifest or {}).get("weights", {})
+    return bool(recorded.get("random")), recorded.get("sha256"), recorded.get("source")
 
 
 def _command(
@@ -145,16 +161,7 @@ def run_benchmark(
     finally:
         cleanup_export(run)
     results = _order(run.results + stubs)
-    random = (
-        bool(run.weights_info.random)
-        if run.weights_info
-        else bool((source.manifest or {}).get("weights", {}).get("random"))
-    )
-    sha = (
-        run.weights_info.sha256
-        if run.weights_info
-        else (source.manifest or {}).get("weights", {}).get("sha256")
-    )
+    random, sha, weights_source = _weights_facts(run)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": "virchow-rt-benchmark",
@@ -163,9 +170,7 @@ def run_benchmark(
         "variant_config": {**dict(run.variant.model_args), "mlp": run.variant.mlp},
         "weights": "random" if random else sha,
         "random_weights": random,
-        "weights_source": run.weights_info.source
-        if run.weights_info
-        else (source.manifest or {}).get("weights", {}).get("source"),
+        "weights_source": weights_source,
         "command": _command(model, out, weights, random_weights, backends, settings),
         "settings": {
             "batch_sizes": list(settings.batch_sizes),
@@ -173,14 +178,7 @@ def run_benchmark(
             "repeats": settings.repeats,
             "warmup": settings.warmup,
             "seed": settings.seed,
-            "tile_source": TILE_SOURCE,
-            "path": "uint8 tiles (N, S, S, 3) already in host memory -> virchow_rt.runtime.Embedder.embed "
-            "(reader thread + Backend.pipeline) -> float32 embeddings (N, E) on the host",
-            "compute_only": "CUDA events around the backend's device work "
-            "(GPU only; null on a CPU with the reason)",
-            "memory": "host peak RSS of the process during warm-up and timed passes "
-            "(Linux VmHWM reset per row); "
-            "GPU: device memory in use (cudaMemGetInfo), sampled",
+            **METHOD,
         },
         "flops_per_tile": run.flops_per_tile,
         "matmul_peaks": run.peaks,
@@ -194,9 +192,7 @@ def run_benchmark(
     report = _clean(report)
     plots = _plots(report, run, out)
     problems = validate_report(report)
-    if (
-        problems
-    ):  # a bug in the benchmark itself, never the user's fault: say so loudly, still write what we have
+    if problems:  # a bug in the benchmark, not the user's: say so loudly, still write what we have
         echo("warning: report schema problems: " + "; ".join(problems))
     write_report(out, report, plots)
     return report

@@ -214,8 +214,8 @@ def _method(report: dict[str, Any]) -> list[str]:
         "TFLOP/s = FLOPs per tile x tiles/s; % peak = that over the matmul peak measured in this run:",
     ]
     for key, peak in report["matmul_peaks"].items():
-        libs = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in peak["by_library"].items())
-        lines.append(f"  - `{key}`: {_fmt(peak['tflops'], '.3f')} TFLOP/s ({peak['size']}² matmul; {libs})")
+        libs = ", ".join(f"{k} {v['tflops']:.3f} at {v['size']}²" for k, v in peak["by_library"].items())
+        lines.append(f"  - `{key}`: {_fmt(peak['tflops'], '.3f')} TFLOP/s, best of: {libs or peak['reason']}")
     return lines + [f"- Peak memory: {settings['memory']}."]
 
 

@@ -32,9 +32,10 @@ class Settings:
         return math.ceil(self.tiles / batch_size) * batch_size
 
 
-#: defaults per machine kind: a 2-core CPU must finish in minutes; a GPU gets a wider sweep and more repeats
+#: defaults per machine kind: a 2-core CPU must finish in minutes (the median of 5 short passes shrugs off
+#: the spikes a shared machine has); a GPU gets a wider sweep and more warm-up
 DEFAULTS = {
-    "cpu": Settings(batch_sizes=(1, 8, 32), tiles=32, repeats=3, warmup=1),
+    "cpu": Settings(batch_sizes=(1, 8, 32), tiles=32, repeats=5, warmup=1),
     "cuda": Settings(batch_sizes=(1, 8, 16, 32, 64, 128), tiles=256, repeats=5, warmup=3),
 }
 

@@ -291,13 +291,13 @@ def export_model(
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
     outputs = check_outputs(outputs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
     bar = _Progress(variant, stages, progress)
     try:
         bar.stage("build model")
         model, variant, weights_info = build_model(variant, weights, random_weights)
         bar.done()
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad weights leave no empty folder behind
         artifacts = _make_artifacts(model, variant, weights_info, wanted, outputs, parity_tiles, out_dir, bar)
         del model  # a ViT-H/G holds GBs: free it before the TensorRT build
         bar.stage("manifest")

@@ -378,7 +378,11 @@ def build_engine(
     info = dataclasses.replace(model_info(manifest, source), precision="fp16")
     tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
     ref_backend, ref_label = _reference(manifest, variant, onnx_path.parent, reference)
-    expected = _embed(ref_backend, tiles)
+    try:
+        expected = _embed(ref_backend, tiles)
+    finally:
+        if ref_backend is not reference:  # one opened here (a session, a model on the GPU): free it now
+            ref_backend.close()
     with TensorRTBackend.from_serialized(
         plan, info, device=device, version_compatible=version_compatible
     ) as engine:

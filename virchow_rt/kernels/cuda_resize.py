@@ -299,13 +299,18 @@ class CudaResizer:
         self._module = cuda.check(
             drv.cuModuleLoadData(compile_kernels(f"sm_{major}{minor}")), "cuModuleLoadData"
         )
-        self._horizontal = cuda.check(
-            drv.cuModuleGetFunction(self._module, b"resize_horizontal"), "cuModuleGetFunction"
-        )
-        self._vertical = cuda.check(
-            drv.cuModuleGetFunction(self._module, b"resize_vertical"), "cuModuleGetFunction"
-        )
-        self._stream = cuda.Stream()
+        try:
+            self._horizontal = cuda.check(
+                drv.cuModuleGetFunction(self._module, b"resize_horizontal"), "cuModuleGetFunction"
+            )
+            self._vertical = cuda.check(
+                drv.cuModuleGetFunction(self._module, b"resize_vertical"), "cuModuleGetFunction"
+            )
+            self._stream = cuda.Stream()
+        except BaseException:  # the loaded module would otherwise stay in GPU memory for the process
+            drv.cuModuleUnload(self._module)
+            self._module = None
+            raise
         self._tables: dict[tuple[int, int], _Tables] = {}
         self._tmp: cuda.DeviceBuffer | None = None
 

@@ -50,7 +50,8 @@ PROVIDERS = {  # ORT execution provider -> backend name
     "CPUExecutionProvider": "onnxruntime-cpu",
 }
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
-FUSION_VERSION = 1  # bump when fuse_attention changes: old cache entries are then ignored
+CPU = ["CPUExecutionProvider"]
+FUSION_VERSION = 2  # bump when fuse_attention changes: old cache entries are then ignored
 CPU_BATCH = 8  # the CPU throughput plateau is batch 2-8 (module doc); GPUs use the variant's batch
 FUSED_MIN_COSINE = 0.99999  # the fused graph must match the original like an fp32 export matches torch
 _REEXPORT = "re-export it with `virchow-rt export VARIANT --out DIR` (or copy the file again)"
@@ -132,7 +133,7 @@ def _providers(ort: Any, choice: str, cache: Path, profile: tuple[int, int, int]
                 "trt_profile_max_shapes": shape(profile[2]),
             },
         )
-    return [*chosen, "CPUExecutionProvider"]
+    return [*chosen, *CPU]
 
 
 def _manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -211,12 +212,13 @@ class OnnxRuntimeBackend(Backend):
         profile = _profile(manifest)
         size = int(manifest.get("preprocess", {}).get("size", 224))
         provider_list = _providers(ort, providers, self._cache, profile, size)
-        session = self._open(self.path, provider_list)
-        self.info = _read_info(session, self.path)
-        if session.get_providers()[0] == "TensorrtExecutionProvider":
-            self.max_batch = profile[2]  # the engine's optimization profile
-        if provider_list == ["CPUExecutionProvider"] and optimize:
-            session = self._optimized(session)
+        if provider_list == CPU:
+            session = self._open_cpu(optimize)
+        else:
+            session = self._open(self.path, provider_list)
+            if session.get_providers()[0] == "TensorrtExecutionProvider":
+                self.max_batch = profile[2]  # the engine's optimization profile
+        self.info = _read_info(session, self.path)  # the fused copy keeps the metadata_props
         self._session = session
         self.name = PROVIDERS.get(session.get_providers()[0], "onnxruntime")
         #: batch this session runs fastest at (CPU: 8, measured, module doc); None: the variant's
@@ -252,33 +254,48 @@ class OnnxRuntimeBackend(Backend):
             self._sha256 = sha256_file(self.path)
         return self._sha256
 
-    def _optimized(self, original: Any) -> Any:
-        """The attention-fused copy of an fp32 model from the cache (made and checked on first use)."""
-        if self.info.precision == "fp16" or not is_importable("onnx"):
-            self.optimization = {
-                "skipped": "fp16 model" if self.info.precision == "fp16" else "onnx not installed"
-            }
-            return original
-        data = self.path.with_name(
-            self.path.name + ".data"
-        )  # external data: keyed by size + mtime, not hashed
+    def _cache_entry(self) -> Path:
+        data = self.path.with_name(self.path.name + ".data")
+        # external data (models > 2 GB) enters the key by size and mtime: hashing it costs seconds per load
         stamp = f"-{data.stat().st_size}-{data.stat().st_mtime_ns}" if data.exists() else ""
         key = f"{self.model_sha256[:32]}{stamp}-ort{self._ort.__version__}-f{FUSION_VERSION}"
-        entry = self._cache / "ort-cpu" / key
-        try:
-            if not (entry / "result.json").exists():
-                _build_entry(self.path, original, entry, self._ort)
-            result = json.loads((entry / "result.json").read_text())
-            if not result.get("use"):
-                self.optimization = {"skipped": result.get("reason", "no gain")}
+        return self._cache / "ort-cpu" / key
+
+    def _open_cpu(self, optimize: bool) -> Any:
+        """A CPU session: the cached attention-fused copy when a checked one exists (the original is then
+        never loaded), else the original graph, fused and cached on first use when that works."""
+        if not optimize:
+            return self._open(self.path, CPU)
+        entry = self._cache_entry()
+        result = _read_result(entry)
+        original = None
+        if result is None:  # first use of this model (with this ORT and fusion version)
+            original = self._open(self.path, CPU)
+            self._check_io(original)  # a graph that is not ours fails here, before any rewrite
+            precision = original.get_modelmeta().custom_metadata_map.get("virchow_rt.precision")
+            if precision == "fp16" or not is_importable("onnx"):
+                # fp16: ORT's CPU Attention kernel is fp32-only; onnx: needed to rewrite the graph
+                self.optimization = {"skipped": "fp16 model" if precision == "fp16" else "onnx not installed"}
                 return original
-            session = self._open(entry / "model.onnx", ["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - an optimization must never stop a run: fall back
-            log.warning(
-                "CPU graph optimization of %s failed (%s); running the original graph", self.path, err
-            )
+            try:
+                _build_entry(self.path, original, entry, self._ort)
+                result = _read_result(entry) or {}
+            except Exception as err:  # noqa: BLE001 - an optimization must never stop a run
+                log.warning(
+                    "CPU graph optimization of %s failed (%s); running the original graph", self.path, err
+                )
+                self.optimization = {"skipped": f"failed: {err}"}
+                return original
+        if not result.get("use"):
+            self.optimization = {"skipped": result.get("reason", "no gain")}
+            return original or self._open(self.path, CPU)
+        try:
+            session = self._open(entry / "model.onnx", CPU)
+        except ModelFileError as err:  # a damaged cache entry: drop it (rebuilt next time), run the original
+            log.warning("cached optimized model %s is unusable (%s); running the original graph", entry, err)
+            shutil.rmtree(entry, ignore_errors=True)
             self.optimization = {"skipped": f"failed: {err}"}
-            return original
+            return original or self._open(self.path, CPU)
         self.optimization = {"fused_attention": result["fused_attention"], "cache": str(entry)}
         return session
 
@@ -334,9 +351,10 @@ def fuse_attention(model: Any) -> int:
 
     Pattern (timm ``Attention`` with packed qkv, as exported by torch): ``x @ W_qkv + b`` -> reshape
     (B, N, 3, H, hd) -> transpose/split -> ``softmax(q k^T * scale) @ v`` -> transpose -> reshape (B, N, D).
-    The whole chain becomes one ``com.microsoft.Attention(x, W_qkv, b, num_heads=H)`` (its weight layout
-    is timm's: q, k, v concatenated along the output dimension, heads major). The default scale
-    1/sqrt(hd) is timm's; :func:`_build_entry` checks the result against the original graph anyway.
+    The whole chain becomes one ``com.microsoft.Attention(x, W_qkv, b, num_heads=H, scale=s)`` (its
+    weight layout is timm's: q, k, v concatenated along the output dimension, heads major). ``s`` is the
+    product of the constant factors on the q and k paths; when torch computed it at run time (its SDPA
+    export), the op's default 1/sqrt(hd) is SDPA's too. :func:`_build_entry` checks the result anyway.
     """
     onnx = optional_import("onnx", "to optimize ONNX graphs")
     from onnx import helper, numpy_helper
@@ -360,15 +378,28 @@ def fuse_attention(model: Any) -> int:
             return numpy_helper.to_array(node.attribute[0].t)
         return None
 
-    def qkv_add(name: str) -> Any:  # walk up layout ops to the Add of the qkv projection
-        for _ in range(8):
+    def qkv_add(name: str) -> tuple[Any, float | None]:
+        """Walk up layout ops to the Add of the qkv projection; also the product of constant scale
+        factors met on the way (Mul/Div by a constant), or None when one was computed at run time."""
+        factor: float | None = 1.0
+        for _ in range(10):
             node = producer.get(name)
             if node is None or node.op_type not in _LAYOUT_OPS | {"Add"}:
-                return None
+                return None, factor
             if node.op_type == "Add":
-                return node
-            name = next((i for i in node.input if const(i) is None and i in producer), "")
-        return None
+                return node, factor
+            walkable = _LAYOUT_OPS | {"Add"}
+            data = [i for i in node.input if const(i) is None and producer.get(i, node).op_type in walkable]
+            if node.op_type in ("Mul", "Div"):
+                # Mul: either side may be the constant; Div: only the divisor scales
+                candidates = node.input if node.op_type == "Mul" else node.input[1:]
+                value = next((v for v in map(const, candidates) if v is not None), None)
+                if value is None or value.size != 1:
+                    factor = None  # e.g. torch's SDPA export: sqrt(scale) computed from the shape
+                elif factor is not None:
+                    factor *= float(value.reshape(-1)[0]) ** (1 if node.op_type == "Mul" else -1)
+            name = data[0] if data else ""
+        return None, factor
 
     def only(name: str, op: str) -> Any:
         users = consumers.get(name, [])
@@ -381,9 +412,10 @@ def fuse_attention(model: Any) -> int:
         out = merge and only(merge.output[0], "Reshape")
         if scores is None or scores.op_type != "MatMul" or out is None:
             continue
-        adds = [qkv_add(n) for n in (scores.input[0], scores.input[1], attn_v.input[1])]
-        add = adds[0]
-        if add is None or any(a is not add for a in adds):
+        (add, q_scale), (k_add, k_scale), (v_add, v_scale) = (
+            qkv_add(n) for n in (scores.input[0], scores.input[1], attn_v.input[1])
+        )
+        if add is None or k_add is not add or v_add is not add or v_scale != 1.0:
             continue
         bias = next((i for i in add.input if const(i) is not None), None)
         proj = next(
@@ -398,9 +430,13 @@ def fuse_attention(model: Any) -> int:
             shape = [None if p is None else int(np.asarray(p).reshape(-1)[0]) for p in parts]
         if shape is None or len(shape) != 5 or shape[3] is None:
             continue
+        # constant factors on q and k (timm: q * scale) give the exact scale; a run-time one is SDPA's
+        # default 1/sqrt(head dim), which is also the op's default
+        scale = {} if q_scale is None or k_scale is None else {"scale": q_scale * k_scale}
         fused = helper.make_node(
             "Attention", [proj.input[0], proj.input[1], bias], [out.output[0]],
             domain="com.microsoft", num_heads=int(shape[3]), name=f"virchow_rt_attention_{len(replacements)}",
+            **scale,
         )  # fmt: skip
         replacements.append((out, fused))
     for old, new in replacements:
@@ -412,6 +448,54 @@ def fuse_attention(model: Any) -> int:
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return len(replacements)
+
+
+def check_tiles_for(size: int) -> np.ndarray:
+    """4 deterministic uint8 tiles (4, S, S, 3) with structure at several scales: blocks, a gradient, noise.
+
+    Pure noise is not enough: averaged over a patch or a row it is nearly constant, so attention turns
+    uniform and a wrong softmax scale would go unnoticed.
+    """
+    rng = np.random.default_rng(0)
+    tiles = np.empty((4, size, size, 3), np.uint8)
+    for i, cells in enumerate((7, 16)):  # random blocks of S/7 and S/16 px
+        coarse = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+        index = np.arange(size) * cells // size
+        tiles[i] = coarse[index][:, index]
+    y, x = np.meshgrid(np.linspace(0, 255, size), np.linspace(0, 255, size), indexing="ij")  # (S, S)
+    tiles[2] = np.stack([y, x, 255 - y], axis=-1).round()  # gradients
+    tiles[3] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return tiles
+
+
+def _check_fused(original: Any, fused_path: Path, ort: Any) -> dict[str, Any]:
+    """Run the original and the fused graph on :func:`check_tiles_for`; ``use`` when they agree like fp32."""
+    dims = original.get_inputs()[0].shape  # (batch, S, S, 3)
+    tiles = check_tiles_for(dims[1] if isinstance(dims[1], int) else 224)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        fused = ort.InferenceSession(str(fused_path), so, providers=CPU)
+        b = fused.run([OUTPUT], {INPUT: tiles})[0].astype(np.float64)  # (4, E)
+    except Exception as err:  # noqa: BLE001 - e.g. an op this ORT build lacks: recorded, not raised
+        return {"use": False, "reason": f"ONNX Runtime cannot run the fused graph ({err})"}
+    a = original.run([OUTPUT], {INPUT: tiles})[0].astype(np.float64)  # (4, E)
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos = float(np.min(np.sum(a * b, axis=1) / norms))
+    if cos >= FUSED_MIN_COSINE:
+        return {"use": True, "min_cosine": cos}
+    return {
+        "use": False,
+        "min_cosine": cos,
+        "reason": f"fused graph disagrees with the original (cosine {cos:.7f})",
+    }
+
+
+def _read_result(entry: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((entry / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _drop_dead_nodes(graph: Any) -> None:
@@ -444,33 +528,13 @@ def _build_entry(path: Path, original: Any, entry: Path, ort: Any) -> None:
         if fused == 0:
             result["reason"] = "no timm attention pattern found"
         else:
-            big = (
-                sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000
-            )  # protobuf caps at 2 GB
+            big = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000  # protobuf: < 2 GB
             onnx.save_model(
                 model, str(tmp / "model.onnx"), save_as_external_data=big, location="model.onnx.data"
             )
-            del model
-            tile = (
-                int(original.get_inputs()[0].shape[1])
-                if isinstance(original.get_inputs()[0].shape[1], int)
-                else 224
-            )
-            noise = np.random.default_rng(0).integers(0, 256, (2, tile, tile, 3), dtype=np.uint8)
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            check = ort.InferenceSession(str(tmp / "model.onnx"), so, providers=["CPUExecutionProvider"])
-            a = original.run([OUTPUT], {INPUT: noise})[0].astype(np.float64)
-            b = check.run([OUTPUT], {INPUT: noise})[0].astype(np.float64)
-            cos = float(
-                np.min(
-                    np.sum(a * b, 1)
-                    / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-                )
-            )
-            result.update(min_cosine=cos, use=cos >= FUSED_MIN_COSINE)
+            del model  # the fused proto: one copy of the weights fewer while the check runs
+            result.update(_check_fused(original, tmp / "model.onnx", ort))
             if not result["use"]:
-                result["reason"] = f"fused graph disagrees with the original (min cosine {cos:.7f})"
                 (tmp / "model.onnx").unlink()
                 (tmp / "model.onnx.data").unlink(missing_ok=True)
         write_json(tmp / "result.json", result)

@@ -12,6 +12,7 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from virchow_rt.slides.grid import (
 )
 from virchow_rt.slides.reader import Slide, find_slides, open_slide
 from virchow_rt.slides.regions import parse_magnifications, region_grid
-from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, check_complete, shareable
+from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, check_complete, read_attrs
 
 SUMMARY_NAME = "summary.json"
 #: skipped-tile errors listed per slide in the summary (the count is always complete)
@@ -205,6 +206,7 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
                 "backend": backend.name,
                 "reader": slide.reader,
                 "slide_path": str(slide.path),
+                "slide_size_bytes": slide.path.stat().st_size,
                 "level0_mpp": slide.mpp,
                 "mpp_source": slide.mpp_source,
                 "target_mpp": float(settings.mpp),
@@ -244,7 +246,6 @@ def _process_one(path: Path, out_dir: Path, model: _Model, settings: SlideSettin
             record.timings["open_s"] = time.perf_counter() - start
             with atomic_path(out) as tmp:
                 _embed_to_file(slide, model, settings, tmp, record)
-                shareable(tmp)
     except BaseException:
         out.unlink(missing_ok=True)  # an invalid old file must not survive a failed redo
         raise
@@ -295,7 +296,10 @@ def process_slides(
                 for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
                     stale.unlink(missing_ok=True)
                 if out.exists():
-                    reason = check_complete(out, expected)
+                    # the file size tells another slide of the same name apart (its .h5 would be taken)
+                    reason = _resume_problem(
+                        out, {**expected, "slide_size_bytes": path.stat().st_size}, settings.slide_mpp
+                    )
                     if reason is None:
                         record.status, record.output = "skipped", str(out)
                         record.tiles, record.regions = _stored_counts(out)
@@ -330,11 +334,23 @@ def process_slides(
 
 
 def _stored_counts(path: Path) -> tuple[int, int | None]:
-    from virchow_rt._deps import optional_import
+    attrs = read_attrs(path)
+    regions = int(attrs["num_regions"]) if "num_regions" in attrs else None
+    return int(attrs["num_tiles"]), regions
 
-    with optional_import("h5py", "to read slide features (.h5)").File(path, "r") as f:
-        regions = int(f.attrs["num_regions"]) if "num_regions" in f.attrs else None
-        return int(f.attrs["num_tiles"]), regions
+
+def _resume_problem(path: Path, expected: dict[str, Any], slide_mpp: float | None) -> str | None:
+    """Why the existing ``path`` must be redone (:func:`check_complete`, then the µm/px it assumed)."""
+    reason = check_complete(path, expected)
+    if reason is not None or slide_mpp is None:
+        return reason
+    attrs = read_attrs(path)
+    # a file tiled with a user-given --slide-mpp is valid only for that µm/px (the slide records none)
+    if attrs.get("mpp_source") == "slide_mpp" and not math.isclose(
+        float(attrs["level0_mpp"]), float(slide_mpp), rel_tol=1e-6
+    ):
+        return f"was made with --slide-mpp {float(attrs['level0_mpp']):g}, this run uses {slide_mpp:g}"
+    return None
 
 
 def _summary(

@@ -19,7 +19,6 @@ from PIL import Image
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError
 from virchow_rt.manifest import atomic_path
-from virchow_rt.slides.writer import shareable
 from virchow_rt.tissue import ihc_image
 
 #: glass: bright, grey, a little sensor noise
@@ -105,5 +104,4 @@ def write_synthetic_slide(
                 **extra,
             )
         tw.close()
-        shareable(tmp)
     return SyntheticSlide(Path(path), image, tissue, mpp, levels)

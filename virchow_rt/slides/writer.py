@@ -16,8 +16,8 @@ Layout of ``<out>/<slide name>.h5``::
         position            (T, 2) int64       row, column of position t in its magnification's grid
     root attrs: everything above plus encoder, pooling, embedding_dim, model_sha256, weights_sha256,
         precision, random_weights, backend, reader, target_mpp, level0_mpp, min_tissue, regions,
-        num_tiles, skipped_tiles, format, format_version, created, virchow_rt_version and, written last,
-        complete = True.
+        num_tiles, skipped_tiles, slide_size_bytes, mpp_source, format, format_version, created,
+        virchow_rt_version and, written last, complete = True.
 
 With --regions, ``features``/``coords`` hold the region tiles at the --mpp magnification (region by
 region), so TRIDENT-layout readers see the usual file.
@@ -160,22 +160,6 @@ class FeatureWriter:
             self._file = None
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it, which races with other threads: ask /proc (Linux) instead
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def shareable(path: str | os.PathLike) -> None:
-    """Give a finished temporary file a normal file's permissions (mkstemp makes it owner-only, 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def _same(got: Any, want: Any) -> bool:
     if isinstance(want, float) or isinstance(got, float | np.floating):
         try:
@@ -234,13 +218,23 @@ def check_complete(path: str | os.PathLike, expected: Mapping[str, Any]) -> str 
     return None
 
 
+def _attrs(f: Any) -> dict[str, Any]:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The root attributes of a slide's ``.h5`` (no datasets are read)."""
+    with _h5py().File(path, "r") as f:
+        return _attrs(f)
+
+
 def read_features(path: str | os.PathLike) -> dict[str, Any]:
     """Load a slide's ``.h5``: ``{"features", "coords", "attrs", "regions": {...} | None}`` (numpy arrays)."""
     with _h5py().File(path, "r") as f:
         out: dict[str, Any] = {
             "features": f["features"][()],
             "coords": f["coords"][()],
-            "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()},
+            "attrs": _attrs(f),
             "regions": None,
         }
         if "regions" in f:
