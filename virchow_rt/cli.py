@@ -156,7 +156,11 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from virchow_rt.errors import InputError
     from virchow_rt.export import export_model
+
+    if args.exclude_lean_runtime and not (args.tensorrt and args.version_compatible):
+        raise InputError("--exclude-lean-runtime needs --tensorrt --version-compatible (it applies to the engine)")
 
     manifest = export_model(
         args.variant,

@@ -57,7 +57,10 @@ def test_fp16_graph_follows_the_plan(tiny_export):
         n for n in graph.node if n.op_type == "Cast" and types.get(n.input[0]) == TensorProto.UINT8
     )
     assert types[cast_in.output[0]] == FP32
-    mul = next(n for n in graph.node if cast_in.output[0] in n.input)
+    # uint8 is cast first (TensorRT takes uint8 only into a Cast), then NHWC -> NCHW in fp32
+    transpose = next(n for n in graph.node if cast_in.output[0] in n.input)
+    assert transpose.op_type == "Transpose" and types[transpose.output[0]] == FP32
+    mul = next(n for n in graph.node if transpose.output[0] in n.input)
     add = next(n for n in graph.node if mul.output[0] in n.input)
     assert (mul.op_type, add.op_type) == ("Mul", "Add") and types[add.output[0]] == FP32
     scale = next(

@@ -17,10 +17,8 @@ bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU array
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import importlib
 import logging
 import threading
 import warnings
@@ -32,17 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from virchow_rt._deps import optional_import
-from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
+from virchow_rt.errors import BackendError, ModelFileError
 from virchow_rt.manifest import find_artifact, read_manifest
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.engine_cache import (
     INPUT,
-    LEAN_MODULES,
     NUMPY_TYPES,
     OUTPUT,
-    RUNTIME_MODULES,
     TensorSpec,
     check_batch,
     check_io,
@@ -51,151 +46,23 @@ from virchow_rt.runtime.engine_cache import (
     rebuild_command,
     runtime_problems,
 )
+from virchow_rt.runtime.slot_schedule import SlotSchedule, Step
+from virchow_rt.runtime.tensorrt_module import LogBook, import_tensorrt, is_real_tensorrt, make_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-#: ILogger.Severity values -> names (TensorRT 10/11)
-SEVERITIES = {0: "INTERNAL_ERROR", 1: "ERROR", 2: "WARNING", 3: "INFO", 4: "VERBOSE"}
+# re-exported: the builder and callers import these from here
+__all__ = [
+    "LogBook",
+    "SlotSchedule",
+    "Step",
+    "TensorRTBackend",
+    "import_tensorrt",
+    "is_real_tensorrt",
+    "make_logger",
+]
 _log = logging.getLogger("virchow_rt.tensorrt")
-
-
-# --- TensorRT module, version and logger -----------------------------------------------------------
-def _real(module: ModuleType, name: str, purpose: str) -> ModuleType:
-    # tensorrt-stubs installs a bare tensorrt/ folder of .pyi files: it imports as an empty namespace package
-    if not hasattr(module, "__version__") or not hasattr(module, "Runtime"):
-        raise MissingDependency(
-            f"{name} is needed {purpose}, but only its type stubs are installed (an empty package at "
-            f"{list(getattr(module, '__path__', []))}): pip install 'virchow-rt[tensorrt]' on a GPU machine"
-        )
-    return module
-
-
-def is_real_tensorrt(name: str = "tensorrt") -> bool:
-    """True when TensorRT itself (not just tensorrt-stubs) is importable as ``name``."""
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        return False
-    return hasattr(module, "__version__") and hasattr(module, "Runtime")
-
-
-def import_tensorrt(module: str = "auto", purpose: str = "to run TensorRT engines") -> ModuleType:
-    """The TensorRT module: "tensorrt", "tensorrt_lean", "tensorrt_dispatch", or "auto" (the first found)."""
-    if module == "auto":
-        module = next((name for name in RUNTIME_MODULES if is_real_tensorrt(name)), "tensorrt")
-    if module not in RUNTIME_MODULES:
-        raise InputError(
-            f"unknown TensorRT runtime module {module!r}; use one of: auto, {', '.join(RUNTIME_MODULES)}"
-        )
-    if module in LEAN_MODULES:
-        try:
-            return _real(importlib.import_module(module), module, purpose)
-        except ImportError as err:
-            package = module.replace("_", "-")
-            raise MissingDependency(
-                f"{module} is needed {purpose} without the TensorRT builder: pip install {package} ({err})"
-            ) from err
-    return _real(optional_import(module, purpose), "TensorRT", purpose)
-
-
-class LogBook:
-    """What TensorRT logged, kept so that errors can quote TensorRT's own words; also sent to ``logging``."""
-
-    def __init__(self, keep: int = 500) -> None:
-        self.records: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep)
-
-    def add(self, severity: str, message: str) -> None:
-        self.records.append((severity, message))
-        level = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING}
-        _log.log(level.get(severity, logging.DEBUG), "TensorRT %s: %s", severity, message)
-
-    def clear(self) -> None:
-        self.records.clear()
-
-    def errors(self) -> list[str]:
-        return [m for s, m in self.records if s in ("INTERNAL_ERROR", "ERROR")]
-
-    def quote(self, limit: int = 5) -> str:
-        """The last ``limit`` errors TensorRT logged, as one line."""
-        errors = self.errors()[-limit:]
-        return "TensorRT said: " + " | ".join(errors) if errors else "TensorRT logged no error"
-
-
-def make_logger(trt_module: ModuleType, book: LogBook, min_severity: int = 3) -> trt.ILogger:
-    """A ``trt.ILogger`` that records messages up to ``min_severity`` (3: INFO) in ``book``."""
-
-    # the base class comes from the module picked at run time (tensorrt or tensorrt_lean), hence Any
-    class CapturingLogger(trt_module.ILogger):  # type: ignore[misc,name-defined]
-        def __init__(self) -> None:
-            trt_module.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= min_severity:
-                book.add(SEVERITIES.get(level, str(level)), str(msg))
-
-    logger: trt.ILogger = CapturingLogger()
-    return logger
-
-
-# --- the pipeline schedule, pure -----------------------------------------------------------------
-@dataclass(frozen=True)
-class Step:
-    """One action of the pipelined executor: ``op`` on ``batch`` (of ``rows`` tiles) in ``slot``.
-
-    ops: "fill" (host copies the batch into the slot's pinned input), "h2d", "compute", "d2h" (queued
-    on their streams, never blocking), "wait" (host blocks until the slot's D2H is done), "emit"
-    (host hands out the result). A batch of zero rows uses no slot (-1) and is only emitted.
-    """
-
-    op: str
-    batch: int
-    slot: int
-    rows: int
-
-
-class SlotSchedule:
-    """Round-robin assignment of batches to ``slots`` buffer sets, results in submission order.
-
-    A slot is reused only after the host has waited for its previous batch's D2H and emitted it, so
-    with ``slots >= 2`` batch k+1's H2D is always queued before batch k's D2H is waited for.
-    """
-
-    def __init__(self, slots: int) -> None:
-        if slots < 2:
-            raise InputError(f"a pipeline needs at least 2 slots to overlap copies with compute, got {slots}")
-        self.slots = slots
-        self.submitted = 0
-        self.in_flight: collections.deque[Step] = collections.deque()  # their "d2h" steps, oldest first
-
-    def _retire_oldest(self) -> list[Step]:
-        d2h = self.in_flight.popleft()
-        return [Step("wait", d2h.batch, d2h.slot, d2h.rows), Step("emit", d2h.batch, d2h.slot, d2h.rows)]
-
-    def submit(self, rows: int) -> list[Step]:
-        """Steps to run, in order, when the next batch (of ``rows`` tiles) arrives."""
-        k = self.submitted
-        self.submitted += 1
-        steps: list[Step] = []
-        if rows == 0:  # nothing to compute, but it must come out after the batches before it
-            while self.in_flight:
-                steps += self._retire_oldest()
-            return [*steps, Step("emit", k, -1, 0)]
-        while len(self.in_flight) >= self.slots:
-            steps += self._retire_oldest()
-        slot = k % self.slots
-        assert all(s.slot != slot for s in self.in_flight), "round-robin slot still busy"
-        steps += [Step(op, k, slot, rows) for op in ("fill", "h2d", "compute", "d2h")]
-        self.in_flight.append(steps[-1])
-        return steps
-
-    def drain(self) -> list[Step]:
-        """Steps that hand out every batch still in flight, in order."""
-        steps: list[Step] = []
-        while self.in_flight:
-            steps += self._retire_oldest()
-        return steps
 
 
 # --- GPU side ------------------------------------------------------------------------------------
