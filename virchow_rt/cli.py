@@ -160,7 +160,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from virchow_rt.export import export_model
 
     if args.exclude_lean_runtime and not (args.tensorrt and args.version_compatible):
-        raise InputError("--exclude-lean-runtime needs --tensorrt --version-compatible (it applies to the engine)")
+        raise InputError("--exclude-lean-runtime needs --tensorrt --version-compatible")
 
     manifest = export_model(
         args.variant,
