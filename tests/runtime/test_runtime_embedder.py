@@ -186,6 +186,7 @@ def test_owned_backend_is_closed_passed_backend_is_not(models):
     assert not backend.closed
     embedder = Embedder(models["fp32"])
     embedder.close()
-    assert embedder.backend._session is None
+    with pytest.raises(BackendError, match="is closed"):
+        embedder.backend.run(np.zeros((1, 224, 224, 3), np.uint8))
     embedder.close()  # twice is fine
     assert open_backend(models["fp32"]).info.width == WIDTH

@@ -330,6 +330,10 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         tiles = self.check_tiles(tiles)
+        if self._session is None:
+            raise BackendError(
+                f"{self.name} backend for {self.path} is closed; open a new one with open_backend"
+            )
         try:
             (out,) = self._session.run([OUTPUT], {INPUT: tiles})  # (B, E)
         except Exception as err:  # noqa: BLE001 - ORT's runtime errors become one BackendError
@@ -405,7 +409,7 @@ def fuse_attention(model: Any) -> int:
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
-    replacements = []
+    replacements: list[tuple[Any, Any]] = []  # (output Reshape node, Attention node replacing the chain)
     for softmax in (n for n in graph.node if n.op_type == "Softmax"):
         scores, attn_v = producer.get(softmax.input[0]), only(softmax.output[0], "MatMul")
         merge = attn_v and only(attn_v.output[0], "Transpose")
@@ -424,20 +428,17 @@ def fuse_attention(model: Any) -> int:
         split_shape = only(add.output[0], "Reshape")
         if bias is None or proj is None or const(proj.input[1]) is None or split_shape is None:
             continue
-        shape = const(split_shape.input[1])
-        if shape is None and producer.get(split_shape.input[1]) is not None:  # Concat(B, N, 3, H, hd)
-            parts = [const(i) for i in producer[split_shape.input[1]].input]
-            shape = [None if p is None else int(np.asarray(p).reshape(-1)[0]) for p in parts]
-        if shape is None or len(shape) != 5 or shape[3] is None:
+        heads = _num_heads(split_shape.input[1], const, producer)
+        if heads is None:
             continue
         # constant factors on q and k (timm: q * scale) give the exact scale; a run-time one is SDPA's
         # default 1/sqrt(head dim), which is also the op's default
-        scale = {} if q_scale is None or k_scale is None else {"scale": q_scale * k_scale}
         fused = helper.make_node(
             "Attention", [proj.input[0], proj.input[1], bias], [out.output[0]],
-            domain="com.microsoft", num_heads=int(shape[3]), name=f"virchow_rt_attention_{len(replacements)}",
-            **scale,
+            domain="com.microsoft", name=f"virchow_rt_attention_{len(replacements)}", num_heads=heads,
         )  # fmt: skip
+        if q_scale is not None and k_scale is not None:
+            fused.attribute.append(helper.make_attribute("scale", q_scale * k_scale))
         replacements.append((out, fused))
     for old, new in replacements:
         index = list(graph.node).index(old)
@@ -466,6 +467,18 @@ def check_tiles_for(size: int) -> np.ndarray:
     tiles[2] = np.stack([y, x, 255 - y], axis=-1).round()  # gradients
     tiles[3] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     return tiles
+
+
+def _num_heads(shape_name: str, const: Any, producer: dict[str, Any]) -> int | None:
+    """H from the 5-d reshape (B, N, 3, H, hd) of the qkv projection: a constant, or a Concat of parts."""
+    shape = const(shape_name)
+    if shape is not None:
+        return int(shape[3]) if shape.size == 5 else None
+    concat = producer.get(shape_name)
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 5:
+        return None
+    part = const(concat.input[3])
+    return int(part.reshape(-1)[0]) if part is not None else None
 
 
 def _check_fused(original: Any, fused_path: Path, ort: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ resized with timm's eval geometry (:func:`virchow_rt.kernels.resize.resize_tile`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from virchow_rt.errors import InputError
 from virchow_rt.kernels.resize import resize_tile, resize_tiles
 
 DEFAULT_BATCH = 32
+# what Pillow raises for files it cannot identify or decode (DecompressionBombError: absurdly large images)
+_IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _check_image(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - the header parse is the check
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except _IMAGE_ERRORS as err:
         raise InputError(
             f"{path} is not an image Pillow can read ({type(err).__name__}: {err}); "
             "pass PNG/JPEG/TIFF tiles or .npy arrays, or use --skip-errors to skip it"
@@ -74,7 +76,7 @@ def _decode(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")  # decodes all pixels: a truncated file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except _IMAGE_ERRORS as err:
         raise InputError(
             f"cannot decode {path} ({type(err).__name__}: {err}); the file is corrupt or truncated: "
             "re-export it, or use --skip-errors to skip it"
@@ -149,7 +151,7 @@ class TileSource:
             for start in range(0, entry.count, batch_size):
                 rows = entry.array[start : start + batch_size]  # (b, H, W, 3) view of the memory map
                 if rows.shape[1] == size and rows.shape[2] == size:
-                    yield np.array(rows)  # copy now: the disk reads happen in this (reader) thread
+                    yield np.array(rows, order="C")  # copy now: disk reads happen in this (reader) thread
                 else:
                     yield resize_tiles(rows, size)
 
@@ -223,7 +225,7 @@ def _expand(path: Path, skip_errors: bool, skipped: list[tuple[str, str]]) -> li
 
 
 def open_tiles(
-    inputs: list[str] | list[os.PathLike], tile_size: int = 224, skip_errors: bool = False
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], tile_size: int = 224, skip_errors: bool = False
 ) -> TileSource:
     """Open .npy uint8 (N, H, W, 3) arrays (memory-mapped), image files and folders of images as one source.
 
@@ -231,8 +233,7 @@ def open_tiles(
     that is not an image raises :class:`InputError` naming it and the fix (with ``skip_errors``, unreadable
     image files are skipped and listed in ``.skipped`` instead). Zero tiles in total is an error.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not inputs:
         raise InputError("no tile inputs given; pass .npy arrays, image files or folders of images")
     skipped: list[tuple[str, str]] = []
