@@ -168,3 +168,15 @@ def test_write_report_writes_both_files_and_no_leftovers(tmp_path) -> None:
     assert md_path.read_text().startswith("# virchow-rt benchmark")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
     assert all(math.isfinite(r["tiles_per_s"]) for r in loaded["results"] if r["status"] == "ok")
+
+
+def test_rows_that_shared_the_cpu_are_flagged_in_the_table_and_the_target() -> None:
+    rows = [
+        _row("torch-eager", "fp32", 8, 3.0, min_cos=1.0, cpu_utilization=0.55),
+        _row("onnxruntime-cpu", "fp32", 8, 6.0, cpu_utilization=0.99),
+    ]
+    report = _report(rows)
+    md = render_markdown(report)
+    assert "| 55% (shared) |" in md and "| 99% |" in md
+    cpu = next(t for t in report["targets"] if t["device"] == "cpu")
+    assert "torch-eager/fp32 at batch 8: 3 tiles/s (shared CPU: 55% of the cores)" in cpu["detail"]

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.benchmark.targets import format_target
+from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, format_target
 from virchow_rt.manifest import atomic_path, write_json
 
 SCHEMA_VERSION = 1
@@ -91,6 +91,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _cpu_use(row: dict[str, Any]) -> str:
+    use = row.get("cpu_utilization")
+    shared = row["device"] == "cpu" and use is not None and use < CONTENDED_CPU_USE
+    return _fmt(use, ".0%") + (" (shared)" if shared else "")
+
+
 def _throughput_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     out = []
     for r in results:
@@ -116,7 +122,7 @@ def _throughput_rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 memory,
                 _fmt(r["tflops"], ".3f"),
                 _fmt(r["peak_fraction"], ".1%"),
-                _fmt(r.get("cpu_utilization"), ".0%"),
+                _cpu_use(r),
                 f"{_fmt(r.get('setup_s'), '.2f')} / {_fmt(r.get('first_call_s'), '.2f')}",
             ]
         )
@@ -209,7 +215,9 @@ def _method(report: dict[str, Any]) -> list[str]:
         "- Latency: per batch, from the moment the backend takes the batch to the moment its embeddings are "
         "back on the host; p50 / p99 over every batch of every timed pass.",
         f"- Compute-only: {settings['compute_only']}.",
-        "- CPU use: CPU time of this process during the timed passes over (wall time x usable cores).",
+        "- CPU use: CPU time of this process during the timed passes over (wall time x usable cores); "
+        f"a CPU row below {CONTENDED_CPU_USE:.0%} is marked (shared): other processes took cores from it, "
+        "so its figures understate the machine.",
         f"- FLOPs per tile: {report['flops_per_tile'] / 1e9:.2f} GFLOP (from the variant's shapes). "
         "TFLOP/s = FLOPs per tile x tiles/s; % peak = that over the matmul peak measured in this run:",
     ]

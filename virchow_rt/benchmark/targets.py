@@ -14,6 +14,8 @@ from typing import Any
 from virchow_rt.benchmark.rows import REFERENCE_KEY
 
 Rows = Sequence[dict[str, Any]]
+#: below this share of the usable cores, a CPU row shared them with other processes (flagged, never hidden)
+CONTENDED_CPU_USE = 0.85
 Measure = Callable[[Rows], tuple[float | None, str]]
 
 
@@ -41,7 +43,10 @@ def _best_path(rows: Rows, exclude: set[str] | None = None) -> dict[str, Any] | 
 
 
 def _describe(row: dict[str, Any]) -> str:
-    return f"{_key(row)} at batch {row['batch_size']}: {row['tiles_per_s']:.3g} tiles/s"
+    use = row.get("cpu_utilization")
+    shared = row.get("device") == "cpu" and use is not None and use < CONTENDED_CPU_USE
+    flag = f" (shared CPU: {use:.0%} of the cores)" if shared else ""
+    return f"{_key(row)} at batch {row['batch_size']}: {row['tiles_per_s']:.3g} tiles/s{flag}"
 
 
 def _speedup_over(baseline_key: str) -> Measure:

@@ -35,6 +35,8 @@ class Backend(abc.ABC):
     info: ModelInfo
     #: largest batch the backend accepts in one call (None: no limit)
     max_batch: int | None = None
+    #: the batch it runs fastest at, measured (None: use the variant's default batch)
+    preferred_batch: int | None = None
 
     @abc.abstractmethod
     def run(self, tiles: np.ndarray) -> np.ndarray:

@@ -129,7 +129,9 @@ def tensorrt_version() -> str:
     """``"10.13.0 (tensorrt)"``, or "not installed". ``tensorrt-stubs`` alone makes ``tensorrt`` an empty
     namespace package that imports fine but has no ``__version__``: that counts as not installed."""
     for module in ("tensorrt", "tensorrt_lean"):
-        version = getattr(importlib.import_module(module), "__version__", None) if is_importable(module) else None
+        if not is_importable(module):
+            continue
+        version = getattr(importlib.import_module(module), "__version__", None)
         if version:
             return f"{version} ({module})"
     return NOT_INSTALLED

@@ -137,9 +137,7 @@ class Embedder:
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size {batch_size} must be >= 1")
         # a backend may know its own fastest batch (ONNX Runtime on CPU: 8, measured); else the variant's
-        size = (
-            batch_size or getattr(self.backend, "preferred_batch", None) or _variant_batch(self.info.variant)
-        )
+        size = batch_size or self.backend.preferred_batch or _variant_batch(self.info.variant)
         self.batch_size = min(size, self.backend.max_batch) if self.backend.max_batch else size
         self.progress = progress
 
