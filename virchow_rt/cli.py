@@ -72,9 +72,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, metavar="FILE.npy", help="embeddings (N, E) float32; FILE.json gets metadata"
     )
-    p.add_argument(
-        "--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)"
-    )
+    p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument(
         "--pooling",
         choices=POOLINGS,

@@ -16,7 +16,8 @@ from virchow_rt.errors import BackendError, InputError, ModelFileError
 from virchow_rt.manifest import sha256_file
 from virchow_rt.runtime import open_backend
 from virchow_rt.runtime.capabilities import physical_cores
-from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend, fuse_attention
+from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from virchow_rt.runtime.ort_fusion import fuse_attention
 
 
 def test_fp32_runs_and_reads_metadata(models, tissue):
