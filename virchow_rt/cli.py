@@ -117,6 +117,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=_csv_ints, default=None, help="comma-separated batch sizes")
     p.add_argument("--tiles", type=int, default=None, help="tiles per timed run")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up batches per row")
+    p.add_argument("--machine", default=None, metavar="TEXT", help="machine name for the report")
     p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and plots go here")
     p.set_defaults(handler=_run_bench)
 

@@ -75,6 +75,20 @@ def test_requested_rows_always_include_the_reference() -> None:
     assert [r.key for r in chosen] == [REFERENCE_KEY, "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16"]
 
 
+def test_a_bare_backend_name_means_its_rows_for_this_machine() -> None:
+    on_gpu, _ = select_rows(["torch-eager"], GPU)
+    assert [r.key for r in on_gpu] == [
+        "torch-eager/fp32",
+        "torch-eager/fp16-autocast",
+    ]  # not the CPU bf16 row
+    on_cpu, _ = select_rows(["torch-eager"], CPU_ONLY)
+    assert "torch-eager/bf16-autocast" in [r.key for r in on_cpu]
+    cpu_rows_on_gpu, _ = select_rows(["onnxruntime-cpu", "torch-eager/bf16-autocast"], GPU)
+    assert {"onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16", "torch-eager/bf16-autocast"} <= {
+        r.key for r in cpu_rows_on_gpu
+    }
+
+
 def test_unknown_row_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="unknown benchmark row 'onnxruntime-gpu'.*onnxruntime-cuda"):
         select_rows(["onnxruntime-gpu"], CPU_ONLY)

@@ -204,6 +204,11 @@ def select_rows(requested: Sequence[str] | None, machine: Machine) -> tuple[list
                 raise InputError(
                     f"unknown benchmark row {item!r}; use a backend or backend/precision from: {known}"
                 )
+            if name not in ROWS_BY_KEY:
+                # a bare backend name means its rows for this machine's device, as the default does;
+                # only a backend that has nothing else (onnxruntime-cpu on a GPU machine) keeps CPU rows
+                here = [r for r in matches if not (machine.has_cuda and r.device == "cpu")]
+                matches = here or matches
             chosen += [r for r in matches if r not in chosen]
     reference = ROWS_BY_KEY[REFERENCE_KEY]
     if reference not in chosen:
