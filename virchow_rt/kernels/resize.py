@@ -68,6 +68,21 @@ def resize_tile(tile: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(image)  # (size, size, 3) uint8
 
 
+def check_tile_array(tiles: np.ndarray, what: str = "tiles") -> None:
+    """Raise :class:`InputError` unless ``tiles`` is uint8 (N, H, W, 3); ``what`` names it in the message."""
+    if tiles.dtype != np.uint8:
+        raise InputError(
+            f"{what}: dtype {tiles.dtype}; tiles must be uint8 RGB (0-255): convert with "
+            "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first; normalization "
+            "happens inside the model)"
+        )
+    if tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise InputError(
+            f"{what}: shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB, channels last "
+            "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
+        )
+
+
 def resize_tiles(tiles: np.ndarray | Sequence[np.ndarray], size: int = 224) -> np.ndarray:
     """uint8 tiles (N, H, W, 3) (or a sequence of (H, W, 3) tiles of any sizes) -> uint8 (N, size, size, 3).
 
@@ -76,16 +91,7 @@ def resize_tiles(tiles: np.ndarray | Sequence[np.ndarray], size: int = 224) -> n
     cropped, exactly as timm's eval transform does it with ``crop_pct`` 1.0.
     """
     if isinstance(tiles, np.ndarray):
-        if tiles.dtype != np.uint8:
-            raise InputError(
-                f"tiles have dtype {tiles.dtype}; expected uint8 RGB (0-255): convert with "
-                "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first)"
-            )
-        if tiles.ndim != 4 or tiles.shape[-1] != 3:
-            raise InputError(
-                f"tiles have shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB "
-                "(add a batch axis with x[None] for one tile; drop alpha with x[..., :3])"
-            )
+        check_tile_array(tiles)
         if tiles.shape[1] == size and tiles.shape[2] == size:
             return np.ascontiguousarray(tiles)
     out = np.empty((len(tiles), size, size, 3), np.uint8)  # (N, S, S, 3)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.errors import InputError
-from virchow_rt.kernels.resize import resize_tiles
+from virchow_rt.kernels.resize import check_tile_array, resize_tiles
 from virchow_rt.registry import check_pooling, get_variant
 from virchow_rt.runtime.backend import Backend
 from virchow_rt.runtime.tiles import TileSource
@@ -97,19 +97,6 @@ class _Failure:
         self.error = error
 
 
-def _check_array(tiles: np.ndarray) -> None:
-    if tiles.dtype != np.uint8:
-        raise InputError(
-            f"tiles have dtype {tiles.dtype}; expected uint8 RGB (0-255): convert with "
-            "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first)"
-        )
-    if tiles.ndim != 4 or tiles.shape[-1] != 3:
-        raise InputError(
-            f"tiles have shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB, channels last "
-            "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
-        )
-
-
 class Embedder:
     """Embed tiles with an exported model (a path, opened with :func:`open_backend`) or a :class:`Backend`.
 
@@ -156,7 +143,7 @@ class Embedder:
             batches: Iterable[np.ndarray] = tiles.batches(self.batch_size)
             total = len(tiles)
         elif isinstance(tiles, np.ndarray):
-            _check_array(tiles)
+            check_tile_array(tiles)
             batches, total = self._array_batches(tiles), len(tiles)
         else:
             raise InputError(
@@ -187,7 +174,7 @@ class Embedder:
                     raise InputError(
                         f"a batch is a {type(batch).__name__}; pass uint8 numpy arrays (B, H, W, 3)"
                     )
-                _check_array(batch)
+                check_tile_array(batch)
                 yield resize_tiles(batch, self.info.tile_size)  # (B, S, S, 3)
 
         if not limit:

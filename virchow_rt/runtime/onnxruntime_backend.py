@@ -35,6 +35,7 @@ import numpy as np
 
 from virchow_rt._deps import is_importable, optional_import
 from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.kernels.resize import check_tile_array
 from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.capabilities import physical_cores
@@ -304,16 +305,7 @@ class OnnxRuntimeBackend(Backend):
             raise InputError(
                 f"tiles are a {type(tiles).__name__}; pass a numpy uint8 array (B, {size}, {size}, 3)"
             )
-        if tiles.dtype != np.uint8:
-            raise InputError(
-                f"tiles have dtype {tiles.dtype}; the model takes uint8 RGB (0-255): convert with "
-                "np.clip(x, 0, 255).astype(np.uint8) (normalization happens inside the model)"
-            )
-        if tiles.ndim != 4 or tiles.shape[-1] != 3:
-            raise InputError(
-                f"tiles have shape {tiles.shape}; expected (B, {size}, {size}, 3) RGB, channels last "
-                "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
-            )
+        check_tile_array(tiles)
         if tiles.shape[1:3] != (size, size):
             raise InputError(
                 f"tiles are {tiles.shape[1]}x{tiles.shape[2]} px; the model takes {size}x{size}: resize with "

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from virchow_rt.errors import InputError
-from virchow_rt.kernels.resize import resize_tile, resize_tiles
+from virchow_rt.kernels.resize import check_tile_array, resize_tile, resize_tiles
 
 DEFAULT_BATCH = 32
 # what Pillow raises for files it cannot identify or decode (DecompressionBombError: absurdly large images)
@@ -45,16 +45,7 @@ def _open_npy(path: Path) -> np.ndarray:
         raise InputError(
             f"{path} is not a readable .npy array ({err}); save tiles with np.save(path, tiles_uint8)"
         ) from err
-    if array.dtype != np.uint8:
-        raise InputError(
-            f"{path} holds dtype {array.dtype}; tiles must be uint8 RGB (0-255): re-save it with "
-            "np.save(path, np.clip(x, 0, 255).astype(np.uint8)) (multiply 0-1 floats by 255 first)"
-        )
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise InputError(
-            f"{path} has shape {array.shape}; expected (N, H, W, 3) uint8 RGB tiles (one tile: save x[None]; "
-            "channels-first: x.transpose(0, 2, 3, 1); RGBA: x[..., :3])"
-        )
+    check_tile_array(array, str(path))
     if min(array.shape[1:3]) < 1:
         raise InputError(f"{path} has shape {array.shape}; tiles need at least 1x1 pixels")
     return array
