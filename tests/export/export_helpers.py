@@ -10,7 +10,7 @@ from virchow_rt.registry import VARIANTS, Variant, get_variant
 
 TINY = [f"{name}-tiny" for name in VARIANTS]
 
-# pretrained_cfg of the published paige-ai/Virchow2 config.json (timm hub layout; /work/shared/REFERENCE.md)
+# pretrained_cfg of the published paige-ai/Virchow2 config.json (timm hub layout)
 PUBLISHED_PRETRAINED_CFG = {
     "tag": "virchow_v2",
     "custom_load": False,
