@@ -183,3 +183,18 @@ def test_full_size_virchow2(tmp_path):
         "Softmax": 32,
         "ReduceMean": 1,
     }
+
+
+def test_files_left_by_an_earlier_export_are_named(tmp_path):
+    import warnings as _warnings
+
+    from virchow_rt.export import export_model
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")  # RANDOM WEIGHTS
+        export_model("virchow2-tiny", tmp_path, random_weights=True, parity_tiles=4)
+    with pytest.warns(UserWarning, match=r"virchow2-tiny\.fp16\.onnx from an earlier export"):
+        manifest = export_model(
+            "virchow2-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4
+        )
+    assert [a["path"] for a in manifest["artifacts"]] == ["virchow2-tiny.fp32.onnx"]

@@ -16,6 +16,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,24 @@ def _manifest(
     return manifest
 
 
+def _warn_unlisted(out_dir: Path, variant: Variant, manifest: dict[str, Any]) -> None:
+    """Warn about this variant's model files that an earlier export left in ``out_dir``, now unlisted."""
+    artifacts = manifest["artifacts"]
+    listed = {a["path"] for a in artifacts} | {a.get("external_data") for a in artifacts}
+    stale = sorted(
+        p.name
+        for pattern in (f"{variant.name}.*.onnx", f"{variant.name}.*.onnx.data", f"{variant.name}.*.engine")
+        for p in out_dir.glob(pattern)
+        if p.name not in listed
+    )
+    if stale:
+        warnings.warn(
+            f"{out_dir} still holds {', '.join(stale)} from an earlier export, not listed in manifest.json "
+            "(and refused by the runtime for engines): delete them or export into an empty folder",
+            stacklevel=3,
+        )
+
+
 def _build_engine(variant: Variant, out_dir: Path, max_batch: int, options: Mapping[str, Any]) -> None:
     # imported only now: TensorRT is optional and absent on most machines; its errors propagate
     builder = importlib.import_module("virchow_rt.export.tensorrt_build")
@@ -304,6 +323,8 @@ def export_model(
         manifest = _manifest(variant, weights_info, max_batch, artifacts)
         write_manifest(out_dir, manifest)
         bar.done()
+        if not tensorrt:
+            _warn_unlisted(out_dir, variant, manifest)
         if tensorrt:
             bar.stage("tensorrt")
             _build_engine(variant, out_dir, manifest["batch"]["max"], tensorrt_options or {})
