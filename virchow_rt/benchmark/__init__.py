@@ -244,8 +244,8 @@ def run_cli(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         tiles=args.tiles,
         repeats=args.repeats,
-        warmup=getattr(args, "warmup", None),
-        machine_label=getattr(args, "machine", None),
+        warmup=args.warmup,
+        machine_label=args.machine,
     )
     print_summary(report, Path(args.out))
     return 0

@@ -409,7 +409,7 @@ def run_cli(args: argparse.Namespace) -> int:
         workers=args.workers,
         pooling=args.pooling,
         skip_errors=args.skip_errors,
-        reader=getattr(args, "reader", "auto"),  # a --reader flag is optional in the CLI
+        reader=args.reader,
     )
     summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
     totals = summary["totals"]
