@@ -271,3 +271,17 @@ def test_fusion_on_a_real_timm_export(tmp_path, tissue, fused_sdpa):
     plain = OnnxRuntimeBackend(path, "cpu", optimize=False)
     a, b = plain.run(tissue[:4]), fused.run(tissue[:4])
     assert cosine_rows(a, b).min() >= 0.99999
+
+
+def test_export_folder_picks_the_precision_for_the_device(models, tmp_path, monkeypatch):
+    import virchow_rt.runtime as runtime
+
+    for precision in ("fp16", "fp32"):
+        shutil.copy(models[precision], tmp_path / f"tiny.{precision}.onnx")
+    artifacts = [{"path": f"tiny.{p}.onnx", "format": "onnx", "precision": p} for p in ("fp16", "fp32")]
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "artifacts": artifacts}))
+    monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: False)
+    assert runtime._pick_from_folder(tmp_path, "auto").name == "tiny.fp32.onnx"  # CPU kernels are fp32
+    monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: True)
+    assert runtime._pick_from_folder(tmp_path, "auto").name == "tiny.fp16.onnx"  # a GPU runs fp16
+    assert runtime._pick_from_folder(tmp_path, "onnxruntime-cpu").name == "tiny.fp32.onnx"

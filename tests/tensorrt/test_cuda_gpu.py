@@ -107,3 +107,29 @@ def test_nvrtc_resize_kernel_matches_the_cpu_reference(h: int, w: int) -> None:
     assert got.shape == want.shape == (4, 224, 224, 3) and got.dtype == np.uint8
     assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
     np.testing.assert_array_equal(again, got[:2])
+
+
+@pytest.mark.parametrize("library", ["torch", "cupy"])
+def test_dlpack_only_gpu_arrays_are_read_in_place(library: str) -> None:
+    from virchow_rt.runtime.device_arrays import as_device_array
+
+    lib = pytest.importorskip(library)
+    if library == "torch":
+        if not lib.cuda.is_available():
+            pytest.skip("torch here has no CUDA")
+        x = lib.arange(2 * 224 * 224 * 3, device="cuda").to(lib.uint8).reshape(2, 224, 224, 3)
+        ptr = x.data_ptr()
+    else:
+        x = lib.arange(2 * 224 * 224 * 3, dtype=lib.uint8).reshape(2, 224, 224, 3)
+        ptr = x.data.ptr
+
+    class DlpackOnly:  # hides __cuda_array_interface__, as a JAX array would not have one
+        def __dlpack__(self, **kwargs: object) -> object:
+            return x.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return x.__dlpack_device__()
+
+    arr = as_device_array(DlpackOnly())
+    assert arr is not None
+    assert (arr.ptr, arr.shape, arr.dtype, arr.device) == (ptr, (2, 224, 224, 3), np.dtype(np.uint8), 0)

@@ -53,29 +53,6 @@ def test_host_view_is_a_writable_window_on_memory() -> None:
         cuda.host_view(0, 64)
 
 
-class FakeGpuArray:
-    def __init__(self, **interface: object) -> None:
-        base = {"data": (0x7F00_0000, False), "shape": (2, 4, 4, 3), "typestr": "|u1", "version": 3}
-        self.__cuda_array_interface__ = {**base, **interface}
-
-
-def test_gpu_array_interface_is_read() -> None:
-    arr = cuda.as_device_array(FakeGpuArray(stream=5))
-    assert arr is not None
-    assert (arr.ptr, arr.shape, arr.dtype, arr.stream) == (0x7F00_0000, (2, 4, 4, 3), np.dtype(np.uint8), 5)
-    assert cuda.as_device_array(FakeGpuArray(stream=None)).stream is None  # nothing to wait for
-    assert cuda.as_device_array(FakeGpuArray(version=2)).stream == 1  # no stream entry: legacy default stream
-    assert cuda.as_device_array(FakeGpuArray(strides=(48, 12, 3, 1))) is not None  # explicit C strides
-    assert cuda.as_device_array(np.zeros(3)) is None
-
-
-def test_non_contiguous_gpu_arrays_are_refused() -> None:
-    with pytest.raises(InputError, match="not C-contiguous.*contiguous"):
-        cuda.as_device_array(FakeGpuArray(strides=(3, 96, 24, 1)))
-    with pytest.raises(InputError, match="malformed"):
-        cuda.as_device_array(FakeGpuArray(data=None))
-
-
 @needs_cuda_python
 @pytest.mark.skipif(cuda.device_count() > 0, reason="checks the behaviour on a machine without a GPU")
 def test_without_a_gpu_allocations_fail_with_a_clear_error() -> None:

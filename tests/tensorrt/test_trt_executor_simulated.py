@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from virchow_rt.errors import BackendError
-from virchow_rt.runtime import cuda as real_cuda
+from virchow_rt.errors import BackendError, InputError
 from virchow_rt.runtime import tensorrt_backend as tb
 from virchow_rt.runtime.backend import ModelInfo
+from virchow_rt.runtime.device_arrays import DeviceArray
 from virchow_rt.runtime.engine_cache import TensorSpec
 
 S, E = 4, 6  # tile size and embedding width of the stand-in model
@@ -116,7 +116,6 @@ def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> t
     return types.SimpleNamespace(
         PinnedBuffer=Buffer, DeviceBuffer=Buffer, Event=Event, Stream=Stream, copy_async=copy_async,
         capture_graph=capture_graph, set_device=lambda index: None, GraphExec=Graph,
-        DeviceArray=real_cuda.DeviceArray, as_device_array=real_cuda.as_device_array,
     )  # fmt: skip
 
 
@@ -226,6 +225,26 @@ def test_gpu_arrays_are_read_in_place(sim: Any) -> None:
     assert not [e for e in sim.log if e[:2] == ("copy", "h2d")]  # no host round trip
     assert backend._slots[0].h2d_done.recorded_on == 7  # compute waited for the producer's stream
     assert backend._slots[0].held is None  # the caller's array is released once its result is out
+
+
+def test_dlpack_host_arrays_are_copied_like_numpy(sim: Any) -> None:
+    x = tiles(5)
+
+    class HostDlpack:  # a CPU tensor that speaks only DLPack
+        def __dlpack__(self, **kwargs: Any) -> Any:
+            return x.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return x.__dlpack_device__()
+
+    np.testing.assert_array_equal(sim.make().run(HostDlpack()), expected(x))
+
+
+def test_gpu_arrays_on_another_device_are_refused(sim: Any) -> None:
+    x = tiles(2)
+    other = DeviceArray(sim.mem.alloc(x.nbytes), x.shape, x.dtype, None, x, device=1)
+    with pytest.raises(InputError, match="device 1 but this engine runs on device 0"):
+        list(sim.make().pipeline([other]))
 
 
 def test_cuda_graphs_are_per_slot_and_only_for_full_batches(sim: Any) -> None:

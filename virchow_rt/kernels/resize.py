@@ -11,6 +11,7 @@ output equals timm's pixel for pixel; tiles that are already ``size`` × ``size`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,17 +69,20 @@ def resize_tile(tile: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(image)  # (size, size, 3) uint8
 
 
-def check_tile_array(tiles: np.ndarray, what: str = "tiles") -> None:
-    """Raise :class:`InputError` unless ``tiles`` is uint8 (N, H, W, 3); ``what`` names it in the message."""
+def check_tile_array(tiles: Any, what: str = "tiles") -> None:
+    """Raise :class:`InputError` unless ``tiles`` is uint8 (N, H, W, 3); ``what`` names it in the message.
+
+    ``tiles``: anything with numpy's ``dtype`` and ``shape`` (a numpy array, or a GPU array's description).
+    """
     if tiles.dtype != np.uint8:
         raise InputError(
             f"{what}: dtype {tiles.dtype}; tiles must be uint8 RGB (0-255): convert with "
             "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first; normalization "
             "happens inside the model)"
         )
-    if tiles.ndim != 4 or tiles.shape[-1] != 3:
+    if len(tiles.shape) != 4 or tiles.shape[-1] != 3:
         raise InputError(
-            f"{what}: shape {tiles.shape}; expected (N, H, W, 3) uint8 RGB, channels last "
+            f"{what}: shape {tuple(tiles.shape)}; expected (N, H, W, 3) uint8 RGB, channels last "
             "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
         )
 

@@ -24,6 +24,15 @@ _ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu
                   "onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "tensorrt"}  # fmt: skip
 
 
+def _ort_has_gpu() -> bool:
+    if not is_importable("onnxruntime"):
+        return False
+    import onnxruntime
+
+    gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    return bool(gpu & set(onnxruntime.get_available_providers()))
+
+
 def _pick_from_folder(folder: Path, backend: str) -> Path:
     """The export folder's model to run: a TensorRT engine if asked for (or "auto" and usable), else ONNX."""
     artifacts = read_manifest(folder).get("artifacts", [])
@@ -31,7 +40,9 @@ def _pick_from_folder(folder: Path, backend: str) -> Path:
     onnx = [a for a in artifacts if a.get("format") == "onnx" and (folder / a["path"]).exists()]
     if engines and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
         return folder / engines[0]["path"]
-    onnx.sort(key=lambda a: a.get("precision") != "fp32")  # fp32 first: the CPU default
+    # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32)
+    first = "fp16" if backend != "onnxruntime-cpu" and _ort_has_gpu() else "fp32"
+    onnx.sort(key=lambda a: a.get("precision") != first)
     if not onnx:
         raise ModelFileError(
             f"export folder {folder} has no usable model file for backend {backend!r} (manifest lists "
@@ -45,8 +56,9 @@ def open_backend(model_path: str | os.PathLike, backend: str = "auto", **options
 
     ``.onnx`` -> ONNX Runtime (TensorRT EP, CUDA EP when available, else CPU); ``.engine``/``.plan`` ->
     native TensorRT; an export folder -> the artifact its manifest lists (an engine for "auto" when
-    TensorRT is importable, else the fp32 ONNX). ``backend``: one of :data:`BACKENDS`. ``options`` go
-    to the backend's constructor (e.g. ``threads``, ``optimize``, ``cache_dir`` for ONNX Runtime).
+    TensorRT is importable, else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32
+    one). ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
+    ``threads``, ``optimize``, ``cache_dir``, ``io_binding`` for ONNX Runtime).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")

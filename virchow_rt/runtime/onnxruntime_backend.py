@@ -21,6 +21,12 @@ swung by +-30 %). MatMul is ~79 % of the time, so most graph rewrites move littl
 * intra-op threads = physical cores: 1 thread 11.3, 2 threads 22.8 tiles/s; inter-op 1, sequential.
 * memory arena + memory patterns off: 13.6 vs 22.8 tiles/s -> on (ORT's default). Thread spinning off:
   21.2 / 20.5 vs 22.8 / 19.7, a wash -> ORT's default (on), ``spinning=False`` to change it.
+
+GPU sessions (CUDA and TensorRT EPs) run every batch through an I/O binding: host tiles are bound with
+``bind_cpu_input``, a caller's GPU arrays (``__cuda_array_interface__`` or DLPack: torch, CuPy, JAX) by
+their device pointer, read in place with no host round trip; the embedding is bound on the GPU and
+copied out once. ``io_binding=True`` runs a CPU session the same way (binding host memory by pointer),
+which is how the binding code is tested without a GPU. Not run on a GPU yet (no GPU was lent).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from virchow_rt.kernels.resize import check_tile_array
 from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.capabilities import physical_cores
+from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array
 from virchow_rt.runtime.ort_fusion import FUSION_VERSION, build_entry, read_result
 
 log = logging.getLogger(__name__)
@@ -182,18 +189,20 @@ class OnnxRuntimeBackend(Backend):
 
     ``providers``: "auto" (TensorRT EP, CUDA EP, else CPU), "cpu", "cuda" or "tensorrt". ``threads``:
     intra-op threads (default: physical cores). ``optimize``: on CPU, run an fp32 model through
-    :func:`fuse_attention` once and reuse the checked, cached copy from ``cache_dir``.
+    :func:`fuse_attention` once and reuse the checked, cached copy from ``cache_dir``. ``io_binding``:
+    run batches through an I/O binding (default: on for GPU sessions, off on the CPU; module doc).
     """
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike[str],
         providers: str = "auto",
         *,
         threads: int | None = None,
         optimize: bool = True,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         spinning: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         self.path = Path(model_path)
         check_model_file(self.path)
@@ -221,6 +230,11 @@ class OnnxRuntimeBackend(Backend):
         self.name = PROVIDERS.get(session.get_providers()[0], "onnxruntime")
         #: batch this session runs fastest at (CPU: 8, measured, module doc); None: the variant's
         self.preferred_batch: int | None = CPU_BATCH if self.name == "onnxruntime-cpu" else None
+        provider = session.get_providers()[0]
+        #: where the session computes: "cpu" or "cuda" (CUDA and TensorRT EPs), and on which GPU
+        self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+        self.device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self._check_io(session)
 
     # --- loading -----------------------------------------------------------------------------
@@ -298,12 +312,20 @@ class OnnxRuntimeBackend(Backend):
         return session
 
     # --- running -----------------------------------------------------------------------------
-    def check_tiles(self, tiles: Any) -> np.ndarray:
-        """Validate one batch: C-contiguous uint8 (B, S, S, 3); errors name the bad value and the fix."""
+    def check_tiles(self, tiles: Any) -> np.ndarray | DeviceArray:
+        """Validate one batch: uint8 (B, S, S, 3), host or GPU; errors name the bad value and the fix.
+
+        Host tiles come back C-contiguous numpy (DLPack CPU arrays are viewed as numpy); GPU arrays
+        (``__cuda_array_interface__`` or DLPack) as a :class:`DeviceArray`.
+        """
         size = self.info.tile_size
-        if not isinstance(tiles, np.ndarray):
+        if not isinstance(tiles, np.ndarray | DeviceArray):
+            host = hasattr(tiles, "__dlpack__")
+            tiles = as_device_array(tiles) or (as_host_array(tiles) if host else tiles)
+        if not isinstance(tiles, np.ndarray | DeviceArray):
             raise InputError(
-                f"tiles are a {type(tiles).__name__}; pass a numpy uint8 array (B, {size}, {size}, 3)"
+                f"tiles are a {type(tiles).__name__}; pass a numpy uint8 array (B, {size}, {size}, 3) "
+                "or a GPU array (torch, CuPy: __cuda_array_interface__ or DLPack)"
             )
         check_tile_array(tiles)
         if tiles.shape[1:3] != (size, size):
@@ -315,21 +337,64 @@ class OnnxRuntimeBackend(Backend):
             raise InputError(
                 f"batch of {tiles.shape[0]} tiles; use 1 to {self.max_batch or 'any number of'} tiles"
             )
-        return np.ascontiguousarray(tiles)
+        if isinstance(tiles, DeviceArray) and self.device != "cuda":
+            raise InputError(
+                f"tiles are a GPU array but this {self.name} session runs on the CPU; copy them to the host "
+                "(e.g. .cpu().numpy(), cupy.asnumpy) or run on a GPU (onnxruntime-gpu, or a TensorRT engine)"
+            )
+        return np.ascontiguousarray(tiles) if isinstance(tiles, np.ndarray) else tiles
 
-    def run(self, tiles: np.ndarray) -> np.ndarray:
+    def run(self, tiles: Any) -> np.ndarray:
+        """Embed one batch: numpy uint8 (B, S, S, 3), or a GPU array on a GPU session -> (B, E) float32."""
         tiles = self.check_tiles(tiles)
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise BackendError(
                 f"{self.name} backend for {self.path} is closed; open a new one with open_backend"
             )
         try:
-            (out,) = self._session.run([OUTPUT], {INPUT: tiles})  # (B, E)
+            if self.io_binding or isinstance(tiles, DeviceArray):
+                out = self._run_bound(session, tiles)
+            else:
+                (out,) = session.run([OUTPUT], {INPUT: tiles})  # (B, E)
+        except (InputError, BackendError):
+            raise
         except Exception as err:  # noqa: BLE001 - ORT's runtime errors become one BackendError
             raise BackendError(
-                f"{self.name} failed on a batch of {tiles.shape} tiles from {self.path}: {err}"
+                f"{self.name} failed on a batch of {tuple(tiles.shape)} tiles from {self.path}: {err}"
             ) from err
         return np.asarray(out, dtype=np.float32)
 
+    def _run_bound(self, session: Any, tiles: np.ndarray | DeviceArray) -> np.ndarray:
+        """One batch through an I/O binding: input bound in place, output bound on the session's device."""
+        binding = session.io_binding()
+        if isinstance(tiles, DeviceArray):
+            if tiles.device is not None and tiles.device != self.device_id:
+                raise InputError(
+                    f"the GPU array is on device {tiles.device} but this session runs on device "
+                    f"{self.device_id}; move it there first"
+                )
+            _wait_for_producer(tiles)  # ORT reads on its own stream: the caller's writes must be done
+            binding.bind_input(INPUT, "cuda", self.device_id, np.uint8, tiles.shape, tiles.ptr)
+        elif self.device == "cuda":
+            binding.bind_cpu_input(INPUT, tiles)  # ORT copies it to the GPU
+        else:
+            binding.bind_input(INPUT, "cpu", 0, np.uint8, tiles.shape, tiles.ctypes.data)
+        binding.bind_output(OUTPUT, self.device, self.device_id)
+        session.run_with_iobinding(binding)
+        (out,) = binding.copy_outputs_to_cpu()
+        return np.asarray(out)
+
     def close(self) -> None:
         self._session = None
+
+
+def _wait_for_producer(tiles: DeviceArray) -> None:
+    """Block until the work queued on the producer's stream (the writes to ``tiles``) is done."""
+    if tiles.stream is None:
+        return
+    from virchow_rt.runtime import cuda
+
+    with cuda.Event() as done:
+        done.record(tiles.stream)
+        done.synchronize()

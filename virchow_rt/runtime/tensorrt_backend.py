@@ -12,7 +12,7 @@ streams share the work: H2D copies, compute (one execution context, so batches c
 and D2H copies, ordered by events. While batch k computes, batch k+1 is filled and copied in and
 batch k-1 copied out; the host waits only for a slot's previous D2H before refilling it. The
 bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU arrays
-(``__cuda_array_interface__``: CuPy, torch) are read in place, without a host round trip.
+(``__cuda_array_interface__`` or DLPack: CuPy, torch, JAX) are read in place, without a host round trip.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from virchow_rt.errors import BackendError, ModelFileError
+from virchow_rt.errors import BackendError, InputError, ModelFileError
 from virchow_rt.manifest import find_artifact, read_manifest
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array
 from virchow_rt.runtime.engine_cache import (
     INPUT,
     NUMPY_TYPES,
@@ -99,7 +100,7 @@ class _Slot:
 @dataclass(frozen=True)
 class _Batch:
     rows: int
-    data: np.ndarray | cuda.DeviceArray  # host tiles, or a caller's GPU array read in place
+    data: np.ndarray | DeviceArray  # host tiles, or a caller's GPU array read in place
 
 
 class TensorRTBackend(Backend):
@@ -239,37 +240,43 @@ class TensorRTBackend(Backend):
     # --- running --------------------------------------------------------------------------------
     def run(self, tiles: Any) -> np.ndarray:
         """Embed uint8 tiles (N, S, S, 3), a host or GPU array of any N -> a new (N, E) float32 array."""
-        dev = None if isinstance(tiles, np.ndarray) else cuda.as_device_array(tiles)
-        n = (dev.shape[0] if dev.shape else 0) if dev is not None else len(tiles)
+        dev = None if isinstance(tiles, np.ndarray) else as_device_array(tiles)
         m = self._max
         if dev is not None:
+            n = dev.shape[0] if dev.shape else 0
             row = int(np.prod(dev.shape[1:], dtype=np.int64)) * dev.dtype.itemsize
             chunks: list[Any] = [
                 dataclasses.replace(dev, ptr=dev.ptr + i * row, shape=(min(m, n - i), *dev.shape[1:]))
                 for i in range(0, n, m)
             ]
         else:
-            chunks = [tiles[i : i + m] for i in range(0, n, m)]
+            host = as_host_array(tiles)
+            chunks = [host[i : i + m] for i in range(0, len(host), m)]
         outs = list(self.pipeline(chunks))
         if not outs:
             return np.empty((0, self.info.embedding_dim), np.float32)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _prepare(self, batch: Any) -> _Batch:
-        dev = batch if isinstance(batch, cuda.DeviceArray) else None
+        dev = batch if isinstance(batch, DeviceArray) else None
         if dev is None and not isinstance(batch, np.ndarray):
-            dev = cuda.as_device_array(batch)
+            dev = as_device_array(batch)
         if dev is not None:
+            if dev.device is not None and dev.device != self._device:
+                raise InputError(
+                    f"the GPU array is on device {dev.device} but this engine runs on device {self._device}; "
+                    f"move it there first, or open the engine with device={dev.device}"
+                )
             rows = check_batch(dev.shape, dev.dtype, self.info.tile_size, self._max)
             return _Batch(rows, dev)
-        host = np.asarray(batch)
+        host = as_host_array(batch)
         return _Batch(check_batch(host.shape, host.dtype, self.info.tile_size, self._max), host)
 
     def pipeline(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
         """Embed batches in order, copies overlapped with compute; yields a fresh (B, E) float32 array each.
 
-        Batches are uint8 (B, S, S, 3) numpy arrays or GPU arrays with ``__cuda_array_interface__``
-        (read in place; their producer's stream is waited for), B <= :attr:`max_batch`. The input
+        Batches are uint8 (B, S, S, 3) numpy arrays or GPU arrays (``__cuda_array_interface__`` or
+        DLPack; read in place, after the producer's queued writes), B <= :attr:`max_batch`. The input
         iterator is consumed lazily; results come out up to ``slots`` batches behind it.
         """
         if not self._lock.acquire(blocking=False):

@@ -1,0 +1,63 @@
+"""ONNX Runtime I/O binding: the GPU sessions' path, run on the CPU by binding host memory by pointer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from runtime_models import expected_embedding
+
+from virchow_rt.errors import InputError
+from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+
+def _no_plain_runs(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("InferenceSession.run was called: the batch did not go through the I/O binding")
+
+
+def test_bound_runs_match_plain_runs(models, tissue):
+    plain = OnnxRuntimeBackend(models["fp32"], "cpu")
+    bound = OnnxRuntimeBackend(models["fp32"], "cpu", io_binding=True)
+    assert (plain.device, plain.io_binding, bound.io_binding) == ("cpu", False, True)
+    bound._session.run = _no_plain_runs
+    for tiles in (tissue[:5], tissue[1:9:2], tissue[:1]):  # contiguous, strided, a single tile
+        out = bound.run(tiles)
+        assert out.dtype == np.float32 and out.shape == (len(tiles), 16)
+        np.testing.assert_array_equal(out, plain.run(tiles))
+        np.testing.assert_allclose(out, expected_embedding(tiles), atol=1e-5)
+
+
+def test_dlpack_host_arrays_run(models, tissue):
+    class HostDlpack:  # a CPU tensor that speaks only DLPack
+        def __dlpack__(self, **kwargs: Any) -> Any:
+            return tissue[:3].__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return tissue.__dlpack_device__()
+
+    backend = OnnxRuntimeBackend(models["fp32"], "cpu")
+    np.testing.assert_array_equal(backend.run(HostDlpack()), backend.run(tissue[:3]))
+
+
+def test_gpu_arrays_on_a_cpu_session_say_how_to_fix(models):
+    class GpuArray:
+        __cuda_array_interface__ = {"data": (0x7F00_0000, False), "shape": (2, 224, 224, 3),
+                                    "typestr": "|u1", "version": 3}  # fmt: skip
+
+    backend = OnnxRuntimeBackend(models["fp32"], "cpu", io_binding=True)
+    with pytest.raises(InputError, match=r"GPU array.*runs on the CPU.*\.cpu\(\)\.numpy\(\)"):
+        backend.run(GpuArray())
+
+
+@pytest.mark.gpu
+def test_cuda_session_reads_gpu_arrays_in_place(models, tissue):
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu with the CUDA provider and torch with CUDA")
+    backend = OnnxRuntimeBackend(models["fp32"], "cuda")
+    assert (backend.name, backend.device, backend.io_binding) == ("onnxruntime-cuda", "cuda", True)
+    gpu = torch.from_numpy(tissue[:6]).cuda()
+    np.testing.assert_allclose(backend.run(gpu), backend.run(tissue[:6]), atol=1e-5)
+    np.testing.assert_allclose(backend.run(tissue[:6]), expected_embedding(tissue[:6]), atol=1e-4)

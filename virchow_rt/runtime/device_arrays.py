@@ -1,0 +1,108 @@
+"""GPU arrays handed in by other libraries and read in place: ``__cuda_array_interface__`` or DLPack.
+
+torch, CuPy and Numba arrays carry ``__cuda_array_interface__``, read here directly. Arrays that only
+speak DLPack (JAX, and any of the above through ``__dlpack__``) are read with cuda.core's
+``StridedMemoryView``, which hands our consumer stream to the producer as the protocol asks. Only
+C-contiguous arrays are accepted: the backends read them as one block. This module imports numpy
+alone; cuda.core loads on the first DLPack GPU array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from virchow_rt._deps import optional_import
+from virchow_rt.errors import InputError
+
+LEGACY_STREAM = 1  # the CUDA legacy default stream, as both protocols number it
+_DLPACK_CUDA = (2, 13)  # DLDeviceType kDLCUDA and kDLCUDAManaged; kDLCPU is 1
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A caller's GPU array: where it is, what it holds, and which stream its writes were queued on."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    #: the stream to wait for before reading: None (nothing), 1 / 2 (legacy / per-thread default) or a handle
+    stream: int | None
+    owner: object  # keeps the producer's array alive while its memory is in use
+    device: int | None = None  # the GPU index when the producer says (DLPack); None for the interface
+
+
+def _check_contiguous(shape: Sequence[int], strides: Sequence[int] | None, itemsize: int, unit: int) -> None:
+    """Refuse non-C-contiguous strides; ``unit``: bytes per stride step (1, or the itemsize)."""
+    if strides is None or int(np.prod(shape)) <= 1:
+        return
+    expected = [itemsize] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        expected[i] = expected[i + 1] * shape[i + 1]
+    if tuple(s * unit for s in strides) != tuple(expected):
+        raise InputError(
+            f"GPU array of shape {tuple(shape)} has strides {tuple(strides)}, not C-contiguous; make it "
+            "contiguous first (e.g. .contiguous() in torch, cupy.ascontiguousarray)"
+        )
+
+
+def _from_interface(obj: object, cai: Any) -> DeviceArray:
+    try:
+        ptr = int(cai["data"][0])
+        shape = tuple(int(s) for s in cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        strides = cai.get("strides")
+        # no "stream" entry (interface v2, e.g. torch): the work was queued on the legacy default stream
+        stream = cai.get("stream", LEGACY_STREAM)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"malformed __cuda_array_interface__ on {type(obj).__name__}: {err}") from err
+    _check_contiguous(shape, strides, dtype.itemsize, 1)
+    return DeviceArray(ptr, shape, dtype, None if stream is None else int(stream), obj)
+
+
+def _from_dlpack(obj: object, device: int, stream: int | None) -> DeviceArray:
+    utils = optional_import("cuda.core.utils", "to read GPU arrays passed through DLPack")
+    consumer = LEGACY_STREAM if stream is None else stream
+    try:
+        view = utils.StridedMemoryView.from_dlpack(obj, stream_ptr=consumer)
+    except (BufferError, TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"cannot read {type(obj).__name__} through DLPack: {err}") from err
+    shape = tuple(int(s) for s in view.shape)
+    dtype = np.dtype(view.dtype)
+    strides = None if view.strides is None else tuple(view.strides)
+    _check_contiguous(shape, strides, dtype.itemsize, dtype.itemsize)
+    # the producer ordered its writes before ``consumer``: wait on it, unless the caller passed its own
+    wait = LEGACY_STREAM if stream is None else None
+    return DeviceArray(int(view.ptr), shape, dtype, wait, (obj, view), device)
+
+
+def as_device_array(obj: object, stream: int | None = None) -> DeviceArray | None:
+    """Describe ``obj`` if it is a GPU array (``__cuda_array_interface__`` v2/v3, or DLPack), else None.
+
+    ``stream``: the consumer stream the caller will read on, handed to a DLPack producer so that its
+    writes are ordered before it; without one the legacy default stream is used and returned as the
+    stream to wait for. Host arrays (numpy, or DLPack on the CPU) give None.
+    """
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _from_interface(obj, cai)
+    dlpack_device = getattr(obj, "__dlpack_device__", None)
+    if dlpack_device is None or not hasattr(obj, "__dlpack__"):
+        return None
+    device_type, device = dlpack_device()
+    if int(device_type) not in _DLPACK_CUDA:
+        return None
+    return _from_dlpack(obj, int(device), stream)
+
+
+def as_host_array(obj: object) -> np.ndarray:
+    """A numpy view of a host array: numpy itself, anything with the array interface, or DLPack on the CPU."""
+    if isinstance(obj, np.ndarray) or not hasattr(obj, "__dlpack__") or hasattr(obj, "__array_interface__"):
+        return np.asarray(obj)
+    try:
+        return np.from_dlpack(obj)
+    except (BufferError, TypeError, RuntimeError) as err:
+        raise InputError(f"cannot read {type(obj).__name__} as a host array through DLPack: {err}") from err
