@@ -18,6 +18,7 @@ from virchow_rt.runtime.engine_cache import (
     check_batch,
     check_io,
     check_version,
+    lean_runtime,
     model_info,
     parse_version,
     rebuild_command,
@@ -84,6 +85,7 @@ def test_same_key_is_not_stale(trt_artifact: dict[str, Any]) -> None:
         ({"profile": (1, 16, 32)}, r"batch profile .* \(1, 32, 64\), wanted \(1, 16, 32\)"),
         ({"version_compatible": True}, "version_compatible is False, wanted True"),
         ({"onnx_data_sha256": "d" * 64}, "external data"),
+        ({"optimization_level": 5}, "optimization level 3, wanted 5"),
     ],
 )
 def test_each_change_makes_the_engine_stale(trt_artifact: dict[str, Any], change: dict, reason: str) -> None:
@@ -98,6 +100,14 @@ def test_version_compatible_engine_is_reused_by_later_tensorrt_only(trt_artifact
     assert stale_reasons(built, dataclasses.replace(built, tensorrt_version="11.1.0.106")) == []
     older = stale_reasons(built, dataclasses.replace(built, tensorrt_version="10.12.0.36"))
     assert older and "newer than this 10.12.0.36" in older[0]
+
+
+def test_lean_runtime_choice_is_part_of_a_version_compatible_key(trt_artifact: dict[str, Any]) -> None:
+    assert lean_runtime(False, False) is None and lean_runtime(True, True) == "excluded"
+    built = EngineKey.from_artifact({**trt_artifact, "version_compatible": True, "lean_runtime": "embedded"})
+    assert built.lean_runtime == "embedded"
+    reasons = stale_reasons(built, dataclasses.replace(built, lean_runtime="excluded"))
+    assert reasons == ["its lean runtime is embedded, wanted excluded"]
 
 
 def test_runtime_accepts_the_machine_it_was_built_on(trt_artifact: dict[str, Any]) -> None:

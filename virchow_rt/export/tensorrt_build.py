@@ -39,6 +39,7 @@ from virchow_rt.runtime.engine_cache import (
     OUTPUT,
     EngineKey,
     check_version,
+    lean_runtime,
     model_info,
     release,
     stale_reasons,
@@ -424,7 +425,7 @@ def build_engine(
         "strongly_typed": True,
         "input_cast_inserted": cast_inserted,
         "version_compatible": version_compatible,
-        "lean_runtime": ("excluded" if exclude_lean_runtime else "embedded") if version_compatible else None,
+        "lean_runtime": lean_runtime(version_compatible, exclude_lean_runtime),
         "builder_optimization_level": optimization_level,
         "workspace_gib": workspace_gib,
         "timing_cache": None if cache_path is None else str(cache_path),
@@ -442,7 +443,8 @@ def ensure_engine(
 ) -> dict[str, Any]:
     """The engine's manifest entry; rebuilt only if missing, changed, or tied to another TensorRT/GPU/profile.
 
-    ``build``: :func:`build_engine`'s keyword arguments (``max_batch``, ``profile``, ``version_compatible``).
+    ``build``: :func:`build_engine`'s keyword arguments (``max_batch``, ``profile``, ``version_compatible``,
+    ``exclude_lean_runtime``, ``optimization_level``: all part of the key; the workspace limit is not).
     """
     variant = get_variant(variant) if isinstance(variant, str) else variant
     folder = Path(out_dir)
@@ -453,13 +455,16 @@ def ensure_engine(
             trt = import_tensorrt("tensorrt", PURPOSE)
             prof = resolve_profile(variant, build.get("max_batch"), build.get("profile"))
             _, _, graph_sha, data_sha = _checked_onnx(Path(onnx_path))
+            compatible = bool(build.get("version_compatible", False))
             wanted = EngineKey(
                 onnx_sha256=graph_sha,
                 onnx_data_sha256=data_sha,
                 tensorrt_version=str(trt.__version__),
                 compute_capability=cuda.device_info(int(build.get("device", 0))).compute_capability,
                 profile=(prof.min, prof.opt, prof.max),
-                version_compatible=bool(build.get("version_compatible", False)),
+                version_compatible=compatible,
+                optimization_level=int(build.get("optimization_level", 3)),
+                lean_runtime=lean_runtime(compatible, bool(build.get("exclude_lean_runtime", False))),
             )
             if not stale_reasons(EngineKey.from_artifact(entry), wanted):
                 return entry

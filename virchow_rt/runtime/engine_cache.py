@@ -3,8 +3,9 @@
 Pure logic (stdlib and numpy), unit-tested on the CPU; the TensorRT backend and builder use it.
 
 A serialized engine is tied to what it was built from and for. :class:`EngineKey` names all of it:
-the ONNX graph (sha256), the TensorRT version, the GPU's compute capability, the batch profile and
-whether it was built version-compatible. :func:`stale_reasons` compares the key recorded in a
+the ONNX graph (sha256), the TensorRT version, the GPU's compute capability, the batch profile,
+whether it was built version-compatible (with or without the lean runtime) and the builder's
+optimization level. :func:`stale_reasons` compares the key recorded in a
 manifest with the key wanted now (rebuild only when the list is non-empty), and
 :func:`runtime_problems` says whether this machine's TensorRT and GPU can load an engine at all.
 
@@ -68,6 +69,13 @@ def check_version(version: str) -> tuple[int, ...]:
     return parsed
 
 
+def lean_runtime(version_compatible: bool, exclude_lean_runtime: bool) -> str | None:
+    """What a plan carries of the lean runtime: "embedded", "excluded", or None (not version-compatible)."""
+    if not version_compatible:
+        return None
+    return "excluded" if exclude_lean_runtime else "embedded"
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """Everything a built engine depends on; equal keys mean the engine can be reused as it is."""
@@ -78,6 +86,8 @@ class EngineKey:
     profile: tuple[int, int, int]  # (min, opt, max) batch
     version_compatible: bool
     onnx_data_sha256: str | None = None  # the graph's external data (> 2 GB models), which holds the weights
+    optimization_level: int = 3  # the builder's level, 0-5 (TensorRT's default 3)
+    lean_runtime: str | None = None  # version-compatible engines: "embedded" or "excluded"; else None
 
     @classmethod
     def from_artifact(cls, artifact: Mapping[str, Any]) -> EngineKey:
@@ -91,6 +101,8 @@ class EngineKey:
                 profile=(int(prof["min"]), int(prof["opt"]), int(prof["max"])),
                 version_compatible=bool(artifact.get("version_compatible", False)),
                 onnx_data_sha256=artifact.get("onnx_external_data_sha256"),
+                optimization_level=int(artifact.get("builder_optimization_level", 3)),
+                lean_runtime=artifact.get("lean_runtime"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(
@@ -138,6 +150,11 @@ def stale_reasons(built: EngineKey, wanted: EngineKey) -> list[str]:
         )
     if built.profile != wanted.profile:
         reasons.append(f"its batch profile (min, opt, max) is {built.profile}, wanted {wanted.profile}")
+    if built.optimization_level != wanted.optimization_level:
+        level, want = built.optimization_level, wanted.optimization_level
+        reasons.append(f"it was built at optimization level {level}, wanted {want}")
+    if built.version_compatible and wanted.version_compatible and built.lean_runtime != wanted.lean_runtime:
+        reasons.append(f"its lean runtime is {built.lean_runtime}, wanted {wanted.lean_runtime}")
     return reasons
 
 
