@@ -285,3 +285,27 @@ def test_export_folder_picks_the_precision_for_the_device(models, tmp_path, monk
     monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: True)
     assert runtime._pick_from_folder(tmp_path, "auto").name == "tiny.fp16.onnx"  # a GPU runs fp16
     assert runtime._pick_from_folder(tmp_path, "onnxruntime-cpu").name == "tiny.fp32.onnx"
+
+
+def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, monkeypatch, caplog):
+    import virchow_rt.runtime as runtime
+    from virchow_rt.runtime import tensorrt_backend
+
+    shutil.copy(models["fp32"], tmp_path / "tiny.fp32.onnx")
+    (tmp_path / "tiny.fp16.engine").write_bytes(b"plan")
+    artifacts = [{"path": "tiny.fp16.engine", "format": "tensorrt", "precision": "fp16"},
+                 {"path": "tiny.fp32.onnx", "format": "onnx", "precision": "fp32"}]  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "artifacts": artifacts}))
+
+    class Refused:
+        def __init__(self, path: Path, **options: object) -> None:
+            raise ModelFileError(f"{path.name}: built with TensorRT 10.13.0.35, this runtime is 10.14.1.48")
+
+    monkeypatch.setattr(runtime, "is_importable", lambda module: True)
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Refused)
+    with caplog.at_level("WARNING", logger="virchow_rt.runtime"):
+        backend = open_backend(tmp_path)
+    assert backend.name == "onnxruntime-cpu" and backend.path.name == "tiny.fp32.onnx"
+    assert "tiny.fp16.engine" in caplog.text and "10.14.1.48" in caplog.text and "ONNX Runtime" in caplog.text
+    with pytest.raises(ModelFileError, match="10.14.1.48"):  # asked for TensorRT by name: no fallback
+        open_backend(tmp_path, "tensorrt")

@@ -6,18 +6,20 @@ that needs them is opened.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable
-from virchow_rt.errors import InputError, ModelFileError
+from virchow_rt.errors import BackendError, InputError, ModelFileError
 from virchow_rt.manifest import read_manifest
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.capabilities import capabilities
 from virchow_rt.runtime.embedder import Embedder
 from virchow_rt.runtime.tiles import TileSource, open_tiles
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan")
 _ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu",
@@ -33,13 +35,13 @@ def _ort_has_gpu() -> bool:
     return bool(gpu & set(onnxruntime.get_available_providers()))
 
 
-def _pick_from_folder(folder: Path, backend: str) -> Path:
+def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     """The export folder's model to run: a TensorRT engine if asked for (or "auto" and usable), else ONNX."""
     artifacts = read_manifest(folder).get("artifacts", [])
-    engines = [a for a in artifacts if a.get("format") == "tensorrt" and (folder / a["path"]).exists()]
+    built = [a for a in artifacts if a.get("format") == "tensorrt" and (folder / a["path"]).exists()]
     onnx = [a for a in artifacts if a.get("format") == "onnx" and (folder / a["path"]).exists()]
-    if engines and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
-        return folder / engines[0]["path"]
+    if engines and built and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
+        return folder / built[0]["path"]
     # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32)
     first = "fp16" if backend != "onnxruntime-cpu" and _ort_has_gpu() else "fp32"
     onnx.sort(key=lambda a: a.get("precision") != first)
@@ -51,20 +53,29 @@ def _pick_from_folder(folder: Path, backend: str) -> Path:
     return folder / onnx[0]["path"]
 
 
-def open_backend(model_path: str | os.PathLike, backend: str = "auto", **options: Any) -> Backend:
+def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **options: Any) -> Backend:
     """Open an exported model with the backend that fits its file type and this machine.
 
     ``.onnx`` -> ONNX Runtime (TensorRT EP, CUDA EP when available, else CPU); ``.engine``/``.plan`` ->
-    native TensorRT; an export folder -> the artifact its manifest lists (an engine for "auto" when
-    TensorRT is importable, else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32
-    one). ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
+    native TensorRT; an export folder -> the artifact its manifest lists: an engine for "auto" when
+    TensorRT is importable (falling back to the ONNX, with a warning, when this machine refuses the
+    engine), else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32 one.
+    ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
     ``threads``, ``optimize``, ``cache_dir``, ``io_binding`` for ONNX Runtime).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     path = Path(model_path)
     if path.is_dir():
-        path = _pick_from_folder(path, backend)
+        folder, path = path, _pick_from_folder(path, backend)
+        if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
+            from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
+
+            try:
+                return TensorRTBackend(path, **options)
+            except (ModelFileError, BackendError) as err:  # built for another TensorRT or GPU, or no GPU
+                engine, path = path, _pick_from_folder(folder, backend, engines=False)
+                log.warning("not running %s (%s); running %s with ONNX Runtime instead", engine, err, path)
     suffix = path.suffix.lower()
     if suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
