@@ -27,6 +27,7 @@ import numpy as np
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, time_calls
 from virchow_rt.manifest import write_json
+from virchow_rt.runtime.embedder import default_batch_size
 from virchow_rt.slides import (
     SlideSettings,
     TileReader,
@@ -35,7 +36,6 @@ from virchow_rt.slides import (
     tile_grid,
     write_synthetic_slide,
 )
-from virchow_rt.slides.embed import default_batch_size
 
 
 def _model(variant: str, folder: Path) -> Path:

@@ -139,7 +139,7 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         "--regions", type=_csv_ints, default=None, help="magnifications for region sequences, e.g. 5,10,20"
     )
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument("--workers", type=int, default=None, help="tile reading workers")
     p.add_argument("--pooling", choices=POOLINGS, default="cls_mean")
     p.add_argument("--backend", default="auto")

@@ -13,7 +13,7 @@ from virchow_rt.errors import BackendError, InputError
 from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.runtime import Embedder, open_backend, open_tiles
 from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.embedder import Prefetcher
+from virchow_rt.runtime.embedder import Prefetcher, default_batch_size
 
 
 class FakeBackend(Backend):
@@ -190,3 +190,15 @@ def test_owned_backend_is_closed_passed_backend_is_not(models):
         embedder.backend.run(np.zeros((1, 224, 224, 3), np.uint8))
     embedder.close()  # twice is fine
     assert open_backend(models["fp32"]).info.width == WIDTH
+
+
+def test_default_batch_prefers_the_backends_measured_batch(models):
+    backend = open_backend(models["fp32"])  # ONNX Runtime on the CPU: measured fastest at 8
+    assert backend.preferred_batch == 8 and default_batch_size(backend) == 8
+    assert default_batch_size(backend, 48) == 48
+    backend.preferred_batch = None
+    assert default_batch_size(backend) == 32  # virchow2-tiny: the registry's opt batch
+    backend.max_batch = 16
+    assert default_batch_size(backend) == 16 and default_batch_size(backend, 64) == 16
+    with pytest.raises(InputError, match="at least 1"):
+        default_batch_size(backend, 0)

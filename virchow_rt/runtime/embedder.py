@@ -121,11 +121,7 @@ class Embedder:
 
             self.backend, self._owns_backend = open_backend(model_or_backend, backend, **options), True
         self.info = self.backend.info
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"batch size {batch_size} must be >= 1")
-        # a backend may know its own fastest batch (ONNX Runtime on CPU: 8, measured); else the variant's
-        size = batch_size or self.backend.preferred_batch or _variant_batch(self.info.variant)
-        self.batch_size = min(size, self.backend.max_batch) if self.backend.max_batch else size
+        self.batch_size = default_batch_size(self.backend, batch_size)
         self.progress = progress
 
     def embedding_dim(self, pooling: str = "cls_mean") -> int:
@@ -231,9 +227,16 @@ class Embedder:
         self.close()
 
 
-def _variant_batch(variant: str) -> int:
-    """The registry's optimal batch for ``variant`` (``NAME-tiny`` too), else :data:`DEFAULT_BATCH`."""
-    try:
-        return get_variant(variant).batch.opt
-    except InputError:
-        return DEFAULT_BATCH
+def default_batch_size(backend: Backend, batch_size: int | None = None) -> int:
+    """``batch_size``, else the backend's measured fastest batch (:attr:`Backend.preferred_batch`, e.g.
+    8 for ONNX Runtime on a CPU), else the variant's optimal batch (:data:`DEFAULT_BATCH` for a variant
+    the registry does not know); never above the backend's ``max_batch``."""
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch size {batch_size} must be at least 1")
+    if batch_size is None:
+        try:
+            variant_batch = get_variant(backend.info.variant).batch.opt
+        except InputError:
+            variant_batch = DEFAULT_BATCH
+        batch_size = backend.preferred_batch or variant_batch
+    return min(batch_size, backend.max_batch) if backend.max_batch else batch_size

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from virchow_rt.errors import BackendError, InputError
-from virchow_rt.registry import check_pooling, get_variant
+from virchow_rt.errors import BackendError
+from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.runtime.embedder import default_batch_size
 from virchow_rt.slides.grid import TileGrid, TilePlan, tile_grid
 from virchow_rt.slides.reader import Slide, open_slide
 from virchow_rt.slides.regions import RegionGrid, region_grid
 from virchow_rt.slides.tiles import ReadStats, TileBatch, TileReader
-
-#: batch size when neither the caller nor the variant's registry entry gives one
-FALLBACK_BATCH = 32
 
 
 @contextlib.contextmanager
@@ -52,18 +50,6 @@ def opened_backend(model: str | Path | Backend, backend: str = "auto") -> Iterat
     runtime = importlib.import_module("virchow_rt.runtime")
     with runtime.open_backend(model, backend=backend) as opened:
         yield opened
-
-
-def default_batch_size(backend: Backend, batch_size: int | None = None) -> int:
-    """``batch_size``, else the variant's preferred batch, never above the backend's ``max_batch``."""
-    if batch_size is None:
-        try:
-            batch_size = get_variant(backend.info.variant).batch.opt
-        except InputError:
-            batch_size = FALLBACK_BATCH  # a variant this registry does not know: a safe middle size
-    if batch_size < 1:
-        raise InputError(f"--batch {batch_size} must be at least 1")
-    return min(batch_size, backend.max_batch) if backend.max_batch else batch_size
 
 
 def embedding_dim(info: ModelInfo, pooling: str) -> int:
