@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
-from virchow_rt.export.tensorrt_build import (
-    build_engine,
-    default_timing_cache,
-    engine_name,
-    network_flags,
-    resolve_profile,
-)
+from virchow_rt.export.tensorrt_build import build_engine
+from virchow_rt.export.tensorrt_prep import default_timing_cache, engine_name, network_flags, resolve_profile
 from virchow_rt.manifest import sha256_file, write_manifest
 from virchow_rt.registry import BatchProfile, get_variant
 from virchow_rt.runtime.tensorrt_backend import LogBook, is_real_tensorrt
@@ -224,7 +219,7 @@ def test_uint8_input_is_cast_before_anything_else(tmp_path: Path) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from virchow_rt.export.tensorrt_build import cast_input_first
+    from virchow_rt.export.tensorrt_prep import cast_input_first
 
     path = tmp_path / "transpose_first.onnx"
     _uint8_graph(path, cast_first=False)

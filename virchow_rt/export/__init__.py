@@ -29,6 +29,8 @@ _LAZY = {
     "PrecisionPlan": "precision",
     "convert_fp16": "precision",
     "verify_precision_plan": "precision",
+    "build_engine": "tensorrt_build",
+    "ensure_engine": "tensorrt_build",
 }
 
 

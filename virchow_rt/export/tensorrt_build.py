@@ -6,7 +6,7 @@ only (``BuilderFlag.FP16`` and the precision-constraint flags are gone) and on 1
 probing for a flag with ``hasattr`` (a missing fp16 flag would otherwise silently build fp32). The
 fp16 ONNX's precision plan (LayerNorm, Softmax, reductions and the output kept fp32) is what the
 engine runs. TensorRT accepts the uint8 input only into a Cast, so a graph that transposes the tiles
-first gets a Cast in front (:func:`cast_input_first`, same numbers).
+first gets a Cast in front (:func:`~.tensorrt_prep.cast_input_first`, same numbers).
 
 The engine is measured against the fp32 reference on real tissue tiles before it is written
 (:class:`ParityError` below the variant's fp16 tolerance, nothing written); the file is written
@@ -17,19 +17,26 @@ profile and ONNX sha256 that it is tied to (see :mod:`virchow_rt.runtime.engine_
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from virchow_rt._deps import is_importable, optional_import
 from virchow_rt.compare import compare
-from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError, VirchowError
+from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError
+from virchow_rt.export.tensorrt_prep import (
+    PURPOSE,
+    cast_input_first,
+    checked_onnx,
+    default_timing_cache,
+    engine_name,
+    network_flags,
+    parity_reference,
+    resolve_profile,
+)
 from virchow_rt.manifest import atomic_path, find_artifact, read_manifest, sha256_file, write_manifest
 from virchow_rt.registry import BatchProfile, Variant, get_variant
 from virchow_rt.runtime import cuda
@@ -41,7 +48,6 @@ from virchow_rt.runtime.engine_cache import (
     check_version,
     lean_runtime,
     model_info,
-    release,
     stale_reasons,
 )
 from virchow_rt.runtime.tensorrt_backend import LogBook, TensorRTBackend, import_tensorrt, make_logger
@@ -50,74 +56,11 @@ from virchow_rt.tissue import tissue_tiles
 if TYPE_CHECKING:
     import tensorrt as trt
 
-PURPOSE = "to build TensorRT engines"
 DEFAULT_WORKSPACE_GIB = 4.0
 #: ``timing_cache="auto"``: one cache file per TensorRT version and GPU under the user cache folder
 AUTO = "auto"
 PARITY_SEED = 0
 _PARITY_BATCH = 16
-
-
-def engine_name(variant: Variant) -> str:
-    return f"{variant.name}.fp16.engine"
-
-
-def resolve_profile(
-    variant: Variant,
-    max_batch: int | None = None,
-    profile: BatchProfile | Mapping[str, int] | Sequence[int] | None = None,
-) -> BatchProfile:
-    """The batch optimization profile: the variant's, replaced by ``profile``, its max set by ``max_batch``.
-
-    ``max_batch`` also lowers min and opt when they exceed it. Raises :class:`InputError` unless
-    1 <= min <= opt <= max.
-    """
-    base = variant.batch
-    if profile is not None:
-        try:
-            if isinstance(profile, BatchProfile):
-                base = profile
-            elif isinstance(profile, Mapping):
-                base = BatchProfile(int(profile["min"]), int(profile["opt"]), int(profile["max"]))
-            else:
-                lo, opt, hi = (int(v) for v in profile)
-                base = BatchProfile(lo, opt, hi)
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(
-                f"batch profile {profile!r} is not (min, opt, max) or {{min, opt, max}} ({err})"
-            ) from err
-    if max_batch is not None:
-        if int(max_batch) < 1:
-            raise InputError(f"max_batch is {max_batch}; use a positive batch size")
-        base = BatchProfile(min(base.min, int(max_batch)), min(base.opt, int(max_batch)), int(max_batch))
-    if not 1 <= base.min <= base.opt <= base.max:
-        raise InputError(
-            f"batch profile min={base.min}, opt={base.opt}, max={base.max} is invalid; "
-            "need 1 <= min <= opt <= max"
-        )
-    return base
-
-
-def network_flags(version: str, strongly_typed_bit: Callable[[], int]) -> int:
-    """``create_network`` flags for TensorRT ``version``: strongly typed on 10.x, nothing on 11+.
-
-    ``strongly_typed_bit`` is called only on 10.x (TensorRT 11 made strong typing implicit), so
-    nothing is probed on a version that may not have the flag.
-    """
-    major = check_version(version)[0]
-    return 0 if major >= 11 else 1 << strongly_typed_bit()
-
-
-def default_timing_cache(tensorrt_version: str, compute_capability: str) -> Path:
-    """Per-user timing cache for one TensorRT release and GPU architecture.
-
-    The folder is ``$VIRCHOW_RT_CACHE`` or ``~/.cache/virchow-rt``.
-    """
-    root = Path(os.environ.get("VIRCHOW_RT_CACHE") or Path.home() / ".cache" / "virchow-rt")
-    major, minor, patch = release(tensorrt_version)
-    return (
-        root / "tensorrt" / f"timing-trt{major}.{minor}.{patch}-sm{compute_capability.replace('.', '')}.cache"
-    )
 
 
 def _host_bytes(memory: trt.IHostMemory) -> bytes:
@@ -153,33 +96,6 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
         tmp.write_bytes(data)
 
 
-def cast_input_first(onnx_path: Path) -> bytes | None:
-    """The graph with a Cast to float32 straight after the uint8 input, or None when it already starts so.
-
-    TensorRT takes uint8 only as a network input or output, consumed by a Cast (onnx-tensorrt's operator
-    matrix: Transpose has no UINT8); an export that transposes the uint8 tiles before widening them
-    (cheaper in ONNX Runtime) is rewritten here. The later Cast then casts float32 to float32, a no-op.
-    Weights stay where they are: external data is not loaded, and the parser finds it from the path.
-    """
-    onnx = optional_import("onnx", PURPOSE)
-    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    consumers = [node for node in model.graph.node if INPUT in node.input]
-    if all(node.op_type == "Cast" for node in consumers):
-        return None
-    widened = f"{INPUT}_float32"
-    for node in consumers:
-        node.input[:] = [widened if name == INPUT else name for name in node.input]
-    widen = onnx.helper.make_node(
-        "Cast", [INPUT], [widened], to=onnx.TensorProto.FLOAT, name="virchow_rt_cast_tiles"
-    )
-    model.graph.node.insert(0, widen)
-    # tensors between the input and the old Cast are float32 now: drop their recorded uint8 types
-    kept = [v for v in model.graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.UINT8]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
-    return bytes(model.SerializeToString())
-
-
 def _parse(
     trt_mod: Any, network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path: Path, book: LogBook
 ) -> tuple[Any, bool]:
@@ -213,69 +129,6 @@ def _check_network(network: trt.INetworkDefinition, size: int) -> None:
         raise ModelFileError(
             f"the ONNX graph has no float32 output {OUTPUT!r} (outputs: {list(outputs)}); re-export it"
         )
-
-
-def _torch_reference(manifest: Mapping[str, Any], variant: Variant) -> tuple[Backend, str] | None:
-    """The fp32 PyTorch reference rebuilt from the manifest's weights, if torch is here and they are found."""
-    if not (is_importable("torch") and is_importable("timm")):
-        return None
-    weights = manifest.get("weights") or {}
-    ref = importlib.import_module("virchow_rt.export.reference")
-    source, random = str(weights.get("source", "")), bool(weights.get("random"))
-    hf = re.match(r"hf://([^@\s]+)", source)
-    location = None if random else (source if Path(source).exists() else (hf.group(1) if hf else None))
-    if not random and location is None:
-        return None
-    try:
-        model, built, info = ref.build_model(variant, location, random)
-    except VirchowError:
-        return None
-    if not random and info.sha256 != weights.get("sha256"):
-        return None  # not the weights the ONNX was made from
-    device = "cuda" if optional_import("torch", PURPOSE).cuda.is_available() else "cpu"
-    return ref.TorchBackend(model, built, "fp32", device=device, weights=info), "torch-eager-fp32"
-
-
-def _reference(
-    manifest: Mapping[str, Any], variant: Variant, folder: Path, given: Backend | None
-) -> tuple[Backend, str]:
-    if given is not None:
-        return given, given.name
-    rebuilt = _torch_reference(manifest, variant)
-    if rebuilt is not None:
-        return rebuilt
-    fp32 = next(
-        (a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"), None
-    )
-    if fp32 is None or not (folder / fp32["path"]).is_file():
-        raise ModelFileError(
-            f"no fp32 reference for the engine's parity check: torch cannot rebuild the weights and {folder} "
-            "has no fp32 ONNX; export fp32 too, or pass reference= (a TorchBackend)"
-        )
-    runtime = importlib.import_module("virchow_rt.runtime")
-    backend: Backend = runtime.open_backend(folder / fp32["path"], backend="onnxruntime-cpu")
-    return (
-        backend,
-        f"onnxruntime-cpu fp32 ONNX ({fp32['parity']['summary'] if 'parity' in fp32 else 'unchecked'})",
-    )
-
-
-def _checked_onnx(onnx_path: Path) -> tuple[dict[str, Any], dict[str, Any], str, str | None]:
-    """(manifest, fp16 ONNX entry, graph sha256, external data sha256 or None), verified against the files."""
-    manifest = read_manifest(onnx_path.parent)
-    source = find_artifact(manifest, onnx_path)
-    if source is None or source.get("format") != "onnx" or source.get("precision") != "fp16":
-        raise InputError(
-            f"{onnx_path} is not the fp16 ONNX of its manifest; build the engine from <variant>.fp16.onnx"
-        )
-    graph_sha = sha256_file(onnx_path)
-    data = source.get("external_data")
-    data_sha = sha256_file(onnx_path.parent / data) if data else None
-    if graph_sha != source.get("sha256") or (data and data_sha != source.get("external_data_sha256")):
-        raise ModelFileError(
-            f"{onnx_path.name} (or its external data) changed since it was exported; re-export it"
-        )
-    return manifest, source, graph_sha, data_sha
 
 
 def _embed(backend: Backend, tiles: np.ndarray) -> np.ndarray:
@@ -327,7 +180,7 @@ def build_engine(
             f"out_dir {folder} is not the folder of {onnx_path.name}; engines are built into the export "
             "folder, beside the ONNX and its manifest.json"
         )
-    manifest, source, onnx_sha, data_sha = _checked_onnx(onnx_path)
+    manifest, source, onnx_sha, data_sha = checked_onnx(onnx_path)
 
     import_tensorrt("tensorrt", PURPOSE)  # MissingDependency when TensorRT itself (not its stubs) is absent
     import tensorrt as trt  # the same module, typed through tensorrt-stubs
@@ -378,7 +231,7 @@ def build_engine(
     start = time.perf_counter()
     info = dataclasses.replace(model_info(manifest, source), precision="fp16")
     tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
-    ref_backend, ref_label = _reference(manifest, variant, onnx_path.parent, reference)
+    ref_backend, ref_label = parity_reference(manifest, variant, onnx_path.parent, reference)
     try:
         expected = _embed(ref_backend, tiles)
     finally:
@@ -454,7 +307,7 @@ def ensure_engine(
         if entry is not None and entry.get("sha256") == sha256_file(target):
             trt = import_tensorrt("tensorrt", PURPOSE)
             prof = resolve_profile(variant, build.get("max_batch"), build.get("profile"))
-            _, _, graph_sha, data_sha = _checked_onnx(Path(onnx_path))
+            _, _, graph_sha, data_sha = checked_onnx(Path(onnx_path))
             compatible = bool(build.get("version_compatible", False))
             wanted = EngineKey(
                 onnx_sha256=graph_sha,
