@@ -80,6 +80,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="cls_mean: class ‖ patch mean; cls: class token",
     )
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt")
+    p.add_argument(
+        "--resize",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where tiles not of the model's size are resized (auto: the GPU when the backend runs on one)",
+    )
     p.add_argument("--skip-errors", action="store_true", help="skip unreadable images and report them")
     p.set_defaults(handler=_run_embed)
 

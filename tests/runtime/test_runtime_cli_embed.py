@@ -37,12 +37,23 @@ def test_embed_npy_writes_embeddings_and_sidecar(models, tissue, tmp_path, capsy
     assert (meta["pooling"], meta["embedding_dim"], meta["tiles"]) == ("cls_mean", 2 * WIDTH, 12)
     assert meta["random_weights"] is True and "RANDOM WEIGHTS" in meta["warning"]
     assert meta["backend"] == "onnxruntime-cpu" and meta["batch_size"] == 5 and meta["skipped"] == []
+    assert meta["resize"] == "cpu"  # auto: the backend runs on the CPU
     assert meta["sources"] == [{"path": str(tmp_path / "tiles.npy"), "kind": "npy", "rows": [0, 12]}]
     assert "RANDOM WEIGHTS" in captured.err
     summary = captured.out.strip().splitlines()
     assert len(summary) == 1 and "embedded 12 tiles" in summary[0] and "tiles/s" in summary[0]
-    assert "onnxruntime-cpu" in summary[0]
+    assert "onnxruntime-cpu" in summary[0] and "resizing on the CPU" in summary[0]
     assert sorted(p.name for p in out.parent.iterdir()) == ["emb.json", "emb.npy"]  # no temporary files left
+
+
+def test_embed_gpu_resize_on_a_cpu_backend_is_a_clear_error(models, tissue, tmp_path, capsys):
+    np.save(tmp_path / "tiles.npy", tissue[:2])
+    out = tmp_path / "emb.npy"
+    args = ["embed", str(models["fp32"]), str(tmp_path / "tiles.npy"), "--out", str(out)]
+    code = main([*args, "--resize", "gpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "resize='gpu' needs a backend that runs on a GPU" in err
+    assert not out.exists()
 
 
 def test_embed_cls_pooling_real_weights_and_images(models, tissue, tmp_path, capsys):

@@ -202,3 +202,60 @@ def test_default_batch_prefers_the_backends_measured_batch(models):
     assert default_batch_size(backend) == 16 and default_batch_size(backend, 64) == 16
     with pytest.raises(InputError, match="at least 1"):
         default_batch_size(backend, 0)
+
+
+class FakeResizer:
+    """Stands in for CudaResizer (no GPU here): records its calls, resizes with the CPU reference."""
+
+    made: list[FakeResizer] = []
+
+    def __init__(self, size: int, device: int) -> None:
+        self.size, self.device, self.calls, self.closed = size, device, 0, False
+        FakeResizer.made.append(self)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return resize_tiles(tiles, self.size)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_resize_on_the_gpu_is_chosen_for_gpu_backends(tissue, monkeypatch):
+    from virchow_rt.kernels import cuda_resize
+
+    monkeypatch.setattr(cuda_resize, "CudaResizer", FakeResizer)
+    big = resize_tiles(tissue[:6], 256)  # 256 px tiles, as a 20x scan at 0.4 um/px gives them
+    gpu = FakeBackend()
+    gpu.gpu = 1
+    with Embedder(gpu, batch_size=4) as embedder:
+        assert embedder.resize == "gpu"
+        out = embedder.embed(big)
+        resizer = FakeResizer.made[-1]
+        assert (resizer.size, resizer.device, resizer.calls) == (224, 1, 2)  # batches of 4 + 2
+        assert list(embedder.embed_batches([big[:3]]))[0].shape == (3, 6) and resizer.calls == 3
+    assert resizer.closed and not gpu.closed  # the embedder frees its resizer, not a backend it was given
+    with Embedder(FakeBackend(), batch_size=4) as cpu:
+        assert cpu.resize == "cpu"
+        np.testing.assert_array_equal(out, cpu.embed(big))  # same pixels either way
+
+
+def test_resize_choice_errors_and_fallback(monkeypatch, caplog):
+    from virchow_rt.kernels import cuda_resize
+
+    with pytest.raises(InputError, match="resize='gpu' needs a backend that runs on a GPU.*fake"):
+        Embedder(FakeBackend(), resize="gpu")
+    with pytest.raises(InputError, match="unknown resize 'fast'"):
+        Embedder(FakeBackend(), resize="fast")
+
+    def unavailable(size: int, device: int) -> None:
+        raise BackendError("no CUDA GPU is visible")
+
+    monkeypatch.setattr(cuda_resize, "CudaResizer", unavailable)
+    gpu = FakeBackend()
+    gpu.gpu = 0
+    with pytest.raises(BackendError, match="cannot resize on GPU 0: no CUDA GPU.*resize='cpu'"):
+        Embedder(gpu, resize="gpu")
+    with caplog.at_level("WARNING", logger="virchow_rt.runtime.embedder"):
+        assert Embedder(gpu).resize == "cpu"  # auto: falls back, and says why
+    assert "resize kernel is unavailable" in caplog.text

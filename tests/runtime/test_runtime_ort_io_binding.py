@@ -19,7 +19,7 @@ def _no_plain_runs(*args: Any, **kwargs: Any) -> Any:
 def test_bound_runs_match_plain_runs(models, tissue):
     plain = OnnxRuntimeBackend(models["fp32"], "cpu")
     bound = OnnxRuntimeBackend(models["fp32"], "cpu", io_binding=True)
-    assert (plain.device, plain.io_binding, bound.io_binding) == ("cpu", False, True)
+    assert (plain.gpu, plain.io_binding, bound.io_binding) == (None, False, True)
     bound._session.run = _no_plain_runs
     for tiles in (tissue[:5], tissue[1:9:2], tissue[:1]):  # contiguous, strided, a single tile
         out = bound.run(tiles)
@@ -57,7 +57,7 @@ def test_cuda_session_reads_gpu_arrays_in_place(models, tissue):
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         pytest.skip("needs onnxruntime-gpu with the CUDA provider and torch with CUDA")
     backend = OnnxRuntimeBackend(models["fp32"], "cuda")
-    assert (backend.name, backend.device, backend.io_binding) == ("onnxruntime-cuda", "cuda", True)
+    assert (backend.name, backend.gpu, backend.io_binding) == ("onnxruntime-cuda", 0, True)
     gpu = torch.from_numpy(tissue[:6]).cuda()
     np.testing.assert_allclose(backend.run(gpu), backend.run(tissue[:6]), atol=1e-5)
     np.testing.assert_allclose(backend.run(tissue[:6]), expected_embedding(tissue[:6]), atol=1e-4)

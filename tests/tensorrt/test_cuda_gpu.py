@@ -133,3 +133,21 @@ def test_dlpack_only_gpu_arrays_are_read_in_place(library: str) -> None:
     arr = as_device_array(DlpackOnly())
     assert arr is not None
     assert (arr.ptr, arr.shape, arr.dtype, arr.device) == (ptr, (2, 224, 224, 3), np.dtype(np.uint8), 0)
+
+
+def test_embedder_resizes_on_the_gpu_like_the_cpu() -> None:
+    from virchow_rt.runtime import Embedder
+    from virchow_rt.runtime.backend import Backend, ModelInfo
+    from virchow_rt.tissue import tissue_tiles
+
+    class Echo(Backend):  # returns the tiles it was given, flattened: the embedding is the model input
+        name, gpu = "echo", 0
+        info = ModelInfo("unknown", 224 * 224 * 3, 3, 224, "fp32", True, "random")
+
+        def run(self, tiles: np.ndarray) -> np.ndarray:
+            return tiles.reshape(len(tiles), -1).astype(np.float32)
+
+    tiles = tissue_tiles(10, 448, seed=1)  # 40x tiles for a 20x model
+    with Embedder(Echo(), batch_size=4) as gpu, Embedder(Echo(), batch_size=4, resize="cpu") as cpu:
+        assert (gpu.resize, cpu.resize) == ("gpu", "cpu")
+        np.testing.assert_array_equal(gpu.embed(tiles), cpu.embed(tiles))

@@ -162,7 +162,7 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
     def make(slots: int = 3, graphs: bool = False) -> tb.TensorRTBackend:
         backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
         backend.info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
-        backend._device, backend._num_slots, backend._use_graphs = 0, slots, graphs
+        backend.gpu, backend._num_slots, backend._use_graphs = 0, slots, graphs
         backend._slots, backend._streams, backend._lock = [], [], threading.Lock()
         backend._book = tb.LogBook()
         backend._specs = {

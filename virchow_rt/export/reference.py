@@ -185,6 +185,7 @@ class TorchBackend(Backend):
             raise BackendError(f"device {device!r} asked for but torch sees no CUDA GPU; use device='cpu'")
         self.variant = variant
         self.device = torch.device(device)
+        self.gpu = (self.device.index or 0) if self.device.type == "cuda" else None
         self._autocast_dtype, info_precision = PRECISIONS[precision]
         mode = "compile" if compile else ("autocast" if self._autocast_dtype is not None else "eager")
         self.name = f"torch-{mode}-{info_precision}"

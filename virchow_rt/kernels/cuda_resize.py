@@ -366,6 +366,7 @@ class CudaResizer:
         out = np.empty((n, self.size, self.size, 3), np.uint8)
         if n == 0:
             return out
+        cuda.set_device(self.device)  # the calling thread's current GPU (e.g. an Embedder's reader thread)
         with cuda.DeviceBuffer(tiles.nbytes) as src, cuda.DeviceBuffer(out.nbytes) as dst:
             cuda.copy_async(src.ptr, tiles.ctypes.data, tiles.nbytes, "h2d", self._stream)
             self.resize_device(src.ptr, n, h, w, dst.ptr, self._stream)

@@ -37,6 +37,8 @@ class Backend(abc.ABC):
     max_batch: int | None = None
     #: the batch it runs fastest at, measured (None: use the variant's default batch)
     preferred_batch: int | None = None
+    #: index of the CUDA GPU it computes on; None when it runs on the CPU
+    gpu: int | None = None
 
     @abc.abstractmethod
     def run(self, tiles: np.ndarray) -> np.ndarray:

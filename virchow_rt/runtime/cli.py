@@ -43,7 +43,7 @@ def embed_command(args: argparse.Namespace) -> int:
     # inputs are checked before the model loads: a wrong array fails in milliseconds, not after a model load
     source = open_tiles(args.tiles, skip_errors=args.skip_errors)
     with open_backend(args.model, args.backend) as backend:
-        embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty())
+        embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty(), resize=args.resize)
         info = embedder.info
         if info.random_weights:
             print(
@@ -75,6 +75,7 @@ def embed_command(args: argparse.Namespace) -> int:
         "random_weights": info.random_weights,
         "backend": backend.name,
         "batch_size": embedder.batch_size,
+        "resize": embedder.resize,
         "tiles": int(embeddings.shape[0]),
         "sources": source.sources,
         "skipped": [{"name": name, "reason": reason} for name, reason in source.skipped],
@@ -98,7 +99,8 @@ def embed_command(args: argparse.Namespace) -> int:
     skipped = f", {len(source.skipped)} skipped (see {out_json.name})" if source.skipped else ""
     print(
         f"embedded {embeddings.shape[0]} tiles in {elapsed:.2f} s ({meta['tiles_per_s']} tiles/s) with "
-        f"{backend.name} ({info.variant} {info.precision}, {args.pooling} {embeddings.shape[1]}-d){skipped} "
+        f"{backend.name} ({info.variant} {info.precision}, {args.pooling} {embeddings.shape[1]}-d, "
+        f"resizing on the {embedder.resize.upper()}){skipped} "
         f"-> {out_npy}"
     )
     return 0

@@ -9,22 +9,25 @@ never deadlocks or leaks a thread. The embedder talks to the model only through
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from virchow_rt.errors import InputError
+from virchow_rt.errors import BackendError, InputError, VirchowError
 from virchow_rt.kernels.resize import check_tile_array, resize_tiles
 from virchow_rt.registry import check_pooling, get_variant
 from virchow_rt.runtime.backend import Backend
 from virchow_rt.runtime.tiles import TileSource
 
+log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
+RESIZE = ("auto", "cpu", "gpu")
 PREFETCH = 2  # batches read ahead: one being filled, one waiting; more only costs memory
 
 
@@ -102,7 +105,10 @@ class Embedder:
 
     ``batch_size`` defaults to the backend's ``preferred_batch`` when it has one (ONNX Runtime on CPU:
     8), else the variant's optimal batch (the engine profile's ``opt``), or 32 for an unknown variant;
-    capped at the backend's ``max_batch``. ``progress`` shows a tqdm bar on stderr.
+    capped at the backend's ``max_batch``. ``progress`` shows a tqdm bar on stderr. ``resize``: where
+    arrays of tiles that are not S×S are resized: "cpu" (:func:`~virchow_rt.kernels.resize.resize_tiles`),
+    "gpu" (:class:`~virchow_rt.kernels.cuda_resize.CudaResizer` on the backend's GPU, the same pixels)
+    or "auto" (the GPU when the backend runs on one and NVRTC is installed); :attr:`resize` says which.
     A backend passed in stays open on :meth:`close`; one opened here is closed.
     """
 
@@ -112,6 +118,7 @@ class Embedder:
         backend: str = "auto",
         batch_size: int | None = None,
         progress: bool = False,
+        resize: str = "auto",
         **options: Any,
     ) -> None:
         if isinstance(model_or_backend, Backend):
@@ -123,6 +130,44 @@ class Embedder:
         self.info = self.backend.info
         self.batch_size = default_batch_size(self.backend, batch_size)
         self.progress = progress
+        self._resizer: Any = None
+        try:
+            self._resizer = self._gpu_resizer(resize)
+        except BaseException:
+            self.close()
+            raise
+        #: where tiles that are not S×S are resized: "cpu" or "gpu"
+        self.resize = "cpu" if self._resizer is None else "gpu"
+
+    def _gpu_resizer(self, choice: str) -> Any:
+        """A CUDA resizer on the backend's GPU for ``choice``, or None to resize on the CPU."""
+        if choice not in RESIZE:
+            raise InputError(f"unknown resize {choice!r}; use one of: {', '.join(RESIZE)}")
+        gpu = self.backend.gpu
+        if choice == "cpu" or (choice == "auto" and gpu is None):
+            return None
+        if gpu is None:
+            raise InputError(
+                f"resize='gpu' needs a backend that runs on a GPU; {self.backend.name} runs on the CPU "
+                "(use resize='cpu' or 'auto')"
+            )
+        try:
+            from virchow_rt.kernels.cuda_resize import CudaResizer
+
+            return CudaResizer(self.info.tile_size, device=gpu)
+        except VirchowError as err:  # cuda-python or NVRTC missing, or the kernel failed to load
+            if choice == "gpu":
+                raise BackendError(f"cannot resize on GPU {gpu}: {err}; use resize='cpu'") from err
+            log.warning("resizing tiles on the CPU: the GPU resize kernel is unavailable (%s)", err)
+            return None
+
+    def _resize_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """uint8 (B, H, W, 3) -> (B, S, S, 3), on the GPU or the CPU as :attr:`resize` says."""
+        size = self.info.tile_size
+        resizer = self._resizer
+        if resizer is None:
+            return lambda tiles: resize_tiles(tiles, size)
+        return lambda tiles: tiles if tiles.shape[1:3] == (size, size) else resizer(tiles)
 
     def embedding_dim(self, pooling: str = "cls_mean") -> int:
         """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls"."""
@@ -136,6 +181,7 @@ class Embedder:
         check_pooling(pooling)
         if isinstance(tiles, TileSource):
             tiles.tile_size = self.info.tile_size
+            tiles.resize_rows = self._resize_fn()
             batches: Iterable[np.ndarray] = tiles.batches(self.batch_size)
             total = len(tiles)
         elif isinstance(tiles, np.ndarray):
@@ -163,6 +209,7 @@ class Embedder:
         """
         check_pooling(pooling)
         limit = self.backend.max_batch
+        resize = self._resize_fn()
 
         def prepared() -> Iterator[np.ndarray]:
             for batch in batches:
@@ -171,7 +218,7 @@ class Embedder:
                         f"a batch is a {type(batch).__name__}; pass uint8 numpy arrays (B, H, W, 3)"
                     )
                 check_tile_array(batch)
-                yield resize_tiles(batch, self.info.tile_size)  # (B, S, S, 3)
+                yield resize(batch)  # (B, S, S, 3)
 
         if not limit:
             yield from self._run(prepared(), pooling, None)
@@ -182,11 +229,11 @@ class Embedder:
 
     # --- internals ---------------------------------------------------------------------------
     def _array_batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
-        size = self.info.tile_size
+        size, resize = self.info.tile_size, self._resize_fn()
         for start in range(0, len(tiles), self.batch_size):
             rows = tiles[start : start + self.batch_size]  # (b, H, W, 3)
             # resize (or copy a strided/memory-mapped view) here, in the reader thread
-            yield resize_tiles(rows, size) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
+            yield resize(rows) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
 
     def _run(self, batches: Iterable[np.ndarray], pooling: str, total: int | None) -> Iterator[np.ndarray]:
         """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays."""
@@ -213,7 +260,10 @@ class Embedder:
                 bar.close()
 
     def close(self) -> None:
-        """Close the backend if this embedder opened it. Safe to call twice."""
+        """Free the GPU resizer, and close the backend if this embedder opened it. Safe to call twice."""
+        resizer, self._resizer = getattr(self, "_resizer", None), None
+        if resizer is not None:
+            resizer.close()
         if self._owns_backend:
             self.backend.close()
             self._owns_backend = False

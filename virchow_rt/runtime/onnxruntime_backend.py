@@ -231,10 +231,9 @@ class OnnxRuntimeBackend(Backend):
         #: batch this session runs fastest at (CPU: 8, measured, module doc); None: the variant's
         self.preferred_batch: int | None = CPU_BATCH if self.name == "onnxruntime-cpu" else None
         provider = session.get_providers()[0]
-        #: where the session computes: "cpu" or "cuda" (CUDA and TensorRT EPs), and on which GPU
-        self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
-        self.device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
-        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        if provider != "CPUExecutionProvider":  # CUDA and TensorRT EPs: the GPU they were given
+            self.gpu = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+        self.io_binding = self.gpu is not None if io_binding is None else io_binding
         self._check_io(session)
 
     # --- loading -----------------------------------------------------------------------------
@@ -337,7 +336,7 @@ class OnnxRuntimeBackend(Backend):
             raise InputError(
                 f"batch of {tiles.shape[0]} tiles; use 1 to {self.max_batch or 'any number of'} tiles"
             )
-        if isinstance(tiles, DeviceArray) and self.device != "cuda":
+        if isinstance(tiles, DeviceArray) and self.gpu is None:
             raise InputError(
                 f"tiles are a GPU array but this {self.name} session runs on the CPU; copy them to the host "
                 "(e.g. .cpu().numpy(), cupy.asnumpy) or run on a GPU (onnxruntime-gpu, or a TensorRT engine)"
@@ -369,18 +368,21 @@ class OnnxRuntimeBackend(Backend):
         """One batch through an I/O binding: input bound in place, output bound on the session's device."""
         binding = session.io_binding()
         if isinstance(tiles, DeviceArray):
-            if tiles.device is not None and tiles.device != self.device_id:
+            if tiles.device is not None and tiles.device != self.gpu:
                 raise InputError(
                     f"the GPU array is on device {tiles.device} but this session runs on device "
-                    f"{self.device_id}; move it there first"
+                    f"{self.gpu}; move it there first"
                 )
             _wait_for_producer(tiles)  # ORT reads on its own stream: the caller's writes must be done
-            binding.bind_input(INPUT, "cuda", self.device_id, np.uint8, tiles.shape, tiles.ptr)
-        elif self.device == "cuda":
+            binding.bind_input(INPUT, "cuda", self.gpu, np.uint8, tiles.shape, tiles.ptr)
+        elif self.gpu is not None:
             binding.bind_cpu_input(INPUT, tiles)  # ORT copies it to the GPU
         else:
             binding.bind_input(INPUT, "cpu", 0, np.uint8, tiles.shape, tiles.ctypes.data)
-        binding.bind_output(OUTPUT, self.device, self.device_id)
+        if self.gpu is None:
+            binding.bind_output(OUTPUT, "cpu", 0)
+        else:
+            binding.bind_output(OUTPUT, "cuda", self.gpu)
         session.run_with_iobinding(binding)
         (out,) = binding.copy_outputs_to_cpu()
         return np.asarray(out)

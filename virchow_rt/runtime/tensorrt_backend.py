@@ -113,6 +113,7 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    gpu: int  # always on a GPU
 
     def __init__(
         self,
@@ -191,7 +192,7 @@ class TensorRTBackend(Backend):
         graphs: bool,
         vc: bool,
     ) -> None:
-        self.info, self._device, self._num_slots, self._use_graphs = info, device, slots, graphs
+        self.info, self.gpu, self._num_slots, self._use_graphs = info, device, slots, graphs
         self._slots: list[_Slot] = []
         self._streams: list[cuda.Stream] = []
         self._lock = threading.Lock()
@@ -262,9 +263,9 @@ class TensorRTBackend(Backend):
         if dev is None and not isinstance(batch, np.ndarray):
             dev = as_device_array(batch)
         if dev is not None:
-            if dev.device is not None and dev.device != self._device:
+            if dev.device is not None and dev.device != self.gpu:
                 raise InputError(
-                    f"the GPU array is on device {dev.device} but this engine runs on device {self._device}; "
+                    f"the GPU array is on device {dev.device} but this engine runs on device {self.gpu}; "
                     f"move it there first, or open the engine with device={dev.device}"
                 )
             rows = check_batch(dev.shape, dev.dtype, self.info.tile_size, self._max)
@@ -286,7 +287,7 @@ class TensorRTBackend(Backend):
         try:
             if self._context is None:
                 raise BackendError("this TensorRTBackend was closed; open the engine again")
-            cuda.set_device(self._device)
+            cuda.set_device(self.gpu)
             self._allocate()
             schedule = SlotSchedule(len(self._slots))
             pending: dict[int, _Batch] = {}

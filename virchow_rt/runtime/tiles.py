@@ -11,7 +11,7 @@ resized with timm's eval geometry (:func:`virchow_rt.kernels.resize.resize_tile`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,9 @@ class TileSource:
         #: (name, reason) of every input left out (only with skip_errors)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._failed: set[int] = set()  # entry indices whose image failed to decode
+        #: resizes rows of .npy arrays that are not S×S (default: the CPU reference; an Embedder with a
+        #: GPU resizer sets its own)
+        self.resize_rows: Callable[[np.ndarray], np.ndarray] = lambda rows: resize_tiles(rows, self.tile_size)
 
     def __len__(self) -> int:
         return sum(e.count for i, e in enumerate(self._entries) if i not in self._failed)
@@ -144,7 +147,7 @@ class TileSource:
                 if rows.shape[1] == size and rows.shape[2] == size:
                     yield np.array(rows, order="C")  # copy now: disk reads happen in this (reader) thread
                 else:
-                    yield resize_tiles(rows, size)
+                    yield self.resize_rows(rows)
 
     def batches(self, batch_size: int = DEFAULT_BATCH) -> Iterator[np.ndarray]:
         """Yield C-contiguous uint8 (B, S, S, 3) batches of exactly ``batch_size`` (the last may be smaller).
