@@ -15,9 +15,10 @@ import contextlib
 import importlib
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from virchow_rt.slides.grid import TileGrid, TilePlan, tile_grid
 from virchow_rt.slides.reader import Slide, open_slide
 from virchow_rt.slides.regions import RegionGrid, region_grid
 from virchow_rt.slides.tiles import ReadStats, TileBatch, TileReader
+
+G = TypeVar("G", TileGrid, RegionGrid)
 
 
 @contextlib.contextmanager
@@ -197,6 +200,29 @@ def iter_tiles(
         yield from TileReader(handle, workers=workers).batches(grid.plan, batch_size, skip_errors)
 
 
+@contextlib.contextmanager
+def _streaming(
+    slide: str | Path | Slide,
+    model: str | Path | Backend,
+    backend: str,
+    slide_mpp: float | None,
+    layout: Callable[[Slide], tuple[G, TilePlan]],
+    **options: Any,
+) -> Iterator[tuple[Slide, Backend, G, EmbeddingStream]]:
+    """Open the slide and the model, lay out its tiles (``layout``: grid and plan), start their stream."""
+    with opened_slide(slide, slide_mpp) as handle, opened_backend(model, backend) as runner:
+        grid, plan = layout(handle)
+        yield handle, runner, grid, EmbeddingStream(handle, runner, plan, **options)
+
+
+def _tiling(mpp: float, tile_size: int, min_tissue: float) -> Callable[[Slide], tuple[TileGrid, TilePlan]]:
+    def layout(handle: Slide) -> tuple[TileGrid, TilePlan]:
+        grid = tile_grid(handle, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
+        return grid, grid.plan
+
+    return layout
+
+
 def iter_embeddings(
     slide: str | Path | Slide,
     model: str | Path | Backend,
@@ -212,17 +238,9 @@ def iter_embeddings(
     skip_errors: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (coords (B, 2) int64 level-0, features (B, E) float32) per batch of the slide's tissue tiles."""
-    with opened_slide(slide, slide_mpp) as handle, opened_backend(model, backend) as runner:
-        grid = tile_grid(handle, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
-        stream = EmbeddingStream(
-            handle,
-            runner,
-            grid.plan,
-            pooling=pooling,
-            batch_size=batch_size,
-            workers=workers,
-            skip_errors=skip_errors,
-        )
+    options = {"pooling": pooling, "batch_size": batch_size, "workers": workers, "skip_errors": skip_errors}
+    layout = _tiling(mpp, tile_size, min_tissue)
+    with _streaming(slide, model, backend, slide_mpp, layout, **options) as (_, _, grid, stream):
         for rows, features in stream:
             yield grid.coords[rows], features
 
@@ -242,17 +260,9 @@ def embed_slide(
     skip_errors: bool = False,
 ) -> SlideEmbedding:
     """Embed all tissue tiles of a slide in memory (use :func:`process_slides` for .h5 files)."""
-    with opened_slide(slide, slide_mpp) as handle, opened_backend(model, backend) as runner:
-        grid = tile_grid(handle, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
-        stream = EmbeddingStream(
-            handle,
-            runner,
-            grid.plan,
-            pooling=pooling,
-            batch_size=batch_size,
-            workers=workers,
-            skip_errors=skip_errors,
-        )
+    options = {"pooling": pooling, "batch_size": batch_size, "workers": workers, "skip_errors": skip_errors}
+    layout = _tiling(mpp, tile_size, min_tissue)
+    with _streaming(slide, model, backend, slide_mpp, layout, **options) as (handle, runner, grid, stream):
         parts = list(stream)
         rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         features = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, stream.dim), np.float32)
@@ -283,18 +293,14 @@ def embed_regions(
     skip_errors: bool = False,
 ) -> RegionEmbedding:
     """Embed every tissue region's tiles at each magnification: features (R, T, E) in the layout's order."""
-    with opened_slide(slide, slide_mpp) as handle, opened_backend(model, backend) as runner:
+    options = {"pooling": pooling, "batch_size": batch_size, "workers": workers, "skip_errors": skip_errors}
+
+    def layout(handle: Slide) -> tuple[RegionGrid, TilePlan]:
         grid = region_grid(handle, tuple(magnifications), tile_size=tile_size, min_tissue=min_tissue)
+        return grid, grid.plan(handle)
+
+    with _streaming(slide, model, backend, slide_mpp, layout, **options) as (handle, runner, grid, stream):
         t = grid.layout.tiles_per_region
-        stream = EmbeddingStream(
-            handle,
-            runner,
-            grid.plan(handle),
-            pooling=pooling,
-            batch_size=batch_size,
-            workers=workers,
-            skip_errors=skip_errors,
-        )
         parts = list(complete_groups(stream, t))
         ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         features = (
