@@ -159,7 +159,7 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
     mem, log, contexts = Memory(), [], []
     monkeypatch.setattr(tb, "cuda", fake_cuda(mem, log, contexts))
 
-    def make(slots: int = 3, graphs: bool = False) -> tb.TensorRTBackend:
+    def make(slots: int = 3, graphs: bool = False, min_batch: int = 1) -> tb.TensorRTBackend:
         backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
         backend.info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
         backend.gpu, backend._num_slots, backend._use_graphs = 0, slots, graphs
@@ -170,6 +170,7 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
             "embedding": TensorSpec("embedding", False, np.dtype(np.float32), (-1, E)),
         }
         backend._max = backend.max_batch = 8
+        backend._min = min_batch
         contexts[:] = [FakeContext(mem, log)]
         backend._context = contexts[0]  # type: ignore[assignment]
         backend._engine = backend._runtime = None
@@ -200,6 +201,21 @@ def test_pipeline_ragged_and_empty_batches(sim: Any) -> None:
         np.testing.assert_array_equal(out, expected(batch))
     h2d = [e[2] for e in sim.log if e[:2] == ("copy", "h2d")]
     assert h2d == [n * S * S * 3 for n in sizes if n]  # only the rows given are copied
+
+
+def test_batches_below_the_profile_min_run_padded(sim: Any) -> None:
+    sizes = [8, 3, 1]
+    batches = [tiles(n, seed=i) for i, n in enumerate(sizes)]
+    backend = sim.make(min_batch=4)
+    for batch, out in zip(batches, backend.pipeline(batches), strict=True):
+        np.testing.assert_array_equal(out, expected(batch))  # the padding's outputs are dropped
+    assert [e[1] for e in sim.log if e[0] == "execute"] == [8, 4, 4]
+    assert [e[2] for e in sim.log if e[:2] == ("copy", "d2h")] == [n * E * 4 for n in sizes]
+    x = tiles(2)
+    ptr = sim.mem.alloc(x.nbytes)
+    small = DeviceArray(ptr, x.shape, x.dtype, None, x)
+    with pytest.raises(InputError, match="2 tiles is below the engine's min batch 4.*profile min of 1"):
+        list(backend.pipeline([small]))
 
 
 def test_results_are_fresh_arrays(sim: Any) -> None:

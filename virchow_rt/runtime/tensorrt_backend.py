@@ -10,7 +10,8 @@ Running (:meth:`TensorRTBackend.pipeline`): ``slots`` sets of buffers (pinned ho
 in/out, each sized for the profile's max batch) are made once and reused round-robin. Three
 streams share the work: H2D copies, compute (one execution context, so batches compute in order)
 and D2H copies, ordered by events. While batch k computes, batch k+1 is filled and copied in and
-batch k-1 copied out; the host waits only for a slot's previous D2H before refilling it. The
+batch k-1 copied out; the host waits only for a slot's previous D2H before refilling it. A host
+batch below the profile's min (a ragged last batch) runs padded with blank tiles. The
 bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU arrays
 (``__cuda_array_interface__`` or DLPack: CuPy, torch, JAX) are read in place, without a host round trip.
 """
@@ -213,7 +214,9 @@ class TensorRTBackend(Backend):
         self._engine: trt.ICudaEngine | None = engine
         self._specs = self._read_io(engine)
         check_io(self._specs, info)
-        self._max = int(engine.get_tensor_profile_shape(INPUT, 0)[2][0])
+        lowest, _, highest = engine.get_tensor_profile_shape(INPUT, 0)
+        # batches below the profile's min (a ragged last batch) run padded with blank tiles up to it
+        self._min, self._max = max(1, int(lowest[0])), int(highest[0])
         self.max_batch = self._max
         context = engine.create_execution_context()
         if context is None:
@@ -269,6 +272,12 @@ class TensorRTBackend(Backend):
                     f"move it there first, or open the engine with device={dev.device}"
                 )
             rows = check_batch(dev.shape, dev.dtype, self.info.tile_size, self._max)
+            if 0 < rows < self._min:
+                raise InputError(
+                    f"a GPU array of {rows} tiles is below the engine's min batch {self._min} (GPU arrays "
+                    f"are read in place, not padded); pass at least {self._min} tiles, a host array, or "
+                    "rebuild the engine with a profile min of 1"
+                )
             return _Batch(rows, dev)
         host = as_host_array(batch)
         return _Batch(check_batch(host.shape, host.dtype, self.info.tile_size, self._max), host)
@@ -322,16 +331,19 @@ class TensorRTBackend(Backend):
             return np.empty((0, self.info.embedding_dim), np.float32)
         slot, batch = self._slots[step.slot], pending[step.batch]
         tiles = self._specs[INPUT]
+        rows = max(step.rows, self._min)  # rows the engine runs: padded up to the profile's min
         if step.op == "fill":
             if isinstance(batch.data, np.ndarray):
-                np.copyto(slot.host_in.view(np.uint8, (self._max, *tiles.shape[1:]))[: step.rows], batch.data)
+                host = slot.host_in.view(np.uint8, (self._max, *tiles.shape[1:]))
+                np.copyto(host[: step.rows], batch.data)
+                host[step.rows : rows] = 0  # blank padding tiles; their outputs are never read
                 slot.input_ptr, slot.held = slot.device[INPUT].ptr, None
             else:
                 slot.input_ptr, slot.held = batch.data.ptr, batch.data.owner
         elif step.op == "h2d":
             slot.wait_input = True
             if isinstance(batch.data, np.ndarray):
-                cuda.copy_async(slot.input_ptr, slot.host_in.ptr, tiles.nbytes(step.rows), "h2d", h2d)
+                cuda.copy_async(slot.input_ptr, slot.host_in.ptr, tiles.nbytes(rows), "h2d", h2d)
                 slot.h2d_done.record(h2d)
             elif batch.data.stream is not None:
                 slot.h2d_done.record(batch.data.stream)  # the producer's stream: wait for its writes
@@ -340,7 +352,7 @@ class TensorRTBackend(Backend):
         elif step.op == "compute":
             if slot.wait_input:
                 compute.wait(slot.h2d_done)
-            self._enqueue(slot, step.rows, compute)
+            self._enqueue(slot, rows, compute)
             slot.compute_done.record(compute)
         elif step.op == "d2h":
             d2h.wait(slot.compute_done)
