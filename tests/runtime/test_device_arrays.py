@@ -75,5 +75,20 @@ def test_dlpack_gpu_arrays_are_read_through_cuda_core() -> None:
     assert gpu.streams == [1] and arr.stream == 1
     gpu = DlpackOnly(x, device=(2, 0))
     assert as_device_array(gpu, stream=0xABC).stream is None and gpu.streams == [0xABC]
+
+
+def test_dlpack_is_preferred_to_an_interface_without_a_stream() -> None:
+    pytest.importorskip("cuda.core.utils", reason="cuda-core (the 'cuda' extra) reads DLPack arrays")
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+
+    class TorchLike(DlpackOnly):  # torch: interface v2 (no stream) and DLPack
+        __cuda_array_interface__ = {"data": (0x7F00_0000, False), "shape": (2, 4, 4, 3), "typestr": "|u1",
+                                    "version": 2}  # fmt: skip
+
+    torch_like = TorchLike(x, device=(2, 0))
+    arr = as_device_array(torch_like)
+    assert arr is not None and arr.ptr == x.ctypes.data and torch_like.streams == [1]  # read through DLPack
+    TorchLike.__cuda_array_interface__ = {**TorchLike.__cuda_array_interface__, "version": 3, "stream": 7}
+    assert as_device_array(TorchLike(x, device=(2, 0))).ptr == 0x7F00_0000  # a v3 stream: the interface
     with pytest.raises(InputError, match="not C-contiguous"):
         as_device_array(DlpackOnly(x[:, :, ::2], device=(2, 0)))

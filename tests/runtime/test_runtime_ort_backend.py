@@ -12,7 +12,7 @@ import pytest
 from runtime_models import WIDTH, build_attention_onnx, expected_embedding
 
 from virchow_rt.compare import cosine_rows
-from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.manifest import sha256_file
 from virchow_rt.runtime import open_backend
 from virchow_rt.runtime.capabilities import physical_cores
@@ -285,9 +285,13 @@ def test_export_folder_picks_the_precision_for_the_device(models, tmp_path, monk
     monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: True)
     assert runtime._pick_from_folder(tmp_path, "auto").name == "tiny.fp16.onnx"  # a GPU runs fp16
     assert runtime._pick_from_folder(tmp_path, "onnxruntime-cpu").name == "tiny.fp32.onnx"
+    # a GPU provider listed, but no GPU to run it on: the session is on the CPU, which wants fp32
+    backend = open_backend(tmp_path)
+    assert (backend.name, backend.path.name) == ("onnxruntime-cpu", "tiny.fp32.onnx")
 
 
-def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("error", [ModelFileError, BackendError, MissingDependency])
+def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, monkeypatch, caplog, error):
     import virchow_rt.runtime as runtime
     from virchow_rt.runtime import tensorrt_backend
 
@@ -299,13 +303,13 @@ def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, mo
 
     class Refused:
         def __init__(self, path: Path, **options: object) -> None:
-            raise ModelFileError(f"{path.name}: built with TensorRT 10.13.0.35, this runtime is 10.14.1.48")
+            raise error(f"{path.name}: built with TensorRT 10.13.0.35, this runtime is 10.14.1.48")
 
     monkeypatch.setattr(runtime, "is_importable", lambda module: True)
     monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Refused)
     with caplog.at_level("WARNING", logger="virchow_rt.runtime"):
-        backend = open_backend(tmp_path)
+        backend = open_backend(tmp_path, slots=2)  # a TensorRT option, not passed on to ONNX Runtime
     assert backend.name == "onnxruntime-cpu" and backend.path.name == "tiny.fp32.onnx"
     assert "tiny.fp16.engine" in caplog.text and "10.14.1.48" in caplog.text and "ONNX Runtime" in caplog.text
-    with pytest.raises(ModelFileError, match="10.14.1.48"):  # asked for TensorRT by name: no fallback
+    with pytest.raises(error, match="10.14.1.48"):  # asked for TensorRT by name: no fallback
         open_backend(tmp_path, "tensorrt")

@@ -218,6 +218,15 @@ def test_batches_below_the_profile_min_run_padded(sim: Any) -> None:
         list(backend.pipeline([small]))
 
 
+def test_gpu_arrays_below_the_profile_min_are_read_with_an_overlap(sim: Any) -> None:
+    x = tiles(10)  # max 8, min 4: pieces [0, 8) and [6, 10), the repeated rows 6-7 dropped
+    ptr = sim.mem.alloc(x.nbytes)
+    sim.mem.at(ptr, x.nbytes)[:] = x.ravel()
+    out = sim.make(min_batch=4).run(DeviceArray(ptr, x.shape, x.dtype, None, x))
+    np.testing.assert_array_equal(out, expected(x))
+    assert [e[1] for e in sim.log if e[0] == "execute"] == [8, 4]
+
+
 def test_results_are_fresh_arrays(sim: Any) -> None:
     backend = sim.make(slots=2)
     outs = list(backend.pipeline([tiles(8, seed=i) for i in range(5)]))

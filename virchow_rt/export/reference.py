@@ -185,7 +185,8 @@ class TorchBackend(Backend):
             raise BackendError(f"device {device!r} asked for but torch sees no CUDA GPU; use device='cpu'")
         self.variant = variant
         self.device = torch.device(device)
-        self.gpu = (self.device.index or 0) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            self.gpu = torch.cuda.current_device() if self.device.index is None else self.device.index
         self._autocast_dtype, info_precision = PRECISIONS[precision]
         mode = "compile" if compile else ("autocast" if self._autocast_dtype is not None else "eager")
         self.name = f"torch-{mode}-{info_precision}"

@@ -6,13 +6,14 @@ that needs them is opened.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable
-from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.manifest import read_manifest
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.capabilities import capabilities
@@ -53,6 +54,34 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     return folder / onnx[0]["path"]
 
 
+def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend:
+    """The backend for an export folder's best artifact here (see :func:`open_backend`)."""
+    path = _pick_from_folder(folder, backend)
+    if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
+        from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
+
+        try:
+            return TensorRTBackend(path, **options)
+        except (ModelFileError, BackendError, MissingDependency) as err:  # another TensorRT/GPU, no GPU
+            engine = path
+            try:
+                path = _pick_from_folder(folder, backend, engines=False)
+            except ModelFileError as missing:
+                raise missing from err
+            log.warning("not running %s (%s); running %s with ONNX Runtime instead", engine, err, path)
+            accepted = inspect.signature(OnnxRuntimeBackend).parameters
+            options = {k: v for k, v in options.items() if k in accepted}  # drop the TensorRT-only ones
+    opened = open_backend(path, backend, **options)
+    if opened.gpu is None and opened.info.precision == "fp16" and path.suffix.lower() == ".onnx":
+        # ONNX Runtime lists a GPU provider but sees no GPU: on the CPU the fp32 model is the fast one
+        fp32 = _pick_from_folder(folder, "onnxruntime-cpu", engines=False)
+        if fp32 != path:
+            opened.close()
+            return open_backend(fp32, backend, **options)
+    return opened
+
+
 def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **options: Any) -> Backend:
     """Open an exported model with the backend that fits its file type and this machine.
 
@@ -67,15 +96,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
         raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     path = Path(model_path)
     if path.is_dir():
-        folder, path = path, _pick_from_folder(path, backend)
-        if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
-            from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
-
-            try:
-                return TensorRTBackend(path, **options)
-            except (ModelFileError, BackendError) as err:  # built for another TensorRT or GPU, or no GPU
-                engine, path = path, _pick_from_folder(folder, backend, engines=False)
-                log.warning("not running %s (%s); running %s with ONNX Runtime instead", engine, err, path)
+        return _open_folder(path, backend, options)
     suffix = path.suffix.lower()
     if suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):

@@ -68,10 +68,10 @@ def _from_dlpack(obj: object, device: int, stream: int | None) -> DeviceArray:
     consumer = LEGACY_STREAM if stream is None else stream
     try:
         view = utils.StridedMemoryView.from_dlpack(obj, stream_ptr=consumer)
-    except (BufferError, TypeError, ValueError, RuntimeError) as err:
+        shape = tuple(int(s) for s in view.shape)
+        dtype = np.dtype(view.dtype)  # a type numpy lacks (bfloat16 without ml_dtypes) fails here
+    except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
         raise InputError(f"cannot read {type(obj).__name__} through DLPack: {err}") from err
-    shape = tuple(int(s) for s in view.shape)
-    dtype = np.dtype(view.dtype)
     strides = None if view.strides is None else tuple(view.strides)
     _check_contiguous(shape, strides, dtype.itemsize, dtype.itemsize)
     # the producer ordered its writes before ``consumer``: wait on it, unless the caller passed its own
@@ -82,15 +82,20 @@ def _from_dlpack(obj: object, device: int, stream: int | None) -> DeviceArray:
 def as_device_array(obj: object, stream: int | None = None) -> DeviceArray | None:
     """Describe ``obj`` if it is a GPU array (``__cuda_array_interface__`` v2/v3, or DLPack), else None.
 
+    DLPack is preferred over an interface without a ``stream`` entry (torch's), whose producer stream is
+    unknown: through DLPack the producer orders its own writes before the consumer stream.
+
     ``stream``: the consumer stream the caller will read on, handed to a DLPack producer so that its
     writes are ordered before it; without one the legacy default stream is used and returned as the
     stream to wait for. Host arrays (numpy, or DLPack on the CPU) give None.
     """
     cai = getattr(obj, "__cuda_array_interface__", None)
-    if cai is not None:
+    dlpack = hasattr(obj, "__dlpack__")
+    # an interface without a stream (v2, torch's) cannot say where the writes were queued; DLPack can
+    if cai is not None and ("stream" in cai or not dlpack):
         return _from_interface(obj, cai)
     dlpack_device = getattr(obj, "__dlpack_device__", None)
-    if dlpack_device is None or not hasattr(obj, "__dlpack__"):
+    if dlpack_device is None or not dlpack:
         return None
     device_type, device = dlpack_device()
     if int(device_type) not in _DLPACK_CUDA:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import is_importable, optional_import
-from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.errors import BackendError, InputError, ModelFileError, VirchowError
 from virchow_rt.kernels.resize import check_tile_array
 from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
 from virchow_rt.runtime.backend import Backend, ModelInfo
@@ -356,7 +356,7 @@ class OnnxRuntimeBackend(Backend):
                 out = self._run_bound(session, tiles)
             else:
                 (out,) = session.run([OUTPUT], {INPUT: tiles})  # (B, E)
-        except (InputError, BackendError):
+        except VirchowError:  # ours already say what is wrong
             raise
         except Exception as err:  # noqa: BLE001 - ORT's runtime errors become one BackendError
             raise BackendError(
@@ -373,7 +373,7 @@ class OnnxRuntimeBackend(Backend):
                     f"the GPU array is on device {tiles.device} but this session runs on device "
                     f"{self.gpu}; move it there first"
                 )
-            _wait_for_producer(tiles)  # ORT reads on its own stream: the caller's writes must be done
+            _wait_for_producer(tiles, self.gpu)  # ORT reads on its own stream: the writes must be done
             binding.bind_input(INPUT, "cuda", self.gpu, np.uint8, tiles.shape, tiles.ptr)
         elif self.gpu is not None:
             binding.bind_cpu_input(INPUT, tiles)  # ORT copies it to the GPU
@@ -391,12 +391,13 @@ class OnnxRuntimeBackend(Backend):
         self._session = None
 
 
-def _wait_for_producer(tiles: DeviceArray) -> None:
-    """Block until the work queued on the producer's stream (the writes to ``tiles``) is done."""
+def _wait_for_producer(tiles: DeviceArray, gpu: int | None) -> None:
+    """Block until the work queued on the producer's stream (the writes to ``tiles``) on ``gpu`` is done."""
     if tiles.stream is None:
         return
     from virchow_rt.runtime import cuda
 
+    cuda.set_device(gpu or 0)  # the event and the default streams belong to the current GPU of this thread
     with cuda.Event() as done:
         done.record(tiles.stream)
         done.synchronize()

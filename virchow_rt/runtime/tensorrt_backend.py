@@ -244,19 +244,26 @@ class TensorRTBackend(Backend):
     # --- running --------------------------------------------------------------------------------
     def run(self, tiles: Any) -> np.ndarray:
         """Embed uint8 tiles (N, S, S, 3), a host or GPU array of any N -> a new (N, E) float32 array."""
-        dev = None if isinstance(tiles, np.ndarray) else as_device_array(tiles)
-        m = self._max
-        if dev is not None:
+        dev = tiles if isinstance(tiles, DeviceArray | np.ndarray) else as_device_array(tiles)
+        if not isinstance(dev, DeviceArray):
+            host = as_host_array(tiles)
+            outs = list(self.pipeline(host[i : i + self._max] for i in range(0, len(host), self._max)))
+        else:
             n = dev.shape[0] if dev.shape else 0
             row = int(np.prod(dev.shape[1:], dtype=np.int64)) * dev.dtype.itemsize
-            chunks: list[Any] = [
-                dataclasses.replace(dev, ptr=dev.ptr + i * row, shape=(min(m, n - i), *dev.shape[1:]))
-                for i in range(0, n, m)
+            starts = list(range(0, n, self._max))
+            # a GPU array is read in place, not padded: a last piece below the profile's min starts
+            # earlier instead, and the rows it repeats are dropped from its output
+            overlap = max(0, self._min - (n - starts[-1])) if starts and n >= self._min else 0
+            if overlap:
+                starts[-1] -= overlap
+            chunks = [
+                dataclasses.replace(dev, ptr=dev.ptr + i * row, shape=(min(self._max, n - i), *dev.shape[1:]))
+                for i in starts
             ]
-        else:
-            host = as_host_array(tiles)
-            chunks = [host[i : i + m] for i in range(0, len(host), m)]
-        outs = list(self.pipeline(chunks))
+            outs = list(self.pipeline(chunks))
+            if overlap:
+                outs[-1] = outs[-1][overlap:]
         if not outs:
             return np.empty((0, self.info.embedding_dim), np.float32)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
