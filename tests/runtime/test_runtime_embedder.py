@@ -228,13 +228,18 @@ def test_resize_on_the_gpu_is_chosen_for_gpu_backends(tissue, monkeypatch):
     big = resize_tiles(tissue[:6], 256)  # 256 px tiles, as a 20x scan at 0.4 um/px gives them
     gpu = FakeBackend()
     gpu.gpu = 1
+    made = len(FakeResizer.made)
     with Embedder(gpu, batch_size=4) as embedder:
         assert embedder.resize == "gpu"
+        embedder.embed(tissue[:5])
+        assert len(FakeResizer.made) == made  # 224 px tiles need no resizer: none was made
         out = embedder.embed(big)
         resizer = FakeResizer.made[-1]
         assert (resizer.size, resizer.device, resizer.calls) == (224, 1, 2)  # batches of 4 + 2
         assert list(embedder.embed_batches([big[:3]]))[0].shape == (3, 6) and resizer.calls == 3
     assert resizer.closed and not gpu.closed  # the embedder frees its resizer, not a backend it was given
+    with pytest.raises(BackendError, match="Embedder was closed"):
+        embedder.embed(big)
     with Embedder(FakeBackend(), batch_size=4) as cpu:
         assert cpu.resize == "cpu"
         np.testing.assert_array_equal(out, cpu.embed(big))  # same pixels either way
@@ -256,6 +261,9 @@ def test_resize_choice_errors_and_fallback(monkeypatch, caplog):
     gpu.gpu = 0
     with pytest.raises(BackendError, match="cannot resize on GPU 0: no CUDA GPU.*resize='cpu'"):
         Embedder(gpu, resize="gpu")
+    embedder = Embedder(gpu)
+    assert embedder.resize == "gpu"  # auto: the kernel is loaded when first needed
+    big = np.zeros((2, 256, 256, 3), np.uint8)
     with caplog.at_level("WARNING", logger="virchow_rt.runtime.embedder"):
-        assert Embedder(gpu).resize == "cpu"  # auto: falls back, and says why
-    assert "resize kernel is unavailable" in caplog.text
+        assert embedder.embed(big).shape == (2, 6)
+    assert embedder.resize == "cpu" and "resize kernel is unavailable" in caplog.text  # fell back, said why

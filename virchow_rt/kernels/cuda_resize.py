@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -230,8 +231,11 @@ extern "C" __global__ void resize_vertical(
 """
 
 
+@functools.cache
 def compile_kernels(arch: str) -> bytes:
-    """Compile :data:`KERNELS` with NVRTC for ``arch`` (e.g. "sm_89") -> CUBIN bytes. Needs no GPU."""
+    """Compile :data:`KERNELS` with NVRTC for ``arch`` (e.g. "sm_89") -> CUBIN bytes, once per process.
+
+    Needs no GPU."""
     nvrtc = optional_import("cuda.bindings.nvrtc", "to compile the GPU resize kernel")
     source = f"#define PRECISION_BITS {PRECISION_BITS}\n{KERNELS}".encode()
     prog = cuda.check(nvrtc.nvrtcCreateProgram(source, b"virchow_resize.cu", 0, [], []), "nvrtcCreateProgram")
@@ -285,9 +289,10 @@ class _Tables:
 class CudaResizer:
     """Resize + center-crop uint8 RGB tiles on the GPU, equal to ``virchow_rt.kernels.resize.resize_tiles``.
 
-    Compiles its two kernels with NVRTC for the GPU's compute capability on construction. Its scratch
-    buffer is shared by every call: queue work from one stream at a time (one resizer per stream).
-    Free it with :meth:`close` (or ``with``).
+    Compiles its two kernels with NVRTC for the GPU's compute capability on construction (once per
+    process). Its scratch buffer is shared by every :meth:`resize_device` call: queue work from one
+    stream at a time (one resizer per stream). Calling the resizer (host in, host out) is thread-safe:
+    calls take turns and reuse their device buffers. Free it with :meth:`close` (or ``with``).
     """
 
     def __init__(self, size: int = 224, device: int = 0) -> None:
@@ -313,6 +318,8 @@ class CudaResizer:
             raise
         self._tables: dict[tuple[int, int], _Tables] = {}
         self._tmp: cuda.DeviceBuffer | None = None
+        self._io: dict[str, cuda.DeviceBuffer] = {}  # the host-call path's input and output, grown as needed
+        self._lock = threading.Lock()
 
     def _launch(self, func: Any, threads: int, stream: cuda.Stream, *args: tuple[int, Any]) -> None:
         params, _keep = _launch_args(*args)
@@ -366,27 +373,43 @@ class CudaResizer:
         out = np.empty((n, self.size, self.size, 3), np.uint8)
         if n == 0:
             return out
-        cuda.set_device(self.device)  # the calling thread's current GPU (e.g. an Embedder's reader thread)
-        with cuda.DeviceBuffer(tiles.nbytes) as src, cuda.DeviceBuffer(out.nbytes) as dst:
+        with self._lock:
+            if self._module is None:
+                raise BackendError("this CudaResizer was closed; make a new one")
+            cuda.set_device(self.device)  # this thread's current GPU (e.g. an Embedder's reader thread)
+            src, dst = self._buffer("src", tiles.nbytes), self._buffer("dst", out.nbytes)
             cuda.copy_async(src.ptr, tiles.ctypes.data, tiles.nbytes, "h2d", self._stream)
             self.resize_device(src.ptr, n, h, w, dst.ptr, self._stream)
             cuda.copy_async(out.ctypes.data, dst.ptr, out.nbytes, "d2h", self._stream)
             self._stream.synchronize()
         return out
 
+    def _buffer(self, name: str, nbytes: int) -> cuda.DeviceBuffer:
+        """The host-call path's device buffer ``name``, reallocated only when it is too small."""
+        buf = self._io.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                buf.close()  # the stream was synchronized at the end of the previous call
+            buf = self._io[name] = cuda.DeviceBuffer(nbytes)
+        return buf
+
     def close(self) -> None:
-        """Free the tables, scratch buffer, stream and module. Safe twice."""
+        """Free the tables, buffers, stream and module, after a call in progress ends. Safe twice."""
         if getattr(self, "_module", None) is None:
             return
-        self._stream.synchronize()
-        for tables in self._tables.values():
-            tables.buffer.close()
-        self._tables.clear()
-        if self._tmp is not None:
-            self._tmp.close()
-        self._stream.close()
-        cuda.check(self._drv.cuModuleUnload(self._module), "cuModuleUnload")
-        self._module = None
+        with self._lock:
+            if self._module is None:
+                return
+            self._stream.synchronize()
+            for tables in self._tables.values():
+                tables.buffer.close()
+            self._tables.clear()
+            for buf in [*self._io.values(), *([self._tmp] if self._tmp is not None else [])]:
+                buf.close()
+            self._io.clear()
+            self._stream.close()
+            cuda.check(self._drv.cuModuleUnload(self._module), "cuModuleUnload")
+            self._module = None
 
     def __enter__(self) -> CudaResizer:
         return self

@@ -13,7 +13,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -121,53 +121,60 @@ class Embedder:
         resize: str = "auto",
         **options: Any,
     ) -> None:
+        if resize not in RESIZE:
+            raise InputError(f"unknown resize {resize!r}; use one of: {', '.join(RESIZE)}")
         if isinstance(model_or_backend, Backend):
             self.backend, self._owns_backend = model_or_backend, False
         else:
             from virchow_rt.runtime import open_backend
 
             self.backend, self._owns_backend = open_backend(model_or_backend, backend, **options), True
-        self.info = self.backend.info
-        self.batch_size = default_batch_size(self.backend, batch_size)
-        self.progress = progress
-        self._resizer: Any = None
+        self._resizer: Any = None  # the CudaResizer, made on first need
+        self._resizer_lock = threading.Lock()
+        self._closed = False
         try:
-            self._resizer = self._gpu_resizer(resize)
+            self.info = self.backend.info
+            self.batch_size = default_batch_size(self.backend, batch_size)
+            self.progress = progress
+            on_gpu = self.backend.gpu is not None
+            if resize == "gpu" and not on_gpu:
+                raise InputError(
+                    f"resize='gpu' needs a backend that runs on a GPU; {self.backend.name} runs on the CPU "
+                    "(use resize='cpu' or 'auto')"
+                )
+            #: where tiles that are not S×S are resized: "cpu" or "gpu" ("auto" falls back to "cpu", with
+            #: a warning, if the GPU kernel cannot be loaded when first needed)
+            self.resize = "gpu" if resize == "gpu" or (resize == "auto" and on_gpu) else "cpu"
+            self._strict_gpu = resize == "gpu"
+            if self._strict_gpu:
+                self._gpu_resizer()  # asked for by name: fail now, not in the middle of a run
         except BaseException:
             self.close()
             raise
-        #: where tiles that are not S×S are resized: "cpu" or "gpu"
-        self.resize = "cpu" if self._resizer is None else "gpu"
 
-    def _gpu_resizer(self, choice: str) -> Any:
-        """A CUDA resizer on the backend's GPU for ``choice``, or None to resize on the CPU."""
-        if choice not in RESIZE:
-            raise InputError(f"unknown resize {choice!r}; use one of: {', '.join(RESIZE)}")
-        gpu = self.backend.gpu
-        if choice == "cpu" or (choice == "auto" and gpu is None):
-            return None
-        if gpu is None:
-            raise InputError(
-                f"resize='gpu' needs a backend that runs on a GPU; {self.backend.name} runs on the CPU "
-                "(use resize='cpu' or 'auto')"
-            )
-        try:
-            from virchow_rt.kernels.cuda_resize import CudaResizer
+    def _gpu_resizer(self) -> Any:
+        """The CUDA resizer on the backend's GPU (made once), or None when resizing falls back to the CPU."""
+        with self._resizer_lock:
+            if self._closed:
+                raise BackendError("this Embedder was closed; make a new one")
+            if self._resizer is None and self.resize == "gpu":
+                gpu = self.backend.gpu
+                try:
+                    from virchow_rt.kernels.cuda_resize import CudaResizer
 
-            return CudaResizer(self.info.tile_size, device=gpu)
-        except VirchowError as err:  # cuda-python or NVRTC missing, or the kernel failed to load
-            if choice == "gpu":
-                raise BackendError(f"cannot resize on GPU {gpu}: {err}; use resize='cpu'") from err
-            log.warning("resizing tiles on the CPU: the GPU resize kernel is unavailable (%s)", err)
-            return None
+                    self._resizer = CudaResizer(self.info.tile_size, device=gpu or 0)
+                except VirchowError as err:  # cuda-python or NVRTC missing, or the kernel failed to load
+                    if self._strict_gpu:
+                        raise BackendError(f"cannot resize on GPU {gpu}: {err}; use resize='cpu'") from err
+                    log.warning("resizing tiles on the CPU: the GPU resize kernel is unavailable (%s)", err)
+                    self.resize = "cpu"
+            return self._resizer
 
-    def _resize_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """uint8 (B, H, W, 3) -> (B, S, S, 3), on the GPU or the CPU as :attr:`resize` says."""
+    def _resize(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> new (B, S, S, 3), on the GPU or the CPU as :attr:`resize` says."""
         size = self.info.tile_size
-        resizer = self._resizer
-        if resizer is None:
-            return lambda tiles: resize_tiles(tiles, size)
-        return lambda tiles: tiles if tiles.shape[1:3] == (size, size) else resizer(tiles)
+        resizer = self._gpu_resizer() if self.resize == "gpu" and tiles.shape[1:3] != (size, size) else None
+        return resize_tiles(tiles, size) if resizer is None else resizer(tiles)
 
     def embedding_dim(self, pooling: str = "cls_mean") -> int:
         """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls"."""
@@ -181,8 +188,7 @@ class Embedder:
         check_pooling(pooling)
         if isinstance(tiles, TileSource):
             tiles.tile_size = self.info.tile_size
-            tiles.resize_rows = self._resize_fn()
-            batches: Iterable[np.ndarray] = tiles.batches(self.batch_size)
+            batches: Iterable[np.ndarray] = tiles.batches(self.batch_size, resize=self._resize)
             total = len(tiles)
         elif isinstance(tiles, np.ndarray):
             check_tile_array(tiles)
@@ -209,7 +215,6 @@ class Embedder:
         """
         check_pooling(pooling)
         limit = self.backend.max_batch
-        resize = self._resize_fn()
 
         def prepared() -> Iterator[np.ndarray]:
             for batch in batches:
@@ -218,7 +223,7 @@ class Embedder:
                         f"a batch is a {type(batch).__name__}; pass uint8 numpy arrays (B, H, W, 3)"
                     )
                 check_tile_array(batch)
-                yield resize(batch)  # (B, S, S, 3)
+                yield self._resize(batch)  # (B, S, S, 3)
 
         if not limit:
             yield from self._run(prepared(), pooling, None)
@@ -229,11 +234,11 @@ class Embedder:
 
     # --- internals ---------------------------------------------------------------------------
     def _array_batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
-        size, resize = self.info.tile_size, self._resize_fn()
+        size = self.info.tile_size
         for start in range(0, len(tiles), self.batch_size):
             rows = tiles[start : start + self.batch_size]  # (b, H, W, 3)
             # resize (or copy a strided/memory-mapped view) here, in the reader thread
-            yield resize(rows) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
+            yield self._resize(rows) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
 
     def _run(self, batches: Iterable[np.ndarray], pooling: str, total: int | None) -> Iterator[np.ndarray]:
         """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays."""
@@ -261,9 +266,13 @@ class Embedder:
 
     def close(self) -> None:
         """Free the GPU resizer, and close the backend if this embedder opened it. Safe to call twice."""
-        resizer, self._resizer = getattr(self, "_resizer", None), None
-        if resizer is not None:
-            resizer.close()
+        lock = getattr(self, "_resizer_lock", None)
+        if lock is not None:
+            with lock:  # waits for a resize in progress in the reader thread
+                self._closed = True
+                if self._resizer is not None:
+                    self._resizer.close()
+                    self._resizer = None
         if self._owns_backend:
             self.backend.close()
             self._owns_backend = False

@@ -22,6 +22,7 @@ from virchow_rt.errors import InputError
 from virchow_rt.kernels.resize import check_tile_array, resize_tile, resize_tiles
 
 DEFAULT_BATCH = 32
+Resize = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> uint8 (B, S, S, 3)
 # what Pillow raises for files it cannot identify or decode (DecompressionBombError: absurdly large images)
 _IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
@@ -95,9 +96,6 @@ class TileSource:
         #: (name, reason) of every input left out (only with skip_errors)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._failed: set[int] = set()  # entry indices whose image failed to decode
-        #: resizes rows of .npy arrays that are not S×S (default: the CPU reference; an Embedder with a
-        #: GPU resizer sets its own)
-        self.resize_rows: Callable[[np.ndarray], np.ndarray] = lambda rows: resize_tiles(rows, self.tile_size)
 
     def __len__(self) -> int:
         return sum(e.count for i, e in enumerate(self._entries) if i not in self._failed)
@@ -127,7 +125,7 @@ class TileSource:
             row += entry.count
         return out
 
-    def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:
+    def _chunks(self, batch_size: int, resize: Resize | None) -> Iterator[np.ndarray]:
         """Arrays of at most ``batch_size`` tiles (N, S, S, 3), in input order."""
         size = self.tile_size
         for i, entry in enumerate(self._entries):
@@ -147,19 +145,20 @@ class TileSource:
                 if rows.shape[1] == size and rows.shape[2] == size:
                     yield np.array(rows, order="C")  # copy now: disk reads happen in this (reader) thread
                 else:
-                    yield self.resize_rows(rows)
+                    yield resize_tiles(rows, size) if resize is None else resize(rows)
 
-    def batches(self, batch_size: int = DEFAULT_BATCH) -> Iterator[np.ndarray]:
+    def batches(self, batch_size: int = DEFAULT_BATCH, resize: Resize | None = None) -> Iterator[np.ndarray]:
         """Yield C-contiguous uint8 (B, S, S, 3) batches of exactly ``batch_size`` (the last may be smaller).
 
         Batches cross file boundaries, so many small files still make full batches. Each yielded array
-        is new (not reused): a consumer may keep it.
+        is new (not reused): a consumer may keep it. ``resize``: resizes rows of arrays that are not S×S
+        (default: :func:`~virchow_rt.kernels.resize.resize_tiles`; an :class:`Embedder` may use the GPU).
         """
         if batch_size < 1:
             raise InputError(f"batch size {batch_size} must be >= 1")
         pending: list[np.ndarray] = []
         filled = 0
-        for chunk in self._chunks(batch_size):
+        for chunk in self._chunks(batch_size, resize):
             while len(chunk):
                 take = min(batch_size - filled, len(chunk))
                 pending.append(chunk[:take])
