@@ -33,5 +33,6 @@ def test_bench_tiny_torch_rows_on_the_gpu(tmp_path) -> None:
     ok = {r["precision"]: r for r in report["results"] if r["status"] == "ok"}
     assert set(ok) == {"fp32", "fp16-autocast"}
     assert all(r["device"] == "cuda" and r["peak_memory"]["gpu_peak_mb"] > 0 for r in ok.values())
+    assert all(r["compute_tiles_per_s"] > 0 and r["compute_reason"] is None for r in ok.values())  # events
     assert ok["fp16-autocast"]["parity"]["min_cosine"] >= 0.999
     assert report["environment"]["gpu"] and report["matmul_peaks"]["cuda-fp16"]["tflops"] > 1.0

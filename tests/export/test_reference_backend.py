@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from virchow_rt.compare import compare, cosine_rows
-from virchow_rt.errors import InputError
+from virchow_rt.errors import BackendError, InputError
 from virchow_rt.export.reference import RANDOM_LAYER_SCALE, TorchBackend, build_model
 from virchow_rt.export.weights import RandomWeightsWarning
 from virchow_rt.registry import VARIANTS, get_variant
@@ -129,6 +129,14 @@ def test_unknown_precision_refused(v2_tiny):
     model, variant, _ = v2_tiny
     with pytest.raises(InputError, match="fp16-autocast"):
         TorchBackend(model, variant, precision="int8")
+
+
+def test_compute_only_timing_needs_a_gpu(v2_tiny):
+    model, variant, _ = v2_tiny
+    backend = TorchBackend(model, variant)
+    assert backend.gpu is None
+    with pytest.raises(BackendError, match="needs a CUDA device.*runs on cpu"):
+        backend.time_compute(np.zeros((1, 224, 224, 3), np.uint8))
 
 
 def test_full_size_preprocess_matches_published_config():

@@ -113,9 +113,18 @@ def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> t
         addr, shape = ctx.captured
         return Graph(lambda: ctx.compute(addr, shape))
 
+    class EventTimer:  # no device clock here: each measured call "takes" 1 ms
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        def measure(self, fn: Any) -> float:
+            log.append(("timed",))
+            fn()
+            return 1e-3
+
     return types.SimpleNamespace(
         PinnedBuffer=Buffer, DeviceBuffer=Buffer, Event=Event, Stream=Stream, copy_async=copy_async,
-        capture_graph=capture_graph, set_device=lambda index: None, GraphExec=Graph,
+        capture_graph=capture_graph, set_device=lambda index: None, GraphExec=Graph, EventTimer=EventTimer,
     )  # fmt: skip
 
 
@@ -225,6 +234,18 @@ def test_gpu_arrays_below_the_profile_min_are_read_with_an_overlap(sim: Any) -> 
     out = sim.make(min_batch=4).run(DeviceArray(ptr, x.shape, x.dtype, None, x))
     np.testing.assert_array_equal(out, expected(x))
     assert [e[1] for e in sim.log if e[0] == "execute"] == [8, 4]
+
+
+def test_time_compute_runs_the_engine_alone(sim: Any) -> None:
+    backend = sim.make(min_batch=4)
+    samples = backend.time_compute(tiles(3), repeats=3, warmup=2)
+    assert samples == [1e-3] * 3
+    # one copy in, then 2 + 3 runs of the engine alone (3 tiles padded to the min of 4), nothing copied out
+    assert [e[:2] for e in sim.log if e[0] != "timed"] == [("copy", "h2d")] + [("execute", 4)] * 5
+    assert len([e for e in sim.log if e[0] == "timed"]) == 5  # every run bracketed by the timer
+    np.testing.assert_array_equal(backend.run(tiles(2)), expected(tiles(2)))  # the backend is free again
+    with pytest.raises(InputError, match="repeats 0"):
+        backend.time_compute(tiles(1), repeats=0)
 
 
 def test_results_are_fresh_arrays(sim: Any) -> None:

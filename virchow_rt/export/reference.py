@@ -234,5 +234,23 @@ class TorchBackend(Backend):
             out = self._module(x)  # (B, 2D)
         return out.float().cpu().numpy()
 
+    def time_compute(self, tiles: np.ndarray, *, repeats: int = 10, warmup: int = 2) -> list[float]:
+        """Seconds of GPU time per forward pass on one batch (CUDA events; no preprocessing, no copies)."""
+        if self.device.type != "cuda":
+            raise BackendError(f"time_compute needs a CUDA device; {self.name} runs on {self.device}")
+        if self._module is None:
+            raise BackendError(f"{self.name} backend is closed; create a new TorchBackend")
+        x = self.preprocess(tiles).to(self.device)  # (B, 3, S, S)
+        samples = []
+        with torch.inference_mode(), self._precision():
+            for _ in range(warmup + repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._module(x)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
+        return samples[warmup:]
+
     def close(self) -> None:
         self._module = None

@@ -18,6 +18,7 @@ bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU array
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -296,15 +297,7 @@ class TensorRTBackend(Backend):
         DLPack; read in place, after the producer's queued writes), B <= :attr:`max_batch`. The input
         iterator is consumed lazily; results come out up to ``slots`` batches behind it.
         """
-        if not self._lock.acquire(blocking=False):
-            raise BackendError(
-                "this TensorRTBackend is already running a pipeline; use one backend per thread"
-            )
-        try:
-            if self._context is None:
-                raise BackendError("this TensorRTBackend was closed; open the engine again")
-            cuda.set_device(self.gpu)
-            self._allocate()
+        with self._exclusive():
             schedule = SlotSchedule(len(self._slots))
             pending: dict[int, _Batch] = {}
             for batch in batches:
@@ -317,14 +310,51 @@ class TensorRTBackend(Backend):
                 out = self._do(step, pending)
                 if out is not None:
                     yield out
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the backend (one pipeline or timing at a time), its buffers made; on exit, let the GPU
+        finish what was queued (an abandoned generator must not leave copies in flight)."""
+        if not self._lock.acquire(blocking=False):
+            raise BackendError(
+                "this TensorRTBackend is already running a pipeline; use one backend per thread"
+            )
+        try:
+            if self._context is None:
+                raise BackendError("this TensorRTBackend was closed; open the engine again")
+            cuda.set_device(self.gpu)
+            self._allocate()
+            yield
         finally:
             try:
-                for stream in self._streams:  # an abandoned generator must not leave copies in flight
+                for stream in self._streams:
                     stream.synchronize()
             finally:
                 for slot in self._slots:
                     slot.held = None
                 self._lock.release()
+
+    def time_compute(self, tiles: Any, *, repeats: int = 10, warmup: int = 2) -> list[float]:
+        """Seconds of device time per engine run on one batch, no copies: CUDA events on the compute stream.
+
+        The batch is copied in once (or read in place from a GPU array), then run ``warmup`` + ``repeats``
+        times; only the last ``repeats`` are returned. Used by the benchmark's compute-only column.
+        """
+        if repeats < 1 or warmup < 0:
+            raise InputError(f"repeats {repeats} must be >= 1 and warmup {warmup} >= 0")
+        with self._exclusive():
+            batch = self._prepare(tiles)
+            if batch.rows == 0:
+                raise InputError("time_compute needs at least one tile")
+            for op in ("fill", "h2d"):
+                self._do(Step(op, 0, 0, batch.rows), {0: batch})
+            slot, compute = self._slots[0], self._streams[1]
+            if slot.wait_input:
+                compute.wait(slot.h2d_done)
+            timer, rows = cuda.EventTimer(compute), max(batch.rows, self._min)
+            runs = range(warmup + repeats)
+            samples = [timer.measure(lambda: self._enqueue(slot, rows, compute)) for _ in runs]
+            return samples[warmup:]
 
     def _allocate(self) -> None:
         if not self._slots:
