@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from virchow_rt.manifest import sha256_file
 from virchow_rt.runtime import open_backend
 from virchow_rt.runtime.capabilities import physical_cores
 from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from virchow_rt.runtime.ort_fusion import fuse_attention
+from virchow_rt.runtime.ort_fusion import evict, fuse_attention, read_result
 
 
 def test_fp32_runs_and_reads_metadata(models, tissue):
@@ -187,6 +188,20 @@ def test_attention_fusion_matches_and_is_cached(tmp_path, tissue, private_cache,
     again = OnnxRuntimeBackend(model, "cpu")  # second open: only the cached copy loads, nothing is rebuilt
     assert again.optimization["cache"] == str(entry) and (entry / "model.onnx").stat().st_mtime_ns == stamp
     assert opened == ["model.onnx"]
+
+
+def test_fusion_cache_keeps_the_most_recently_used_entries(tmp_path):
+    folder = tmp_path / "ort-cpu"
+    for i in range(6):  # entry 0 used longest ago ... entry 5 most recently
+        (folder / f"e{i}").mkdir(parents=True)
+        (folder / f"e{i}" / "result.json").write_text("{}")
+        os.utime(folder / f"e{i}" / "result.json", (1000 + i, 1000 + i))
+    (folder / "half-made").mkdir()  # no result.json: goes first
+    (folder / ".e9.tmp").mkdir()  # another process's entry being built: left alone
+    assert read_result(folder / "e1") == {}  # reading an entry marks it used now
+    removed = evict(folder, keep=folder / "e0", limit=4)
+    assert sorted(p.name for p in removed) == ["e2", "e3", "half-made"]
+    assert sorted(p.name for p in folder.iterdir()) == [".e9.tmp", "e0", "e1", "e4", "e5"]
 
 
 @pytest.mark.parametrize("scale", [0.9, 0.02])

@@ -46,7 +46,7 @@ from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.capabilities import physical_cores
 from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array
-from virchow_rt.runtime.ort_fusion import FUSION_VERSION, build_entry, read_result
+from virchow_rt.runtime.ort_fusion import FUSION_VERSION, build_entry, evict, read_result
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 build_entry(self.path, original, entry, self._ort)
                 result = read_result(entry) or {}
+                evict(entry.parent, keep=entry)
             except Exception as err:  # noqa: BLE001 - an optimization must never stop a run
                 log.warning(
                     "CPU graph optimization of %s failed (%s); running the original graph", self.path, err

@@ -6,6 +6,7 @@ copy is made once into a cache folder, checked against the original graph, and u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from virchow_rt.manifest import write_json
 INPUT, OUTPUT = "tiles", "embedding"
 CPU = ["CPUExecutionProvider"]
 FUSION_VERSION = 2  # bump when fuse_attention changes: old cache entries are then ignored
+MAX_ENTRIES = 4  # fused models kept in the cache folder (least recently used go first)
 FUSED_MIN_COSINE = 0.99999  # the fused graph must match the original like an fp32 export matches torch
 
 
@@ -183,10 +185,34 @@ def _check_fused(original: Any, fused_path: Path, ort: Any) -> dict[str, Any]:
 
 
 def read_result(entry: Path) -> dict[str, Any] | None:
+    """The outcome recorded in a cache entry, or None; marks the entry as just used (for :func:`evict`)."""
     try:
-        return json.loads((entry / "result.json").read_text())
+        result: dict[str, Any] = json.loads((entry / "result.json").read_text())
     except (OSError, ValueError):
         return None
+    with contextlib.suppress(OSError):
+        os.utime(entry / "result.json")
+    return result
+
+
+def evict(folder: Path, keep: Path, limit: int = MAX_ENTRIES) -> list[Path]:
+    """Delete the least recently used cache entries of ``folder`` beyond ``limit`` (``keep`` always stays).
+
+    Each entry holds a whole fused copy of a model (2.5 GB for an fp32 ViT-H), so the cache is bounded.
+    Returns the entries removed.
+    """
+
+    def used(entry: Path) -> float:
+        try:
+            return (entry / "result.json").stat().st_mtime
+        except OSError:
+            return 0.0  # half-made or damaged: the first to go
+
+    others = [e for e in folder.iterdir() if e.is_dir() and not e.name.startswith(".") and e != keep]
+    removed = sorted(others, key=used, reverse=True)[max(0, limit - 1) :]
+    for entry in removed:
+        shutil.rmtree(entry, ignore_errors=True)
+    return removed
 
 
 def _drop_dead_nodes(graph: Any) -> None:
