@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from virchow_rt.errors import InputError
-from virchow_rt.runtime.device_arrays import as_device_array, as_host_array
+from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
 
 
 class FakeGpuArray:
@@ -92,3 +92,15 @@ def test_dlpack_is_preferred_to_an_interface_without_a_stream() -> None:
     assert as_device_array(TorchLike(x, device=(2, 0))).ptr == 0x7F00_0000  # a v3 stream: the interface
     with pytest.raises(InputError, match="not C-contiguous"):
         as_device_array(DlpackOnly(x[:, :, ::2], device=(2, 0)))
+
+
+def test_split_rows_views_pieces_and_overlaps_a_short_tail() -> None:
+    x = np.zeros((10, 2, 2, 3), np.uint8)
+    arr = DeviceArray(0x1000, x.shape, x.dtype, None, x)
+    pieces, overlap = split_rows(arr, 8)
+    assert [(p.ptr - 0x1000, p.shape[0]) for p in pieces] == [(0, 8), (8 * 12, 2)] and overlap == 0
+    pieces, overlap = split_rows(arr, 8, least=4)  # the 2-row tail becomes rows 6-9; drop 2 of its rows
+    assert [(p.ptr - 0x1000, p.shape[0]) for p in pieces] == [(0, 8), (6 * 12, 4)] and overlap == 2
+    pieces, overlap = split_rows(DeviceArray(0x1000, (3, 2, 2, 3), x.dtype, None, x), 8, least=4)
+    assert [p.shape[0] for p in pieces] == [3] and overlap == 0  # fewer rows than least: left to the caller
+    assert split_rows(DeviceArray(0x1000, (0, 2, 2, 3), x.dtype, None, x), 8) == ([], 0)

@@ -9,6 +9,7 @@ alone; cuda.core loads on the first DLPack GPU array.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,24 @@ def as_device_array(obj: object, stream: int | None = None) -> DeviceArray | Non
     if int(device_type) not in _DLPACK_CUDA:
         return None
     return _from_dlpack(obj, int(device), stream)
+
+
+def split_rows(arr: DeviceArray, most: int, least: int = 1) -> tuple[list[DeviceArray], int]:
+    """Views of ``arr`` of at most ``most`` rows each, and how many leading rows of the last one repeat.
+
+    A last piece below ``least`` rows starts earlier instead (overlapping the one before) when ``arr``
+    has at least ``least`` rows; drop that many rows from the front of its result.
+    """
+    n, rest = (arr.shape[0], arr.shape[1:]) if arr.shape else (0, ())
+    row = int(np.prod(rest, dtype=np.int64)) * arr.dtype.itemsize
+    starts = list(range(0, n, most))
+    overlap = max(0, least - (n - starts[-1])) if starts and n >= least else 0
+    if overlap:
+        starts[-1] -= overlap
+    pieces = [
+        dataclasses.replace(arr, ptr=arr.ptr + i * row, shape=(min(most, n - i), *rest)) for i in starts
+    ]
+    return pieces, overlap
 
 
 def as_host_array(obj: object) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.manifest import find_artifact, read_manifest
 from virchow_rt.runtime.backend import ModelInfo
 
 INPUT, OUTPUT = "tiles", "embedding"
@@ -199,6 +200,27 @@ def runtime_problems(
             f"{compute_capability}): it works but may be slower; rebuild it here for the best speed"
         )
     return errors, warnings
+
+
+def read_plan(path: Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """(manifest, the engine's artifact entry, the plan's bytes), the plan checked against its sha256."""
+    manifest = read_manifest(path)
+    artifact = find_artifact(manifest, path)
+    if artifact is None or artifact.get("format") != "tensorrt":
+        raise ModelFileError(
+            f"{path.parent / 'manifest.json'} has no TensorRT entry for {path.name}; rebuild it: "
+            f"{rebuild_command(manifest, path.parent)}"
+        )
+    try:
+        plan = path.read_bytes()
+    except OSError as err:
+        raise ModelFileError(f"cannot read the engine {path} ({err})") from err
+    if hashlib.sha256(plan).hexdigest() != artifact.get("sha256"):
+        raise ModelFileError(
+            f"{path.name} does not match the sha256 in its manifest (changed or truncated since it was "
+            f"built); rebuild it: {rebuild_command(manifest, path.parent)}"
+        )
+    return manifest, artifact, plan
 
 
 def rebuild_command(manifest: Mapping[str, Any], folder: str | os.PathLike[str]) -> str:

@@ -19,8 +19,6 @@ bookkeeping is the pure :class:`SlotSchedule`, unit-tested on the CPU. GPU array
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import threading
 import warnings
@@ -33,10 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from virchow_rt.errors import BackendError, InputError, ModelFileError
-from virchow_rt.manifest import find_artifact, read_manifest
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array
+from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
 from virchow_rt.runtime.engine_cache import (
     INPUT,
     NUMPY_TYPES,
@@ -46,6 +43,7 @@ from virchow_rt.runtime.engine_cache import (
     check_io,
     check_version,
     model_info,
+    read_plan,
     rebuild_command,
     runtime_problems,
 )
@@ -127,22 +125,7 @@ class TensorRTBackend(Backend):
         runtime_module: str = "auto",
     ) -> None:
         path = Path(engine_path)
-        manifest = read_manifest(path)
-        artifact = find_artifact(manifest, path)
-        if artifact is None or artifact.get("format") != "tensorrt":
-            raise ModelFileError(
-                f"{path.parent / 'manifest.json'} has no TensorRT entry for {path.name}; rebuild it: "
-                f"{rebuild_command(manifest, path.parent)}"
-            )
-        try:
-            plan = path.read_bytes()
-        except OSError as err:
-            raise ModelFileError(f"cannot read the engine {path} ({err})") from err
-        if hashlib.sha256(plan).hexdigest() != artifact.get("sha256"):
-            raise ModelFileError(
-                f"{path.name} does not match the sha256 in its manifest (changed or truncated since it was "
-                f"built); rebuild it: {rebuild_command(manifest, path.parent)}"
-            )
+        manifest, artifact, plan = read_plan(path)
         trt_module = import_tensorrt(runtime_module)
         check_version(trt_module.__version__)
         cuda.set_device(device)
@@ -250,18 +233,8 @@ class TensorRTBackend(Backend):
             host = as_host_array(tiles)
             outs = list(self.pipeline(host[i : i + self._max] for i in range(0, len(host), self._max)))
         else:
-            n = dev.shape[0] if dev.shape else 0
-            row = int(np.prod(dev.shape[1:], dtype=np.int64)) * dev.dtype.itemsize
-            starts = list(range(0, n, self._max))
-            # a GPU array is read in place, not padded: a last piece below the profile's min starts
-            # earlier instead, and the rows it repeats are dropped from its output
-            overlap = max(0, self._min - (n - starts[-1])) if starts and n >= self._min else 0
-            if overlap:
-                starts[-1] -= overlap
-            chunks = [
-                dataclasses.replace(dev, ptr=dev.ptr + i * row, shape=(min(self._max, n - i), *dev.shape[1:]))
-                for i in starts
-            ]
+            # read in place, not padded: a last piece below the profile's min starts earlier instead
+            chunks, overlap = split_rows(dev, self._max, self._min)
             outs = list(self.pipeline(chunks))
             if overlap:
                 outs[-1] = outs[-1][overlap:]
