@@ -9,6 +9,7 @@ import types
 from virchow_rt.runtime.capabilities import (
     NOT_INSTALLED,
     capabilities,
+    gpu_resize,
     package_version,
     physical_cores,
     runnable_backends,
@@ -24,6 +25,16 @@ def test_capabilities_are_json_and_sane():
     assert physical_cores() == caps["cpu_physical_cores"]
     assert "CPUExecutionProvider" in caps["onnxruntime_providers"]
     assert caps["numpy"] != NOT_INSTALLED
+
+
+def test_gpu_resize_says_what_is_missing(monkeypatch):
+    import virchow_rt.runtime.capabilities as caps
+
+    monkeypatch.setattr(caps, "is_importable", lambda module: True)
+    assert gpu_resize(["NVIDIA H100, 81559 MiB, compute 9.0"]) == "available"
+    assert gpu_resize([]) == "unavailable (needs a visible GPU; CPU resize instead)"
+    monkeypatch.setattr(caps, "is_importable", lambda module: module != "cuda.bindings.nvrtc")
+    assert "a visible GPU and NVRTC" in gpu_resize([])
 
 
 def test_versions_come_from_metadata_not_imports():

@@ -154,6 +154,14 @@ def runnable_backends() -> list[str]:
     return names
 
 
+def gpu_resize(gpu_list: list[str]) -> str:
+    """Whether tiles can be resized on the GPU here (the NVRTC kernel), or what is missing."""
+    missing = [] if gpu_list else ["a visible GPU"]
+    if not is_importable("cuda.bindings.nvrtc"):
+        missing.append("NVRTC (pip install 'virchow-rt[cuda]')")
+    return "available" if not missing else f"unavailable (needs {' and '.join(missing)}; CPU resize instead)"
+
+
 def capabilities() -> dict[str, Any]:
     """Machine and library facts for ``virchow-rt info`` (JSON-serializable)."""
     from virchow_rt import __version__
@@ -175,6 +183,8 @@ def capabilities() -> dict[str, Any]:
         "onnxruntime_providers": onnxruntime_providers(),
         "tensorrt": tensorrt_version(),
         "cuda_python": package_version("cuda-python"),
+        "cuda_core": package_version("cuda-core"),  # reads DLPack GPU arrays
+        "gpu_resize": gpu_resize(gpu_list),
         "torch": package_version("torch"),
         "timm": package_version("timm"),
         "onnx": package_version("onnx"),
