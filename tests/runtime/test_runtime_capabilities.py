@@ -28,8 +28,7 @@ def test_capabilities_are_json_and_sane():
 
 
 def test_gpu_resize_says_what_is_missing(monkeypatch):
-    import virchow_rt.runtime.capabilities as caps
-
+    caps = sys.modules["virchow_rt.runtime.capabilities"]  # the package re-exports a function of that name
     monkeypatch.setattr(caps, "is_importable", lambda module: True)
     assert gpu_resize(["NVIDIA H100, 81559 MiB, compute 9.0"]) == "available"
     assert gpu_resize([]) == "unavailable (needs a visible GPU; CPU resize instead)"
