@@ -12,7 +12,6 @@ import datetime as dt
 import glob
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from virchow_rt.slides.grid import (
 )
 from virchow_rt.slides.reader import Slide, find_slides, open_slide
 from virchow_rt.slides.regions import parse_magnifications, region_grid
-from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, check_complete, read_attrs
+from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, resume_problem, stored_counts
 
 SUMMARY_NAME = "summary.json"
 #: skipped-tile errors listed per slide in the summary (the count is always complete)
@@ -297,12 +296,12 @@ def process_slides(
                     stale.unlink(missing_ok=True)
                 if out.exists():
                     # the file size tells another slide of the same name apart (its .h5 would be taken)
-                    reason = _resume_problem(
+                    reason = resume_problem(
                         out, {**expected, "slide_size_bytes": path.stat().st_size}, settings.slide_mpp
                     )
                     if reason is None:
                         record.status, record.output = "skipped", str(out)
-                        record.tiles, record.regions = _stored_counts(out)
+                        record.tiles, record.regions = stored_counts(out)
                         log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
                         continue
                     record.redone_because = f"{out.name} {reason}"
@@ -331,26 +330,6 @@ def process_slides(
             summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
             write_json(out_dir / SUMMARY_NAME, summary)
     return summary
-
-
-def _stored_counts(path: Path) -> tuple[int, int | None]:
-    attrs = read_attrs(path)
-    regions = int(attrs["num_regions"]) if "num_regions" in attrs else None
-    return int(attrs["num_tiles"]), regions
-
-
-def _resume_problem(path: Path, expected: dict[str, Any], slide_mpp: float | None) -> str | None:
-    """Why the existing ``path`` must be redone (:func:`check_complete`, then the µm/px it assumed)."""
-    reason = check_complete(path, expected)
-    if reason is not None or slide_mpp is None:
-        return reason
-    attrs = read_attrs(path)
-    # a file tiled with a user-given --slide-mpp is valid only for that µm/px (the slide records none)
-    if attrs.get("mpp_source") == "slide_mpp" and not math.isclose(
-        float(attrs["level0_mpp"]), float(slide_mpp), rel_tol=1e-6
-    ):
-        return f"was made with --slide-mpp {float(attrs['level0_mpp']):g}, this run uses {slide_mpp:g}"
-    return None
 
 
 def _summary(

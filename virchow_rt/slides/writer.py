@@ -240,3 +240,24 @@ def read_features(path: str | os.PathLike) -> dict[str, Any]:
         if "regions" in f:
             out["regions"] = {name: f["regions"][name][()] for name in f["regions"]}
     return out
+
+
+def stored_counts(path: Path) -> tuple[int, int | None]:
+    """(tiles, regions or None) recorded in a complete file."""
+    attrs = read_attrs(path)
+    regions = int(attrs["num_regions"]) if "num_regions" in attrs else None
+    return int(attrs["num_tiles"]), regions
+
+
+def resume_problem(path: Path, expected: dict[str, Any], slide_mpp: float | None) -> str | None:
+    """Why the existing ``path`` must be redone (:func:`check_complete`, then the µm/px it assumed)."""
+    reason = check_complete(path, expected)
+    if reason is not None or slide_mpp is None:
+        return reason
+    attrs = read_attrs(path)
+    # a file tiled with a user-given --slide-mpp is valid only for that µm/px (the slide records none)
+    if attrs.get("mpp_source") == "slide_mpp" and not math.isclose(
+        float(attrs["level0_mpp"]), float(slide_mpp), rel_tol=1e-6
+    ):
+        return f"was made with --slide-mpp {float(attrs['level0_mpp']):g}, this run uses {slide_mpp:g}"
+    return None
