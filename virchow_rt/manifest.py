@@ -46,6 +46,27 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``<path>.lock`` (POSIX ``flock``; nothing where it is missing).
+
+    For read-merge-write updates of a file that several processes share (the TensorRT timing cache).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the write itself stays atomic
+        yield
+        return
+    lock = Path(f"{os.fspath(path)}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
 

@@ -37,7 +37,14 @@ from virchow_rt.export.tensorrt_prep import (
     parity_reference,
     resolve_profile,
 )
-from virchow_rt.manifest import atomic_path, find_artifact, read_manifest, sha256_file, write_manifest
+from virchow_rt.manifest import (
+    atomic_path,
+    file_lock,
+    find_artifact,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from virchow_rt.registry import BatchProfile, Variant, get_variant
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import Backend
@@ -84,16 +91,18 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, book: LogB
 
 
 def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
-    """Merge what this build timed with the file as it is now (another build may have added to it); atomic."""
+    """Merge what this build timed with the file as it is now (another build may have added to it), under
+    a file lock so that concurrent builds do not drop each other's entries; written atomically."""
     cache = config.get_timing_cache()
-    if path.is_file():
-        try:
-            cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=True)
-        except Exception:  # noqa: BLE001 - a damaged file on disk is replaced, not merged
-            pass
-    data = _host_bytes(cache.serialize())
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with file_lock(path):
+        if path.is_file():
+            try:
+                cache.combine(config.create_timing_cache(path.read_bytes()), ignore_mismatch=True)
+            except Exception:  # noqa: BLE001 - a damaged file on disk is replaced, not merged
+                pass
+        data = _host_bytes(cache.serialize())
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
 
 
 def _parse(
