@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from virchow_rt.errors import InputError
+from virchow_rt.runtime import device_arrays
 from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
 
 
@@ -77,7 +78,7 @@ def test_dlpack_gpu_arrays_are_read_through_cuda_core() -> None:
     assert as_device_array(gpu, stream=0xABC).stream is None and gpu.streams == [0xABC]
 
 
-def test_dlpack_is_preferred_to_an_interface_without_a_stream() -> None:
+def test_dlpack_is_preferred_to_an_interface_without_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("cuda.core.utils", reason="cuda-core (the 'cuda' extra) reads DLPack arrays")
     x = np.zeros((2, 4, 4, 3), np.uint8)
 
@@ -88,6 +89,10 @@ def test_dlpack_is_preferred_to_an_interface_without_a_stream() -> None:
     torch_like = TorchLike(x, device=(2, 0))
     arr = as_device_array(torch_like)
     assert arr is not None and arr.ptr == x.ctypes.data and torch_like.streams == [1]  # read through DLPack
+    monkeypatch.setattr(device_arrays, "is_importable", lambda module: module != "cuda.core.utils")
+    arr = as_device_array(TorchLike(x, device=(2, 0)))  # without cuda-core: the interface, legacy stream
+    assert arr is not None and (arr.ptr, arr.stream) == (0x7F00_0000, 1)
+    monkeypatch.undo()
     TorchLike.__cuda_array_interface__ = {**TorchLike.__cuda_array_interface__, "version": 3, "stream": 7}
     assert as_device_array(TorchLike(x, device=(2, 0))).ptr == 0x7F00_0000  # a v3 stream: the interface
     with pytest.raises(InputError, match="not C-contiguous"):

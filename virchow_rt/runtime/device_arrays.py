@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from virchow_rt._deps import optional_import
+from virchow_rt._deps import is_importable, optional_import
 from virchow_rt.errors import InputError
 
 LEGACY_STREAM = 1  # the CUDA legacy default stream, as both protocols number it
@@ -92,8 +92,9 @@ def as_device_array(obj: object, stream: int | None = None) -> DeviceArray | Non
     """
     cai = getattr(obj, "__cuda_array_interface__", None)
     dlpack = hasattr(obj, "__dlpack__")
-    # an interface without a stream (v2, torch's) cannot say where the writes were queued; DLPack can
-    if cai is not None and ("stream" in cai or not dlpack):
+    # an interface without a stream (v2, torch's) cannot say where the writes were queued; DLPack can,
+    # where cuda-core is here to read it (else the interface, and the legacy default stream, as before)
+    if cai is not None and ("stream" in cai or not dlpack or not is_importable("cuda.core.utils")):
         return _from_interface(obj, cai)
     dlpack_device = getattr(obj, "__dlpack_device__", None)
     if dlpack_device is None or not dlpack:
