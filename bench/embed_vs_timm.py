@@ -85,6 +85,19 @@ def _virchow_rt_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "virchow_rt.cli"]
 
 
+def _portable(arg: str | Path) -> str:
+    """A command's argument as one would type it anywhere: programs by name, paths here relative."""
+    path = Path(arg)
+    if path == Path(sys.executable):
+        return "python"
+    if path == Path(sys.executable).with_name("virchow-rt"):
+        return "virchow-rt"
+    try:
+        return str(path.relative_to(Path.cwd())) if path.is_absolute() else str(arg)
+    except ValueError:
+        return str(arg)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     """Wall seconds from process launch to exit (process start included), and its stdout."""
     start = time.perf_counter()
@@ -181,7 +194,10 @@ def main() -> None:
         "batch": {"virchow-rt": args.batch or "default", "timm": args.timm_batch},
         "repeats": args.repeats,
         "model": str(model),
-        "commands": {name: cmd(out / "tiles.npy", out / f"emb-{name}.npy") for name, cmd in commands.items()},
+        "commands": {
+            name: [_portable(arg) for arg in cmd(out / "tiles.npy", out / f"emb-{name}.npy")]
+            for name, cmd in commands.items()
+        },
         "wall_s": {name: s.to_dict() for name, s in stats.items()},
         "tiles_per_s_median": tps,
         "tiles_per_s_best": best,
