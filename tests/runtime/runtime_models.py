@@ -39,6 +39,29 @@ def metadata(
     }
 
 
+def _save(path: str | Path, name: str, nodes: list, inits: list, width: int, meta: dict) -> Path:
+    """Wrap ``nodes`` into a checked model with the contract's I/O and ``meta`` as metadata_props; save it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", TILE, TILE, 3])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 2 * width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
 def build_tiny_onnx(
     path: str | Path,
     precision: str = "fp32",
@@ -48,7 +71,6 @@ def build_tiny_onnx(
     width: int = WIDTH,
 ) -> Path:
     """Write the tiny model to ``path`` (fp16: every op after the first Cast runs in float16)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     fp16 = precision == "fp16"
@@ -67,23 +89,8 @@ def build_tiny_onnx(
         numpy_helper.from_array(np.array(1 / 255, w.dtype), "inv255"),
         numpy_helper.from_array(w, "W"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "virchow_rt_tiny",
-        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", TILE, TILE, 3])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 2 * width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    if with_metadata:
-        for key, value in metadata(variant, precision, random, width).items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    meta = metadata(variant, precision, random, width) if with_metadata else {}
+    return _save(path, "virchow_rt_tiny", nodes, inits, width, meta)
 
 
 def build_attention_onnx(
@@ -151,19 +158,5 @@ def build_attention_onnx(
         n("ReduceMean", ["patches", "axis1"], ["patch_mean"], keepdims=0),  # (B, D)
         n("Concat", ["cls", "patch_mean"], ["embedding"], axis=1),  # (B, 2D)
     ]
-    graph = helper.make_graph(
-        nodes,
-        "virchow_rt_attention",
-        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["batch", TILE, TILE, 3])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 2 * width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    for key, value in metadata("virchow2-tiny", "fp32", True, width).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    meta = metadata("virchow2-tiny", "fp32", True, width)
+    return _save(path, "virchow_rt_attention", nodes, inits, width, meta)
