@@ -317,8 +317,9 @@ class CudaResizer:
             self._module = None
             raise
         self._tables: dict[tuple[int, int], _Tables] = {}
-        self._tmp: cuda.DeviceBuffer | None = None
-        self._io: dict[str, cuda.DeviceBuffer] = {}  # the host-call path's input and output, grown as needed
+        # device buffers by use, grown as needed: "tmp" (the horizontal pass's scratch) and, for host
+        # calls, "src" and "dst"
+        self._buffers: dict[str, cuda.DeviceBuffer] = {}
         self._lock = threading.Lock()
 
     def _launch(self, func: Any, threads: int, stream: cuda.Stream, *args: tuple[int, Any]) -> None:
@@ -344,23 +345,19 @@ class CudaResizer:
         tables = self._tables[key]
         plan, s = tables.plan, self.size
         need = n * plan.rows.span * s * 3
-        if self._tmp is None or self._tmp.nbytes < need:
-            stream.synchronize()  # the old scratch may still be read by queued work
-            if self._tmp is not None:
-                self._tmp.close()
-            self._tmp = cuda.DeviceBuffer(need)
+        tmp = self._buffer("tmp", need, stream)
         taps_v, taps_h = plan.taps
         ptr, i32 = np.uint64, np.int32
         h_starts, h_counts, h_weights, v_starts, v_counts, v_weights = tables.pointers
         self._launch(
             self._horizontal, n * plan.rows.span * s, stream,
-            (src, ptr), (self._tmp.ptr, ptr), (h_starts, ptr), (h_counts, ptr), (h_weights, ptr),
+            (src, ptr), (tmp.ptr, ptr), (h_starts, ptr), (h_counts, ptr), (h_weights, ptr),
             (n, i32), (height, i32), (width, i32), (plan.rows.first, i32), (plan.rows.span, i32), (s, i32),
             (taps_h, i32),
         )  # fmt: skip
         self._launch(
             self._vertical, n * s * s, stream,
-            (self._tmp.ptr, ptr), (dst, ptr), (v_starts, ptr), (v_counts, ptr), (v_weights, ptr),
+            (tmp.ptr, ptr), (dst, ptr), (v_starts, ptr), (v_counts, ptr), (v_weights, ptr),
             (n, i32), (plan.rows.span, i32), (s, i32), (taps_v, i32),
         )  # fmt: skip
 
@@ -377,20 +374,23 @@ class CudaResizer:
             if self._module is None:
                 raise BackendError("this CudaResizer was closed; make a new one")
             cuda.set_device(self.device)  # this thread's current GPU (e.g. an Embedder's reader thread)
-            src, dst = self._buffer("src", tiles.nbytes), self._buffer("dst", out.nbytes)
+            src = self._buffer("src", tiles.nbytes, self._stream)
+            dst = self._buffer("dst", out.nbytes, self._stream)
             cuda.copy_async(src.ptr, tiles.ctypes.data, tiles.nbytes, "h2d", self._stream)
             self.resize_device(src.ptr, n, h, w, dst.ptr, self._stream)
             cuda.copy_async(out.ctypes.data, dst.ptr, out.nbytes, "d2h", self._stream)
             self._stream.synchronize()
         return out
 
-    def _buffer(self, name: str, nbytes: int) -> cuda.DeviceBuffer:
-        """The host-call path's device buffer ``name``, reallocated only when it is too small."""
-        buf = self._io.get(name)
+    def _buffer(self, name: str, nbytes: int, stream: cuda.Stream) -> cuda.DeviceBuffer:
+        """The device buffer ``name``, reallocated only when it is too small (after ``stream``'s queued
+        work, which may still read the old one)."""
+        buf = self._buffers.get(name)
         if buf is None or buf.nbytes < nbytes:
             if buf is not None:
-                buf.close()  # the stream was synchronized at the end of the previous call
-            buf = self._io[name] = cuda.DeviceBuffer(nbytes)
+                stream.synchronize()
+                buf.close()
+            buf = self._buffers[name] = cuda.DeviceBuffer(nbytes)
         return buf
 
     def close(self) -> None:
@@ -404,9 +404,9 @@ class CudaResizer:
             for tables in self._tables.values():
                 tables.buffer.close()
             self._tables.clear()
-            for buf in [*self._io.values(), *([self._tmp] if self._tmp is not None else [])]:
+            for buf in self._buffers.values():
                 buf.close()
-            self._io.clear()
+            self._buffers.clear()
             self._stream.close()
             cuda.check(self._drv.cuModuleUnload(self._module), "cuModuleUnload")
             self._module = None

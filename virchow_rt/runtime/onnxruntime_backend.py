@@ -227,10 +227,10 @@ class OnnxRuntimeBackend(Backend):
                 self.max_batch = profile[2]  # the engine's optimization profile
         self.info = _read_info(session, self.path)  # the fused copy keeps the metadata_props
         self._session = session
-        self.name = PROVIDERS.get(session.get_providers()[0], "onnxruntime")
+        provider = session.get_providers()[0]
+        self.name = PROVIDERS.get(provider, "onnxruntime")
         #: batch this session runs fastest at (CPU: 8, measured, module doc); None: the variant's
         self.preferred_batch: int | None = CPU_BATCH if self.name == "onnxruntime-cpu" else None
-        provider = session.get_providers()[0]
         if provider != "CPUExecutionProvider":  # CUDA and TensorRT EPs: the GPU they were given
             self.gpu = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
         self.io_binding = self.gpu is not None if io_binding is None else io_binding
@@ -380,10 +380,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_cpu_input(INPUT, tiles)  # ORT copies it to the GPU
         else:
             binding.bind_input(INPUT, "cpu", 0, np.uint8, tiles.shape, tiles.ctypes.data)
-        if self.gpu is None:
-            binding.bind_output(OUTPUT, "cpu", 0)
-        else:
-            binding.bind_output(OUTPUT, "cuda", self.gpu)
+        binding.bind_output(OUTPUT, "cpu" if self.gpu is None else "cuda", self.gpu or 0)
         session.run_with_iobinding(binding)
         (out,) = binding.copy_outputs_to_cpu()
         return np.asarray(out)
