@@ -112,8 +112,8 @@ def test_unreadable_tile_fails_or_is_skipped(make_slide, monkeypatch):
     assert len(result.coords) == len(coords) - 1 and bad not in {tuple(c) for c in result.coords}
     assert result.read_stats.failed == 1 and result.read_stats.errors[0]["x"] == bad[0]
     np.testing.assert_allclose(
-        result.features, _direct(synth.path, result.coords, 224, FakeBackend()), atol=1e-5
-    )
+        result.features, _direct(synth.path, result.coords, 224, FakeBackend()), rtol=1e-5, atol=1e-5
+    )  # float32 matmuls of other batch sizes round differently: ~1e-6 relative
 
 
 def test_complete_groups_drops_groups_with_a_missing_member():

@@ -140,6 +140,21 @@ def test_lean_runtime_needs_a_version_compatible_engine(trt_artifact: dict[str, 
     assert errors and "only works forwards" in errors[0]
 
 
+@pytest.mark.parametrize("module", ["tensorrt", "tensorrt_lean"])
+def test_excluded_lean_runtime_needs_the_same_version_or_its_library(
+    trt_artifact: dict[str, Any], module: str
+) -> None:
+    excluded = {**trt_artifact, "version_compatible": True, "lean_runtime": "excluded"}
+    assert runtime_problems(excluded, module, "10.13.0.35", "NVIDIA L4", "8.9") == ([], [])
+    errors, _ = runtime_problems(excluded, module, "10.14.1.48", "NVIDIA L4", "8.9")
+    assert len(errors) == 1 and "lean runtime excluded" in errors[0] and "lean_library=PATH" in errors[0]
+    library = "/opt/trt-10.13/libnvinfer_lean.so.10"
+    loaded = runtime_problems(excluded, module, "10.14.1.48", "NVIDIA L4", "8.9", lean_library=library)
+    assert loaded == ([], [])
+    embedded = {**excluded, "lean_runtime": "embedded"}
+    assert runtime_problems(embedded, module, "10.14.1.48", "NVIDIA L4", "8.9") == ([], [])
+
+
 def test_rebuild_command(trt_manifest: dict[str, Any], tmp_path) -> None:
     cmd = rebuild_command(trt_manifest, tmp_path)
     assert cmd.startswith(f"virchow-rt export virchow2 --out {tmp_path} --weights ")

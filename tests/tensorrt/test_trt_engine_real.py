@@ -88,6 +88,18 @@ def test_pipeline_keeps_order_and_graphs_change_nothing(tiny_engine: Any) -> Non
         np.testing.assert_allclose(c, a, rtol=0, atol=1e-3)
 
 
+def test_graphs_replay_full_batches_of_new_data(tiny_engine: Any) -> None:
+    batches = [tissue_tiles(16, 224, seed=40 + i) for i in range(7)]  # full batches only: nothing discards
+    with open_engine(tiny_engine[0]) as plain, open_engine(tiny_engine[0], cuda_graphs=True) as graphs:
+        expected = [plain.run(b) for b in batches]
+        replayed = list(graphs.pipeline(iter(batches)))
+        captured = [state.graph is not None for state in graphs._executor._contexts]  # type: ignore[union-attr]
+    assert captured == [True, True, True]  # one graph per slot, each replayed for batches 3-6
+    for got, want in zip(replayed, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    assert not np.allclose(replayed[3], replayed[0])  # new data, not the captured batch's result again
+
+
 def test_gpu_arrays_are_read_in_place(tiny_engine: Any) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -120,7 +132,8 @@ def edit_entry(folder: Path, engine: str, **changes: Any) -> None:
     ("changes", "match"),
     [
         ({"compute_capability": "1.0"}, r"compute capability 1\.0"),
-        ({"tensorrt_version": "10.12.0.1"}, r"built with TensorRT 10\.12\.0\.1 and this runtime is"),
+        # a version no installed TensorRT has
+        ({"tensorrt_version": "9.0.0.1"}, r"built with TensorRT 9\.0\.0\.1 and this runtime is"),
         ({"sha256": "0" * 64}, "does not match the sha256"),
     ],
 )

@@ -9,7 +9,6 @@ waited on). TensorRT's own results are checked in ``test_trt_engine_real.py`` on
 
 from __future__ import annotations
 
-import threading
 import types
 from typing import Any
 
@@ -17,10 +16,10 @@ import numpy as np
 import pytest
 
 from virchow_rt.errors import BackendError, InputError
+from virchow_rt.runtime import cuda_pipeline
 from virchow_rt.runtime import tensorrt_backend as tb
 from virchow_rt.runtime.backend import ModelInfo
 from virchow_rt.runtime.device_arrays import DeviceArray
-from virchow_rt.runtime.engine_cache import TensorSpec
 
 S, E = 4, 6  # tile size and embedding width of the stand-in model
 
@@ -32,14 +31,15 @@ def expected(tiles: np.ndarray) -> np.ndarray:
 
 
 class Memory:
-    """Fake address space: allocations are numpy byte arrays at distinct integer addresses."""
+    """Fake address space: allocations are numpy byte arrays at distinct, 256-byte aligned addresses."""
 
     def __init__(self) -> None:
         self.blocks: dict[int, np.ndarray] = {}
         self.next = 0x1000
 
     def alloc(self, nbytes: int) -> int:
-        base, self.next = self.next, self.next + nbytes + 0x1000
+        base = self.next
+        self.next = (base + nbytes + 0x1000 + 255) // 256 * 256
         self.blocks[base] = np.zeros(nbytes, np.uint8)
         return base
 
@@ -50,7 +50,7 @@ class Memory:
         raise AssertionError(f"access to unallocated memory {addr:#x}+{nbytes}")
 
 
-def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> types.SimpleNamespace:
+def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], capture: dict[str, Any]) -> types.SimpleNamespace:
     class Buffer:
         def __init__(self, nbytes: int) -> None:
             self.nbytes, self.ptr, self.closed = nbytes, mem.alloc(nbytes), False
@@ -104,13 +104,12 @@ def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> t
 
     def capture_graph(stream: Any, enqueue: Any) -> Graph:
         # a real graph replays the kernels with the addresses and shape of the capture: so does this one
-        ctx = contexts[0]
-        ctx.capturing = True
+        capture["on"] = True
         try:
             assert enqueue()
         finally:
-            ctx.capturing = False
-        addr, shape = ctx.captured
+            capture["on"] = False
+        ctx, addr, shape = capture.pop("captured")
         return Graph(lambda: ctx.compute(addr, shape))
 
     class EventTimer:  # no device clock here: each measured call "takes" 1 ms
@@ -131,12 +130,14 @@ def fake_cuda(mem: Memory, log: list[tuple[Any, ...]], contexts: list[Any]) -> t
 class FakeContext:
     """Stand-in for IExecutionContext: name-based addresses and shapes, a numpy 'engine'."""
 
-    def __init__(self, mem: Memory, log: list[tuple[Any, ...]]) -> None:
-        self.mem, self.log = mem, log
+    def __init__(self, mem: Memory, log: list[tuple[Any, ...]], capture: dict[str, Any]) -> None:
+        self.mem, self.log, self.capture = mem, log, capture
         self.addr: dict[str, int] = {}
         self.shape: tuple[int, ...] = ()
-        self.capturing = False
-        self.captured: tuple[dict[str, int], tuple[int, ...]] = ({}, ())
+        self.scratch: tuple[int, int] | None = None
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.scratch = (ptr, size)
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         assert name == "tiles"
@@ -144,6 +145,8 @@ class FakeContext:
         return True
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if ptr % 256:  # TensorRT's rule
+            return False
         self.addr[name] = ptr
         return True
 
@@ -154,36 +157,80 @@ class FakeContext:
         self.mem.at(addr["embedding"], out.nbytes)[:] = out.view(np.uint8).ravel()
 
     def execute_async_v3(self, stream: int) -> bool:
-        if self.capturing:  # recorded into the graph, not run
-            self.captured = (dict(self.addr), self.shape)
+        assert self.scratch is not None, "context ran without its scratch memory"
+        if self.capture.get("on"):  # recorded into the graph, not run
+            self.capture["captured"] = (self, dict(self.addr), self.shape)
             return True
         self.log.append(("execute", self.shape[0]))
         self.compute(self.addr, self.shape)
         return True
 
 
+def fake_tensorrt(mem: Memory, log: list[tuple[Any, ...]], capture: dict[str, Any], min_batch: int) -> Any:
+    """A module with what TensorRTExecutor touches: Runtime, ILogger, an engine of two tensors, contexts."""
+    io = [("tiles", "UINT8", "INPUT", (-1, S, S, 3)), ("embedding", "FLOAT", "OUTPUT", (-1, E))]
+    named = types.SimpleNamespace
+
+    class Engine:
+        num_io_tensors = len(io)
+        device_memory_size_v2 = 4096
+
+        def __init__(self) -> None:
+            self.contexts: list[FakeContext] = []
+
+        def get_tensor_name(self, i: int) -> str:
+            return io[i][0]
+
+        def _row(self, name: str) -> tuple[Any, ...]:
+            return next(row for row in io if row[0] == name)
+
+        def get_tensor_dtype(self, name: str) -> Any:
+            return named(name=self._row(name)[1])
+
+        def get_tensor_mode(self, name: str) -> Any:
+            return named(name=self._row(name)[2])
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return self._row(name)[3]
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
+            return (min_batch, S, S, 3), (8, S, S, 3), (8, S, S, 3)
+
+        def create_execution_context(self, strategy: Any) -> FakeContext:
+            assert strategy == "USER_MANAGED"
+            self.contexts.append(FakeContext(mem, log, capture))
+            return self.contexts[-1]
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            self.engine = Engine()
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Engine:
+            assert plan == b"plan"
+            return self.engine
+
+    class ILogger:
+        def __init__(self) -> None:
+            pass
+
+    strategy = named(USER_MANAGED="USER_MANAGED")
+    return named(
+        __name__="tensorrt", Runtime=Runtime, ILogger=ILogger, ExecutionContextAllocationStrategy=strategy
+    )
+
+
 @pytest.fixture
 def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A TensorRTBackend (max batch 8) over the stand-ins; ``sim.mem``, ``sim.log`` for inspection."""
-    mem, log, contexts = Memory(), [], []
-    monkeypatch.setattr(tb, "cuda", fake_cuda(mem, log, contexts))
+    mem, log, capture = Memory(), [], {}
+    fake = fake_cuda(mem, log, capture)
+    monkeypatch.setattr(tb, "cuda", fake)
+    monkeypatch.setattr(cuda_pipeline, "cuda", fake)
 
     def make(slots: int = 3, graphs: bool = False, min_batch: int = 1) -> tb.TensorRTBackend:
-        backend = tb.TensorRTBackend.__new__(tb.TensorRTBackend)
-        backend.info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
-        backend.gpu, backend._num_slots, backend._use_graphs = 0, slots, graphs
-        backend._slots, backend._streams, backend._lock = [], [], threading.Lock()
-        backend._book = tb.LogBook()
-        backend._specs = {
-            "tiles": TensorSpec("tiles", True, np.dtype(np.uint8), (-1, S, S, 3)),
-            "embedding": TensorSpec("embedding", False, np.dtype(np.float32), (-1, E)),
-        }
-        backend._max = backend.max_batch = 8
-        backend._min = min_batch
-        contexts[:] = [FakeContext(mem, log)]
-        backend._context = contexts[0]  # type: ignore[assignment]
-        backend._engine = backend._runtime = None
-        return backend
+        info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
+        monkeypatch.setattr(tb, "import_tensorrt", lambda name: fake_tensorrt(mem, log, capture, min_batch))
+        return tb.TensorRTBackend.from_serialized(b"plan", info, slots=slots, cuda_graphs=graphs)
 
     return types.SimpleNamespace(make=make, mem=mem, log=log)
 
@@ -289,7 +336,7 @@ def test_dlpack_host_arrays_are_copied_like_numpy(sim: Any) -> None:
 def test_gpu_arrays_on_another_device_are_refused(sim: Any) -> None:
     x = tiles(2)
     other = DeviceArray(sim.mem.alloc(x.nbytes), x.shape, x.dtype, None, x, device=1)
-    with pytest.raises(InputError, match="device 1 but this engine runs on device 0"):
+    with pytest.raises(InputError, match="device 1 but this tensorrt backend runs on device 0"):
         list(sim.make().pipeline([other]))
 
 
@@ -312,8 +359,9 @@ def test_graphs_are_recaptured_after_a_ragged_batch(sim: Any) -> None:
     for batch, out in zip(batches, backend.pipeline(batches), strict=True):
         np.testing.assert_array_equal(out, expected(batch))
     ran = [e[0] for e in sim.log if e[0] in ("execute", "graph")]
-    # slots 0-2 captured, the ragged batch drops every graph, slots 1, 2, 0 recapture, slot 1 replays
-    assert ran == ["execute"] * 7 + ["graph"]
+    # slots 0-2 captured; the ragged batch runs on slot 0's context and drops only its graph; slots 1 and
+    # 2 replay theirs, slot 0 recaptures, slot 1 replays again
+    assert ran == ["execute"] * 4 + ["graph"] * 2 + ["execute", "graph"]
 
 
 def test_one_pipeline_at_a_time_and_released_when_abandoned(sim: Any) -> None:
@@ -336,3 +384,49 @@ def test_closed_backend_refuses_work(sim: Any) -> None:
     assert backend._slots == []
     with pytest.raises(BackendError, match="closed"):
         backend.run(tiles(3))
+
+
+def gpu_array(sim: Any, x: np.ndarray, offset: int = 0, stream: int | None = None) -> DeviceArray:
+    """``x`` in fake GPU memory, ``offset`` bytes past an aligned allocation."""
+    ptr = sim.mem.alloc(x.nbytes + offset) + offset
+    sim.mem.at(ptr, x.nbytes)[:] = x.ravel()
+    return DeviceArray(ptr, x.shape, x.dtype, stream, x)
+
+
+def test_misaligned_gpu_arrays_are_copied_into_the_slot_on_the_gpu(sim: Any) -> None:
+    x = tiles(5)
+    backend = sim.make()
+    out = backend.run(gpu_array(sim, x, offset=48, stream=7))  # one S×S×3 tile in: not 256-byte aligned
+    np.testing.assert_array_equal(out, expected(x))
+    assert [e for e in sim.log if e[0] == "copy" and e[1] != "d2h"] == [("copy", "d2d", x.nbytes)]
+    slot = backend._slots[0]
+    assert slot.h2d_done.recorded_on is backend._streams[0]  # compute waits for the GPU copy, which
+    # waited for the producer's stream 7 (checked by the fake stream's wait)
+    aligned = gpu_array(sim, x)
+    np.testing.assert_array_equal(backend.run(aligned), expected(x))
+    assert len([e for e in sim.log if e[:2] == ("copy", "d2d")]) == 1  # an aligned array is read in place
+
+
+def test_an_address_tensorrt_refuses_is_an_error(sim: Any) -> None:
+    backend = sim.make()
+    backend._executor.alignment = 1  # let a misaligned array through to TensorRT's own check
+    with pytest.raises(BackendError, match="refused the address .* of tensor 'tiles'.*256-byte"):
+        backend.run(gpu_array(sim, tiles(2), offset=48))
+
+
+def test_one_context_per_slot_sharing_one_scratch_block(sim: Any) -> None:
+    backend = sim.make(slots=3)
+    backend.run(tiles(20))
+    contexts = [state.context for state in backend._executor._contexts]
+    assert len(contexts) == 3 and len({id(c) for c in contexts}) == 3
+    assert len({c.scratch for c in contexts}) == 1 and contexts[0].scratch[1] == 4096
+
+
+def test_graphs_replay_six_full_batches_of_new_data(sim: Any) -> None:
+    batches = [tiles(8, seed=i) for i in range(8)]
+    backend = sim.make(slots=3, graphs=True)
+    outs = list(backend.pipeline(batches))
+    for batch, out in zip(batches, outs, strict=True):
+        np.testing.assert_array_equal(out, expected(batch))  # replays read each batch's new data
+    ran = [e[0] for e in sim.log if e[0] in ("execute", "graph")]
+    assert ran == ["execute"] * 3 + ["graph"] * 5

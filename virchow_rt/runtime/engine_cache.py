@@ -165,8 +165,13 @@ def runtime_problems(
     runtime_version: str,
     gpu_name: str,
     compute_capability: str,
+    lean_library: str | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about loading the engine described by ``artifact`` with this runtime on this GPU."""
+    """(errors, warnings) about loading the engine described by ``artifact`` with this runtime on this GPU.
+
+    ``lean_library``: a lean runtime library the caller will load with ``IRuntime.load_runtime``, which
+    is what a newer TensorRT needs to run a version-compatible engine built with the lean runtime excluded.
+    """
     errors: list[str] = []
     warnings: list[str] = []
     built_version = str(artifact.get("tensorrt_version", "unknown"))
@@ -185,6 +190,13 @@ def runtime_problems(
             errors.append(
                 f"it was built (version-compatible) with TensorRT {built_version}, newer than this runtime "
                 f"{runtime_version}; version compatibility only works forwards"
+            )
+        elif vc and artifact.get("lean_runtime") == "excluded" and here != built and not lean_library:
+            errors.append(
+                f"it was built (version-compatible) with TensorRT {built_version} and the lean runtime "
+                f"excluded, so TensorRT {runtime_version} can load it only with that version's lean runtime "
+                f"library (pass lean_library=PATH to libnvinfer_lean of {built_version}) or a build that "
+                "embeds it"
             )
         elif not vc and here != built:
             errors.append(f"it was built with TensorRT {built_version} and this runtime is {runtime_version}")
