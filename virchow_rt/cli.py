@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from virchow_rt.errors import VirchowError
 from virchow_rt.registry import POOLINGS, VARIANTS
+from virchow_rt.runtime import BACKENDS
 
 
 def _csv(text: str) -> list[str]:
@@ -65,7 +66,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed tiles with an exported model")
-    p.add_argument("model", help="exported model: .onnx (or a TensorRT .engine)")
+    p.add_argument("model", help="exported model: an export folder, an .onnx or a TensorRT .engine")
     p.add_argument(
         "tiles", nargs="+", help=".npy uint8 (N, H, W, 3) arrays, image files or folders of images"
     )
@@ -79,7 +80,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         default="cls_mean",
         help="cls_mean: class ‖ patch mean; cls: class token",
     )
-    p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt")
+    p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="--backend torch-cuda: the export's weights (default: the source its manifest records)",
+    )
     p.add_argument(
         "--resize",
         choices=("auto", "cpu", "gpu"),

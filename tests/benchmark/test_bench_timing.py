@@ -134,3 +134,38 @@ def test_split_batches_views_in_order() -> None:
     assert all(b.flags.c_contiguous for b in batches)
     with pytest.raises(InputError, match="batch size"):
         split_batches(tiles, 0)
+
+
+def test_event_timer_uses_cuda_python_where_installed_else_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import virchow_rt._deps as deps
+    from virchow_rt.benchmark.timing import CudaEventTimer
+
+    real = deps.is_importable
+    if real("cuda.bindings.runtime"):
+        from virchow_rt.runtime.cuda import EventTimer
+
+        assert isinstance(CudaEventTimer()._impl, EventTimer)
+    monkeypatch.setattr(deps, "is_importable", lambda name: False if name.startswith("cuda") else real(name))
+
+    class FakeEvent:  # torch.cuda.Event: each pair spans 5 ms
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return 5.0
+
+    fake_torch = types.ModuleType("torch")
+    fake_torch.cuda = types.SimpleNamespace(Event=FakeEvent)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    timer = CudaEventTimer()
+    assert timer._impl is None  # cuda-python "missing": torch's events
+    assert timer.measure(lambda: None) == pytest.approx(0.005)

@@ -267,3 +267,37 @@ def test_resize_choice_errors_and_fallback(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="virchow_rt.runtime.embedder"):
         assert embedder.embed(big).shape == (2, 6)
     assert embedder.resize == "cpu" and "resize kernel is unavailable" in caplog.text  # fell back, said why
+
+
+def test_a_missing_nvrtc_library_is_a_missing_dependency_everywhere(monkeypatch, caplog):
+    """cuda-python finds libnvrtc at the first call and raises cuda.pathfinder's RuntimeError there."""
+    import types
+
+    from virchow_rt.errors import MissingDependency
+    from virchow_rt.kernels import cuda_resize
+    from virchow_rt.runtime.capabilities import gpu_resize
+
+    def version() -> None:
+        raise RuntimeError("Failure finding 'libnvrtc.so': no such file")  # as DynamicLibNotFoundError
+
+    fake = types.SimpleNamespace(nvrtcVersion=version)
+    monkeypatch.setattr(cuda_resize, "optional_import", lambda name, purpose: fake)
+    with pytest.raises(MissingDependency, match=r"NVRTC library .*libnvrtc.*virchow-rt\[cuda\]"):
+        cuda_resize.load_nvrtc()
+    cuda_resize.compile_kernels.cache_clear()
+    with pytest.raises(MissingDependency, match="NVRTC library"):
+        cuda_resize.compile_kernels("sm_90")
+    assert gpu_resize(["NVIDIA H200"]).startswith("unavailable (needs NVRTC")  # `info` no longer says present
+
+    def resizer(size: int, device: int) -> None:  # CudaResizer compiles its kernels when made
+        cuda_resize.compile_kernels("sm_90")
+
+    monkeypatch.setattr(cuda_resize, "CudaResizer", resizer)
+    gpu = FakeBackend()
+    gpu.gpu = 0
+    big = np.zeros((3, 256, 256, 3), np.uint8)
+    logger = "virchow_rt.runtime.embedder"
+    with Embedder(gpu, batch_size=2) as embedder, caplog.at_level("WARNING", logger=logger):
+        assert embedder.embed(big).shape == (3, 6)  # the reader thread fell back instead of dying
+    assert embedder.resize == "cpu" and "NVRTC library" in caplog.text
+    cuda_resize.compile_kernels.cache_clear()

@@ -14,7 +14,7 @@ from typing import Any
 
 from virchow_rt.errors import InputError, ModelFileError
 from virchow_rt.manifest import read_manifest
-from virchow_rt.registry import Variant, get_variant
+from virchow_rt.registry import Variant, get_variant, variant_from_manifest
 
 
 @dataclass(frozen=True)
@@ -81,23 +81,6 @@ class Source:
     manifest: dict[str, Any] | None = None
     exported_here: bool = False
     export_s: float | None = None
-
-
-def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
-    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
-    base = get_variant(manifest["variant"])
-    pre = manifest.get("preprocess") or {}
-    config: dict[str, Any] = {
-        "model_args": {**manifest.get("model_args", {}), "mlp": manifest.get("mlp", base.mlp)}
-    }
-    if manifest.get("timm_arch"):
-        config["architecture"] = manifest["timm_arch"]
-    if pre:
-        config["pretrained_cfg"] = {
-            "input_size": (3, pre["size"], pre["size"]),
-            **{k: pre[k] for k in pre if k != "size"},
-        }
-    return base.with_config(config)
 
 
 def resolve_source(model: str) -> Source:

@@ -162,7 +162,7 @@ def split_batches(tiles: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class CudaEventTimer:
     """Times device work with CUDA events on the current stream (compute-only figures on a GPU).
 
-    Uses ``virchow_rt.runtime.cuda.EventTimer`` when the runtime provides one (no torch needed), else
+    Uses ``virchow_rt.runtime.cuda.EventTimer`` where cuda-python is installed (no torch needed), else
     ``torch.cuda.Event``. ``measure(fn)`` returns the device time of the work ``fn`` enqueues, in seconds.
     """
 
@@ -170,11 +170,11 @@ class CudaEventTimer:
         from virchow_rt._deps import is_importable
 
         self._impl: Any = None
-        if is_importable("virchow_rt.runtime.cuda"):
+        # virchow_rt.runtime.cuda always imports (it loads cuda-python lazily): ask for cuda-python itself
+        if is_importable("cuda.bindings.runtime"):
             import virchow_rt.runtime.cuda as rt_cuda
 
-            if hasattr(rt_cuda, "EventTimer"):
-                self._impl = rt_cuda.EventTimer()
+            self._impl = rt_cuda.EventTimer()
         if self._impl is None:
             from virchow_rt._deps import optional_import
 

@@ -72,12 +72,19 @@ class ExportWrapper(torch.nn.Module):
     shift: torch.Tensor
 
     def __init__(
-        self, backbone: torch.nn.Module, variant: Variant, outputs: Sequence[str] = ("embedding",)
+        self,
+        backbone: torch.nn.Module,
+        variant: Variant,
+        outputs: Sequence[str] = ("embedding",),
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.backbone: Any = backbone  # a timm VisionTransformer (forward_features)
         self.num_prefix_tokens = variant.num_prefix_tokens
         self.outputs = check_outputs(outputs)
+        # the backbone's dtype when it is not fp32 (the torch-cuda backend's fp16 module): the input is
+        # normalised in fp32 and cast to it, the tokens are pooled in fp32 (as the fp16 ONNX plan does)
+        self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
         mean = torch.tensor(variant.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(variant.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
         # (x/255 - mean)/std == x * scale + shift: one multiply-add per pixel instead of three ops
@@ -88,7 +95,11 @@ class ExportWrapper(torch.nn.Module):
         # cast first: TensorRT takes a uint8 tensor only as a network input that feeds a Cast
         x = tiles.float().permute(0, 3, 1, 2)  # (N, 3, S, S) float32
         x = x * self.scale + self.shift  # (N, 3, S, S) float32
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         tokens = self.backbone.forward_features(x)  # (N, T, D), after the final LayerNorm
+        if self.compute_dtype is not None:
+            tokens = tokens.float()
         result = [pool_tokens(tokens, self.num_prefix_tokens)]  # (N, 2D)
         if "patch_tokens" in self.outputs:
             result.append(tokens[:, self.num_prefix_tokens :])  # (N, P, D)

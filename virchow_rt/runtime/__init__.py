@@ -21,7 +21,8 @@ from virchow_rt.runtime.embedder import Embedder
 from virchow_rt.runtime.tiles import TileSource, open_tiles
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
+            "tensorrt", "torch-cuda")  # fmt: skip
 ENGINE_SUFFIXES = (".engine", ".plan")
 _ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu",
                   "onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "tensorrt"}  # fmt: skip
@@ -89,12 +90,24 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
     native TensorRT; an export folder -> the artifact its manifest lists: an engine for "auto" when
     TensorRT is importable (falling back to the ONNX, with a warning, when this machine refuses the
     engine), else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32 one.
+    "torch-cuda" -> the export's PyTorch module in fp16 on a GPU, run by the same CUDA pipeline as
+    TensorRT (torch is imported only then; ``weights=`` where the export's are not on this machine).
     ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
     ``threads``, ``optimize``, ``cache_dir``, ``io_binding`` for ONNX Runtime).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     path = Path(model_path)
+    if backend == "torch-cuda":
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "manifest.json").is_file():
+            raise ModelFileError(
+                f"the torch-cuda backend rebuilds a model from its export folder, and {folder} has no "
+                "manifest.json; pass an export folder (virchow-rt export VARIANT --out DIR)"
+            )
+        from virchow_rt.export.torch_cuda import TorchCudaBackend
+
+        return TorchCudaBackend.from_export(folder, **options)
     if path.is_dir():
         return _open_folder(path, backend, options)
     suffix = path.suffix.lower()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable
+from virchow_rt.errors import VirchowError
 
 NOT_INSTALLED = "not installed"
 
@@ -157,7 +158,11 @@ def runnable_backends() -> list[str]:
 def gpu_resize(gpu_list: list[str]) -> str:
     """Whether tiles can be resized on the GPU here (the NVRTC kernel), or what is missing."""
     missing = [] if gpu_list else ["a visible GPU"]
-    if not is_importable("cuda.bindings.nvrtc"):
+    try:
+        from virchow_rt.kernels.cuda_resize import load_nvrtc
+
+        load_nvrtc()  # the library itself, not only cuda-python's bindings
+    except VirchowError:
         missing.append("NVRTC (pip install 'virchow-rt[cuda]')")
     return "available" if not missing else f"unavailable (needs {' and '.join(missing)}; CPU resize instead)"
 

@@ -42,7 +42,15 @@ def embed_command(args: argparse.Namespace) -> int:
         raise InputError(f"--batch {args.batch} must be >= 1")
     # inputs are checked before the model loads: a wrong array fails in milliseconds, not after a model load
     source = open_tiles(args.tiles, skip_errors=args.skip_errors)
-    with open_backend(args.model, args.backend) as backend:
+    options = {}
+    if args.weights is not None:
+        if args.backend != "torch-cuda":
+            raise InputError(
+                f"--weights is only read by --backend torch-cuda (which rebuilds the model); --backend "
+                f"{args.backend} runs the exported file as it is: drop --weights"
+            )
+        options["weights"] = args.weights
+    with open_backend(args.model, args.backend, **options) as backend:
         embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty(), resize=args.resize)
         info = embedder.info
         if info.random_weights:

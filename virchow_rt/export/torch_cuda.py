@@ -1,0 +1,195 @@
+"""The ``torch-cuda`` backend: an export's PyTorch module in fp16, run by the shared CUDA pipeline.
+
+For a GPU server without TensorRT: the same pipelined runtime as TensorRT (pinned host buffers, copy
+and compute streams ordered by events, GPU-array input:
+:class:`~virchow_rt.runtime.cuda_pipeline.PipelinedBackend`), with torch's kernels computing each
+batch. The module is timm's backbone in fp16 (or bf16) with SDPA attention (timm's ``fused_attn``:
+flash / memory-efficient kernels), uint8 tiles normalised in fp32 inside it and the tokens pooled in
+fp32 (:class:`~virchow_rt.export.onnx_export.ExportWrapper`), as the fp16 ONNX precision plan does.
+
+:class:`TorchExecutor` reads the pipeline's uint8 device input buffer and writes its output buffer in
+place (torch tensors over the pipeline's memory, through ``__cuda_array_interface__``), queued on
+the pipeline's compute stream (``torch.cuda.ExternalStream``): no host copy besides the pipeline's
+own. Full batches replay a CUDA graph per slot (``torch.cuda.CUDAGraph`` sharing one memory pool,
+which is safe because every graph runs on the one compute stream, never two at once);
+``compile=True`` also wraps the module in ``torch.compile``.
+
+Weights: those the export folder was made from (the path or model id its manifest records, checked
+against the recorded sha256; or the same seeded random weights), or ``weights=`` given.
+torch is imported only when this module is: ``open_backend(..., "torch-cuda")`` does so lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from virchow_rt._deps import optional_import
+from virchow_rt.errors import BackendError, InputError, WeightsError
+from virchow_rt.export.onnx_export import ExportWrapper
+from virchow_rt.export.reference import build_model
+from virchow_rt.export.weights import WeightsInfo
+from virchow_rt.manifest import read_manifest
+from virchow_rt.registry import Variant, variant_from_manifest
+from virchow_rt.runtime import cuda
+from virchow_rt.runtime.backend import ModelInfo
+from virchow_rt.runtime.cuda_pipeline import Executor, PipelinedBackend
+from virchow_rt.runtime.engine_cache import INPUT, OUTPUT, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = optional_import("torch", "for the torch-cuda backend")
+
+#: precision -> the module's compute dtype
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _PipelineMemory:
+    """Pipeline memory as torch sees it: ``torch.as_tensor`` of this is a view, not a copy."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        # stream None: torch must not synchronize; the pipeline ordered the writes before this stream
+        self.__cuda_array_interface__ = {
+            "data": (ptr, False), "shape": shape, "typestr": dtype.str, "strides": None, "version": 3,
+            "stream": None,
+        }  # fmt: skip
+
+
+class TorchExecutor(Executor):
+    """Queues a PyTorch module (uint8 (B, S, S, 3) -> float32 (B, E)) on the pipeline's compute stream."""
+
+    alignment = 1  # torch reads a tensor at any address
+
+    def __init__(self, module: torch.nn.Module, info: ModelInfo, device: int, max_batch: int, graphs: bool):
+        self._module = module
+        self._device = torch.device("cuda", device)
+        self._use_graphs = graphs
+        self._graphs: dict[int, tuple[tuple[int, int], torch.cuda.CUDAGraph]] = {}
+        self._pool: Any = None
+        size, width = info.tile_size, info.embedding_dim
+        self.specs = {
+            INPUT: TensorSpec(INPUT, True, np.dtype(np.uint8), (-1, size, size, 3)),
+            OUTPUT: TensorSpec(OUTPUT, False, np.dtype(np.float32), (-1, width)),
+        }
+        self.max_batch = max_batch
+
+    def _view(self, name: str, ptr: int, rows: int) -> torch.Tensor:
+        spec = self.specs[name]
+        return torch.as_tensor(_PipelineMemory(ptr, (rows, *spec.shape[1:]), spec.dtype), device=self._device)
+
+    def enqueue(
+        self, slot: int, rows: int, addresses: Mapping[str, int], stream: cuda.Stream, graph: bool
+    ) -> None:
+        tiles = self._view(INPUT, addresses[INPUT], rows)  # (B, S, S, 3) uint8
+        out = self._view(OUTPUT, addresses[OUTPUT], rows)  # (B, E) float32
+        key = (addresses[INPUT], addresses[OUTPUT])
+        graph = graph and self._use_graphs
+        on_stream = torch.cuda.ExternalStream(stream.ptr, device=self._device)
+        with torch.cuda.device(self._device), torch.cuda.stream(on_stream), torch.inference_mode():
+            known = self._graphs.get(slot)
+            if graph and known is not None and known[0] == key:
+                known[1].replay()
+                return
+            out.copy_(self._module(tiles))
+            if graph:  # the eager run above was the warm-up (and this batch's result)
+                self._graphs[slot] = (key, self._capture(tiles, out, on_stream))
+
+    def _capture(self, tiles: torch.Tensor, out: torch.Tensor, stream: Any) -> torch.cuda.CUDAGraph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        captured = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (an Embedder's reader) must not break the capture
+        with torch.cuda.graph(captured, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            out.copy_(self._module(tiles))
+        return captured
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+
+
+class TorchCudaBackend(PipelinedBackend):
+    """A timm backbone in fp16 on one GPU, behind the CUDA pipeline (see the module docstring).
+
+    ``model``: the backbone (fp32, as :func:`~virchow_rt.export.reference.build_model` makes it; it is
+    converted in place). ``precision``: "fp16" (default), "bf16" or "fp32". ``cuda_graphs``: replay full
+    batches from a graph per slot. ``compile``: ``torch.compile`` the module. ``max_batch``: the
+    largest batch (the buffers are sized for it).
+    """
+
+    name = "torch-cuda"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        variant: Variant,
+        weights: WeightsInfo,
+        *,
+        device: int = 0,
+        slots: int = 3,
+        precision: str = "fp16",
+        cuda_graphs: bool = True,
+        compile: bool = False,
+        max_batch: int | None = None,
+    ) -> None:
+        if precision not in DTYPES:
+            raise InputError(f"unknown torch-cuda precision {precision!r}; use one of: {', '.join(DTYPES)}")
+        if not torch.cuda.is_available() or cuda.device_count() == 0:
+            raise BackendError(
+                "the torch-cuda backend needs a CUDA GPU and none is visible here (torch "
+                f"{torch.__version__}, cuda-python sees {cuda.device_count()}); use --backend onnxruntime "
+                "on this machine"
+            )
+        dtype = DTYPES[precision]
+        module: Any = ExportWrapper(model.to(dtype), variant, compute_dtype=dtype)
+        module = module.to(torch.device("cuda", device)).eval().requires_grad_(False)
+        torch.cuda.synchronize(device)  # the weights were copied on torch's stream; the pipeline's are others
+        if compile:
+            module = torch.compile(module)
+        info = ModelInfo(
+            variant=variant.name,
+            embedding_dim=variant.embedding_dim(),
+            width=variant.width,
+            tile_size=variant.preprocess.size,
+            precision=precision,
+            random_weights=weights.random,
+            weights_sha256=weights.sha256,
+        )
+        rows = max_batch or variant.batch.max
+        self._start(TorchExecutor(module, info, device, rows, cuda_graphs), info, device, slots)
+        if compile:
+            self.name = "torch-cuda-compiled"
+
+    @classmethod
+    def from_export(
+        cls, folder: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, **options: Any
+    ) -> TorchCudaBackend:
+        """The backbone an export folder was made from (or ``weights``, checked against its manifest)."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        variant = variant_from_manifest(manifest)
+        recorded = manifest.get("weights") or {}
+        if weights is None and not recorded.get("random"):
+            weights = recorded.get("source")
+            if not weights:
+                raise WeightsError(
+                    f"{folder}/manifest.json does not say where its weights came from; pass --weights"
+                )
+        try:
+            model, variant, info = build_model(variant, weights, random_weights=weights is None)
+        except WeightsError as err:
+            raise WeightsError(f"{err} (the torch-cuda backend rebuilds {folder}'s model from its weights; "
+                               "pass --weights PATH where they are on this machine)") from err
+        if not info.random and recorded.get("sha256") not in (None, info.sha256):
+            raise WeightsError(
+                f"weights {weights} (sha256 {info.sha256[:12]}…) are not those {folder} was exported from "
+                f"(sha256 {str(recorded['sha256'])[:12]}…); pass the matching --weights or export again"
+            )
+        batch = manifest.get("batch") or {}
+        options.setdefault("max_batch", batch.get("max"))
+        return cls(model, variant, info, **options)
