@@ -169,27 +169,38 @@ class TorchCudaBackend(PipelinedBackend):
     def from_export(
         cls, folder: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, **options: Any
     ) -> TorchCudaBackend:
-        """The backbone an export folder was made from (or ``weights``, checked against its manifest)."""
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        variant = variant_from_manifest(manifest)
-        recorded = manifest.get("weights") or {}
-        if weights is None and not recorded.get("random"):
-            weights = recorded.get("source")
-            if not weights:
-                raise WeightsError(
-                    f"{folder}/manifest.json does not say where its weights came from; pass --weights"
-                )
-        try:
-            model, variant, info = build_model(variant, weights, random_weights=weights is None)
-        except WeightsError as err:
-            raise WeightsError(f"{err} (the torch-cuda backend rebuilds {folder}'s model from its weights; "
-                               "pass --weights PATH where they are on this machine)") from err
-        if not info.random and recorded.get("sha256") not in (None, info.sha256):
-            raise WeightsError(
-                f"weights {weights} (sha256 {info.sha256[:12]}…) are not those {folder} was exported from "
-                f"(sha256 {str(recorded['sha256'])[:12]}…); pass the matching --weights or export again"
-            )
-        batch = manifest.get("batch") or {}
-        options.setdefault("max_batch", batch.get("max"))
+        """The backbone an export folder was made from (see :func:`load_export_model`), on the GPU."""
+        model, variant, info, manifest = load_export_model(folder, weights)
+        options.setdefault("max_batch", (manifest.get("batch") or {}).get("max"))
         return cls(model, variant, info, **options)
+
+
+def load_export_model(
+    folder: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
+) -> tuple[torch.nn.Module, Variant, WeightsInfo, dict[str, Any]]:
+    """(fp32 backbone on the CPU, variant, weights info, manifest) of the model an export folder holds.
+
+    The weights are ``weights`` or the source the manifest records (a path or cached model id; random
+    weights are drawn again from the same seed); real weights must have the recorded sha256.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    variant = variant_from_manifest(manifest)
+    recorded = manifest.get("weights") or {}
+    if weights is None and not recorded.get("random"):
+        weights = recorded.get("source")
+        if not weights:
+            raise WeightsError(f"{folder}/manifest.json does not say where its weights are; pass --weights")
+    try:
+        model, variant, info = build_model(variant, weights, random_weights=weights is None)
+    except WeightsError as err:
+        raise WeightsError(
+            f"{err} (the torch-cuda backend rebuilds {folder}'s model from its weights; pass --weights PATH "
+            "where they are on this machine)"
+        ) from err
+    if not info.random and recorded.get("sha256") not in (None, info.sha256):
+        raise WeightsError(
+            f"weights {weights} (sha256 {info.sha256[:12]}…) are not those {folder} was exported from "
+            f"(sha256 {str(recorded['sha256'])[:12]}…); pass the matching --weights or export again"
+        )
+    return model, variant, info, manifest

@@ -1,0 +1,126 @@
+"""The torch-cuda backend's CPU-checkable parts: its fp16 module, the weights it rebuilds, its errors.
+
+Its GPU run (the CUDA pipeline with torch's kernels) is in ``test_torch_cuda_gpu.py`` (``gpu`` tier).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from virchow_rt.compare import compare
+from virchow_rt.errors import BackendError, InputError, WeightsError
+from virchow_rt.export import build_model
+from virchow_rt.export.onnx_export import ExportWrapper
+from virchow_rt.export.torch_cuda import load_export_model
+from virchow_rt.manifest import write_manifest
+from virchow_rt.registry import get_variant
+from virchow_rt.tissue import tissue_tiles
+
+
+@pytest.fixture(scope="module")
+def tiny_random() -> tuple:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_model("virchow2-tiny", random_weights=True)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 0.999), (torch.bfloat16, 0.99)])
+def test_reduced_precision_module_matches_fp32(
+    tiny_random: tuple, dtype: torch.dtype, tolerance: float
+) -> None:
+    model, variant, _ = tiny_random
+    tiles = torch.from_numpy(tissue_tiles(12, 224, seed=1))  # (12, 224, 224, 3) uint8
+    with torch.inference_mode():
+        (want,) = ExportWrapper(model, variant)(tiles)
+        half = ExportWrapper(copy.deepcopy(model).to(dtype), variant, compute_dtype=dtype)
+        (got,) = half(tiles)
+    assert got.dtype == torch.float32 and got.shape == want.shape  # pooled in fp32, as the fp16 plan says
+    result = compare(got.numpy(), want.numpy(), tolerance)
+    assert result, str(result)
+    assert not np.array_equal(got.numpy(), want.numpy())  # it did compute in the lower precision
+
+
+def test_fp32_wrapper_is_unchanged_by_the_compute_dtype(tiny_random: tuple) -> None:
+    model, variant, _ = tiny_random
+    assert ExportWrapper(model, variant, compute_dtype=torch.float32).compute_dtype is None
+
+
+def _manifest(folder: Path, variant: str, weights: dict) -> Path:
+    v = get_variant(variant)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"variant": v.name, "model_args": dict(v.model_args), "mlp": v.mlp, "weights": weights,
+                "batch": {"min": 1, "opt": 8, "max": 16}, "artifacts": []}  # fmt: skip
+    write_manifest(folder, manifest)
+    return folder
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_random_exports_are_rebuilt_from_the_same_seed(tiny_random: tuple, tmp_path: Path) -> None:
+    model, _, info = tiny_random
+    folder = _manifest(tmp_path / "export", "virchow2-tiny", info.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rebuilt, variant, rebuilt_info, manifest = load_export_model(folder)
+    assert _same(rebuilt, model) and rebuilt_info.random and variant.name == "virchow2-tiny"
+    assert manifest["batch"]["max"] == 16
+
+
+def test_real_weights_come_from_the_recorded_source_and_must_match(
+    checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    model, _, info = build_model("virchow2-tiny", checkpoint_dir)
+    folder = _manifest(tmp_path / "export", "virchow2-tiny", info.to_dict())
+    rebuilt, _, rebuilt_info, _ = load_export_model(folder)
+    assert _same(rebuilt, model) and rebuilt_info.sha256 == info.sha256 and not rebuilt_info.random
+
+    moved = _manifest(
+        tmp_path / "moved", "virchow2-tiny", {**info.to_dict(), "source": str(tmp_path / "gone")}
+    )
+    with pytest.raises(WeightsError, match="rebuilds .* pass --weights PATH"):
+        load_export_model(moved)
+    assert _same(load_export_model(moved, weights=checkpoint_dir)[0], model)  # --weights where they are now
+
+    other = _manifest(tmp_path / "other", "virchow2-tiny", {**info.to_dict(), "sha256": "f" * 64})
+    with pytest.raises(WeightsError, match="are not those .* exported from"):
+        load_export_model(other)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
+def test_without_a_gpu_torch_cuda_is_a_one_line_error(tiny_random: tuple, tmp_path: Path, capsys) -> None:
+    from virchow_rt.cli import main
+    from virchow_rt.runtime import open_backend
+
+    folder = _manifest(tmp_path / "export", "virchow2-tiny", tiny_random[2].to_dict())
+    with warnings.catch_warnings(), pytest.raises(BackendError, match="needs a CUDA GPU and none is visible"):
+        warnings.simplefilter("ignore")
+        open_backend(folder, "torch-cuda")
+    np.save(tmp_path / "tiles.npy", tissue_tiles(2, 224, seed=0))
+    args = ["embed", str(folder), str(tmp_path / "tiles.npy"), "--out", str(tmp_path / "e.npy")]
+    assert main([*args, "--backend", "torch-cuda"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or all("RANDOM WEIGHTS" in line for line in err[:-1])
+    assert "needs a CUDA GPU" in err[-1] and "Traceback" not in "".join(err)
+    assert main([*args, "--weights", str(tmp_path)]) != 0
+    assert "only read by --backend torch-cuda" in capsys.readouterr().err
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_torch_cuda_needs_an_export_folder(tmp_path: Path) -> None:
+    from virchow_rt.errors import ModelFileError
+    from virchow_rt.runtime import open_backend
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="rebuilds a model from its export folder.*no manifest.json"):
+        open_backend(tmp_path / "model.onnx", "torch-cuda")
+    with pytest.raises(InputError, match="unknown backend 'torch'.*torch-cuda"):
+        open_backend(tmp_path, "torch")
