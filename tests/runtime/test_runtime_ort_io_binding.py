@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from runtime_models import expected_embedding
 
+from virchow_rt.compare import compare
 from virchow_rt.errors import InputError
 from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -59,5 +60,7 @@ def test_cuda_session_reads_gpu_arrays_in_place(models, tissue):
     backend = OnnxRuntimeBackend(models["fp32"], "cuda")
     assert (backend.name, backend.gpu, backend.io_binding) == ("onnxruntime-cuda", 0, True)
     gpu = torch.from_numpy(tissue[:6]).cuda()
-    np.testing.assert_allclose(backend.run(gpu), backend.run(tissue[:6]), atol=1e-5)
-    np.testing.assert_allclose(backend.run(tissue[:6]), expected_embedding(tissue[:6]), atol=1e-4)
+    np.testing.assert_allclose(backend.run(gpu), backend.run(tissue[:6]), atol=1e-5)  # same session and math
+    # the CUDA provider may run fp32 MatMuls in TF32 (10-bit mantissa): ~1e-3 relative, not 1e-4 absolute
+    result = compare(backend.run(tissue[:6]), expected_embedding(tissue[:6]), 0.9999)
+    assert result, str(result)
