@@ -17,7 +17,7 @@ GPU = Machine(
     has_cuda=True,
     cpu_flags=("avx2",),
     ort_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-    importable=("torch", "timm", "onnxruntime", "tensorrt"),
+    importable=("torch", "timm", "onnxruntime", "tensorrt", "cuda.bindings.runtime"),
 )
 
 
@@ -44,7 +44,12 @@ def test_cpu_machine_runs_the_cpu_rows_and_explains_the_rest() -> None:
 def test_gpu_machine_runs_gpu_rows_and_leaves_cpu_only_rows_out() -> None:
     chosen, skipped = select_rows(None, GPU)
     keys = {r.key for r in chosen}
-    assert {"torch-eager/fp16-autocast", "torch-compile/fp16-autocast", "tensorrt/fp16"} <= keys
+    assert {
+        "torch-eager/fp16-autocast",
+        "torch-compile/fp16-autocast",
+        "tensorrt/fp16",
+        "torch-cuda/fp16",
+    } <= keys
     assert (
         "onnxruntime-cpu/fp32" in skipped
         and "--backends onnxruntime-cpu/fp32" in skipped["onnxruntime-cpu/fp32"]
@@ -63,6 +68,7 @@ def test_missing_provider_and_bf16_reasons() -> None:
         and "CPUExecutionProvider" in reasons["onnxruntime-cuda/fp32"]
     )
     assert "not importable" in reasons["tensorrt/fp16"]
+    assert "cuda-python is not importable" in reasons["torch-cuda/fp16"]
     old_cpu = Machine(has_cuda=False, cpu_flags=("avx2",), importable=("torch", "timm"))
     assert "bf16" in _reasons(old_cpu)["torch-eager/bf16-autocast"]
 

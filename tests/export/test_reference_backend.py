@@ -146,3 +146,18 @@ def test_full_size_preprocess_matches_published_config():
     text = repr(timm_transform(variant))
     assert "Resize(size=224, interpolation=bicubic" in text and "CenterCrop(size=(224, 224))" in text
     assert "Normalize(mean=tensor([0.4850, 0.4560, 0.4060]), std=tensor([0.2290, 0.2240, 0.2250]))" in text
+
+
+def test_transform_workers_give_the_same_embeddings_a_batch_ahead(v2_tiny):
+    model, variant, _ = v2_tiny
+    batches = [tissue_tiles(n, 256, seed=i) for i, n in enumerate([5, 3, 4])]  # resized by timm's transform
+    inline = TorchBackend(model, variant)
+    threaded = TorchBackend(model, variant, workers=2)
+    expected = [inline.run(b) for b in batches]
+    for got, want in zip(threaded.pipeline(iter(batches)), expected, strict=True):
+        np.testing.assert_array_equal(got, want)  # same pixels, same model, in order
+    np.testing.assert_array_equal(threaded.run(batches[0]), expected[0])
+    threaded.close()
+    assert threaded._pool is None
+    with pytest.raises(BackendError, match="closed"):
+        threaded.run(batches[0])

@@ -9,6 +9,7 @@ backend may offer; on a CPU there is no device apart from the host, so the figur
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -100,23 +101,27 @@ def open_row_backend(
     torch_model: Any = None,
     weights_info: Any = None,
     folder: Path | None = None,
+    max_batch: int | None = None,
+    workers: int = 0,
 ) -> Backend:
-    """The Backend a row measures: the reference model at a precision, or an exported artifact."""
+    """The Backend a row measures: the reference model at a precision, or an exported artifact.
+
+    ``max_batch``: the largest batch a torch-cuda row is sized for. ``workers``: CPU threads for timm's
+    transform in the PyTorch rows (TRIDENT's DataLoader workers; 0: inline).
+    """
+    if spec.kind == "torch-cuda":
+        from virchow_rt.export.torch_cuda import TorchCudaBackend
+
+        # a copy: the backend converts its model to fp16 in place, and the other rows share this one
+        model = copy.deepcopy(torch_model)
+        return TorchCudaBackend(model, variant, weights_info, compile=spec.compile, max_batch=max_batch)
     if spec.kind == "torch":
         from virchow_rt.export import reference
 
+        options = {"compile": spec.compile, "device": device, "weights": weights_info, "workers": workers}
         if spec.precision in reference.PRECISIONS:
-            return reference.TorchBackend(
-                torch_model,
-                variant,
-                spec.precision,
-                compile=spec.compile,
-                device=device,
-                weights=weights_info,
-            )
-        inner = reference.TorchBackend(
-            torch_model, variant, "fp32", compile=spec.compile, device=device, weights=weights_info
-        )
+            return reference.TorchBackend(torch_model, variant, spec.precision, **options)
+        inner = reference.TorchBackend(torch_model, variant, "fp32", **options)
         return AutocastBackend(inner, device, spec.precision)
     if folder is None:
         raise ModelFileError(f"row {spec.key} needs an exported model but no export folder was given")

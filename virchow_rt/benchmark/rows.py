@@ -23,7 +23,8 @@ class RowSpec:
     """One backend at one precision.
 
     ``kind``: "torch" (the PyTorch reference model), "onnx" (an exported ``<variant>.<artifact>.onnx``
-    through ``open_backend``) or "tensorrt" (a ``<variant>.fp16.engine``). ``device``: "cpu", "cuda", or
+    through ``open_backend``), "tensorrt" (a ``<variant>.fp16.engine``) or "torch-cuda" (the reference
+    model in fp16 run by virchow-rt's CUDA pipeline). ``device``: "cpu", "cuda", or
     "auto" (the GPU when there is one, else the CPU). ``artifact``: the export's precision it runs.
     """
 
@@ -59,7 +60,7 @@ ROWS: tuple[RowSpec, ...] = (
         "torch",
         "auto",
         ("torch", "gpu_autocast_fp16"),
-        note="how the model card and TRIDENT run it",
+        note="as the model card and TRIDENT run it (GPU: timm's transform on CPU threads, a batch ahead)",
     ),
     RowSpec(
         "torch-eager",
@@ -70,6 +71,17 @@ ROWS: tuple[RowSpec, ...] = (
         note="the CPU stand-in for fp16 autocast, labelled bf16",
     ),
     RowSpec("torch-compile", "fp16-autocast", "torch", "cuda", ("torch", "cuda"), compile=True),
+    RowSpec(
+        "torch-cuda",
+        "fp16",
+        "torch-cuda",
+        "cuda",
+        ("torch", "cuda", "cuda_python"),
+        note="virchow-rt's CUDA pipeline running the fp16 module (SDPA, CUDA graphs)",
+    ),
+    RowSpec(
+        "torch-cuda-compile", "fp16", "torch-cuda", "cuda", ("torch", "cuda", "cuda_python"), compile=True
+    ),
     RowSpec("onnxruntime-cpu", "fp32", "onnx", "cpu", ("onnxruntime",), artifact="fp32"),
     RowSpec("onnxruntime-cpu", "fp16", "onnx", "cpu", ("onnxruntime",), artifact="fp16"),
     RowSpec("onnxruntime-cuda", "fp32", "onnx", "cuda", ("cuda", "ort_cuda"), artifact="fp32"),
@@ -94,7 +106,8 @@ class Machine:
     def probe(cls) -> Machine:
         from virchow_rt.benchmark.environment import cpu_info
 
-        importable = tuple(m for m in ("torch", "timm", "onnxruntime", "tensorrt") if is_importable(m))
+        probed = ("torch", "timm", "onnxruntime", "tensorrt", "cuda.bindings.runtime")
+        importable = tuple(m for m in probed if is_importable(m))
         providers: tuple[str, ...] = ()
         if "onnxruntime" in importable:
             import onnxruntime
@@ -150,6 +163,11 @@ CHECKS: dict[str, Callable[[Machine, str], str | None]] = {
         "(pip install 'virchow-rt[tensorrt]' on a GPU machine)"
     ),
     "cuda": lambda m, d: None if m.has_cuda else "needs a CUDA GPU; none is visible",
+    "cuda_python": lambda m, d: (
+        None
+        if "cuda.bindings.runtime" in m.importable
+        else "cuda-python is not importable (pip install 'virchow-rt[cuda]')"
+    ),
     "ort_cuda": _provider("CUDAExecutionProvider", "CUDA provider"),
     "ort_tensorrt": _provider("TensorrtExecutionProvider", "TensorRT provider"),
     # x86 CPUs have no fp16 matmul units: torch's CPU fp16 autocast runs slow fallback kernels that

@@ -155,6 +155,8 @@ class BenchmarkRun:
                 torch_model=self.torch_model,
                 weights_info=self.weights_info,
                 folder=self.source.folder,
+                max_batch=max(self.settings.batch_sizes),
+                workers=usable_cores() if device == "cuda" else 0,
             )
             setup_s = time.perf_counter() - start
         except Exception as err:  # noqa: BLE001 - one broken backend must not stop the others; recorded

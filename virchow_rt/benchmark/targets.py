@@ -17,6 +17,7 @@ Rows = Sequence[dict[str, Any]]
 #: below this share of the usable cores, a CPU row shared them with other processes (flagged, never hidden)
 CONTENDED_CPU_USE = 0.85
 Measure = Callable[[Rows], tuple[float | None, str]]
+TORCH_CUDA = "torch-cuda"  # the torch-cuda rows (plain and compiled): backends whose name starts with it
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -38,8 +39,9 @@ def _fastest(
     return max(pool, key=lambda r: r["tiles_per_s"], default=None)
 
 
-def _best_path(rows: Rows, exclude: set[str] | None = None) -> dict[str, Any] | None:
-    return _fastest([r for r in rows if _passed(r)], exclude=exclude)
+def _best_path(rows: Rows, exclude: set[str] | None = None, family: str = "") -> dict[str, Any] | None:
+    """The fastest row with parity passed, of the backends whose name starts with ``family`` ("": all)."""
+    return _fastest([r for r in rows if _passed(r) and r["backend"].startswith(family)], exclude=exclude)
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -49,38 +51,58 @@ def _describe(row: dict[str, Any]) -> str:
     return f"{_key(row)} at batch {row['batch_size']}: {row['tiles_per_s']:.3g} tiles/s{flag}"
 
 
-def _speedup_over(baseline_key: str) -> Measure:
+def _none_passed(family: str) -> str:
+    return f"no {family} row with parity passed" if family else "no row with parity passed"
+
+
+def _speedup_over(baseline_key: str, family: str = "") -> Measure:
     def measure(rows: Rows) -> tuple[float | None, str]:
         base = _fastest(rows, keys={baseline_key})
-        best = _best_path(rows, exclude={baseline_key})
+        best = _best_path(rows, exclude={baseline_key}, family=family)
         if base is None or best is None:
-            missing = baseline_key if base is None else "a faster path with parity passed"
+            missing = baseline_key if base is None else f"a {family or 'faster'} path with parity passed"
             return None, f"no measured row for {missing}"
         return best["tiles_per_s"] / base["tiles_per_s"], f"{_describe(best)} vs {_describe(base)}"
 
     return measure
 
 
-def _peak_fraction(rows: Rows) -> tuple[float | None, str]:
-    best = _best_path(rows)
-    if best is None:
-        return None, "no row with parity passed"
-    value = best.get("compute_peak_fraction") or best.get("peak_fraction")
-    which = "compute-only" if best.get("compute_peak_fraction") else "end-to-end"
-    if value is None:
-        return None, f"{_describe(best)}: no matmul peak measured"
-    return value, f"{_describe(best)}, {which} vs the {best.get('peak')} matmul peak"
+def _peak_fraction(family: str = "") -> Measure:
+    def measure(rows: Rows) -> tuple[float | None, str]:
+        best = _best_path(rows, family=family)
+        if best is None:
+            return None, _none_passed(family)
+        value = best.get("compute_peak_fraction") or best.get("peak_fraction")
+        which = "compute-only" if best.get("compute_peak_fraction") else "end-to-end"
+        if value is None:
+            return None, f"{_describe(best)}: no matmul peak measured"
+        return value, f"{_describe(best)}, {which} vs the {best.get('peak')} matmul peak"
+
+    return measure
 
 
-def _e2e_vs_compute(rows: Rows) -> tuple[float | None, str]:
-    best = _best_path(rows)
-    if best is None:
-        return None, "no row with parity passed"
-    if not best.get("compute_tiles_per_s"):
-        return None, f"{_describe(best)}: no compute-only figure ({best.get('compute_reason')})"
-    return best["tiles_per_s"] / best["compute_tiles_per_s"], (
-        f"{_describe(best)} end to end vs {best['compute_tiles_per_s']:.3g} tiles/s compute-only"
-    )
+def _e2e_vs_compute(family: str = "") -> Measure:
+    def measure(rows: Rows) -> tuple[float | None, str]:
+        best = _best_path(rows, family=family)
+        if best is None:
+            return None, _none_passed(family)
+        if not best.get("compute_tiles_per_s"):
+            return None, f"{_describe(best)}: no compute-only figure ({best.get('compute_reason')})"
+        return best["tiles_per_s"] / best["compute_tiles_per_s"], (
+            f"{_describe(best)} end to end vs {best['compute_tiles_per_s']:.3g} tiles/s compute-only"
+        )
+
+    return measure
+
+
+def _throughput(family: str) -> Measure:
+    def measure(rows: Rows) -> tuple[float | None, str]:
+        best = _best_path(rows, family=family)
+        if best is None:
+            return None, _none_passed(family)
+        return best["tiles_per_s"], f"{_describe(best)}, end to end from uint8 host tiles"
+
+    return measure
 
 
 def _fp16_parity(rows: Rows) -> tuple[float | None, str]:
@@ -145,9 +167,37 @@ TARGETS: tuple[Target, ...] = (
         "x",
         _speedup_over("torch-eager/fp16-autocast"),
     ),
-    Target("fraction of the measured matmul peak", "cuda", "virchow2", 0.60, "fraction", _peak_fraction),
-    Target("end to end vs compute-only", "cuda", "virchow2", 0.90, "fraction", _e2e_vs_compute),
+    Target("fraction of the measured matmul peak", "cuda", "virchow2", 0.60, "fraction", _peak_fraction()),
+    Target("end to end vs compute-only", "cuda", "virchow2", 0.90, "fraction", _e2e_vs_compute()),
     Target("fp16 parity, min cosine", "cuda", "virchow2", 0.999, "cosine", _fp16_parity),
+    # the CUDA pipeline with torch's kernels (the GPU-truth issue): what a GPU here can prove without TensorRT
+    Target(
+        "torch-cuda pipeline vs TRIDENT-style fp16 autocast, end to end",
+        "cuda",
+        "virchow2",
+        2.0,
+        "x",
+        _speedup_over("torch-eager/fp16-autocast", family="torch-cuda"),
+    ),
+    Target(
+        "torch-cuda end to end vs its compute-only",
+        "cuda",
+        "virchow2",
+        0.90,
+        "fraction",
+        _e2e_vs_compute(TORCH_CUDA),
+    ),
+    Target(
+        "torch-cuda fraction of the measured matmul peak",
+        "cuda",
+        "virchow2",
+        0.60,
+        "fraction",
+        _peak_fraction(TORCH_CUDA),
+    ),
+    Target(
+        "torch-cuda tiles/s end to end", "cuda", "virchow2g-mini", 10_000, "tiles/s", _throughput(TORCH_CUDA)
+    ),
 )
 
 
@@ -161,6 +211,8 @@ def _show(value: float, unit: str) -> str:
         return f"{value:.6f}"
     if unit == "fraction":
         return f"{value:.1%}"
+    if unit == "tiles/s":
+        return f"{value:,.0f} tiles/s"
     return f"{value:.3g}x"
 
 
