@@ -51,14 +51,16 @@ def _model(variant: str, folder: Path) -> Path:
     return folder / artifact["path"]
 
 
-def _slide(path: Path, width: int, height: int) -> Path:
+def _slide(path: Path, width: int, height: int, compression: str) -> Path:
     if not path.exists():
         print(f"writing a {width}x{height} synthetic slide to {path} ...", flush=True)
         pieces = (
             (width // 14, height // 12, width * 5 // 8, height * 5 // 8),
             (width * 3 // 4, height * 2 // 3, width // 5, height // 4),
         )
-        write_synthetic_slide(path, width, height, pieces, mpp=0.25, levels=4, tile=256, compression="jpeg")
+        write_synthetic_slide(
+            path, width, height, pieces, mpp=0.25, levels=4, tile=256, compression=compression
+        )
     return path
 
 
@@ -78,14 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--compression",
+        default=None,
+        help="tile codec of the synthetic slide (default: jpeg as scanners write; zlib without imagecodecs)",
+    )
     args = p.parse_args(argv)
+    from virchow_rt._deps import is_importable
+
+    compression = args.compression or ("jpeg" if is_importable("imagecodecs") else "zlib")
 
     from virchow_rt.runtime import open_backend
 
     args.out.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.lower().split("x"))
     model = _model(args.variant, args.out / "model")
-    slide_path = _slide(args.out / f"synthetic-{width}x{height}.tif", width, height)
+    slide_path = _slide(
+        args.out / f"synthetic-{width}x{height}-{compression}.tif", width, height, compression
+    )
     settings = SlideSettings(mpp=args.mpp, workers=args.workers, batch_size=args.batch)
 
     with open_slide(slide_path) as slide, open_backend(model, backend=args.backend) as backend:
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant,
         "random_weights": bool(random_weights),
         "backend": backend_name,
-        "slide": {"path": str(slide_path), "size": [width, height], "mpp": 0.25, "compression": "jpeg"},
+        "slide": {"path": slide_path.name, "size": [width, height], "mpp": 0.25, "compression": compression},
         "tiles": n,
         "target_mpp": args.mpp,
         "workers": reader.workers,

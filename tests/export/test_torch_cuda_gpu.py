@@ -118,3 +118,25 @@ def test_compute_only_timing(export: Path) -> None:
     with open_torch(export) as backend:
         samples = backend.time_compute(tissue_tiles(16, 224, seed=7), repeats=5, warmup=2)
     assert len(samples) == 5 and all(0 < s < 1 for s in samples)
+
+
+def test_embed_command_runs_torch_cuda(export: Path, tmp_path: Path) -> None:
+    import json
+
+    from virchow_rt.cli import main
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA GPU")
+    tiles = tissue_tiles(20, 224, seed=8)
+    np.save(tmp_path / "tiles.npy", tiles)
+    out = tmp_path / "emb.npy"
+    assert (
+        main(
+            ["embed", str(export), str(tmp_path / "tiles.npy"), "--backend", "torch-cuda", "--out", str(out)]
+        )
+        == 0
+    )
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["backend"] == "torch-cuda" and meta["model"]["precision"] == "fp16" and meta["random_weights"]
+    result = compare(np.load(out), reference(export, tiles), 0.999)
+    assert result, str(result)

@@ -152,9 +152,9 @@ def run_benchmark(
         env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
     run = BenchmarkRun(source, settings, machine, echo, progress)
     try:
-        if source.folder is None and any(s.kind != "torch" for s in specs):
+        if source.folder is None and any(s.artifact for s in specs):
             run.export(specs, out, ref_weights, ref_random)
-        if any(s.kind == "torch" for s in specs):
+        if any(s.kind in ("torch", "torch-cuda") for s in specs):  # torch-cuda runs the reference's module
             run.build_reference(ref_weights, ref_random)
         run.measure_peaks(specs)
         run.measure_rows(specs)

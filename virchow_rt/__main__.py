@@ -1,0 +1,7 @@
+"""``python -m virchow_rt ...`` is ``virchow-rt ...`` (where the console script is not on PATH)."""
+
+import sys
+
+from virchow_rt.cli import main
+
+sys.exit(main())
