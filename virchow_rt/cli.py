@@ -140,7 +140,9 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "slides", nargs="+", help="slide files (any format OpenSlide or tifffile reads) or folders"
     )
-    p.add_argument("--model", required=True, help="exported model (.onnx or TensorRT .engine)")
+    p.add_argument(
+        "--model", required=True, help="exported model: an export folder, an .onnx or a TensorRT .engine"
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
     p.add_argument("--tile-size", type=int, default=224)
@@ -154,7 +156,7 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument("--workers", type=int, default=None, help="tile reading workers")
     p.add_argument("--pooling", choices=POOLINGS, default="cls_mean")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     p.add_argument(
         "--reader",
         choices=("auto", "openslide", "tiffslide"),

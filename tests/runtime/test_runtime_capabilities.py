@@ -28,11 +28,17 @@ def test_capabilities_are_json_and_sane():
 
 
 def test_gpu_resize_says_what_is_missing(monkeypatch):
-    caps = sys.modules["virchow_rt.runtime.capabilities"]  # the package re-exports a function of that name
-    monkeypatch.setattr(caps, "is_importable", lambda module: True)
+    from virchow_rt.errors import MissingDependency
+    from virchow_rt.kernels import cuda_resize
+
+    monkeypatch.setattr(cuda_resize, "load_nvrtc", lambda: object())  # the NVRTC library loads
     assert gpu_resize(["NVIDIA H100, 81559 MiB, compute 9.0"]) == "available"
     assert gpu_resize([]) == "unavailable (needs a visible GPU; CPU resize instead)"
-    monkeypatch.setattr(caps, "is_importable", lambda module: module != "cuda.bindings.nvrtc")
+
+    def missing():
+        raise MissingDependency("the NVRTC library is needed ... and was not found")
+
+    monkeypatch.setattr(cuda_resize, "load_nvrtc", missing)
     assert "a visible GPU and NVRTC" in gpu_resize([])
 
 
