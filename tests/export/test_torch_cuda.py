@@ -124,3 +124,53 @@ def test_torch_cuda_needs_an_export_folder(tmp_path: Path) -> None:
         open_backend(tmp_path / "model.onnx", "torch-cuda")
     with pytest.raises(InputError, match="unknown backend 'torch'.*torch-cuda"):
         open_backend(tmp_path, "torch")
+
+
+def test_torch_executor_in_the_pipeline_on_simulated_cuda(tiny_random: tuple, monkeypatch) -> None:
+    """The torch executor inside the CUDA pipeline, with CUDA simulated on the CPU (numpy at fake addresses).
+
+    SIMULATION: torch runs on the CPU over views of the fake memory; this checks the data flow (the
+    executor reads each slot's input and writes its output, in order, ragged batches too), not CUDA.
+    """
+    import contextlib
+    import types
+
+    from sim_cuda import Memory, fake_cuda
+
+    from virchow_rt.export import torch_cuda
+    from virchow_rt.runtime import cuda_pipeline
+    from virchow_rt.runtime.backend import ModelInfo
+
+    mem, log = Memory(), []
+    monkeypatch.setattr(cuda_pipeline, "cuda", fake_cuda(mem, log, {}))
+    fake = types.SimpleNamespace(
+        ExternalStream=lambda ptr, device: ptr,
+        device=lambda d: contextlib.nullcontext(),
+        stream=lambda s: contextlib.nullcontext(),
+    )
+    monkeypatch.setattr(torch_cuda.torch, "cuda", fake)
+
+    def view(self, name: str, ptr: int, rows: int) -> torch.Tensor:
+        spec = self.specs[name]
+        shape = (rows, *spec.shape[1:])
+        return torch.from_numpy(
+            mem.at(ptr, int(np.prod(shape)) * spec.dtype.itemsize).view(spec.dtype).reshape(shape)
+        )
+
+    monkeypatch.setattr(torch_cuda.TorchExecutor, "_view", view)
+    model, variant, info = tiny_random
+    module = ExportWrapper(copy.deepcopy(model), variant).eval()
+    meta = ModelInfo(variant.name, variant.embedding_dim(), variant.width, 224, "fp32", True, "random")
+    executor = torch_cuda.TorchExecutor.__new__(torch_cuda.TorchExecutor)
+    monkeypatch.setattr(torch_cuda.torch, "device", lambda *a: "cpu")
+    torch_cuda.TorchExecutor.__init__(executor, module, meta, 0, 8, graphs=False)
+    backend = torch_cuda.TorchCudaBackend.__new__(torch_cuda.TorchCudaBackend)
+    backend._start(executor, meta, 0, 3)
+    batches = [tissue_tiles(n, 224, seed=i) for i, n in enumerate([8, 3, 8, 8, 1])]
+    with torch.inference_mode():
+        expected = [module(torch.from_numpy(b))[0].numpy() for b in batches]
+    outs = list(backend.pipeline(batches))
+    for got, want in zip(outs, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert [e[1] for e in log if e[0] == "copy"].count("h2d") == 5  # each batch copied in once
+    backend.close()

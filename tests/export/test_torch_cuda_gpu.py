@@ -95,8 +95,10 @@ def test_gpu_arrays_are_read_in_place(export: Path) -> None:
     with open_torch(export) as backend:
         host = backend.run(tiles)
         on_gpu = torch.from_numpy(tiles).cuda()
-        np.testing.assert_allclose(backend.run(on_gpu), host, rtol=0, atol=2e-3)
-        np.testing.assert_allclose(backend.run(on_gpu[3:]), host[3:], rtol=0, atol=2e-3)  # at an offset
+        np.testing.assert_allclose(backend.run(on_gpu), host, rtol=0, atol=2e-3)  # the same batches
+        # at an offset the rows batch differently (other fp16 kernels may run): compare by cosine
+        result = compare(backend.run(on_gpu[3:]), host[3:], 0.9999)
+        assert result, str(result)
         cupy = pytest.importorskip("cupy")
         np.testing.assert_allclose(backend.run(cupy.asarray(tiles)), host, rtol=0, atol=2e-3)
 

@@ -21,6 +21,7 @@ torch is imported only when this module is: ``open_backend(..., "torch-cuda")`` 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 else:
     torch = optional_import("torch", "for the torch-cuda backend")
 
+_log = logging.getLogger("virchow_rt.torch_cuda")
 #: precision -> the module's compute dtype
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -70,6 +72,7 @@ class TorchExecutor(Executor):
         self._device = torch.device("cuda", device)
         self._use_graphs = graphs
         self._graphs: dict[int, tuple[tuple[int, int], torch.cuda.CUDAGraph]] = {}
+        self._graphs_failed = False
         self._pool: Any = None
         size, width = info.tile_size, info.embedding_dim
         self.specs = {
@@ -95,18 +98,31 @@ class TorchExecutor(Executor):
             if graph and known is not None and known[0] == key:
                 known[1].replay()
                 return
-            out.copy_(self._module(tiles))
-            if graph:  # the eager run above was the warm-up (and this batch's result)
-                self._graphs[slot] = (key, self._capture(tiles, out, on_stream))
+            out.copy_(self._module(tiles)[0])  # ExportWrapper returns (embedding,)
+            if graph and not self._graphs_failed:  # the eager run above was the warm-up (and this result)
+                self._capture(slot, key, tiles, out, on_stream)
 
-    def _capture(self, tiles: torch.Tensor, out: torch.Tensor, stream: Any) -> torch.cuda.CUDAGraph:
+    def _capture(
+        self, slot: int, key: tuple[int, int], tiles: torch.Tensor, out: torch.Tensor, stream: Any
+    ) -> None:
+        """Capture this slot's full batch into a graph; if torch cannot, run without graphs from now on."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         captured = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (an Embedder's reader) must not break the capture
-        with torch.cuda.graph(captured, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            out.copy_(self._module(tiles))
-        return captured
+        try:
+            # thread_local: CUDA calls of other threads (an Embedder's reader) must not break the capture
+            with torch.cuda.graph(
+                captured, pool=self._pool, stream=stream, capture_error_mode="thread_local"
+            ):
+                out.copy_(self._module(tiles)[0])
+        except RuntimeError as err:  # an operation that cannot be captured
+            self._graphs_failed = True
+            self._graphs.clear()
+            _log.warning(
+                "the torch-cuda module cannot be captured in a CUDA graph (%s); running without", err
+            )
+            return
+        self._graphs[slot] = (key, captured)
 
     def close(self) -> None:
         self._graphs.clear()

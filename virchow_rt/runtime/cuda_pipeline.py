@@ -30,12 +30,19 @@ import numpy as np
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
+from virchow_rt.runtime.device_arrays import (
+    LEGACY_STREAM,
+    DeviceArray,
+    as_device_array,
+    as_host_array,
+    split_rows,
+)
 from virchow_rt.runtime.engine_cache import INPUT, OUTPUT, TensorSpec, check_batch
 from virchow_rt.runtime.slot_schedule import SlotSchedule, Step
 
 #: TensorRT needs every tensor address aligned to 256 bytes (cudaMalloc gives at least that)
 ALIGNMENT = 256
+PER_THREAD_STREAM = 2  # the protocols' number for the per-thread default stream
 
 
 class Executor(abc.ABC):
@@ -107,6 +114,12 @@ class _Slot:
 class _Batch:
     rows: int
     data: np.ndarray | DeviceArray  # host tiles, or a caller's GPU array read in place
+
+
+def _producer(stream: int) -> int:
+    """The stream to record on for a producer's ``stream``: a per-thread default stream (2) belongs to the
+    producer's thread and cannot be named from this one; the legacy stream (1) waits for it (both block)."""
+    return LEGACY_STREAM if stream == PER_THREAD_STREAM else stream
 
 
 class PipelinedBackend(Backend):
@@ -233,10 +246,21 @@ class PipelinedBackend(Backend):
             return samples[warmup:]
 
     def _allocate(self, executor: Executor) -> None:
-        if not self._slots:
-            self._streams = [cuda.Stream() for _ in range(3)]  # H2D, compute, D2H
-            self._slots = [_Slot(self._specs, self._max) for _ in range(self._num_slots)]
+        """Streams, slots and the executor's per-slot state, made together on first use (or not at all)."""
+        if self._slots:
+            return
+        streams: list[cuda.Stream] = []
+        slots: list[_Slot] = []
+        try:
+            streams += [cuda.Stream() for _ in range(3)]  # H2D, compute, D2H
+            slots += [_Slot(self._specs, self._max) for _ in range(self._num_slots)]
             executor.open(self._num_slots)
+        except BaseException:
+            executor.close()
+            for res in [*slots, *streams]:
+                res.close()
+            raise
+        self._streams, self._slots = streams, slots
 
     def _compute(self, index: int, rows: int) -> None:
         executor, slot = self._executor, self._slots[index]
@@ -295,12 +319,12 @@ class PipelinedBackend(Backend):
             slot.h2d_done.record(h2d)
         elif slot.copy_from:  # misaligned: wait for the producer, then copy on the GPU
             if batch.data.stream is not None:
-                slot.h2d_done.record(batch.data.stream)
+                slot.h2d_done.record(_producer(batch.data.stream))
                 h2d.wait(slot.h2d_done)
             cuda.copy_async(slot.input_ptr, slot.copy_from, given, "d2d", h2d)
             slot.h2d_done.record(h2d)
         elif batch.data.stream is not None:
-            slot.h2d_done.record(batch.data.stream)  # the producer's stream: wait for its writes
+            slot.h2d_done.record(_producer(batch.data.stream))  # the producer's stream: wait for its writes
         else:
             slot.wait_input = False
 

@@ -114,8 +114,15 @@ class TensorRTExecutor(Executor):
         self._book = LogBook()
         self._logger = make_logger(trt_module, self._book)
         runtime: trt.Runtime = trt_module.Runtime(self._logger)
+        self._parent_runtime = runtime  # a runtime loaded from it must not outlive it
         if lean_library:
-            runtime = runtime.load_runtime(lean_library)
+            loaded = runtime.load_runtime(lean_library)
+            if loaded is None:
+                raise BackendError(
+                    f"TensorRT could not load the lean runtime library {lean_library} "
+                    f"({self._book.quote()}); pass the libnvinfer_lean of the TensorRT version that built it"
+                )
+            runtime = loaded
         if version_compatible and trt_module.__name__ != "tensorrt_lean":
             # a version-compatible plan carries the lean runtime's host code; it is trusted because its
             # sha256 was checked against the manifest (or it was just built in this process)
