@@ -334,3 +334,29 @@ def test_graphs_replay_six_full_batches_of_new_data(sim: Any) -> None:
         np.testing.assert_array_equal(out, expected(batch))  # replays read each batch's new data
     ran = [e[0] for e in sim.log if e[0] in ("execute", "graph")]
     assert ran == ["execute"] * 3 + ["graph"] * 5
+
+
+def test_a_failed_context_leaves_nothing_half_made(sim: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sim.make(slots=3)
+    engine = backend._executor._engine
+    made = engine.create_execution_context
+    calls = []
+
+    def third_fails(strategy: Any) -> Any:
+        calls.append(strategy)
+        return None if len(calls) % 3 == 0 else made(strategy)  # every third context
+
+    monkeypatch.setattr(engine, "create_execution_context", third_fails)
+    for _ in range(2):  # the second try starts from scratch too (no IndexError on missing contexts)
+        with pytest.raises(BackendError, match="could not create an execution context"):
+            backend.run(tiles(2))
+        assert backend._slots == [] and backend._executor._contexts == []
+    monkeypatch.setattr(engine, "create_execution_context", made)
+    np.testing.assert_array_equal(backend.run(tiles(2)), expected(tiles(2)))
+
+
+def test_a_per_thread_default_producer_stream_is_waited_for_through_the_legacy_stream(sim: Any) -> None:
+    backend = sim.make()
+    x = tiles(3)
+    np.testing.assert_array_equal(backend.run(gpu_array(sim, x, stream=2)), expected(x))
+    assert backend._slots[0].h2d_done.recorded_on == 1
