@@ -242,13 +242,8 @@ def bandwidth(mib: int, repeats: int = 5) -> dict[str, Any]:
         kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         copy = lambda: cuda.check(rt.cudaMemcpy(dev.ptr, pageable.ctypes.data, nbytes, kind), "cudaMemcpy")  # noqa: E731
         paged = time_calls(copy, repeats=repeats, warmup=1)
-    rate = lambda s: nbytes / s.median / 1e9  # noqa: E731
-    return {
-        "bytes": nbytes,
-        "pinned_h2d_gb_s": rate(h2d),
-        "pinned_d2h_gb_s": rate(d2h),
-        "pageable_h2d_gb_s": rate(paged),
-    }
+    rates = {"pinned_h2d_gb_s": h2d, "pinned_d2h_gb_s": d2h, "pageable_h2d_gb_s": paged}
+    return {"bytes": nbytes, **{name: nbytes / stats.median / 1e9 for name, stats in rates.items()}}
 
 
 def copy_hiding(
@@ -309,7 +304,7 @@ def slides_run(plan: Plan, backend: str, out: Path, scratch: Path, timeout: floa
     result = folder / "slides_throughput.json"
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"slides_throughput.py exited {proc.returncode}; see steps.log")
-    report = json.loads(result.read_text())
+    report: dict[str, Any] = json.loads(result.read_text())
     report.pop("environment", None)  # the check records it once
     return report
 
@@ -340,13 +335,15 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = 
         check.step(
             "tests", lambda: gpu_tests(out, scratch, max(check.left() - 300, 60)), min_left=MIN_LEFT["tests"]
         )
-        benches = {}
+        benches: dict[str, Any] = {}
         for variant, batches, tiles in plan.variants:
+
+            def bench(v: str = variant, b: str = batches, t: int = tiles) -> dict[str, Any]:
+                return bench_variant(v, b, t, plan, out, scratch, max(check.left() - 60, 30))
+
             benches[variant] = check.step(
                 f"bench {variant}",
-                lambda v=variant, b=batches, t=tiles: bench_variant(
-                    v, b, t, plan, out, scratch, max(check.left() - 60, 30)
-                ),
+                bench,
                 min_left=MIN_LEFT["bench"],
             )
         rates = check.step("bandwidth", lambda: bandwidth(plan.copy_mib), needs_gpu=True)

@@ -92,7 +92,7 @@ class TorchExecutor(Executor):
         out = self._view(OUTPUT, addresses[OUTPUT], rows)  # (B, E) float32
         key = (addresses[INPUT], addresses[OUTPUT])
         graph = graph and self._use_graphs
-        on_stream = torch.cuda.ExternalStream(stream.ptr, device=self._device)
+        on_stream = torch.cuda.ExternalStream(stream.ptr, device=self._device)  # type: ignore[no-untyped-call]
         with torch.cuda.device(self._device), torch.cuda.stream(on_stream), torch.inference_mode():
             known = self._graphs.get(slot)
             if graph and known is not None and known[0] == key:

@@ -257,8 +257,10 @@ class PipelinedBackend(Backend):
             executor.open(self._num_slots)
         except BaseException:
             executor.close()
-            for res in [*slots, *streams]:
-                res.close()
+            for slot in slots:
+                slot.close()
+            for stream in streams:
+                stream.close()
             raise
         self._streams, self._slots = streams, slots
 
