@@ -88,3 +88,27 @@ def test_list_of_mixed_sizes():
 def test_bad_tiles(tiles, match):
     with pytest.raises(InputError, match=match):
         resize_tiles(tiles, 224)
+
+
+@pytest.mark.parametrize(
+    ("crop_pct", "interpolation"), [(0.875, "bicubic"), (1.0, "bilinear"), (0.875, "bilinear")]
+)
+@pytest.mark.parametrize(("h", "w"), [(224, 224), (256, 256), (300, 260)])
+def test_other_geometries_match_timm(crop_pct, interpolation, h, w):
+    """Prov-GigaPath's authors' 256 -> 224 crop, UNI's and Phikon's bilinear: timm's transform decides."""
+    timm_data = pytest.importorskip("timm.data")
+    transform = timm_data.create_transform(
+        input_size=(3, 224, 224), interpolation=interpolation, crop_pct=crop_pct
+    )
+    tile = np.ascontiguousarray(ihc_image()[40 : 40 + h, 90 : 90 + w])
+    got = resize_tiles(tile[None], 224, crop_pct, interpolation)[0]
+    assert np.abs(_timm_uint8(transform, tile).astype(int) - got).max() <= 1
+    untouched = crop_pct == 1.0 and (h, w) == (224, 224)
+    assert np.array_equal(got, tile) == untouched  # a 224 px tile is resized too when crop_pct < 1
+
+
+def test_bad_geometry_is_refused():
+    with pytest.raises(InputError, match="crop_pct 1.5 must be in"):
+        resize_tiles(np.zeros((1, 224, 224, 3), np.uint8), 224, crop_pct=1.5)
+    with pytest.raises(InputError, match="unknown interpolation 'nearest'"):
+        resize_tiles(np.zeros((1, 224, 224, 3), np.uint8), 224, interpolation="nearest")

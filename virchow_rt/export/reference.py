@@ -15,6 +15,7 @@ anywhere in the network shows up as a cosine drop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,8 @@ MLP_LAYERS: dict[str, dict[str, Any]] = {
     "swiglu_packed": {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU},
     "gelu": {},  # timm's default Mlp with GELU
 }
+#: timm's VisionTransformer LayerNorm epsilon
+DEFAULT_NORM_EPS = 1e-6
 #: range the LayerScale gammas of random models are drawn from (see the module docstring)
 RANDOM_LAYER_SCALE = (0.1, 1.0)
 #: TorchBackend precision -> (autocast dtype or None, ModelInfo precision)
@@ -80,10 +83,11 @@ def _create(variant: Variant) -> torch.nn.Module:
         raise WeightsError(
             f"variant {variant.name!r} has MLP kind {variant.mlp!r}; known: {', '.join(MLP_LAYERS)}"
         )
+    extra = dict(MLP_LAYERS[variant.mlp])
+    if variant.norm_eps != DEFAULT_NORM_EPS:  # transformers' ViTModel: 1e-12
+        extra["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=variant.norm_eps)
     try:
-        model: Any = timm.create_model(
-            variant.timm_arch, pretrained=False, **variant.model_args, **MLP_LAYERS[variant.mlp]
-        )
+        model: Any = timm.create_model(variant.timm_arch, pretrained=False, **variant.model_args, **extra)
     except Exception as err:  # noqa: BLE001 - timm raises many types for bad kwargs
         raise WeightsError(
             f"timm cannot build {variant.timm_arch!r} with model_args {dict(variant.model_args)} "

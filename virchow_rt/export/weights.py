@@ -236,7 +236,7 @@ def _variant_signature(v: Variant) -> dict[str, Any]:
         "patch_size": int(v.model_args["patch_size"]),
         "mlp": v.mlp,
         "mlp_hidden": v.mlp_hidden,
-        "layer_scale": v.model_args.get("init_values") is not None,
+        "layer_scale": bool(v.model_args.get("init_values")),
     }
 
 

@@ -1,15 +1,18 @@
-"""CPU reference resize: exactly timm's eval transform geometry for ``crop_pct`` 1.0.
+"""CPU reference resize: exactly timm's eval transform geometry.
 
-timm's eval transform for the Virchow models is ``Resize(size, bicubic)`` (shorter side to ``size``,
-on a PIL image, so PIL's antialiased bicubic) followed by ``CenterCrop(size)``. torchvision computes
-the resized long side as ``int(size * long / short)`` (truncation) and the crop offset as
-``int(round((extent - size) / 2))`` (Python's round: halves go to even), and skips the resize when the
-image already has the target size. This module does the same calls on the same PIL images, so its
-output equals timm's pixel for pixel; tiles that are already ``size`` × ``size`` pass through untouched.
+timm's eval transform is ``Resize(floor(size / crop_pct), interpolation)`` (shorter side, on a PIL
+image, so PIL's antialiased filters) followed by ``CenterCrop(size)``: for the Virchow models bicubic
+with ``crop_pct`` 1.0, for Prov-GigaPath's authors 256 then 224 (``crop_pct`` 0.875), bilinear for UNI
+and Phikon. torchvision computes the resized long side as ``int(scale * long / short)`` (truncation) and
+the crop offset as ``int(round((extent - size) / 2))`` (Python's round: halves go to even), and skips
+the resize when the image already has the target size. This module does the same calls on the same PIL
+images, so its output equals timm's pixel for pixel; with ``crop_pct`` 1.0, tiles that are already
+``size`` × ``size`` pass through untouched.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +21,24 @@ from PIL import Image
 
 from virchow_rt.errors import InputError
 
+#: timm interpolation names -> PIL filters (both antialiased when downscaling, as torchvision on PIL)
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
-def resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """``(resized_h, resized_w, crop_top, crop_left)`` of timm's Resize(size) + CenterCrop(size).
+
+def scale_size(size: int, crop_pct: float = 1.0) -> int:
+    """The shorter side timm resizes to before cropping ``size``: ``floor(size / crop_pct)``."""
+    if not 0 < crop_pct <= 1:
+        raise InputError(f"crop_pct {crop_pct} must be in (0, 1]; timm's eval transform crops a centre part")
+    return math.floor(size / crop_pct)
+
+
+def needs_resize(height: int, width: int, size: int, crop_pct: float = 1.0) -> bool:
+    """False when timm's eval transform leaves a ``height`` × ``width`` tile untouched."""
+    return not (height == width == size and scale_size(size, crop_pct) == size)
+
+
+def resize_geometry(height: int, width: int, size: int, crop_pct: float = 1.0) -> tuple[int, int, int, int]:
+    """(resized_h, resized_w, crop_top, crop_left) of timm's Resize(floor(size / crop_pct)), CenterCrop(size).
 
     Same integer arithmetic as torchvision's ``_compute_resized_output_size`` and ``center_crop``.
     """
@@ -28,8 +46,9 @@ def resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, 
         raise InputError(
             f"cannot resize a {height}x{width} tile to {size} px; tiles and size must be >= 1 px"
         )
+    scale = scale_size(size, crop_pct)
     short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
+    new_short, new_long = scale, int(scale * long / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
@@ -54,17 +73,26 @@ def check_tile(tile: np.ndarray, what: str = "tile") -> np.ndarray:
     return tile
 
 
-def resize_tile(tile: np.ndarray, size: int = 224) -> np.ndarray:
+def _filter(interpolation: str) -> Image.Resampling:
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(f"unknown interpolation {interpolation!r}; use one of: {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[interpolation]
+
+
+def resize_tile(
+    tile: np.ndarray, size: int = 224, crop_pct: float = 1.0, interpolation: str = "bicubic"
+) -> np.ndarray:
     """One uint8 (H, W, 3) tile -> uint8 (size, size, 3), timm's eval geometry (see module doc)."""
     check_tile(tile)
     height, width = tile.shape[:2]
-    if height == size and width == size:
+    resample = _filter(interpolation)
+    if not needs_resize(height, width, size, crop_pct):
         return tile  # torchvision skips the resize and the crop is the whole image
-    new_h, new_w, top, left = resize_geometry(height, width, size)
+    new_h, new_w, top, left = resize_geometry(height, width, size, crop_pct)
     image = Image.fromarray(np.ascontiguousarray(tile))  # (H, W, 3) uint8 -> an RGB image
     if (new_h, new_w) != (height, width):
-        # PIL's BICUBIC resize is antialiased (its support widens with the downscale factor), as in timm
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        # PIL's resize is antialiased (its support widens with the downscale factor), as in timm
+        image = image.resize((new_w, new_h), resample)
     image = image.crop((left, top, left + size, top + size))
     return np.asarray(image)  # (size, size, 3) uint8
 
@@ -87,18 +115,25 @@ def check_tile_array(tiles: Any, what: str = "tiles") -> None:
         )
 
 
-def resize_tiles(tiles: np.ndarray | Sequence[np.ndarray], size: int = 224) -> np.ndarray:
+def resize_tiles(
+    tiles: np.ndarray | Sequence[np.ndarray],
+    size: int = 224,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
     """uint8 tiles (N, H, W, 3) (or a sequence of (H, W, 3) tiles of any sizes) -> uint8 (N, size, size, 3).
 
-    Fast path: an (N, size, size, 3) array is returned as it is (made C-contiguous, no copy when it
-    already is). Otherwise each tile is resized on its own, shorter side to ``size`` then center
-    cropped, exactly as timm's eval transform does it with ``crop_pct`` 1.0.
+    Fast path: an (N, size, size, 3) array that timm's transform leaves untouched (``crop_pct`` 1.0) is
+    returned as it is (made C-contiguous, no copy when it already is). Otherwise each tile is resized on
+    its own, shorter side to ``floor(size / crop_pct)`` then center cropped, exactly as timm's eval
+    transform does it.
     """
+    _filter(interpolation)
     if isinstance(tiles, np.ndarray):
         check_tile_array(tiles)
-        if tiles.shape[1] == size and tiles.shape[2] == size:
+        if not needs_resize(tiles.shape[1], tiles.shape[2], size, crop_pct):
             return np.ascontiguousarray(tiles)
     out = np.empty((len(tiles), size, size, 3), np.uint8)  # (N, S, S, 3)
     for i, tile in enumerate(tiles):
-        out[i] = resize_tile(check_tile(tile, f"tile {i}"), size)
+        out[i] = resize_tile(check_tile(tile, f"tile {i}"), size, crop_pct, interpolation)
     return out
