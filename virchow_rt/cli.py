@@ -77,8 +77,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pooling",
         choices=POOLINGS,
-        default="cls_mean",
-        help="cls_mean: class ‖ patch mean; cls: class token",
+        default=None,
+        help="cls_mean: class ‖ patch mean; cls: class token (default: the model's own: virchow-rt list)",
     )
     p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     p.add_argument(
@@ -155,7 +155,9 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument("--workers", type=int, default=None, help="tile reading workers")
-    p.add_argument("--pooling", choices=POOLINGS, default="cls_mean")
+    p.add_argument(
+        "--pooling", choices=POOLINGS, default=None, help="default: the model's own (see `virchow-rt list`)"
+    )
     p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     p.add_argument(
         "--reader",

@@ -183,7 +183,11 @@ def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
     base = get_variant(manifest["variant"])
     pre = manifest.get("preprocess") or {}
     config: dict[str, Any] = {
-        "model_args": {**manifest.get("model_args", {}), "mlp": manifest.get("mlp", base.mlp)}
+        "model_args": {
+            **manifest.get("model_args", {}),
+            "mlp": manifest.get("mlp", base.mlp),
+            "norm_eps": manifest.get("norm_eps", base.norm_eps),
+        }
     }
     if manifest.get("timm_arch"):
         config["architecture"] = manifest["timm_arch"]

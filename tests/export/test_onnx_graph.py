@@ -9,6 +9,7 @@ import pytest
 
 from virchow_rt.compare import compare
 from virchow_rt.export.reference import TorchBackend, build_model
+from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -53,6 +54,9 @@ def test_metadata_props(tiny_export, precision):
         "virchow_rt.width": str(variant.width),
         "virchow_rt.embedding_dim": str(2 * variant.width),
         "virchow_rt.tile_size": "224",
+        "virchow_rt.crop_pct": str(variant.preprocess.crop_pct),
+        "virchow_rt.interpolation": variant.preprocess.interpolation,
+        "virchow_rt.pooling": variant.pooling,
         "virchow_rt.precision": precision,
         "virchow_rt.random_weights": "true",
         "virchow_rt.weights_sha256": "random",
@@ -69,6 +73,8 @@ def test_dynamic_batch_and_parity_on_fresh_tiles(tiny_export, precision):
     tiles = tissue_tiles(5, 224, seed=11)
     model, _, _ = build_model(name, random_weights=True, seed=0)  # the export's seed
     reference = TorchBackend(model, variant).run(tiles)
+    pre = variant.preprocess  # the graph takes S×S tiles after the model's transform
+    tiles = resize_tiles(tiles, pre.size, pre.crop_pct, pre.interpolation)
     parts = [session.run(None, {"tiles": tiles[:1]}), session.run(None, {"tiles": tiles[1:]})]
     embedding = np.concatenate([p[0] for p in parts])
     patch_tokens = np.concatenate([p[1] for p in parts])

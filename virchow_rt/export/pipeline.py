@@ -30,6 +30,7 @@ from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.reference import TorchBackend, build_model
 from virchow_rt.export.weights import WeightsInfo
+from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.manifest import read_manifest, sha256_file, write_manifest
 from virchow_rt.registry import Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
@@ -121,7 +122,9 @@ def _artifact(
 def _parity(
     path: Path, precision: str, tiles: np.ndarray, reference: np.ndarray, variant: Variant
 ) -> Comparison:
-    result = compare(run_onnx_cpu(path, tiles), reference, variant.tolerance.min_cosine(precision))
+    p = variant.preprocess  # the graph takes S×S tiles after the model's transform (Prov-GigaPath: 256, crop)
+    inputs = resize_tiles(tiles, p.size, p.crop_pct, p.interpolation)
+    result = compare(run_onnx_cpu(path, inputs), reference, variant.tolerance.min_cosine(precision))
     if not result:
         raise ParityError(
             f"{precision} ONNX of {variant.name} disagrees with the {REFERENCE} reference in ONNX Runtime "
@@ -230,10 +233,12 @@ def _manifest(
         "timm_arch": variant.timm_arch,
         "model_args": dict(variant.model_args),
         "mlp": variant.mlp,
+        "norm_eps": variant.norm_eps,
         "preprocess": dataclasses.asdict(variant.preprocess),
         "batch": batch,
         "embedding": {
             "pooling": "cls_mean",
+            "recommended": variant.pooling,
             "dim": variant.embedding_dim(),
             "width": variant.width,
             "layout": "class token ‖ mean of patch tokens (registers excluded); class token = [:, :width]",

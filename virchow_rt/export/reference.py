@@ -59,6 +59,23 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     return torch.cat([cls, patch_mean], dim=1)  # (B, 2D)
 
 
+def model_info(variant: Variant, precision: str, weights: WeightsInfo) -> ModelInfo:
+    """What a PyTorch module of ``variant`` computes, as the runtime describes a model."""
+    p = variant.preprocess
+    return ModelInfo(
+        variant=variant.name,
+        embedding_dim=variant.embedding_dim(),
+        width=variant.width,
+        tile_size=p.size,
+        precision=precision,
+        random_weights=weights.random,
+        weights_sha256=weights.sha256,
+        pooling=variant.pooling,
+        crop_pct=p.crop_pct,
+        interpolation=p.interpolation,
+    )
+
+
 def timm_pretrained_cfg(variant: Variant) -> dict[str, Any]:
     """The variant's preprocessing as a timm ``pretrained_cfg`` (what the published config.json holds)."""
     p = variant.preprocess
@@ -199,15 +216,7 @@ class TorchBackend(Backend):
         mode = "compile" if compile else ("autocast" if self._autocast_dtype is not None else "eager")
         self.name = f"torch-{mode}-{info_precision}"
         weights = weights or WeightsInfo(random=False, sha256="unknown", source="caller's module")
-        self.info = ModelInfo(
-            variant=variant.name,
-            embedding_dim=variant.embedding_dim(),
-            width=variant.width,
-            tile_size=variant.preprocess.size,
-            precision=info_precision,
-            random_weights=weights.random,
-            weights_sha256=weights.sha256,
-        )
+        self.info = model_info(variant, info_precision, weights)
         self.transform = timm_transform(variant)
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="transform") if workers > 1 else None

@@ -37,6 +37,7 @@ from virchow_rt.export.tensorrt_prep import (
     parity_reference,
     resolve_profile,
 )
+from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.manifest import (
     atomic_path,
     file_lock,
@@ -240,16 +241,19 @@ def build_engine(
     start = time.perf_counter()
     info = dataclasses.replace(model_info(manifest, source), precision="fp16")
     tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
+    pre = variant.preprocess  # exported graphs take S×S tiles after the model's transform
+    inputs = resize_tiles(tiles, pre.size, pre.crop_pct, pre.interpolation)
     ref_backend, ref_label = parity_reference(manifest, variant, onnx_path.parent, reference)
     try:
-        expected = _embed(ref_backend, tiles)
+        # the PyTorch reference applies timm's transform itself; an ONNX reference takes what the engine takes
+        expected = _embed(ref_backend, tiles if hasattr(ref_backend, "transform") else inputs)
     finally:
         if ref_backend is not reference:  # one opened here (a session, a model on the GPU): free it now
             ref_backend.close()
     with TensorRTBackend.from_serialized(
         plan, info, device=device, version_compatible=version_compatible
     ) as engine:
-        got = engine.run(tiles)
+        got = engine.run(inputs)
     result = compare(got, expected, variant.tolerance.fp16_min_cosine)
     name = engine_name(variant)
     if not result:

@@ -32,7 +32,7 @@ import numpy as np
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import BackendError, InputError, WeightsError
 from virchow_rt.export.onnx_export import ExportWrapper
-from virchow_rt.export.reference import build_model
+from virchow_rt.export.reference import build_model, model_info
 from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.manifest import read_manifest
 from virchow_rt.registry import Variant, variant_from_manifest
@@ -167,15 +167,7 @@ class TorchCudaBackend(PipelinedBackend):
         torch.cuda.synchronize(device)  # the weights were copied on torch's stream; the pipeline's are others
         if compile:
             module = torch.compile(module)
-        info = ModelInfo(
-            variant=variant.name,
-            embedding_dim=variant.embedding_dim(),
-            width=variant.width,
-            tile_size=variant.preprocess.size,
-            precision=precision,
-            random_weights=weights.random,
-            weights_sha256=weights.sha256,
-        )
+        info = model_info(variant, precision, weights)
         rows = max_batch or variant.batch.max
         self._start(TorchExecutor(module, info, device, rows, cuda_graphs), info, device, slots)
         if compile:

@@ -231,7 +231,8 @@ def _variant_signature(v: Variant) -> dict[str, Any]:
     return {
         "width": v.width,
         "registers": v.num_registers,
-        "tokens": v.num_tokens,
+        # pos_embed covers the prefix tokens unless no_embed_class (DINOv2 with registers, UNI2-h)
+        "tokens": v.num_patches if v.model_args.get("no_embed_class") else v.num_tokens,
         "depth": int(v.model_args["depth"]),
         "patch_size": int(v.model_args["patch_size"]),
         "mlp": v.mlp,
@@ -240,11 +241,14 @@ def _variant_signature(v: Variant) -> dict[str, Any]:
     }
 
 
-def guess_variant(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """Which registered variant (or tiny test config) state-dict shapes look like, in words."""
+def guess_variant(shapes: Mapping[str, tuple[int, ...]], refused: str | None = None) -> str:
+    """Which registered variants (or tiny test configs) state-dict shapes look like, in words.
+
+    ``refused``: the variant the weights were just refused for, never named as a match.
+    """
     sig = weights_signature(shapes)
     candidates = [v for base in VARIANTS.values() for v in (base, base.tiny())]
-    matches = [v.name for v in candidates if _variant_signature(v) == sig]
+    matches = [v.name for v in candidates if _variant_signature(v) == sig and v.name != refused]
     if matches:
         return " or ".join(matches)
     facts = ", ".join(f"{k} {v}" for k, v in sig.items())
@@ -280,5 +284,6 @@ def check_state_dict(
         parts.append(f"shape mismatches (weights vs model) ({len(wrong)}): {_listed(shown)}")
     raise WeightsError(
         f"weights do not fit variant {variant.name!r}: {'; '.join(parts)}. These weights look like "
-        f"{guess_variant(shapes)}: pass the matching variant, or a config.json whose model_args describe them"
+        f"{guess_variant(shapes, refused=variant.name)}: pass the matching variant, or a config.json whose "
+        "model_args describe them"
     )

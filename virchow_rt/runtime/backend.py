@@ -25,6 +25,10 @@ class ModelInfo:
     precision: str  # "fp32" | "fp16"
     random_weights: bool
     weights_sha256: str  # "random" for random weights
+    pooling: str = "cls_mean"  # the embedding the model's authors use: what embed() returns by default
+    # timm's eval geometry for tiles: shorter side to floor(S / crop_pct) with this filter, centre crop S
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
 
 
 class Backend(abc.ABC):

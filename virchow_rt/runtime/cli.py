@@ -60,7 +60,8 @@ def embed_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         start = time.perf_counter()
-        embeddings = embedder.embed(source, pooling=args.pooling)  # (N, E) float32
+        pooling = embedder.pooling(args.pooling)  # None: the model's own
+        embeddings = embedder.embed(source, pooling=pooling)  # (N, E) float32
         elapsed = time.perf_counter() - start
         model_file = Path(getattr(backend, "path", args.model))
         model_sha = getattr(backend, "model_sha256", None) or (
@@ -70,7 +71,7 @@ def embed_command(args: argparse.Namespace) -> int:
         "embeddings": out_npy.name,
         "shape": list(embeddings.shape),
         "dtype": "float32",
-        "pooling": args.pooling,
+        "pooling": pooling,
         "embedding_dim": int(embeddings.shape[1]),
         "model": {
             "path": str(model_file.resolve()),
@@ -107,7 +108,7 @@ def embed_command(args: argparse.Namespace) -> int:
     skipped = f", {len(source.skipped)} skipped (see {out_json.name})" if source.skipped else ""
     print(
         f"embedded {embeddings.shape[0]} tiles in {elapsed:.2f} s ({meta['tiles_per_s']} tiles/s) with "
-        f"{backend.name} ({info.variant} {info.precision}, {args.pooling} {embeddings.shape[1]}-d, "
+        f"{backend.name} ({info.variant} {info.precision}, {pooling} {embeddings.shape[1]}-d, "
         f"resizing on the {embedder.resize.upper()}){skipped} "
         f"-> {out_npy}"
     )

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.errors import BackendError, InputError, VirchowError
-from virchow_rt.kernels.resize import check_tile_array, resize_tiles
+from virchow_rt.kernels.resize import check_tile_array, needs_resize, resize_tiles
 from virchow_rt.registry import check_pooling, get_variant
 from virchow_rt.runtime.backend import Backend
 from virchow_rt.runtime.tiles import TileSource
@@ -142,6 +142,14 @@ class Embedder:
                     f"resize='gpu' needs a backend that runs on a GPU; {self.backend.name} runs on the CPU "
                     "(use resize='cpu' or 'auto')"
                 )
+            # the GPU kernel does timm's bicubic, crop_pct 1 geometry; other encoders resize on the CPU
+            kernel_fits = (self.info.crop_pct, self.info.interpolation) == (1.0, "bicubic")
+            if resize == "gpu" and not kernel_fits:
+                raise InputError(
+                    f"resize='gpu' does bicubic with crop_pct 1.0; {self.info.variant} preprocesses with "
+                    f"{self.info.interpolation}, crop_pct {self.info.crop_pct}: use resize='cpu' or 'auto'"
+                )
+            on_gpu = on_gpu and kernel_fits
             #: where tiles that are not S×S are resized: "cpu" or "gpu" ("auto" falls back to "cpu", with
             #: a warning, if the GPU kernel cannot be loaded when first needed)
             self.resize = "gpu" if resize == "gpu" or (resize == "auto" and on_gpu) else "cpu"
@@ -170,25 +178,35 @@ class Embedder:
                     self.resize = "cpu"
             return self._resizer
 
+    def _needs_resize(self, tiles: np.ndarray) -> bool:
+        return needs_resize(tiles.shape[1], tiles.shape[2], self.info.tile_size, self.info.crop_pct)
+
     def _resize(self, tiles: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) -> new (B, S, S, 3), on the GPU or the CPU as :attr:`resize` says."""
-        size = self.info.tile_size
-        resizer = self._gpu_resizer() if self.resize == "gpu" and tiles.shape[1:3] != (size, size) else None
-        return resize_tiles(tiles, size) if resizer is None else resizer(tiles)
+        """uint8 (B, H, W, 3) -> (B, S, S, 3) by the model's geometry, on the GPU or CPU (:attr:`resize`)."""
+        info = self.info
+        resizer = self._gpu_resizer() if self.resize == "gpu" and self._needs_resize(tiles) else None
+        if resizer is not None:
+            return resizer(tiles)  # type: ignore[no-any-return]
+        return resize_tiles(tiles, info.tile_size, info.crop_pct, info.interpolation)
 
-    def embedding_dim(self, pooling: str = "cls_mean") -> int:
-        """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls"."""
-        return self.info.embedding_dim if check_pooling(pooling) == "cls_mean" else self.info.width
+    def pooling(self, pooling: str | None = None) -> str:
+        """``pooling`` checked, or the model's own (:attr:`ModelInfo.pooling`: what its authors use)."""
+        return check_pooling(pooling or self.info.pooling)
 
-    def embed(self, tiles: np.ndarray | TileSource, pooling: str = "cls_mean") -> np.ndarray:
+    def embedding_dim(self, pooling: str | None = None) -> int:
+        """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls" (None: the model's)."""
+        return self.info.embedding_dim if self.pooling(pooling) == "cls_mean" else self.info.width
+
+    def embed(self, tiles: np.ndarray | TileSource, pooling: str | None = None) -> np.ndarray:
         """Embed uint8 tiles (N, H, W, 3) or a :class:`TileSource`; returns a new float32 (N, E) array.
 
-        Tiles that are not S×S are resized with timm's eval geometry. Zero tiles raise :class:`InputError`.
+        Tiles are resized by the model's geometry (timm's eval transform) where it changes them; ``pooling``
+        None gives the model's own (:attr:`ModelInfo.pooling`). Zero tiles raise :class:`InputError`.
         """
-        check_pooling(pooling)
+        pooling = self.pooling(pooling)
         if isinstance(tiles, TileSource):
             tiles.tile_size = self.info.tile_size
-            batches: Iterable[np.ndarray] = tiles.batches(self.batch_size, resize=self._resize)
+            batches: Iterable[np.ndarray] = tiles.batches(self.batch_size, resize=self._prepare)
             total = len(tiles)
         elif isinstance(tiles, np.ndarray):
             check_tile_array(tiles)
@@ -207,13 +225,15 @@ class Embedder:
             )
         return np.concatenate(parts) if len(parts) > 1 else parts[0]  # (N, E)
 
-    def embed_batches(self, batches: Iterable[np.ndarray], pooling: str = "cls_mean") -> Iterator[np.ndarray]:
+    def embed_batches(
+        self, batches: Iterable[np.ndarray], pooling: str | None = None
+    ) -> Iterator[np.ndarray]:
         """Embed a stream of uint8 batches (B, H, W, 3); yields one float32 (B, E) array per batch, in order.
 
         Each batch is validated and resized in the reader thread; batches larger than the backend's
         ``max_batch`` are split and their embeddings joined again.
         """
-        check_pooling(pooling)
+        pooling = self.pooling(pooling)
         limit = self.backend.max_batch
 
         def prepared() -> Iterator[np.ndarray]:
@@ -234,11 +254,14 @@ class Embedder:
 
     # --- internals ---------------------------------------------------------------------------
     def _array_batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
-        size = self.info.tile_size
         for start in range(0, len(tiles), self.batch_size):
             rows = tiles[start : start + self.batch_size]  # (b, H, W, 3)
-            # resize (or copy a strided/memory-mapped view) here, in the reader thread
-            yield self._resize(rows) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
+            yield self._prepare(rows)
+
+    def _prepare(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (b, H, W, 3) -> a new (b, S, S, 3) array: resized, or copied (a strided/memory-mapped view)
+        here, in the reader thread."""
+        return self._resize(rows) if self._needs_resize(rows) else np.array(rows, order="C")
 
     def _run(self, batches: Iterable[np.ndarray], pooling: str, total: int | None) -> Iterator[np.ndarray]:
         """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays."""

@@ -325,6 +325,9 @@ def model_info(manifest: Mapping[str, Any], artifact: Mapping[str, Any]) -> Mode
             precision=str(artifact.get("precision", "fp16")),
             random_weights=bool(weights.get("random", False)),
             weights_sha256=str(weights.get("sha256", "unknown")),
+            pooling=str((manifest.get("embedding") or {}).get("recommended", "cls_mean")),
+            crop_pct=float(manifest["preprocess"].get("crop_pct", 1.0)),
+            interpolation=str(manifest["preprocess"].get("interpolation", "bicubic")),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelFileError(

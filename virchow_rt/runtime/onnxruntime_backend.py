@@ -170,6 +170,7 @@ def _read_info(session: Any, path: Path) -> ModelInfo:
     width = int(
         meta.get("virchow_rt.width") or manifest.get("model_args", {}).get("embed_dim") or graph_dim // 2
     )
+    pre, embedding = manifest.get("preprocess", {}), manifest.get("embedding", {})
     return ModelInfo(
         variant=meta.get("virchow_rt.variant") or manifest.get("variant") or "unknown",
         embedding_dim=int(meta.get("virchow_rt.embedding_dim") or graph_dim or 2 * width),
@@ -181,6 +182,9 @@ def _read_info(session: Any, path: Path) -> ModelInfo:
         random_weights=(meta.get("virchow_rt.random_weights") == "true")
         or bool(weights.get("random", False)),
         weights_sha256=meta.get("virchow_rt.weights_sha256") or weights.get("sha256") or "unknown",
+        pooling=meta.get("virchow_rt.pooling") or embedding.get("recommended") or "cls_mean",
+        crop_pct=float(meta.get("virchow_rt.crop_pct") or pre.get("crop_pct") or 1.0),
+        interpolation=meta.get("virchow_rt.interpolation") or pre.get("interpolation") or "bicubic",
     )
 
 

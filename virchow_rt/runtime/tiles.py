@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from virchow_rt.errors import InputError
-from virchow_rt.kernels.resize import check_tile_array, resize_tile, resize_tiles
+from virchow_rt.kernels.resize import check_tile_array, resize_tiles
 
 DEFAULT_BATCH = 32
 Resize = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> uint8 (B, S, S, 3)
@@ -126,8 +126,15 @@ class TileSource:
         return out
 
     def _chunks(self, batch_size: int, resize: Resize | None) -> Iterator[np.ndarray]:
-        """Arrays of at most ``batch_size`` tiles (N, S, S, 3), in input order."""
+        """Arrays of at most ``batch_size`` tiles (N, S, S, 3), in input order, each a new array."""
         size = self.tile_size
+
+        def prepare(rows: np.ndarray) -> np.ndarray:
+            if resize is not None:
+                return resize(rows)
+            # copy S×S rows now: disk reads of a memory map happen in this (reader) thread
+            return resize_tiles(rows, size) if rows.shape[1:3] != (size, size) else np.array(rows, order="C")
+
         for i, entry in enumerate(self._entries):
             if entry.array is None:
                 try:
@@ -138,21 +145,18 @@ class TileSource:
                     self._failed.add(i)
                     self.skipped.append((str(entry.path), _reason(err)))
                     continue
-                yield resize_tile(tile, size)[None]  # (1, S, S, 3)
+                yield prepare(tile[None])  # (1, S, S, 3)
                 continue
             for start in range(0, entry.count, batch_size):
-                rows = entry.array[start : start + batch_size]  # (b, H, W, 3) view of the memory map
-                if rows.shape[1] == size and rows.shape[2] == size:
-                    yield np.array(rows, order="C")  # copy now: disk reads happen in this (reader) thread
-                else:
-                    yield resize_tiles(rows, size) if resize is None else resize(rows)
+                yield prepare(entry.array[start : start + batch_size])  # from a (b, H, W, 3) memory-map view
 
     def batches(self, batch_size: int = DEFAULT_BATCH, resize: Resize | None = None) -> Iterator[np.ndarray]:
         """Yield C-contiguous uint8 (B, S, S, 3) batches of exactly ``batch_size`` (the last may be smaller).
 
         Batches cross file boundaries, so many small files still make full batches. Each yielded array
-        is new (not reused): a consumer may keep it. ``resize``: resizes rows of arrays that are not S×S
-        (default: :func:`~virchow_rt.kernels.resize.resize_tiles`; an :class:`Embedder` may use the GPU).
+        is new (not reused): a consumer may keep it. ``resize``: turns rows (b, H, W, 3) into a new
+        (b, S, S, 3) array (default: :func:`~virchow_rt.kernels.resize.resize_tiles` for rows that are not
+        S×S; an :class:`Embedder` passes its own, by the model's geometry, maybe on the GPU).
         """
         if batch_size < 1:
             raise InputError(f"batch size {batch_size} must be >= 1")

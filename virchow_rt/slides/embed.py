@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from virchow_rt.errors import BackendError
+from virchow_rt.kernels.resize import needs_resize, resize_tiles
 from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend, ModelInfo
 from virchow_rt.runtime.embedder import default_batch_size
@@ -73,7 +74,7 @@ class EmbeddingStream:
         backend: Backend,
         plan: TilePlan,
         *,
-        pooling: str = "cls_mean",
+        pooling: str | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
         skip_errors: bool = False,
@@ -81,8 +82,8 @@ class EmbeddingStream:
     ) -> None:
         self.backend = backend
         self.plan = plan.resized(backend.info.tile_size)
-        self.pooling = check_pooling(pooling)
-        self.dim = embedding_dim(backend.info, pooling)
+        self.pooling = check_pooling(pooling or backend.info.pooling)
+        self.dim = embedding_dim(backend.info, self.pooling)
         self.batch_size = default_batch_size(backend, batch_size)
         self.skip_errors = skip_errors
         self.reader = TileReader(slide, workers=workers, prefetch_batches=prefetch_batches)
@@ -96,10 +97,15 @@ class EmbeddingStream:
         indices: deque[np.ndarray] = deque()
         batches = self.reader.batches(self.plan, self.batch_size, self.skip_errors)
 
+        info = self.backend.info
+        geometry = (info.tile_size, info.crop_pct, info.interpolation)
+        reshape = needs_resize(info.tile_size, info.tile_size, info.tile_size, info.crop_pct)
+
         def arrays() -> Iterator[np.ndarray]:
             for batch in batches:
                 indices.append(batch.indices)
-                yield batch.tiles
+                # the model's own transform of an S×S tile (Prov-GigaPath's: 256 then a 224 crop)
+                yield resize_tiles(batch.tiles, *geometry) if reshape else batch.tiles
 
         feed = arrays()
         outputs = self.backend.pipeline(feed)
@@ -231,7 +237,7 @@ def iter_embeddings(
     tile_size: int = 224,
     min_tissue: float = 0.5,
     slide_mpp: float | None = None,
-    pooling: str = "cls_mean",
+    pooling: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
     backend: str = "auto",
@@ -253,7 +259,7 @@ def embed_slide(
     tile_size: int = 224,
     min_tissue: float = 0.5,
     slide_mpp: float | None = None,
-    pooling: str = "cls_mean",
+    pooling: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
     backend: str = "auto",
@@ -272,7 +278,7 @@ def embed_slide(
             features,
             grid,
             runner.info,
-            pooling,
+            stream.pooling,
             stream.read_stats,
             stream.embed_s,
         )
@@ -286,7 +292,7 @@ def embed_regions(
     tile_size: int = 224,
     min_tissue: float = 0.5,
     slide_mpp: float | None = None,
-    pooling: str = "cls_mean",
+    pooling: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
     backend: str = "auto",
@@ -313,7 +319,7 @@ def embed_regions(
             magnification=grid.layout.magnification,
             grid=grid,
             model=runner.info,
-            pooling=pooling,
+            pooling=stream.pooling,
             read_stats=stream.read_stats,
             embed_s=stream.embed_s,
         )

@@ -8,6 +8,7 @@ reason, leaves no file, and does not stop the others; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import glob
 import hashlib
@@ -54,7 +55,7 @@ class SlideSettings:
     min_tissue: float = 0.5
     batch_size: int | None = None
     workers: int | None = None
-    pooling: str = "cls_mean"
+    pooling: str | None = None  # None: the model's own (ModelInfo.pooling)
     skip_errors: bool = False
     reader: str = "auto"
     prefetch_batches: int = 2
@@ -62,7 +63,8 @@ class SlideSettings:
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
         check_tile_settings(self.mpp, self.tile_size, self.min_tissue)
-        check_pooling(self.pooling)
+        if self.pooling is not None:
+            check_pooling(self.pooling)
         if self.regions:
             mags = parse_magnifications(self.regions)
             if not any(np.isclose(magnification_to_mpp(m), self.mpp) for m in mags):
@@ -278,6 +280,7 @@ def process_slides(
     with opened_backend(model, backend) as runner:
         ident = _Model.identify(model, runner)
         info = runner.info
+        settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
         dim = embedding_dim(info, settings.pooling)
         if info.random_weights:
             warn(
