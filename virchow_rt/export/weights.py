@@ -21,6 +21,7 @@ from typing import Any
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import WeightsError
+from virchow_rt.export.transformers_layout import architecture, is_transformers_config, to_timm
 from virchow_rt.manifest import sha256_file
 from virchow_rt.registry import VARIANTS, Variant
 
@@ -182,12 +183,15 @@ def load_weights(spec: str | os.PathLike, variant: Variant) -> tuple[dict[str, A
     """Load weights named by ``spec`` for ``variant``.
 
     ``spec``: a folder in the Hugging Face layout of the published checkpoints (``config.json`` in timm's
-    hub format + ``model.safetensors`` or ``pytorch_model.bin``), a single state-dict file, or a model id
-    such as ``paige-ai/Virchow2`` found in the local Hugging Face cache. ``config.json`` ``model_args``
-    override the registry's (:meth:`Variant.with_config`). Returns (state dict, updated variant, info).
+    hub format, or a transformers ViTModel / Dinov2Model config, + ``model.safetensors`` or
+    ``pytorch_model.bin``), a single state-dict file, or a model id such as ``paige-ai/Virchow2`` found
+    in the local Hugging Face cache. ``config.json`` settles the architecture over the registry's
+    (:meth:`Variant.with_config`); transformers tensors are converted to timm's keys
+    (:mod:`virchow_rt.export.transformers_layout`). Returns (timm state dict, updated variant, info).
     Keys are checked against a model later, by :func:`check_state_dict`.
     """
     weights_file, config_file, source = resolve_weights(spec)
+    config: dict[str, Any] = {}
     if config_file is not None:
         try:
             config = json.loads(config_file.read_text())
@@ -195,8 +199,19 @@ def load_weights(spec: str | os.PathLike, variant: Variant) -> tuple[dict[str, A
             raise WeightsError(f"cannot read {config_file} ({err}); expected timm's hub config.json") from err
         if not isinstance(config, dict):
             raise WeightsError(f"{config_file} is not a JSON object; expected timm's hub config.json")
-        variant = variant.with_config(config)
+    transformers = is_transformers_config(config)
+    if config:
+        variant = variant.with_config(
+            architecture(config, variant.preprocess.size) if transformers else config
+        )
     state = read_state_dict(weights_file)
+    if transformers:
+        state = to_timm(state, config, variant.preprocess.size)
+    elif "embeddings.cls_token" in state:
+        raise WeightsError(
+            f"{weights_file} holds transformers keys (embeddings.*, encoder.layer.*) but no transformers "
+            "config.json is beside it; pass the folder transformers saved (config.json + weights)"
+        )
     info = WeightsInfo(random=False, sha256=sha256_file(weights_file), source=source, file=weights_file.name)
     return state, variant, info
 
