@@ -50,3 +50,48 @@ def test_config_json_overrides_unconfirmed_settings():
 def test_unknown_variant_names_the_known_ones():
     with pytest.raises(InputError, match="virchow2g-mini"):
         get_variant("virchow3")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_parameter_count_matches_timm(name):
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from virchow_rt.export.reference import MLP_LAYERS
+
+    variant = get_variant(name)
+    with torch.device("meta"):  # shapes only
+        model = timm.create_model(variant.timm_arch, **variant.model_args, **MLP_LAYERS[variant.mlp])
+    assert variant.parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_published_sizes():
+    assert round(get_variant("virchow2").parameters() / 1e6) == 631  # ViT-H/14
+    assert round(get_variant("h-optimus-0").parameters() / 1e9, 2) == 1.13  # ViT-g/14
+    assert round(get_variant("uni").parameters() / 1e6) == 303  # ViT-L/16
+
+
+def test_list_command_shows_every_encoder(capsys):
+    import json
+
+    from virchow_rt.cli import main
+
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        all(name in text for name in VARIANTS) and "256 + crop 224" in text and "random weights only" in text
+    )
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(VARIANTS)
+    assert rows["uni"]["embedding"] == "1024 (cls)" and rows["uni"]["poolings"] == {
+        "cls_mean": 2048,
+        "cls": 1024,
+    }
+    assert (
+        rows["h-optimus-0"]["mean"] == [0.707223, 0.578729, 0.703617]
+        and "NaN" in rows["uni"]["precision_note"]
+    )
+    assert rows["phikon"]["weights_layout"] == "transformers" and rows["kaiko-vitl14"]["source"].startswith(
+        "https://"
+    )

@@ -104,6 +104,24 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_info)
 
 
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "list", help="the encoders: architecture, size, embedding, preprocessing, magnification, licence"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (every field)")
+    p.set_defaults(handler=_run_list)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    import json
+
+    from virchow_rt.encoders import describe, table
+    from virchow_rt.registry import VARIANTS
+
+    print(json.dumps([describe(v) for v in VARIANTS.values()], indent=2) if args.json else table())
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="export the mini variant (random weights) and embed bundled real-tissue tiles"
@@ -248,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virchow-rt", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_export, _add_embed, _add_info, _add_demo, _add_bench, _add_slides):
+    for add in (_add_export, _add_embed, _add_info, _add_list, _add_demo, _add_bench, _add_slides):
         add(sub)
     return parser
 

@@ -117,6 +117,17 @@ class Variant:
     def mlp_hidden(self) -> int:
         return int(self.width * float(self.model_args["mlp_ratio"]))
 
+    def parameters(self) -> int:
+        """Parameters of the headless backbone, counted from the architecture (no torch needed)."""
+        a, d, h = self.model_args, self.width, self.mlp_hidden
+        patch, depth = int(a["patch_size"]), int(a["depth"])
+        positions = self.num_patches if a.get("no_embed_class") else self.num_tokens
+        fc2_in = h // 2 if self.mlp == "swiglu_packed" else h
+        block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * h + h) + (fc2_in * d + d)
+        block += 2 * d if a.get("init_values") else 0  # LayerScale gammas
+        embed = 3 * patch * patch * d + d + d + self.num_registers * d + positions * d  # patch, cls, reg, pos
+        return embed + depth * block + 2 * d  # + the final norm
+
     def flops_per_tile(self) -> float:
         """Multiply-add FLOPs (2 per MAC) of one tile through the backbone, counted from the shapes."""
         t, d, h = self.num_tokens, self.width, self.mlp_hidden
