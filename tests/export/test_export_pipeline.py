@@ -198,3 +198,15 @@ def test_files_left_by_an_earlier_export_are_named(tmp_path):
             "virchow2-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4
         )
     assert [a["path"] for a in manifest["artifacts"]] == ["virchow2-tiny.fp32.onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "external"), [("uni", False), ("h-optimus-0", True)])
+def test_full_size_public_encoders(tmp_path, name, external):
+    """UNI (ViT-L/16, 303M) and H-optimus-0 (ViT-g/14 with registers, 1.1B: fp32 over 2 GB)."""
+    manifest = _full_size(name, tmp_path, parity_tiles=8)
+    fp32, fp16 = manifest["artifacts"]
+    assert (fp32["external_data"] is not None) == external
+    assert fp32["parity"]["passed"] and fp16["parity"]["passed"]
+    assert manifest["embedding"]["recommended"] == "cls"
+    print(f"{name}: fp32 {fp32['parity']['summary']}; fp16 {fp16['parity']['summary']}")
