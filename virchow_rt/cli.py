@@ -188,6 +188,12 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip unreadable tiles (a bad slide never stops the others)",
     )
+    p.add_argument(
+        "--clear-stale-locks",
+        action="store_true",
+        help="remove every slide lock in --out first (after a crashed run; no other run may write there). "
+        "Without it, a lock whose process is gone (same host) or is 24 h old is taken over with a warning",
+    )
     p.set_defaults(handler=_run_slides)
 
 
@@ -288,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"virchow-rt {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"virchow-rt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"virchow-rt {args.command}: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         return 130
 
 

@@ -25,6 +25,12 @@ class InputError(VirchowError):
     exit_code = 2
 
 
+class OutputError(VirchowError):
+    """An output location that cannot be written: not writable, not a folder, or out of space."""
+
+    exit_code = 2
+
+
 class WeightsError(VirchowError):
     """Weights that cannot be found, read, or that do not fit the variant."""
 

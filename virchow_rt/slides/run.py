@@ -8,24 +8,28 @@ reason, leaves no file, and does not stop the others; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import glob
 import hashlib
 import json
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from virchow_rt.errors import InputError, MissingDependency, VirchowError
+from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
 from virchow_rt.manifest import atomic_path, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend
+from virchow_rt.slides import locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
     MPP_AT_1X,
@@ -256,6 +260,40 @@ def _process_one(path: Path, out_dir: Path, model: _Model, settings: SlideSettin
     record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
 
 
+def _disk_full(err: BaseException | None) -> bool:
+    """True when ``err`` (or what caused it: h5py wraps the OS error) says the disk is full or over quota."""
+    while err is not None:
+        if isinstance(err, OSError) and (
+            err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _skip_complete(
+    out: Path,
+    wanted: dict[str, Any],
+    settings: SlideSettings,
+    record: _Record,
+    prefix: str,
+    log: Callable[[str], None],
+) -> bool:
+    """True (and the record says so) when ``out`` is complete and valid for this run; else note any redo."""
+    if not out.exists():
+        return False
+    reason = resume_problem(out, wanted, settings.slide_mpp)
+    if reason is None:
+        record.status, record.output = "skipped", str(out)
+        record.tiles, record.regions = stored_counts(out)
+        log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+        return True
+    if record.redone_because is None:
+        record.redone_because = f"{out.name} {reason}"
+        log(f"{prefix}: redoing, {out.name} {reason}")
+    return False
+
+
 def process_slides(
     slides: Sequence[str | Path],
     model: str | Path | Backend,
@@ -294,33 +332,37 @@ def process_slides(
                 records.append(record)
                 out = out_dir / f"{path.stem}.h5"
                 prefix = f"[{i}/{len(paths)}] {path.name}"
-                # temporary files left by a killed run (atomic_path cleans up after errors itself)
-                for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
-                    stale.unlink(missing_ok=True)
-                if out.exists():
-                    # the file size tells another slide of the same name apart (its .h5 would be taken)
-                    reason = resume_problem(
-                        out, {**expected, "slide_size_bytes": path.stat().st_size}, settings.slide_mpp
-                    )
-                    if reason is None:
-                        record.status, record.output = "skipped", str(out)
-                        record.tiles, record.regions = stored_counts(out)
-                        log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+                # the file size tells another slide of the same name apart (its .h5 would be taken)
+                wanted = {**expected, "slide_size_bytes": path.stat().st_size}
+                with locks.held(out, warn) as other:
+                    if other is not None:  # another run is writing this slide: leave it to that run
+                        record.status = "locked"
+                        record.reason = f"another run is writing it ({other.describe()})"
+                        log(f"{prefix}: {record.reason}; skipped here")
                         continue
-                    record.redone_because = f"{out.name} {reason}"
-                    log(f"{prefix}: redoing, {out.name} {reason}")
-                try:
-                    _process_one(path, out_dir, ident, settings, record)
-                except MissingDependency:
-                    raise  # every other slide would fail the same way
-                except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch; the reason is kept
-                    record.status = "failed"
-                    # our errors carry a full sentence; anything else gets its type so the reason is readable
-                    record.reason = (
-                        str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
-                    )
-                    warn(f"{prefix}: FAILED: {record.reason}")
-                    continue
+                    # temporary files of a killed run (ours to remove: we hold the slide's lock)
+                    for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
+                        stale.unlink(missing_ok=True)
+                    if _skip_complete(out, wanted, settings, record, prefix, log):
+                        continue
+                    try:
+                        _process_one(path, out_dir, ident, settings, record)
+                    except MissingDependency:
+                        raise  # every other slide would fail the same way
+                    except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
+                        if _disk_full(err):  # every slide after it would fail the same way: stop
+                            raise OutputError(
+                                f"the disk holding {out_dir} is full (or over quota) while writing "
+                                f"{out.name}; its temporary file was removed and finished slides are kept: "
+                                "free some space and rerun the same command to resume"
+                            ) from err
+                        record.status = "failed"
+                        # our errors carry a full sentence; anything else gets its type, so it reads
+                        record.reason = (
+                            str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+                        )
+                        warn(f"{prefix}: FAILED: {record.reason}")
+                        continue
                 t = record.timings
                 skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
                 log(
@@ -393,7 +435,17 @@ def run_cli(args: argparse.Namespace) -> int:
         skip_errors=args.skip_errors,
         reader=args.reader,
     )
-    summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
+    if args.clear_stale_locks and Path(args.out).is_dir():
+        for path, holder in locks.clear_locks(Path(args.out)):
+            print(f"virchow-rt slides: removed lock {path.name} ({holder.describe()})", file=sys.stderr)
+    try:
+        with _sigterm_as_interrupt():
+            summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"nothing half-written was left in {args.out}; rerun the same command to resume (complete slides "
+            "are kept and skipped)"
+        ) from None
     totals = summary["totals"]
     rate = f", {totals['tiles_per_s']:.1f} tiles/s" if totals["tiles_per_s"] else ""
     print(
@@ -403,3 +455,21 @@ def run_cli(args: argparse.Namespace) -> int:
     for failure in summary["failures"]:
         print(f"virchow-rt slides: failed: {failure['name']}: {failure['reason']}", file=sys.stderr)
     return 1 if totals["failed"] else 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM stops the run as Ctrl-C does: the slide in progress is abandoned cleanly."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
