@@ -1,0 +1,183 @@
+"""Runs that share an output folder, runs that are killed or stopped, and a full disk: nothing is lost.
+
+The runs are real processes (``subprocess``) where it matters: two at once on one folder, SIGKILL at
+random points followed by a resume, SIGTERM. The model is the deterministic FakeBackend, slowed down so
+that a signal lands in the middle of a slide.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from slide_helpers import FakeBackend
+
+from virchow_rt.errors import OutputError
+from virchow_rt.slides import SlideSettings, locks, process_slides
+from virchow_rt.slides.writer import check_complete, read_features
+
+HERE = Path(__file__).parent
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from slide_helpers import FakeBackend
+    from virchow_rt.cli import build_parser
+    from virchow_rt.slides.run import run_cli
+
+    class Slow(FakeBackend):  # a batch takes 50 ms: a signal lands in the middle of a slide
+        def run(self, tiles):
+            time.sleep(0.05)
+            return super().run(tiles)
+
+    args = build_parser().parse_args(["slides", *sys.argv[3:], "--model", "fake", "--out", sys.argv[2],
+                                      "--batch", "4"])
+    args.model = Slow()
+    try:
+        code = run_cli(args)
+    except KeyboardInterrupt as err:
+        print("INTERRUPTED:", err, flush=True)
+        code = 130
+    sys.exit(code)
+    """
+)
+
+
+def start(out: Path, slides: list[Path]) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-c", SCRIPT, str(HERE), str(out), *map(str, slides)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def settings() -> SlideSettings:
+    return SlideSettings(batch_size=4)
+
+
+@pytest.fixture
+def slides(make_slide) -> list[Path]:
+    return [make_slide(f"s{i}.tif", seed=i).path for i in range(3)]
+
+
+def assert_same(out: Path, want: Path, names: list[str]) -> None:
+    for name in names:
+        got, ref = read_features(out / f"{name}.h5"), read_features(want / f"{name}.h5")
+        np.testing.assert_array_equal(got["coords"], ref["coords"])
+        np.testing.assert_array_equal(got["features"], ref["features"])
+
+
+def test_a_lock_is_taken_refused_released_and_taken_over_when_stale(tmp_path: Path) -> None:
+    out, warned = tmp_path / "a.h5", []
+    taken, holder = locks.acquire(out, warned.append)
+    assert taken and holder is None and locks.Holder.read(locks.lock_path(out)).pid == os.getpid()
+    again, holder = locks.acquire(out, warned.append)  # held by a live process (this one)
+    assert not again and holder is not None and holder.host == socket.gethostname()
+    locks.release(out)
+    assert not locks.lock_path(out).exists()
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    record = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": time.time(), "run": "old"}
+    locks.lock_path(out).write_text(json.dumps(record))
+    taken, _ = locks.acquire(out, warned.append)
+    assert taken and "its process is gone" in warned[-1]
+    locks.release(out)
+
+    elsewhere = {**record, "host": "node-17", "pid": 1}
+    locks.lock_path(out).write_text(json.dumps(elsewhere))
+    assert not locks.acquire(out, warned.append)[0]  # another host, recent: it may be running
+    old = time.time() - 25 * 3600
+    os.utime(locks.lock_path(out), (old, old))
+    assert locks.acquire(out, warned.append)[0] and "h old" in warned[-1]
+    locks.lock_path(out).write_text(json.dumps(elsewhere))
+    locks.release(out)  # never removes another run's lock
+    assert locks.lock_path(out).exists()
+    assert [p.name for p, _ in locks.clear_locks(tmp_path)] == [".a.h5.lock"]
+
+
+def test_a_slide_another_run_holds_is_left_to_it(slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "started": time.time(), "run": "other"}
+    (out / ".s1.h5.lock").write_text(json.dumps(other))
+    (out / ".s1.h5.abcd.partial").write_bytes(b"the other run's file in progress")
+    summary = process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
+    assert [s["status"] for s in summary["slides"]] == ["done", "locked", "done"]
+    assert "another run is writing it" in summary["slides"][1]["reason"]
+    assert (out / ".s1.h5.abcd.partial").exists() and not (out / "s1.h5").exists()  # untouched
+    assert sorted(p.name for p in out.glob(".*.lock")) == [".s1.h5.lock"]  # ours released
+
+
+def test_two_runs_at_once_write_each_slide_exactly_once(slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    runs = [start(out, slides), start(out, slides)]
+    logs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    written = [line for log in logs for line in log.splitlines() if "-> " in line and ".h5" in line]
+    assert sorted(line.split("] ")[1].split(":")[0] for line in written) == ["s0.tif", "s1.tif", "s2.tif"], (
+        logs
+    )
+    assert all(check_complete(out / f"s{i}.h5", {}) is None for i in range(3))
+    assert not list(out.glob(".*"))  # no lock or temporary file left
+
+
+@pytest.mark.parametrize("delay", [0.4, 1.0, 1.8])
+def test_sigkill_at_any_moment_then_a_resume_equals_an_uninterrupted_run(
+    slides: list[Path], tmp_path: Path, delay: float
+) -> None:
+    want = tmp_path / "uninterrupted"
+    process_slides(slides, FakeBackend(), want, settings(), log=lambda s: None)
+    out = tmp_path / "out"
+    run = start(out, slides)
+    time.sleep(delay)
+    run.kill()
+    run.wait()
+    for h5 in out.glob("*.h5"):  # whatever looks like an output is a complete one
+        assert check_complete(h5, {}) is None
+    summary = process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
+    assert {s["status"] for s in summary["slides"]} <= {"done", "skipped"}
+    assert_same(out, want, ["s0", "s1", "s2"])
+    assert not list(out.glob(".*"))  # the killed run's lock and temporary file are gone
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = start(out, slides)
+    time.sleep(1.2)
+    run.send_signal(signal.SIGTERM)
+    log = run.communicate(timeout=60)[0]
+    assert run.returncode == 130 and "rerun the same command to resume" in log, log
+    assert not list(out.glob(".*"))  # no lock, no temporary file
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["slides"]) >= 1  # what was done so far, written on the way out
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_finished_slides(
+    slides: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virchow_rt.slides import writer
+
+    out = tmp_path / "out"
+    real = writer.FeatureWriter.append
+    calls = {"n": 0}
+
+    def append(self, coords, features):  # noqa: ANN001 - FeatureWriter.append's signature
+        calls["n"] += 1
+        if self.path.name.startswith(".s1.h5"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, coords, features)
+
+    monkeypatch.setattr(writer.FeatureWriter, "append", append)
+    with pytest.raises(OutputError, match=rf"disk holding {out} is full .*s1\.h5.*rerun the same command"):
+        process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
+    assert check_complete(out / "s0.h5", {}) is None and not (out / "s1.h5").exists()
+    assert not list(out.glob(".*"))  # its temporary file and lock are gone
