@@ -154,9 +154,39 @@ def _open_handle(reader: str, path: Path) -> Any:
     return module.TiffSlide(str(path))
 
 
-def _metadata_mpp(reader: str, handle: Any) -> float | None:
+def _metadata_mpp(reader: str, handle: Any, path: Path) -> float | None:
     props = handle.properties
-    return _positive_float(props.get(f"{reader}.mpp-x")) or _positive_float(props.get(f"{reader}.mpp-y"))
+    found = _positive_float(props.get(f"{reader}.mpp-x")) or _positive_float(props.get(f"{reader}.mpp-y"))
+    return found or _ome_mpp(path)
+
+
+#: OME's PhysicalSizeXUnit -> microns
+_OME_UNITS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome(path: Path) -> dict[str, Any] | None:
+    """The OME-XML ``Pixels`` element of an OME-TIFF as a dict, else None (not OME, or unreadable)."""
+    try:
+        tifffile = optional_import("tifffile", _PURPOSE)
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome or not tif.ome_metadata:
+                return None
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    except Exception:  # noqa: BLE001 - not a TIFF, or OME-XML of another shape: no OME facts
+        return None
+    image = image[0] if isinstance(image, list) else image
+    pixels = image.get("Pixels")
+    return pixels if isinstance(pixels, dict) else None
+
+
+def _ome_mpp(path: Path) -> float | None:
+    """Level-0 µm/px from an OME-TIFF's ``PhysicalSizeX`` (OpenSlide and tiffslide do not read it)."""
+    pixels = _ome(path)
+    if pixels is None:
+        return None
+    size = _positive_float(pixels.get("PhysicalSizeX"))
+    unit = _OME_UNITS.get(str(pixels.get("PhysicalSizeXUnit", "µm")))
+    return size * unit if size is not None and unit is not None else None
 
 
 def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "auto") -> Slide:
@@ -171,6 +201,8 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
     if not path.is_file():
         raise InputError(f"slide {path} does not exist or is not a file; check the path")
     order = READERS if reader == "auto" else (reader,)
+    if reader == "auto" and path.suffix.lower() in (".tif", ".tiff") and _ome(path) is not None:
+        order = ("tiffslide", "openslide")  # OpenSlide reads an OME-TIFF's first level only, not its pyramid
     problems: list[str] = []
     missing: list[MissingDependency] = []
     for name in order:
@@ -182,7 +214,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
         except Exception as err:  # noqa: BLE001 - each reader has its own error types for "not my format"/corrupt
             problems.append(f"{name}: {type(err).__name__}: {err}")
             continue
-        mpp = _metadata_mpp(name, handle)
+        mpp = _metadata_mpp(name, handle, path)
         source = "metadata"
         if mpp is None and slide_mpp is not None:
             mpp, source = _positive_float(slide_mpp), "slide_mpp"

@@ -1,7 +1,14 @@
 """Synthetic whole slides for tests, demos and benchmarks: real IHC tissue on glass, as a pyramidal TIFF.
 
-Written with tifffile: level 0 plus 2×-reduced levels (box filter), tiled; µm/px in the TIFF resolution
-tags, which OpenSlide's generic-TIFF driver and tiffslide both read. Tissue is scikit-image's IHC
+Written with tifffile: level 0 plus reduced levels (box filter; 2× each by default, or any
+``downsamples``), tiled, in one of the layouts scanners and converters write (``layout``):
+
+- "generic": a tiled TIFF, µm/px in the resolution tags (OpenSlide's generic-TIFF driver, tiffslide);
+- "svs": Aperio's layout: the ``Aperio Image Library`` description with ``MPP`` and ``AppMag`` on every
+  page, level 0, a stripped thumbnail page, the reduced levels, then label and macro pages;
+- "ome": OME-TIFF, the reduced levels as SubIFDs of level 0, µm/px as OME-XML ``PhysicalSizeX``.
+
+Tissue is scikit-image's IHC
 image (see :mod:`virchow_rt.tissue`) flipped/rotated and placed as rectangles on a glass-white,
 slightly noisy background, so the tissue mask and the embeddings see real stain and texture.
 """
@@ -12,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -65,13 +73,17 @@ def write_synthetic_slide(
     tile: int = 128,
     compression: str = "zlib",
     seed: int = 0,
+    layout: str = "generic",
+    downsamples: Sequence[int] | None = None,
 ) -> SyntheticSlide:
     """Write a pyramidal tiled TIFF with tissue rectangles ``(x, y, w, h)`` (level-0 px).
 
-    ``mpp`` is recorded in the resolution tags (None: not recorded, as in slides that need
+    ``mpp`` is recorded as the layout does (None: not recorded, as in slides that need
     ``--slide-mpp``); ``compression`` is a tifffile codec ("zlib" is lossless, "jpeg" is what
-    scanners use).
+    scanners use); ``downsamples`` of the reduced levels (default 2, 4, ...: ``levels`` - 1 of them).
     """
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown synthetic slide layout {layout!r}; use one of: {', '.join(LAYOUTS)}")
     tifffile = optional_import("tifffile", "to write synthetic slides")
     if width < 1 or height < 1 or levels < 1:
         raise InputError(
@@ -84,24 +96,57 @@ def write_synthetic_slide(
         w, h = min(w, width - x), min(h, height - y)
         image[y : y + h, x : x + w] = tissue_patch(w, h, seed + i)
         tissue[y : y + h, x : x + w] = True
-    pyramid = [image]
-    for _ in range(levels - 1):
-        prev = Image.fromarray(pyramid[-1])
-        pyramid.append(np.asarray(prev.resize((prev.width // 2, prev.height // 2), Image.Resampling.BOX)))
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
-        for i, level in enumerate(pyramid):
-            extra = {}
-            if mpp is not None:
-                per_cm = 1e4 / (mpp * 2**i)
-                extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-            tw.write(
-                level,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression=compression,
-                subfiletype=0 if i == 0 else 1,  # reduced-resolution pages after the first
-                metadata=None,
-                **extra,
-            )
-        tw.close()
-    return SyntheticSlide(Path(path), image, tissue, mpp, levels)
+    factors = [1, *(downsamples or [2**i for i in range(1, levels)])]
+    full = Image.fromarray(image)
+    pyramid = [image] + [
+        np.asarray(full.resize((width // f, height // f), Image.Resampling.BOX)) for f in factors[1:]
+    ]
+    ome = {"bigtiff": True, "ome": True} if layout == "ome" else {}  # the temporary name hides .ome.tif
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, **ome) as tw:
+        LAYOUTS[layout](tw, pyramid, factors, mpp, {"tile": (tile, tile), "photometric": "rgb",
+                                                  "compression": compression})  # fmt: skip
+    return SyntheticSlide(Path(path), image, tissue, mpp, len(pyramid))
+
+
+def _generic(tw: Any, pyramid: list[np.ndarray], factors: list[int], mpp: float | None, opts: dict) -> None:
+    for level, f in zip(pyramid, factors, strict=True):
+        extra = {}
+        if mpp is not None:
+            per_cm = 1e4 / (mpp * f)
+            extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+        # reduced-resolution pages after the first
+        tw.write(level, subfiletype=0 if f == 1 else 1, metadata=None, **opts, **extra)
+
+
+def _svs(tw: Any, pyramid: list[np.ndarray], factors: list[int], mpp: float | None, opts: dict) -> None:
+    height, width = pyramid[0].shape[:2]
+    tail = f"|AppMag = 40|Filename = synthetic|MPP = {mpp}" if mpp is not None else "|AppMag = 40"
+    head = "Aperio Image Library v12.0.15 \r\n"
+
+    def description(level: np.ndarray) -> str:
+        return f"{head}{width}x{height} -> {level.shape[1]}x{level.shape[0]} - {tail}"
+
+    tw_, th_ = opts["tile"]
+    first = f"{head}{width}x{height} [0,0 {width}x{height}] ({tw_}x{th_}) JPEG/RGB Q=70{tail}"
+    tw.write(pyramid[0], description=first, metadata=None, **opts)
+    thumb = np.asarray(Image.fromarray(pyramid[0]).resize((max(1, width // 32), max(1, height // 32))))
+    tw.write(thumb, photometric="rgb", compression="jpeg", description=description(thumb), metadata=None)
+    for level in pyramid[1:]:
+        tw.write(level, description=description(level), metadata=None, **opts)
+    label = np.full((64, 64, 3), 200, np.uint8)
+    tw.write(label, photometric="rgb", compression="lzw", subfiletype=1, description=f"{head}label 64x64",
+             metadata=None)  # fmt: skip
+    tw.write(label, photometric="rgb", compression="jpeg", subfiletype=9, description=f"{head}macro 64x64",
+             metadata=None)  # fmt: skip
+
+
+def _ome(tw: Any, pyramid: list[np.ndarray], factors: list[int], mpp: float | None, opts: dict) -> None:
+    meta: dict[str, Any] = {"axes": "YXS"}
+    if mpp is not None:
+        meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    tw.write(pyramid[0], subifds=len(pyramid) - 1, metadata=meta, **opts)
+    for level in pyramid[1:]:
+        tw.write(level, subfiletype=1, **opts)
+
+
+LAYOUTS = {"generic": _generic, "svs": _svs, "ome": _ome}
