@@ -7,7 +7,10 @@ each after a warm-up and ``--repeats`` timed runs (median, spread):
 - reader: the reading threads alone over the slide's tissue tiles (tiles/s)
 - model: the backend alone on the same tiles already in memory (tiles/s)
 - end to end: ``process_slides`` into a fresh folder (tiles/s over the slide's busy time), with its
-  breakdown: mask, read (summed over the workers), time the model waited for tiles, model, write.
+  breakdown: mask, read (summed over the workers), time the model waited for tiles, model, write;
+- reader scaling: tiles/s of the reader alone with 1, 2, 4, ... workers up to the machine's cores, as
+  threads (the reader's pool, one slide handle each) and as processes (one slide handle each), so the
+  default is chosen from a measurement: do the decoders release the GIL?
 
     python bench/slides_throughput.py [--variant virchow2g-mini] [--workers 2] [--batch 32] [--repeats 3]
 
@@ -17,10 +20,14 @@ Writes ``--out/slides_throughput.json``; the environment is recorded with the nu
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +40,7 @@ from virchow_rt.slides import (
     TileReader,
     open_slide,
     process_slides,
+    read_tile,
     tile_grid,
     write_synthetic_slide,
 )
@@ -59,9 +67,52 @@ def _slide(path: Path, width: int, height: int, compression: str) -> Path:
             (width * 3 // 4, height * 2 // 3, width // 5, height // 4),
         )
         write_synthetic_slide(
-            path, width, height, pieces, mpp=0.25, levels=4, tile=256, compression=compression
+            path, width, height, pieces, mpp=0.25, levels=4, tile=256, compression=compression, layout="svs"
         )
     return path
+
+
+_WORKER_SLIDE = None  # each reading process's own slide handle
+
+
+def _open_in_worker(path: str) -> None:
+    global _WORKER_SLIDE
+    _WORKER_SLIDE = open_slide(path)
+
+
+def _read_in_worker(rows: list[tuple[int, int, int, int, int]]) -> int:
+    for x, y, size0, level, out in rows:
+        read_tile(_WORKER_SLIDE, x, y, size0, level, out)
+    return len(rows)
+
+
+def _sweep(slide_path: Path, plan: Any, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Reader tiles/s with 1, 2, 4, ... threads and processes (up to the usable cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    counts = sorted({1, cores, *(2**i for i in range(1, 8) if 2**i < cores)})
+    rows = [(int(x), int(y), int(s), int(lv), plan.out_size) for (x, y), s, lv in
+            zip(plan.coords, plan.size0, plan.level, strict=True)]  # fmt: skip
+    chunks = [rows[i : i + 16] for i in range(0, len(rows), 16)]
+    results = []
+    with open_slide(slide_path) as slide:
+        for workers in counts:
+            threads = time_calls(
+                lambda w=workers: [b for b in TileReader(slide, workers=w).batches(plan, batch)],
+                repeats=repeats, warmup=1,
+            )  # fmt: skip
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                workers, ctx, initializer=_open_in_worker, initargs=(str(slide_path),)
+            ) as pool:
+                list(pool.map(_read_in_worker, chunks[:workers]))  # start and warm every process
+                procs = time_calls(
+                    lambda p=pool: sum(p.map(_read_in_worker, chunks)), repeats=repeats, warmup=0
+                )
+            results.append({"workers": workers, "threads_tiles_per_s": len(rows) / threads.median,
+                            "processes_tiles_per_s": len(rows) / procs.median})  # fmt: skip
+            print(f"reader, {workers} workers: threads {results[-1]['threads_tiles_per_s']:8.1f} tiles/s, "
+                  f"processes {results[-1]['processes_tiles_per_s']:8.1f} tiles/s", flush=True)  # fmt: skip
+    return results
 
 
 def _rate(stats: Stats, tiles: int) -> dict[str, float]:
@@ -80,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-sweep", action="store_true", help="skip the reader's threads-vs-processes sweep")
     p.add_argument(
         "--compression",
         default=None,
@@ -96,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
     model = _model(args.variant, args.out / "model")
     slide_path = _slide(
-        args.out / f"synthetic-{width}x{height}-{compression}.tif", width, height, compression
+        args.out / f"synthetic-{width}x{height}-{compression}.svs", width, height, compression
     )
     settings = SlideSettings(mpp=args.mpp, workers=args.workers, batch_size=args.batch)
 
@@ -116,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return [b.tiles for b in TileReader(slide, workers=args.workers).batches(plan, batch)]
 
         read_stats = time_calls(read_all, repeats=args.repeats, warmup=1)
+        scaling = None if args.no_sweep else _sweep(slide_path, plan, batch, args.repeats)
         batches = read_all()
         model_stats = time_calls(lambda: list(backend.pipeline(batches)), repeats=args.repeats, warmup=1)
         backend_name, random_weights = backend.name, backend.info.random_weights
@@ -152,12 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant,
         "random_weights": bool(random_weights),
         "backend": backend_name,
-        "slide": {"path": slide_path.name, "size": [width, height], "mpp": 0.25, "compression": compression},
+        "slide": {
+            "path": slide_path.name,
+            "layout": "Aperio SVS",
+            "size": [width, height],
+            "mpp": 0.25,
+            "compression": compression,
+        },  # fmt: skip
         "tiles": n,
         "target_mpp": args.mpp,
         "workers": reader.workers,
         "batch": batch,
         "reader": _rate(read_stats, n),
+        "reader_scaling": scaling,
         "model": _rate(model_stats, n),
         "end_to_end": {**_rate(busy, n), "timings_s": timings, "share_of_time": breakdown},
         "environment": collect_environment(),

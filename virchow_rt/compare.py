@@ -26,10 +26,12 @@ class Comparison:
     knn10_overlap: float
     tolerance: float
     all_finite: bool
+    knn10_tolerance: float | None = None  # a 10-NN overlap gate too (int8); None: cosine alone
 
     @property
     def passed(self) -> bool:
-        return self.all_finite and self.min_cosine >= self.tolerance
+        knn_ok = self.knn10_tolerance is None or self.knn10_overlap >= self.knn10_tolerance
+        return self.all_finite and self.min_cosine >= self.tolerance and knn_ok
 
     def __bool__(self) -> bool:
         return self.passed
@@ -43,8 +45,9 @@ class Comparison:
         return (
             f"{verdict}: min cosine {self.min_cosine:.6f} (tolerance {self.tolerance}), "
             f"mean {self.mean_cosine:.6f}, "
-            f"max abs {self.max_abs:.3g}, rel L2 {self.rel_l2:.3g}, 10-NN overlap {self.knn10_overlap:.3f} "
-            f"over {self.n} tiles{finite}"
+            f"max abs {self.max_abs:.3g}, rel L2 {self.rel_l2:.3g}, 10-NN overlap {self.knn10_overlap:.3f}"
+            + (f" (tolerance {self.knn10_tolerance})" if self.knn10_tolerance is not None else "")
+            + f" over {self.n} tiles{finite}"
         )
 
 
@@ -73,8 +76,11 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(np.intersect1d(ra, rb)) / k for ra, rb in zip(na, nb, strict=True)]))
 
 
-def compare(tested: np.ndarray, reference: np.ndarray, tolerance: float) -> Comparison:
-    """Compare two (N, E) embedding arrays; ``tolerance`` is the minimum cosine that passes."""
+def compare(
+    tested: np.ndarray, reference: np.ndarray, tolerance: float, knn10_tolerance: float | None = None
+) -> Comparison:
+    """Compare two (N, E) embedding arrays; ``tolerance`` is the minimum cosine that passes, and
+    ``knn10_tolerance`` (if given) the minimum 10-NN overlap."""
     if tested.shape != reference.shape or tested.ndim != 2:
         raise InputError(
             f"cannot compare embeddings of shapes {tested.shape} and {reference.shape}; expected equal (N, E)"
@@ -93,4 +99,5 @@ def compare(tested: np.ndarray, reference: np.ndarray, tolerance: float) -> Comp
         knn10_overlap=knn_overlap(t, r),
         tolerance=float(tolerance),
         all_finite=finite,
+        knn10_tolerance=None if knn10_tolerance is None else float(knn10_tolerance),
     )

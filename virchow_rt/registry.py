@@ -48,9 +48,18 @@ class Tolerance:
 
     fp32_min_cosine: float = 0.99999
     fp16_min_cosine: float = 0.999
+    int8_min_cosine: float = 0.995
+    #: int8 also keeps each tile's 10 nearest neighbours (what retrieval and MIL pooling see)
+    int8_min_knn10: float = 0.90
 
     def min_cosine(self, precision: str) -> float:
-        return {"fp32": self.fp32_min_cosine, "fp16": self.fp16_min_cosine}[precision]
+        return {"fp32": self.fp32_min_cosine, "fp16": self.fp16_min_cosine, "int8": self.int8_min_cosine}[
+            precision
+        ]
+
+    def min_knn10(self, precision: str) -> float | None:
+        """The 10-NN overlap gate of ``precision`` (None: cosine alone decides)."""
+        return self.int8_min_knn10 if precision == "int8" else None
 
 
 @dataclass(frozen=True)

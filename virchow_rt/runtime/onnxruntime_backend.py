@@ -288,9 +288,11 @@ class OnnxRuntimeBackend(Backend):
             original = self._open(self.path, CPU)
             self._check_io(original)  # a graph that is not ours fails here, before any rewrite
             precision = original.get_modelmeta().custom_metadata_map.get("virchow_rt.precision")
-            if precision == "fp16" or not is_importable("onnx"):
-                # fp16: ORT's CPU Attention kernel is fp32-only; onnx: needed to rewrite the graph
-                self.optimization = {"skipped": "fp16 model" if precision == "fp16" else "onnx not installed"}
+            if precision in ("fp16", "int8") or not is_importable("onnx"):
+                # fp16: ORT's CPU Attention kernel is fp32-only; int8: its weight MatMuls are quantized ops
+                # the fusion does not match; onnx: needed to rewrite the graph
+                reason = f"{precision} model" if precision in ("fp16", "int8") else "onnx not installed"
+                self.optimization = {"skipped": reason}
                 return original
             try:
                 build_entry(self.path, original, entry, self._ort)
