@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, select_rows, unavailable_reason
+from virchow_rt.benchmark.rows import (
+    REFERENCE_KEY,
+    ROWS,
+    ROWS_BY_KEY,
+    Machine,
+    select_rows,
+    unavailable_reason,
+)
 from virchow_rt.errors import InputError
 
 CPU_ONLY = Machine(
@@ -32,8 +39,10 @@ def test_cpu_machine_runs_the_cpu_rows_and_explains_the_rest() -> None:
     assert runnable == {
         "torch-eager/fp32",
         "torch-eager/bf16-autocast",
+        "torch-compile/bf16-autocast",
         "onnxruntime-cpu/fp32",
         "onnxruntime-cpu/fp16",
+        "onnxruntime-cpu/int8",
     }
     assert "GPU mode" in reasons["torch-eager/fp16-autocast"]
     assert "needs a CUDA GPU" in reasons["onnxruntime-cuda/fp16"]
@@ -78,7 +87,10 @@ def test_requested_rows_always_include_the_reference() -> None:
     assert [r.key for r in chosen] == [REFERENCE_KEY, "onnxruntime-cpu/fp16"]
     assert skipped == {}
     chosen, _ = select_rows(["onnxruntime-cpu", "torch-eager/fp32"], CPU_ONLY)
-    assert [r.key for r in chosen] == [REFERENCE_KEY, "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16"]
+    assert [r.key for r in chosen] == [
+        REFERENCE_KEY, "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16", "onnxruntime-cpu/int8"
+    ]  # fmt: skip
+    assert ROWS_BY_KEY["onnxruntime-cpu/int8"].parity_precision == "int8"
 
 
 def test_a_bare_backend_name_means_its_rows_for_this_machine() -> None:

@@ -22,8 +22,14 @@ from virchow_rt.errors import InputError
 #: fp16 matmul units worth the name (ONNX Runtime's fp16 kernels on x86 widen to fp32), so CPU fp16
 #: rows are judged against the fp32 peak; bf16 autocast against the bf16 peak.
 PEAK_CLASS = {
-    "cpu": {"fp32": "fp32", "fp16": "fp32", "fp16-autocast": "fp32", "bf16-autocast": "bf16"},
-    "cuda": {"fp32": "fp32", "fp16": "fp16", "fp16-autocast": "fp16", "bf16-autocast": "bf16"},
+    "cpu": {"fp32": "fp32", "fp16": "fp32", "fp16-autocast": "fp32", "bf16-autocast": "bf16", "int8": "int8"},
+    "cuda": {
+        "fp32": "fp32",
+        "fp16": "fp16",
+        "fp16-autocast": "fp16",
+        "bf16-autocast": "bf16",
+        "int8": "int8",
+    },
 }
 
 DEFAULT_SIZE = {"cpu": 4096, "cuda": 8192}
@@ -52,18 +58,24 @@ def _numpy_matmul(n: int, dtype: str, repeats: int) -> Stats | None:
 
 
 def _onnxruntime_matmul(n: int, dtype: str, repeats: int) -> Stats | None:
-    """One MatMul node in ONNX Runtime's CPU provider: MLAS, the GEMM the exported graphs run on."""
-    if dtype != "fp32" or not (is_importable("onnx") and is_importable("onnxruntime")):
+    """One MatMul node in ONNX Runtime's CPU provider: MLAS, the GEMM the exported graphs run on
+    (``MatMulInteger`` uint8 x int8 -> int32 for int8: the GEMM of the int8 exports)."""
+    if dtype not in ("fp32", "int8") or not (is_importable("onnx") and is_importable("onnxruntime")):
         return None
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    def value(name: str) -> Any:
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n])
+    types = {"A": TensorProto.FLOAT, "B": TensorProto.FLOAT, "C": TensorProto.FLOAT}
+    if dtype == "int8":
+        types = {"A": TensorProto.UINT8, "B": TensorProto.INT8, "C": TensorProto.INT32}
 
+    def value(name: str) -> Any:
+        return helper.make_tensor_value_info(name, types[name], [n, n])
+
+    op = "MatMul" if dtype == "fp32" else "MatMulInteger"
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", [value("A"), value("B")], [value("C")]
+        [helper.make_node(op, ["A", "B"], ["C"])], "matmul", [value("A"), value("B")], [value("C")]
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
@@ -71,13 +83,19 @@ def _onnxruntime_matmul(n: int, dtype: str, repeats: int) -> Stats | None:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feeds = {k: rng.standard_normal((n, n), dtype=np.float32) for k in ("A", "B")}
+    if dtype == "int8":
+        feeds = {
+            "A": rng.integers(0, 256, (n, n), dtype=np.uint8),
+            "B": rng.integers(-128, 128, (n, n), dtype=np.int8),
+        }
+    else:
+        feeds = {k: rng.standard_normal((n, n), dtype=np.float32) for k in ("A", "B")}
     return time_calls(lambda: session.run(None, feeds), repeats=repeats, warmup=1)
 
 
 def _torch_matmul(n: int, device: str, dtype: str, repeats: int) -> Stats | None:
     torch = optional_import("torch", "to measure the matmul peak")
-    if device == "cuda" and not torch.cuda.is_available():
+    if (device == "cuda" and not torch.cuda.is_available()) or dtype == "int8":
         return None
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     gen = torch.Generator(device="cpu").manual_seed(0)

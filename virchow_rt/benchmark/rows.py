@@ -43,8 +43,9 @@ class RowSpec:
 
     @property
     def parity_precision(self) -> str:
-        """Which of the variant's tolerances applies: fp32 rows the fp32 one, reduced precisions fp16's."""
-        return "fp32" if self.precision == "fp32" else "fp16"
+        """Which of the variant's tolerances applies: fp32 rows the fp32 one, int8 rows int8's, other
+        reduced precisions fp16's."""
+        return self.precision if self.precision in ("fp32", "int8") else "fp16"
 
     def resolve_device(self, has_cuda: bool) -> str:
         return ("cuda" if has_cuda else "cpu") if self.device == "auto" else self.device
@@ -72,6 +73,15 @@ ROWS: tuple[RowSpec, ...] = (
     ),
     RowSpec("torch-compile", "fp16-autocast", "torch", "cuda", ("torch", "cuda"), compile=True),
     RowSpec(
+        "torch-compile",
+        "bf16-autocast",
+        "torch",
+        "cpu",
+        ("torch", "cpu_bf16"),
+        compile=True,
+        note="the best PyTorch can do on this CPU: torch.compile + bf16 autocast",
+    ),
+    RowSpec(
         "torch-cuda",
         "fp16",
         "torch-cuda",
@@ -84,6 +94,15 @@ ROWS: tuple[RowSpec, ...] = (
     ),
     RowSpec("onnxruntime-cpu", "fp32", "onnx", "cpu", ("onnxruntime",), artifact="fp32"),
     RowSpec("onnxruntime-cpu", "fp16", "onnx", "cpu", ("onnxruntime",), artifact="fp16"),
+    RowSpec(
+        "onnxruntime-cpu",
+        "int8",
+        "onnx",
+        "cpu",
+        ("onnxruntime",),
+        artifact="int8",
+        note="dynamic int8 weight MatMuls (its own parity gate: cosine 0.995, 10-NN 0.90)",
+    ),
     RowSpec("onnxruntime-cuda", "fp32", "onnx", "cuda", ("cuda", "ort_cuda"), artifact="fp32"),
     RowSpec("onnxruntime-cuda", "fp16", "onnx", "cuda", ("cuda", "ort_cuda"), artifact="fp16"),
     RowSpec("onnxruntime-tensorrt", "fp32", "onnx", "cuda", ("cuda", "ort_tensorrt"), artifact="fp32"),

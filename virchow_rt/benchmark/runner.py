@@ -77,7 +77,7 @@ class BenchmarkRun:
         """Export the variant for the artifact rows into a scratch folder under ``out``; returns it."""
         from virchow_rt.export import export_model
 
-        precisions = sorted({s.artifact for s in specs if s.artifact}, key=("fp32", "fp16").index)
+        precisions = sorted({s.artifact for s in specs if s.artifact}, key=("fp32", "fp16", "int8").index)
         tensorrt = any(s.kind == "tensorrt" for s in specs)
         folder = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
         self.echo(
@@ -298,8 +298,11 @@ class BenchmarkRun:
         if self.reference is None:
             return {"parity": None, "parity_reason": f"no {REFERENCE_KEY} reference could be run"}
         reference = self.reference[: len(embeddings)]
-        tolerance = self.variant.tolerance.min_cosine(spec.parity_precision)
-        result = compare(embeddings, reference, tolerance)
+        tolerances = self.variant.tolerance
+        precision = spec.parity_precision
+        result = compare(
+            embeddings, reference, tolerances.min_cosine(precision), tolerances.min_knn10(precision)
+        )
         self.cosines[(spec.key, batch_size)] = cosine_rows(embeddings, reference)
         parity = {
             **result.to_dict(),

@@ -105,8 +105,18 @@ def _throughput(family: str) -> Measure:
     return measure
 
 
+def _int8_over_pytorch(rows: Rows) -> tuple[float | None, str]:
+    int8 = _fastest([r for r in rows if _passed(r) and r["precision"] == "int8"])
+    torch_rows = [r for r in rows if _passed(r) and r["backend"].startswith("torch-")]
+    best_torch = _fastest(torch_rows)
+    if int8 is None or best_torch is None:
+        missing = "an int8 row" if int8 is None else "a PyTorch row"
+        return None, f"no measured {missing} with parity passed"
+    return int8["tiles_per_s"] / best_torch["tiles_per_s"], f"{_describe(int8)} vs {_describe(best_torch)}"
+
+
 def _fp16_parity(rows: Rows) -> tuple[float | None, str]:
-    pool = [r for r in _ok(rows) if r["precision"] != "fp32" and r.get("parity")]
+    pool = [r for r in _ok(rows) if r["precision"] not in ("fp32", "int8") and r.get("parity")]
     if not pool:
         return None, "no reduced-precision row with parity"
     worst = min(pool, key=lambda r: r["parity"]["min_cosine"])
@@ -158,6 +168,14 @@ TARGETS: tuple[Target, ...] = (
         1.3,
         "x",
         _speedup_over(REFERENCE_KEY),
+    ),
+    Target(
+        "int8 vs the best PyTorch path (eager fp32, bf16 autocast, compiled bf16), end to end",
+        "cpu",
+        "virchow2g-mini",
+        1.3,
+        "x",
+        _int8_over_pytorch,
     ),
     Target(
         "best path vs PyTorch fp16 autocast eager",
