@@ -20,12 +20,10 @@ Writes ``--out/slides_throughput.json``; the environment is recorded with the nu
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,6 @@ from virchow_rt.slides import (
     TileReader,
     open_slide,
     process_slides,
-    read_tile,
     tile_grid,
     write_synthetic_slide,
 )
@@ -72,46 +69,21 @@ def _slide(path: Path, width: int, height: int, compression: str) -> Path:
     return path
 
 
-_WORKER_SLIDE = None  # each reading process's own slide handle
-
-
-def _open_in_worker(path: str) -> None:
-    global _WORKER_SLIDE
-    _WORKER_SLIDE = open_slide(path)
-
-
-def _read_in_worker(rows: list[tuple[int, int, int, int, int]]) -> int:
-    for x, y, size0, level, out in rows:
-        read_tile(_WORKER_SLIDE, x, y, size0, level, out)
-    return len(rows)
-
-
 def _sweep(slide_path: Path, plan: Any, batch: int, repeats: int) -> list[dict[str, Any]]:
-    """Reader tiles/s with 1, 2, 4, ... threads and processes (up to the usable cores)."""
+    """Reader tiles/s with 1, 2, 4, ... workers (up to the usable cores), as threads and as processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     counts = sorted({1, cores, *(2**i for i in range(1, 8) if 2**i < cores)})
-    rows = [(int(x), int(y), int(s), int(lv), plan.out_size) for (x, y), s, lv in
-            zip(plan.coords, plan.size0, plan.level, strict=True)]  # fmt: skip
-    chunks = [rows[i : i + 16] for i in range(0, len(rows), 16)]
     results = []
     with open_slide(slide_path) as slide:
         for workers in counts:
-            threads = time_calls(
-                lambda w=workers: [b for b in TileReader(slide, workers=w).batches(plan, batch)],
-                repeats=repeats, warmup=1,
-            )  # fmt: skip
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                workers, ctx, initializer=_open_in_worker, initargs=(str(slide_path),)
-            ) as pool:
-                list(pool.map(_read_in_worker, chunks[:workers]))  # start and warm every process
-                procs = time_calls(
-                    lambda p=pool: sum(p.map(_read_in_worker, chunks)), repeats=repeats, warmup=0
-                )
-            results.append({"workers": workers, "threads_tiles_per_s": len(rows) / threads.median,
-                            "processes_tiles_per_s": len(rows) / procs.median})  # fmt: skip
-            print(f"reader, {workers} workers: threads {results[-1]['threads_tiles_per_s']:8.1f} tiles/s, "
-                  f"processes {results[-1]['processes_tiles_per_s']:8.1f} tiles/s", flush=True)  # fmt: skip
+            rates = {}
+            for mode, processes in (("threads", False), ("processes", True)):
+                reader = TileReader(slide, workers=workers, processes=processes)
+                stats = time_calls(lambda r=reader: list(r.batches(plan, batch)), repeats=repeats, warmup=1)
+                rates[f"{mode}_tiles_per_s"] = len(plan) / stats.median
+            results.append({"workers": workers, **rates})
+            print(f"reader, {workers} workers: threads {rates['threads_tiles_per_s']:8.1f} tiles/s, "
+                  f"processes {rates['processes_tiles_per_s']:8.1f} tiles/s", flush=True)  # fmt: skip
     return results
 
 

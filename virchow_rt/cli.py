@@ -134,6 +134,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="virchow2g-mini")
     p.add_argument("--out", default="out/demo", metavar="DIR")
     p.add_argument("--tiles", type=int, default=512, help="number of bundled tissue tiles to embed")
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        default=None,
+        help="the variant's real weights (folder, state-dict file or cached model id); default: random ones",
+    )
     p.set_defaults(handler=_run_demo)
 
 
@@ -258,7 +264,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from virchow_rt.demo import run_demo
 
-    return run_demo(args.variant, args.out, n_tiles=args.tiles)
+    return run_demo(args.variant, args.out, n_tiles=args.tiles, weights=args.weights)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -17,16 +17,19 @@ from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
 
-def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512) -> int:
-    """Export ``variant_name`` (fp32 + fp16, random weights), then embed ``n_tiles`` tissue tiles."""
+def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512, weights: str | None = None) -> int:
+    """Export ``variant_name`` (fp32 + fp16; ``weights``, else random ones), then embed ``n_tiles`` tiles."""
     from virchow_rt.export import export_model
     from virchow_rt.runtime import Embedder
 
     out = Path(out)
     variant = get_variant(variant_name)
-    print(f"[1/2] exporting {variant.name} with RANDOM WEIGHTS (demo only) to {out}/", flush=True)
+    what = f"the weights in {weights}" if weights else "RANDOM WEIGHTS (demo only)"
+    print(f"[1/2] exporting {variant.name} with {what} to {out}/", flush=True)
     start = time.perf_counter()
-    manifest = export_model(variant.name, out, random_weights=True, progress=sys.stderr.isatty())
+    manifest = export_model(
+        variant.name, out, weights=weights, random_weights=weights is None, progress=sys.stderr.isatty()
+    )
     print(f"      export + parity check took {time.perf_counter() - start:.1f} s")
     for artifact in manifest["artifacts"]:
         print(f"      {artifact['path']:<32} parity vs PyTorch fp32: {artifact['parity']['summary']}")
@@ -42,7 +45,7 @@ def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512) -> int:
             embeddings = embedder.embed(tiles)
             seconds = time.perf_counter() - start
             name = embedder.backend.name
-        assert embeddings.shape == (n_tiles, variant.embedding_dim()) and np.isfinite(embeddings).all()
+        assert embeddings.shape == (n_tiles, embedder.embedding_dim()) and np.isfinite(embeddings).all()
         target = out / f"embeddings.{artifact['precision']}.npy"
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
@@ -51,5 +54,6 @@ def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512) -> int:
             f"      {artifact['path']:<32} {n_tiles / seconds:8.1f} tiles/s on {name} "
             f"({embeddings.shape[0]}x{embeddings.shape[1]} float32 -> {target})"
         )
-    print("note: RANDOM WEIGHTS — the embeddings carry no meaning; pass --weights for real ones.")
+    if weights is None:
+        print("note: RANDOM WEIGHTS — the embeddings carry no meaning; pass --weights for real ones.")
     return 0

@@ -105,6 +105,7 @@ def test_unreadable_tile_fails_or_is_skipped(make_slide, monkeypatch):
             raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
         return real(slide, x, y, size0, level, out_size)
 
+    monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", flaky)
     with pytest.raises(InputError, match=rf"slide.tif: tile at level-0 \({bad[0]}, {bad[1]}\).*corrupt JPEG"):
         embed_slide(synth.path, FakeBackend())
@@ -139,6 +140,7 @@ def test_reader_threads_run_ahead_with_bounded_memory(make_slide, monkeypatch):
         calls.append(args[1:3])
         return real(*args)
 
+    monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", counting)
     with open_slide(synth.path) as slide:
         grid = tile_grid(slide)

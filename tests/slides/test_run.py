@@ -190,6 +190,7 @@ def test_unreadable_tile_skip_errors(make_slide, tmp_path, monkeypatch, regions)
             raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
         return real(slide, x, y, size0, level, out_size)
 
+    monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", flaky)
     out = tmp_path / "out"
     summary = _run([synth.path], out, SlideSettings(regions=regions))

@@ -125,7 +125,7 @@ class Slide:
 
     def reopen(self) -> Slide:
         """A new handle on the same file with the same reader and µm/px (for another thread)."""
-        return Slide(self.path, self.reader, _open_handle(self.reader, self.path), self.mpp, self.mpp_source)
+        return Slide(self.path, self.reader, open_handle(self.reader, self.path), self.mpp, self.mpp_source)
 
     def close(self) -> None:
         """Release the file handle. Safe to call twice."""
@@ -147,7 +147,7 @@ class Slide:
         return f"Slide({self.path.name!r}, {w}x{h} px, {self.mpp:.4g} µm/px, {levels} levels, {self.reader})"
 
 
-def _open_handle(reader: str, path: Path) -> Any:
+def open_handle(reader: str, path: Path) -> Any:
     module = _load(reader)
     if reader == "openslide":
         return module.OpenSlide(str(path))
@@ -207,7 +207,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
     missing: list[MissingDependency] = []
     for name in order:
         try:
-            handle = _open_handle(name, path)
+            handle = open_handle(name, path)
         except MissingDependency as err:
             missing.append(err)
             continue
