@@ -4,7 +4,7 @@ Exports a variant (default: the mini, RANDOM WEIGHTS, fp32 ONNX) and writes a sy
 tissue on glass, JPEG tiles, 0.25 µm/px pyramid like a 40x scan), both cached under ``--out``. Then,
 each after a warm-up and ``--repeats`` timed runs (median, spread):
 
-- reader: the reading threads alone over the slide's tissue tiles (tiles/s)
+- reader: the reading workers alone over the slide's tissue tiles (tiles/s)
 - model: the backend alone on the same tiles already in memory (tiles/s)
 - end to end: ``process_slides`` into a fresh folder (tiles/s over the slide's busy time), with its
   breakdown: mask, read (summed over the workers), time the model waited for tiles, model, write;
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         reader = TileReader(slide, workers=args.workers)
         print(
             f"{slide_path.name}: {n} tissue tiles at {args.mpp} µm/px (read from level {grid.level}); "
-            f"{reader.workers} reading threads, batch {batch}, backend {backend.name}",
+            f"{reader.workers} reading {'processes' if reader.processes else 'threads'}, batch {batch}, "
+            f"backend {backend.name}",
             flush=True,
         )
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiles": n,
         "target_mpp": args.mpp,
         "workers": reader.workers,
+        "worker_kind": "processes" if reader.processes else "threads",
         "batch": batch,
         "reader": _rate(read_stats, n),
         "reader_scaling": scaling,
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"end to end   : {e2e['tiles_per_s']:8.1f} tiles/s  (spread {busy.rel_spread:.0%})")
     shares = ", ".join(f"{key[:-2]} {share:.0%}" for key, share in breakdown.items())
-    print(f"  end-to-end time: {shares}; reading: {timings['read_s']:.2f} s over {reader.workers} threads")
+    print(f"  end-to-end time: {shares}; reading: {timings['read_s']:.2f} s over {reader.workers} workers")
     print(f"machine: {report['environment']['machine']}; RANDOM WEIGHTS: {report['random_weights']}")
     print(f"report: {args.out / 'slides_throughput.json'}")
     return 0

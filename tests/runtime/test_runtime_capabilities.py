@@ -25,6 +25,13 @@ def test_capabilities_are_json_and_sane():
     assert physical_cores() == caps["cpu_physical_cores"]
     assert "CPUExecutionProvider" in caps["onnxruntime_providers"]
     assert caps["numpy"] != NOT_INSTALLED
+    import importlib.metadata as md
+
+    for key, dist in (("openslide", "openslide-python"), ("tiffslide", "tiffslide"), ("h5py", "h5py")):
+        try:
+            assert caps[key] == md.version(dist)  # the slide readers and writer are reported
+        except md.PackageNotFoundError:
+            assert caps[key] == NOT_INSTALLED
 
 
 def test_gpu_resize_says_what_is_missing(monkeypatch):

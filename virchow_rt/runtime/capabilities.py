@@ -195,5 +195,10 @@ def capabilities() -> dict[str, Any]:
         "onnx": package_version("onnx"),
         "numpy": package_version("numpy"),
         "pillow": package_version("pillow"),
+        # whole slides: the readers (OpenSlide's library comes in the openslide-bin wheel) and the .h5 writer
+        "openslide": package_version("openslide-python"),
+        "openslide_library": package_version("openslide-bin"),
+        "tiffslide": package_version("tiffslide"),
+        "h5py": package_version("h5py"),
         "backends": runnable_backends(),
     }
