@@ -98,6 +98,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="where tiles not of the model's size are resized (auto: the GPU when the backend runs on one)",
     )
     p.add_argument("--skip-errors", action="store_true", help="skip unreadable images and report them")
+    p.add_argument(
+        "--recursive", action="store_true", help="read sub-folders of the folders given too (TCGA/GDC layout)"
+    )
     p.set_defaults(handler=_run_embed)
 
 

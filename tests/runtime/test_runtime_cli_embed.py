@@ -77,12 +77,13 @@ def test_skip_errors_reports_skipped_files(models, tissue, tmp_path, capsys):
     out = tmp_path / "e.npy"
     assert main(["embed", str(models["fp32"]), str(folder), "--out", str(out), "--skip-errors"]) == 0
     captured = capsys.readouterr()
-    assert "2 skipped" in captured.out
+    assert "1 skipped" in captured.out and "1 files that are not tiles ignored" in captured.out
     emb = np.load(out)
     np.testing.assert_allclose(emb, expected_embedding(tissue[[0, 2, 3]]), atol=1e-5)
     meta = json.loads(out.with_suffix(".json").read_text())
     skipped = {s["name"].rsplit("/", 1)[-1]: s["reason"] for s in meta["skipped"]}
-    assert set(skipped) == {"tile001.png", "readme.txt"} and "truncated" in skipped["tile001.png"]
+    assert set(skipped) == {"tile001.png"} and "truncated" in skipped["tile001.png"]
+    assert [name.rsplit("/", 1)[-1] for name in meta["ignored"]] == ["readme.txt"]
 
 
 def _bad_case(kind, models, tissue, tmp_path):
@@ -111,7 +112,7 @@ def _bad_case(kind, models, tissue, tmp_path):
     if kind == "non-image":
         folder = _folder_of_pngs(tmp_path / "pngs", tissue[:2])
         (folder / "notes.txt").write_text("x")
-        return model, folder, ["notes.txt is not an image", "--skip-errors"]
+        return model, folder / "notes.txt", ["notes.txt is not an image", "--skip-errors"]
     if kind == "corrupt-image":
         folder = _folder_of_pngs(tmp_path / "pngs", tissue[:3])
         data = (folder / "tile002.png").read_bytes()
@@ -119,7 +120,7 @@ def _bad_case(kind, models, tissue, tmp_path):
         return model, folder, ["tile002.png", "corrupt or truncated"]
     if kind == "empty-folder":
         (tmp_path / "empty").mkdir()
-        return model, tmp_path / "empty", ["empty has no files"]
+        return model, tmp_path / "empty", ["empty has no files of tiles"]
     raise AssertionError(kind)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,21 +108,32 @@ def test_garbage_npy_and_missing_path(tmp_path):
 
 def test_empty_folder_and_zero_tiles(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="empty has no files"):
+    with pytest.raises(InputError, match="empty has no files of tiles: put .npy arrays or PNG"):
         open_tiles([tmp_path / "empty"])
     np.save(tmp_path / "zero.npy", np.zeros((0, 224, 224, 3), np.uint8))
     with pytest.raises(InputError, match="no tiles to embed"):
         open_tiles([tmp_path / "zero.npy"])
 
 
-def test_non_image_in_folder_errors_or_is_skipped(tmp_path, tissue):
+def test_files_that_are_not_tiles_are_ignored_and_counted(tmp_path, tissue):
     _png(tmp_path / "a.png", tissue[0])
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "labels.csv").write_text("a.png,tumour")
+    source = open_tiles([tmp_path])  # a stray notes.txt no longer stops the run
+    assert len(source) == 1 and source.skipped == []
+    assert source.ignored == [str(tmp_path / "labels.csv"), str(tmp_path / "notes.txt")]
     with pytest.raises(InputError, match="notes.txt is not an image.*--skip-errors"):
+        open_tiles([tmp_path / "notes.txt"])  # named explicitly, it is still checked
+
+
+def test_sub_folders_with_recursive(tmp_path, tissue):
+    for case in ("case1", "case2"):
+        (tmp_path / case).mkdir()
+        _png(tmp_path / case / "t.png", tissue[0])
+    with pytest.raises(InputError, match="no files of tiles.*pass --recursive"):
         open_tiles([tmp_path])
-    source = open_tiles([tmp_path], skip_errors=True)
-    assert len(source) == 1
-    assert [name for name, _ in source.skipped] == [str(tmp_path / "notes.txt")]
+    source = open_tiles([tmp_path], recursive=True)
+    assert len(source) == 2 and [Path(n).parent.name for n in source.names] == ["case1", "case2"]
 
 
 def test_truncated_image_is_named_or_skipped(tmp_path, tissue):
@@ -141,6 +154,6 @@ def test_truncated_image_is_named_or_skipped(tmp_path, tissue):
 
 
 def test_all_inputs_skipped_is_an_error(tmp_path):
-    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "a.png").write_text("x")
     with pytest.raises(InputError, match=r"no tiles to embed.*1 unreadable files skipped"):
         open_tiles([tmp_path], skip_errors=True)

@@ -41,7 +41,7 @@ def embed_command(args: argparse.Namespace) -> int:
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be >= 1")
     # inputs are checked before the model loads: a wrong array fails in milliseconds, not after a model load
-    source = open_tiles(args.tiles, skip_errors=args.skip_errors)
+    source = open_tiles(args.tiles, skip_errors=args.skip_errors, recursive=args.recursive)
     options = {}
     if args.weights is not None:
         if args.backend != "torch-cuda":
@@ -88,6 +88,7 @@ def embed_command(args: argparse.Namespace) -> int:
         "tiles": int(embeddings.shape[0]),
         "sources": source.sources,
         "skipped": [{"name": name, "reason": reason} for name, reason in source.skipped],
+        "ignored": source.ignored,  # files of the folders given that are not tiles by their suffix
         "elapsed_s": round(elapsed, 3),
         "tiles_per_s": round(embeddings.shape[0] / max(elapsed, 1e-9), 2),
         "versions": {
@@ -106,6 +107,8 @@ def embed_command(args: argparse.Namespace) -> int:
             np.save(fh, embeddings)  # a file handle: np.save(path) would append ".npy" to the temporary name
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
     skipped = f", {len(source.skipped)} skipped (see {out_json.name})" if source.skipped else ""
+    if source.ignored:
+        skipped += f", {len(source.ignored)} files that are not tiles ignored (see {out_json.name})"
     print(
         f"embedded {embeddings.shape[0]} tiles in {elapsed:.2f} s ({meta['tiles_per_s']} tiles/s) with "
         f"{backend.name} ({info.variant} {info.precision}, {pooling} {embeddings.shape[1]}-d, "

@@ -89,12 +89,15 @@ class TileSource:
         tile_size: int = 224,
         skip_errors: bool = False,
         skipped: list[tuple[str, str]] | None = None,
+        ignored: list[str] | None = None,
     ) -> None:
         self._entries = entries
         self.tile_size = int(tile_size)
         self.skip_errors = skip_errors
         #: (name, reason) of every input left out (only with skip_errors)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
+        #: files of a folder that are not tiles by their suffix (notes.txt, a .csv of labels), not read
+        self.ignored: list[str] = list(ignored or [])
         self._failed: set[int] = set()  # entry indices whose image failed to decode
 
     def __len__(self) -> int:
@@ -196,16 +199,31 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)  # (B, S, S, 3), a new contiguous array
 
 
-def _expand(path: Path, skip_errors: bool, skipped: list[tuple[str, str]]) -> list[_Entry]:
-    """Entries for one input path: a .npy, an image, or a folder of those (sorted, not recursive)."""
+#: what a folder's files must end in to be read as tiles (anything else is ignored and counted)
+TILE_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def _expand(
+    path: Path, skip_errors: bool, skipped: list[tuple[str, str]], ignored: list[str], recursive: bool = False
+) -> list[_Entry]:
+    """Entries for one input path: a .npy, an image, or a folder of those (sorted; its sub-folders too
+    with ``recursive``). A folder's files of other suffixes are not tiles: they go to ``ignored``."""
     if path.is_dir():
-        # hidden files (.DS_Store, ._x) and sub-folders are not tiles; everything else must be one
-        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-        if not files:
-            raise InputError(f"folder {path} has no files; put .npy arrays or PNG/JPEG/TIFF tiles in it")
+        # hidden files (.DS_Store, ._x) are never tiles
+        children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        files = [p for p in children if p.is_file() and p.suffix.lower() in TILE_SUFFIXES]
+        ignored += [str(p) for p in children if p.is_file() and p.suffix.lower() not in TILE_SUFFIXES]
+        folders = [p for p in children if p.is_dir()] if recursive else []
         entries: list[_Entry] = []
-        for file in files:
-            entries.extend(_expand(file, skip_errors, skipped))
+        for item in [*files, *folders]:
+            entries.extend(_expand(item, skip_errors, skipped, ignored, recursive))
+        if not files and not folders:
+            others = f" ({len(children)} entries that are not tiles)" if children else ""
+            hint = "; pass --recursive to read its sub-folders" if any(p.is_dir() for p in children) else ""
+            raise InputError(
+                f"folder {path} has no files of tiles{others}: put .npy arrays or "
+                f"{'/'.join(s[1:].upper() for s in TILE_SUFFIXES[1:])} tiles in it{hint}"
+            )
         return entries
     if not path.exists():
         raise InputError(f"{path} does not exist; pass .npy arrays, image files or folders of images")
@@ -222,24 +240,33 @@ def _expand(path: Path, skip_errors: bool, skipped: list[tuple[str, str]]) -> li
 
 
 def open_tiles(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], tile_size: int = 224, skip_errors: bool = False
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    tile_size: int = 224,
+    skip_errors: bool = False,
+    recursive: bool = False,
 ) -> TileSource:
     """Open .npy uint8 (N, H, W, 3) arrays (memory-mapped), image files and folders of images as one source.
 
-    Inputs are checked now: a missing path, an empty folder, a wrong array dtype/rank/channels or a file
-    that is not an image raises :class:`InputError` naming it and the fix (with ``skip_errors``, unreadable
-    image files are skipped and listed in ``.skipped`` instead). Zero tiles in total is an error.
+    Inputs are checked now: a missing path, a folder without tiles, a wrong array dtype/rank/channels or a
+    file that is not an image raises :class:`InputError` naming it and the fix (with ``skip_errors``,
+    unreadable image files are skipped and listed in ``.skipped`` instead). A folder's files whose suffix is
+    not a tile's (:data:`TILE_SUFFIXES`) are ignored and listed in ``.ignored``; ``recursive`` reads its
+    sub-folders too (a TCGA/GDC download keeps each case in its own). Zero tiles in total is an error.
     """
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not inputs:
         raise InputError("no tile inputs given; pass .npy arrays, image files or folders of images")
     skipped: list[tuple[str, str]] = []
+    ignored: list[str] = []
     entries: list[_Entry] = []
     for item in inputs:
-        entries.extend(_expand(Path(item), skip_errors, skipped))
-    source = TileSource(entries, tile_size=tile_size, skip_errors=skip_errors, skipped=skipped)
+        entries.extend(_expand(Path(item), skip_errors, skipped, ignored, recursive))
+    source = TileSource(
+        entries, tile_size=tile_size, skip_errors=skip_errors, skipped=skipped, ignored=ignored
+    )
     if len(source) == 0:
         detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+        detail += f" ({len(ignored)} files that are not tiles ignored)" if ignored else ""
         raise InputError(
             f"no tiles to embed in {', '.join(map(str, inputs))}{detail}; "
             "pass non-empty (N, H, W, 3) arrays or images"
