@@ -1,4 +1,4 @@
-"""The ``virchow-rt`` command line.
+"""virchow-rt: fast, offline inference for pathology foundation models (Virchow, UNI, H-optimus, ...).
 
 Each subcommand parses its arguments here and hands them to the library; errors from the
 :mod:`virchow_rt.errors` hierarchy become one line on stderr and a non-zero exit code
@@ -27,6 +27,16 @@ def _csv_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
+class _Help(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none (None, off) or its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.required:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _add_weights(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -41,7 +51,9 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a variant to ONNX (fp32, fp16) and optionally TensorRT")
+    p = sub.add_parser(
+        "export", formatter_class=_Help, help="export a variant to ONNX (fp32, fp16) and optionally TensorRT"
+    )
     p.add_argument("variant", help=f"one of: {', '.join(VARIANTS)} (NAME-tiny for a tiny test config)")
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (manifest.json is written there)"
@@ -70,7 +82,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed tiles with an exported model")
+    p = sub.add_parser("embed", formatter_class=_Help, help="embed tiles with an exported model")
     p.add_argument("model", help="exported model: an export folder, an .onnx or a TensorRT .engine")
     p.add_argument(
         "tiles", nargs="+", help=".npy uint8 (N, H, W, 3) arrays, image files or folders of images"
@@ -106,7 +118,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "info", help="what this machine can run: CPU/GPU, ONNX Runtime providers, TensorRT, CUDA"
+        "info",
+        formatter_class=_Help,
+        help="what this machine can run: CPU/GPU, ONNX Runtime providers, TensorRT, CUDA",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_info)
@@ -114,7 +128,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "list", help="the encoders: architecture, size, embedding, preprocessing, magnification, licence"
+        "list",
+        formatter_class=_Help,
+        help="the encoders: architecture, size, embedding, preprocessing, magnification, licence",
     )
     p.add_argument("--json", action="store_true", help="print JSON (every field)")
     p.set_defaults(handler=_run_list)
@@ -132,10 +148,12 @@ def _run_list(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="export the mini variant (random weights) and embed bundled real-tissue tiles"
+        "demo",
+        formatter_class=_Help,
+        help="export the mini variant (random weights) and embed bundled real-tissue tiles",
     )
-    p.add_argument("--variant", default="virchow2g-mini")
-    p.add_argument("--out", default="out/demo", metavar="DIR")
+    p.add_argument("--variant", default="virchow2g-mini", help="the encoder to export (virchow-rt list)")
+    p.add_argument("--out", default="out/demo", metavar="DIR", help="export folder and embeddings")
     p.add_argument("--tiles", type=int, default=512, help="number of bundled tissue tiles to embed")
     p.add_argument(
         "--weights",
@@ -148,7 +166,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="throughput and parity of every available backend against the PyTorch reference"
+        "bench",
+        formatter_class=_Help,
+        help="throughput and parity of every available backend against the PyTorch reference",
     )
     p.add_argument("model", help="a variant name (exported on the fly) or an export folder / .onnx")
     _add_weights(p)
@@ -168,16 +188,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_slides(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slides", help="whole slides -> tissue tiles -> embeddings (.h5, TRIDENT/CLAM layout)")
+    p = sub.add_parser(
+        "slides",
+        formatter_class=_Help,
+        help="whole slides -> tissue tiles -> embeddings (.h5, TRIDENT/CLAM layout)",
+    )
     p.add_argument(
         "slides", nargs="+", help="slide files (any format OpenSlide or tifffile reads) or folders"
     )
     p.add_argument(
         "--model", required=True, help="exported model: an export folder, an .onnx or a TensorRT .engine"
     )
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="<slide>.h5 files and summary.json go here")
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
-    p.add_argument("--tile-size", type=int, default=224)
+    p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp")
     p.add_argument(
         "--slide-mpp", type=float, default=None, help="level-0 µm/px when the slide does not record it"
     )
@@ -186,7 +210,9 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
-    p.add_argument("--workers", type=int, default=None, help="tile reading workers")
+    p.add_argument(
+        "--workers", type=int, default=None, help="tile-reading workers (default: one per core, at most 8)"
+    )
     p.add_argument(
         "--pooling", choices=POOLINGS, default=None, help="default: the model's own (see `virchow-rt list`)"
     )
