@@ -97,7 +97,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="cls_mean: class ‖ patch mean; cls: class token (default: the model's own: virchow-rt list)",
     )
-    p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        metavar="BACKEND",
+        help=f"one of: {', '.join(BACKENDS)}",
+    )
     p.add_argument(
         "--weights",
         default=None,
@@ -176,7 +182,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--backends",
         type=_csv,
         default=None,
-        help="comma-separated backend/precision rows (default: all available)",
+        help="comma-separated rows: a backend as `embed --backend` names it (onnxruntime-cpu, tensorrt, "
+        "torch-cuda, ...; torch-eager and torch-compile for the PyTorch reference) or backend/precision "
+        "(default: every row this machine can run)",
     )
     p.add_argument("--batch-sizes", type=_csv_ints, default=None, help="comma-separated batch sizes")
     p.add_argument("--tiles", type=int, default=None, help="tiles per timed run")
@@ -216,7 +224,13 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pooling", choices=POOLINGS, default=None, help="default: the model's own (see `virchow-rt list`)"
     )
-    p.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        metavar="BACKEND",
+        help=f"one of: {', '.join(BACKENDS)}",
+    )
     p.add_argument(
         "--reader",
         choices=("auto", "openslide", "tiffslide"),

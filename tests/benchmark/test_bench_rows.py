@@ -110,3 +110,18 @@ def test_a_bare_backend_name_means_its_rows_for_this_machine() -> None:
 def test_unknown_row_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="unknown benchmark row 'onnxruntime-gpu'.*onnxruntime-cuda"):
         select_rows(["onnxruntime-gpu"], CPU_ONLY)
+
+
+def test_every_embed_backend_name_is_a_bench_row_name() -> None:
+    from virchow_rt.runtime import BACKENDS
+
+    for name in BACKENDS:
+        if name == "auto":
+            continue
+        chosen, _ = select_rows([name], GPU)
+        assert [r for r in chosen if r.key != REFERENCE_KEY], name  # rows of that backend, not an error
+    chosen, _ = select_rows(["onnxruntime"], CPU_ONLY)
+    runnable = {
+        r.backend for r in chosen if r.key != REFERENCE_KEY and unavailable_reason(r, CPU_ONLY) is None
+    }
+    assert runnable == {"onnxruntime-cpu"}  # the GPU providers' rows are listed as not available here

@@ -235,7 +235,10 @@ def select_rows(requested: Sequence[str] | None, machine: Machine) -> tuple[list
         chosen, skipped = [], {}
         for item in requested:
             name = item.replace(":", "/")
+            # the backend names `embed --backend` takes: "onnxruntime" is every ONNX Runtime row
             matches = [r for r in ROWS if r.key == name or r.backend == name]
+            if name == "onnxruntime":
+                matches = [r for r in ROWS if r.backend.startswith("onnxruntime-")]
             if not matches:
                 known = ", ".join(sorted({r.backend for r in ROWS} | set(ROWS_BY_KEY)))
                 raise InputError(
