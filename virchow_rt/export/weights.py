@@ -172,11 +172,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # noqa: BLE001 - unpickling raises many types
         raise WeightsError(
-            f"cannot read {path} as a plain state dict ({type(err).__name__}: {err}); virchow-rt only loads "
-            "tensors (torch.load weights_only=True), never pickled code: re-save with "
-            "torch.save(model.state_dict())"
+            f"cannot read {path} as a plain state dict ({_load_reason(err)}); virchow-rt loads only tensors, "
+            "never pickled code: re-save it with torch.save(model.state_dict())"
         ) from err
     return _unwrap(obj, path)
+
+
+def _load_reason(err: BaseException) -> str:
+    """torch.load's refusal in one plain line: what it found, without ANSI codes or its advice to unpickle."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please use|\n|$)", text)
+    line = found.group(1) if found else text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"{type(err).__name__}: {line.strip().rstrip('.')}"
 
 
 def load_weights(spec: str | os.PathLike, variant: Variant) -> tuple[dict[str, Any], Variant, WeightsInfo]:
