@@ -226,3 +226,16 @@ def test_another_slide_of_the_same_name_or_another_slide_mpp_is_redone(make_slid
     assert record["redone_because"] == "nompp.h5 was made with --slide-mpp 0.5, this run uses 0.25"
     assert _run([nompp.path], out, SlideSettings(slide_mpp=0.25))["slides"][0]["status"] == "skipped"
     assert _run([nompp.path], out)["slides"][0]["status"] == "skipped"  # the slide records none: keep it
+
+
+def test_an_mpp_finer_than_the_scan_is_warned_about(make_slide, tmp_path):
+    slide = make_slide()  # scanned at 0.5 µm/px
+    said = []
+    summary = process_slides([slide.path], FakeBackend(), tmp_path / "out", SlideSettings(mpp=0.25),
+                             log=lambda s: None, warn=said.append)  # fmt: skip
+    assert any("--mpp 0.25 is finer than the scan (0.5 µm/px): tiles are upsampled 2x" in s for s in said)
+    assert summary["slides"][0]["warnings"] and summary["slides"][0]["status"] == "done"
+    quiet = []
+    process_slides([slide.path], FakeBackend(), tmp_path / "out2", SlideSettings(mpp=0.5), log=lambda s: None,
+                   warn=quiet.append)  # fmt: skip
+    assert not [s for s in quiet if "finer than the scan" in s]

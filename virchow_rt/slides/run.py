@@ -111,6 +111,7 @@ class _Record:
     output: str | None = None
     reason: str | None = None
     redone_because: str | None = None
+    warnings: list[str] = field(default_factory=list)
     tiles: int = 0  # rows of the file's features (with regions: the --mpp tiles)
     regions: int | None = None
     embedded_tiles: int = 0  # tiles through the model (with regions: every tile of every region)
@@ -242,12 +243,25 @@ def _version() -> str:
     return __version__
 
 
-def _process_one(path: Path, out_dir: Path, model: _Model, settings: SlideSettings, record: _Record) -> None:
+def _process_one(
+    path: Path,
+    out_dir: Path,
+    model: _Model,
+    settings: SlideSettings,
+    record: _Record,
+    warn: Callable[[str], None],
+) -> None:
     out = out_dir / f"{path.stem}.h5"
     start = time.perf_counter()
     try:
         with open_slide(path, slide_mpp=settings.slide_mpp, reader=settings.reader) as slide:
             record.reader, record.level0_mpp = slide.reader, slide.mpp
+            if settings.mpp < slide.mpp * 0.99:  # finer than the scan: every tile would be an upsampled one
+                record.warnings.append(
+                    f"--mpp {settings.mpp:g} is finer than the scan ({slide.mpp:.4g} µm/px): tiles are "
+                    f"upsampled {slide.mpp / settings.mpp:.2g}x; use --mpp {slide.mpp:.4g} or coarser"
+                )
+                warn(f"{path.name}: warning: {record.warnings[-1]}")
             record.timings["open_s"] = time.perf_counter() - start
             with atomic_path(out) as tmp:
                 _embed_to_file(slide, model, settings, tmp, record)
@@ -346,7 +360,7 @@ def process_slides(
                     if _skip_complete(out, wanted, settings, record, prefix, log):
                         continue
                     try:
-                        _process_one(path, out_dir, ident, settings, record)
+                        _process_one(path, out_dir, ident, settings, record, warn)
                     except MissingDependency:
                         raise  # every other slide would fail the same way
                     except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
