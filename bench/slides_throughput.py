@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     slide_path = _slide(
         args.out / f"synthetic-{width}x{height}-{compression}.svs", width, height, compression
     )
-    settings = SlideSettings(mpp=args.mpp, workers=args.workers, batch_size=args.batch)
+    settings = SlideSettings(mpp=args.mpp, workers=args.workers, batch_size=args.batch, read_processes=True)
 
     with open_slide(slide_path) as slide, open_backend(model, backend=args.backend) as backend:
         grid = tile_grid(slide, mpp=args.mpp)
         plan = grid.plan.resized(backend.info.tile_size)
         n = len(plan)
         batch = default_batch_size(backend, args.batch)  # what process_slides uses too
-        reader = TileReader(slide, workers=args.workers)
+        reader = TileReader(slide, workers=args.workers, processes=True)  # as virchow-rt slides reads
         print(
             f"{slide_path.name}: {n} tissue tiles at {args.mpp} µm/px (read from level {grid.level}); "
             f"{reader.workers} reading {'processes' if reader.processes else 'threads'}, batch {batch}, "
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def read_all() -> list[np.ndarray]:
-            return [b.tiles for b in TileReader(slide, workers=args.workers).batches(plan, batch)]
+            return [
+                b.tiles for b in TileReader(slide, workers=args.workers, processes=True).batches(plan, batch)
+            ]
 
         read_stats = time_calls(read_all, repeats=args.repeats, warmup=1)
         scaling = None if args.no_sweep else _sweep(slide_path, plan, batch, args.repeats)

@@ -154,3 +154,21 @@ def test_reader_threads_run_ahead_with_bounded_memory(make_slide, monkeypatch):
     assert len(first) == 2
     # window = max(prefetch·batch, 2·workers·chunk) = 4 tiles in flight beyond the 2 handed out
     assert 3 <= ahead <= 2 + 4, ahead
+
+
+def test_threads_and_processes_read_the_same_tiles(make_slide):
+    from virchow_rt.slides import TileReader, open_slide, tile_grid
+
+    slide = make_slide()
+    with open_slide(slide.path) as handle:
+        plan = tile_grid(handle, 0.5).plan
+        batches = {}
+        for processes in (False, True):
+            reader = TileReader(handle, workers=2, processes=processes)
+            assert reader.processes is processes
+            batches[processes] = list(reader.batches(plan, 5))
+    assert [len(b) for b in batches[False]] == [len(b) for b in batches[True]]
+    for a, b in zip(batches[False], batches[True], strict=True):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.tiles, b.tiles)  # the same pixels, in the same order
+    assert TileReader(handle, workers=2).processes is False  # the library's default: threads (docstring)

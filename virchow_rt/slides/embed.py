@@ -79,6 +79,7 @@ class EmbeddingStream:
         workers: int | None = None,
         skip_errors: bool = False,
         prefetch_batches: int = 2,
+        processes: bool | None = None,
     ) -> None:
         self.backend = backend
         self.plan = plan.resized(backend.info.tile_size)
@@ -86,7 +87,9 @@ class EmbeddingStream:
         self.dim = embedding_dim(backend.info, self.pooling)
         self.batch_size = default_batch_size(backend, batch_size)
         self.skip_errors = skip_errors
-        self.reader = TileReader(slide, workers=workers, prefetch_batches=prefetch_batches)
+        self.reader = TileReader(
+            slide, workers=workers, prefetch_batches=prefetch_batches, processes=processes
+        )
         self.embed_s = 0.0
 
     @property

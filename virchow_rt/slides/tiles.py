@@ -1,11 +1,15 @@
 """Reading tiles fast: a pool of workers, each with its own slide handle, running ahead of the model.
 
-Workers are processes when there are several (:data:`PROCESSES_BY_DEFAULT`): measured with
-``bench/slides_throughput.py`` on JPEG-compressed SVS-style slides, reading threads did not scale
-(2-core CPU: 661 tiles/s with one thread, 666 with two; OpenSlide's path through Python holds the GIL
-for part of each tile) while processes did (656, then 1,200). The process pool lives as long as the
-Python process (``spawn``, safe beside threads), and each process keeps its slide handles open between
-jobs; tiles come back pickled (about 150 KB each). One worker reads in a thread, with no IPC. At most
+Workers are threads or processes. Measured with ``bench/slides_throughput.py`` on JPEG-compressed
+SVS-style slides, reading threads scale poorly (2-core CPU: 567 tiles/s with one thread, 775 with two;
+OpenSlide's path through Python holds the GIL for part of each tile) while processes scale (544, then
+1,153), so ``virchow-rt slides`` reads with processes when it has several workers. The library
+defaults to threads (:data:`PROCESSES_BY_DEFAULT`): worker processes are started with ``spawn`` (safe
+beside threads), which imports the caller's main script again in every worker, so a script calling
+this without an ``if __name__ == "__main__":`` guard would run its own top-level code once per worker;
+pass ``processes=True`` (``SlideSettings(read_processes=True)``) from a guarded script. The process
+pool lives as long as the Python process, and each worker keeps its slide handles open between jobs;
+tiles come back pickled (about 150 KB each). At most
 ``prefetch_batches`` batches of tiles are in flight (bounded memory), in chunks so that every worker
 stays busy; batches come out in plan order whatever order the chunks finish in.
 """
@@ -34,8 +38,8 @@ from virchow_rt.slides.reader import Slide, open_handle
 
 #: tiles per job handed to a worker (small: the order-preserving window stays short)
 MAX_CHUNK = 16
-#: read with processes when there are several workers (see the module docstring for the measurement)
-PROCESSES_BY_DEFAULT = True
+#: read with processes when there are several workers and the caller does not say (module docstring)
+PROCESSES_BY_DEFAULT = False
 _POOLS: dict[int, ProcessPoolExecutor] = {}  # worker count -> the process pool, made on first need
 _HANDLES: dict[tuple[str, str], Slide] = {}  # in a worker process: (path, reader) -> its open slide
 
@@ -182,8 +186,14 @@ class TileReader:
             return
         chunk = max(1, min(MAX_CHUNK, batch_size // self.workers))
         window = max(self.prefetch_batches * batch_size, 2 * self.workers * chunk)  # tiles in flight
-        rows = [(int(x), int(y), int(s), int(lv)) for (x, y), s, lv in
-                zip(plan.coords, plan.size0, plan.level, strict=True)]  # fmt: skip
+
+        def rows(start: int) -> list[tuple[int, int, int, int]]:  # made per job: memory stays flat
+            stop = min(n, start + chunk)
+            coords, size0, level = plan.coords[start:stop], plan.size0[start:stop], plan.level[start:stop]
+            return [
+                (int(x), int(y), int(s), int(lv)) for (x, y), s, lv in zip(coords, size0, level, strict=True)
+            ]
+
         submit, close = (
             self._processes(size, skip_errors) if self.processes else self._threads(size, skip_errors)
         )
@@ -192,7 +202,7 @@ class TileReader:
 
         def fill() -> None:
             while len(pending) * chunk < window and (start := next(starts, None)) is not None:
-                pending.append((start, submit(rows[start : start + chunk])))
+                pending.append((start, submit(rows(start))))
 
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # (indices, tiles) not yet yielded
         buffered = 0
