@@ -100,7 +100,6 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=BACKENDS,
         metavar="BACKEND",
         help=f"one of: {', '.join(BACKENDS)}",
     )
@@ -227,7 +226,6 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=BACKENDS,
         metavar="BACKEND",
         help=f"one of: {', '.join(BACKENDS)}",
     )

@@ -85,7 +85,7 @@ def test_external_data_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"precisions": ["int8"]}, "precisions"),
+        ({"precisions": ["int4"]}, "precisions"),
         ({"precisions": []}, "precisions"),
         ({"outputs": ["patch_tokens"]}, "outputs"),
         ({"parity_tiles": 0}, "parity_tiles"),
