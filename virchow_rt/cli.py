@@ -241,6 +241,9 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         help="skip unreadable tiles (a bad slide never stops the others)",
     )
     p.add_argument(
+        "--recursive", action="store_true", help="find slides in sub-folders too (a TCGA/GDC download)"
+    )
+    p.add_argument(
         "--read-threads",
         action="store_true",
         help="read tiles with threads instead of worker processes (processes were measured faster)",

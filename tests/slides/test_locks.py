@@ -158,7 +158,12 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(slides: list[Path], tmp_pa
     assert run.returncode == 130 and "rerun the same command to resume" in log, log
     assert not list(out.glob(".*"))  # no lock, no temporary file
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["slides"]) >= 1  # what was done so far, written on the way out
+    # every slide given is listed on the way out: what was done, and what was not
+    assert sorted(s["name"] for s in summary["slides"]) == ["s0", "s1", "s2"]
+    assert {s["status"] for s in summary["slides"]} <= {"done", "interrupted", "not started"}
+    assert (
+        summary["totals"]["done"] + summary["totals"]["not_done"] == 3 and summary["totals"]["not_done"] >= 1
+    )
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_finished_slides(

@@ -239,3 +239,19 @@ def test_an_mpp_finer_than_the_scan_is_warned_about(make_slide, tmp_path):
     process_slides([slide.path], FakeBackend(), tmp_path / "out2", SlideSettings(mpp=0.5), log=lambda s: None,
                    warn=quiet.append)  # fmt: skip
     assert not [s for s in quiet if "finer than the scan" in s]
+
+
+def test_slides_in_sub_folders_need_recursive(make_slide, tmp_path):
+    from virchow_rt.errors import InputError
+    from virchow_rt.slides import find_slides
+
+    cohort = tmp_path / "gdc"
+    for case in ("case1", "case2"):
+        (cohort / case).mkdir(parents=True)
+        (cohort / case / f"{case}.tif").write_bytes(make_slide().path.read_bytes())
+    with pytest.raises(InputError, match="no slides found.*pass --recursive"):
+        find_slides([cohort])
+    assert [p.name for p in find_slides([cohort], recursive=True)] == ["case1.tif", "case2.tif"]
+    summary = process_slides([cohort], FakeBackend(), tmp_path / "out", SlideSettings(recursive=True),
+                             log=lambda s: None)  # fmt: skip
+    assert [s["status"] for s in summary["slides"]] == ["done", "done"]

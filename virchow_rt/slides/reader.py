@@ -237,8 +237,9 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
     )
 
 
-def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders (non-recursive, by :data:`SLIDE_SUFFIXES`) into a sorted, de-duplicated list.
+def find_slides(inputs: Sequence[str | Path], recursive: bool = False) -> list[Path]:
+    """Expand files and folders (by :data:`SLIDE_SUFFIXES`; sub-folders too with ``recursive``, as a
+    TCGA/GDC download keeps one case per folder) into a sorted, de-duplicated list.
 
     Two slides with the same name would write the same ``<name>.h5``: that is an error.
     """
@@ -246,16 +247,20 @@ def find_slides(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES))
+            files = p.rglob("*") if recursive else p.iterdir()
+            found.extend(sorted(f for f in files if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES))
         elif p.exists():
             found.append(p)
         else:
             raise InputError(f"slide path {p} does not exist; check the path")
     unique = list(dict.fromkeys(f.resolve() for f in found))
     if not unique:
+        folders = [Path(i) for i in inputs if Path(i).is_dir()]
+        nested = not recursive and any(d.is_dir() for f in folders for d in f.iterdir())
+        hint = "; they have sub-folders: pass --recursive to look inside them" if nested else ""
         raise InputError(
             f"no slides found in {', '.join(map(str, inputs))}; give slide files or folders holding "
-            f"{', '.join(SLIDE_SUFFIXES)} files"
+            f"{', '.join(SLIDE_SUFFIXES)} files{hint}"
         )
     names: dict[str, Path] = {}
     for f in unique:

@@ -65,6 +65,7 @@ class SlideSettings:
     prefetch_batches: int = 2
     #: read tiles in worker processes (the CLI's default; None: the library's, threads: see slides.tiles)
     read_processes: bool | None = None
+    recursive: bool = False  # look for slides in sub-folders of the folders given
 
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
@@ -109,7 +110,7 @@ class _Model:
 class _Record:
     name: str
     path: str
-    status: str = "pending"  # done | skipped | failed
+    status: str = "pending"  # done | skipped | failed | locked | interrupted | not started
     output: str | None = None
     reason: str | None = None
     redone_because: str | None = None
@@ -327,7 +328,7 @@ def process_slides(
     Complete, valid files for this model and these settings are skipped; failures are recorded, not raised.
     """
     settings.check()
-    paths = find_slides(slides)
+    paths = find_slides(slides, recursive=settings.recursive)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started, wall0 = _now(), time.perf_counter()
@@ -388,7 +389,14 @@ def process_slides(
                     f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
                 )
         finally:
-            # also after an interrupt: the summary says what was done so far
+            # also after an interrupt: the summary lists every slide given, what was done and what was not
+            for record in records:
+                if record.status == "pending":  # the slide in progress when the run was stopped
+                    record.status, record.reason = "interrupted", "the run was stopped; rerun to resume"
+            listed = {r.path for r in records}
+            records += [
+                _Record(name=p.stem, path=str(p), status="not started") for p in paths if str(p) not in listed
+            ]
             summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
             write_json(out_dir / SUMMARY_NAME, summary)
     return summary
@@ -430,6 +438,7 @@ def _summary(
             "done": len(done),
             "skipped": sum(r.status == "skipped" for r in records),
             "failed": sum(r.status == "failed" for r in records),
+            "not_done": sum(r.status in ("locked", "interrupted", "not started") for r in records),
             "tiles_embedded": embedded,
             "wall_s": wall_s,
             **sums,
@@ -452,6 +461,7 @@ def run_cli(args: argparse.Namespace) -> int:
         skip_errors=args.skip_errors,
         reader=args.reader,
         read_processes=not args.read_threads,  # measured faster; the console entry point is guarded
+        recursive=args.recursive,
     )
     if args.clear_stale_locks and Path(args.out).is_dir():
         for path, holder in locks.clear_locks(Path(args.out)):
