@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.errors import ModelFileError
+from virchow_rt.errors import ModelFileError, OutputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -24,6 +24,45 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: suffixes that name a file: refused where a folder is asked for (``--out one.h5`` is a mistake)
+FILE_SUFFIXES = (".h5", ".npy", ".json", ".pt", ".onnx", ".engine", ".plan", ".csv", ".txt", ".png")
+
+
+def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
+    """Check, before any work, that an output can be written at ``path``; create nothing.
+
+    ``folder``: ``path`` is an output folder (it may exist as a folder; a file-like name is refused), else
+    an output file (its folder may not exist yet). The nearest existing folder must take a new file.
+    Raises :class:`OutputError` naming ``option``, the path, the problem and the fix.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(
+            f"{option} {path} is a file, not a folder; give a folder name (it is created if needed)"
+        )
+    if folder and not path.exists() and path.suffix.lower() in FILE_SUFFIXES:
+        raise OutputError(
+            f"{option} {path} names a file ({path.suffix}), but {option} is a folder; give a folder name, "
+            f"e.g. {option} {path.with_suffix('')}"
+        )
+    if not folder and path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name inside it")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{option} {path}: {existing} is a file, so nothing can be written under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".virchow-rt-write-test.", dir=existing)
+    except OSError as err:
+        raise OutputError(
+            f"{option} {path}: cannot write in {existing} ({err.strerror}); choose a folder you can write to"
+        ) from err
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 @contextlib.contextmanager

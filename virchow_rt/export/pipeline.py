@@ -32,7 +32,7 @@ from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
 from virchow_rt.export.reference import TorchBackend, build_model
 from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.kernels.resize import resize_tiles
-from virchow_rt.manifest import read_manifest, sha256_file, write_manifest
+from virchow_rt.manifest import check_output, read_manifest, sha256_file, write_manifest
 from virchow_rt.registry import Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -329,7 +329,7 @@ def export_model(
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
     outputs = check_outputs(outputs)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, "--out", folder=True)  # before the model is built (seconds to minutes)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
     bar = _Progress(variant, stages, progress)
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from virchow_rt import __version__
 from virchow_rt.errors import InputError
-from virchow_rt.manifest import atomic_path, sha256_file
+from virchow_rt.manifest import atomic_path, check_output, sha256_file
 from virchow_rt.runtime import open_backend, open_tiles
 from virchow_rt.runtime.capabilities import package_version
 from virchow_rt.runtime.embedder import Embedder
@@ -30,8 +30,7 @@ def _out_paths(out: str) -> tuple[Path, Path]:
         raise InputError(
             f"--out {out!r} must end in .npy (embeddings are saved with numpy); e.g. --out {path.stem}.npy"
         )
-    if path.is_dir():
-        raise InputError(f"--out {out!r} is a folder; pass a file name ending in .npy")
+    check_output(path, "--out", folder=False)  # before any work: a run must not fail at its end
     return path, path.with_suffix(".json")
 
 

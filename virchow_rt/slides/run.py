@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
-from virchow_rt.manifest import atomic_path, sha256_file, write_json
+from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend
 from virchow_rt.slides import locks
@@ -329,14 +329,14 @@ def process_slides(
     """
     settings.check()
     paths = find_slides(slides, recursive=settings.recursive)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output(out_dir, "--out", folder=True)  # before any work; made once there is work
     started, wall0 = _now(), time.perf_counter()
     records: list[_Record] = []
     with opened_backend(model, backend) as runner:
         ident = _Model.identify(model, runner)
         info = runner.info
         settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves no folder
         dim = embedding_dim(info, settings.pooling)
         if info.random_weights:
             warn(
