@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from slide_helpers import FakeBackend, cosine_rows, resize_square
 
-from virchow_rt.errors import InputError
+from virchow_rt.errors import InputError, OutputError
 from virchow_rt.slides import (
     SlideSettings,
     embed_regions,
@@ -113,10 +113,11 @@ def test_regions_in_the_h5(make_slide, tmp_path):
     np.testing.assert_array_equal(data["coords"], reg["coords"][:, 5:].reshape(-1, 2))
     assert data["attrs"]["regions"] == "5,10,20" and data["attrs"]["num_regions"] == 6
     assert data["attrs"]["region_size_level0"] == 896 and data["attrs"]["patch_size_level0"] == 224
-    # resumable like the plain layout; a different region list redoes it
+    # resumable like the plain layout; another region list is another configuration: another folder
     again = process_slides([synth.path], FakeBackend(), out, settings, **QUIET)
     assert again["slides"][0]["status"] == "skipped" and again["slides"][0]["regions"] == 6
     other = SlideSettings(regions=(10, 20), mpp=0.5)
-    redo = process_slides([synth.path], FakeBackend(), out, other, **QUIET)
-    assert redo["slides"][0]["status"] == "done" and "regions" in redo["slides"][0]["redone_because"]
-    assert read_features(out / "regions.h5")["regions"]["features"].shape[1] == 5
+    with pytest.raises(OutputError, match="another configuration \\(regions '5,10,20' -> '10,20'\\)"):
+        process_slides([synth.path], FakeBackend(), out, other, **QUIET)
+    process_slides([synth.path], FakeBackend(), tmp_path / "out-10-20", other, **QUIET)
+    assert read_features(tmp_path / "out-10-20" / "regions.h5")["regions"]["features"].shape[1] == 5

@@ -10,7 +10,7 @@ import pytest
 from slide_helpers import FakeBackend
 
 from virchow_rt import cli
-from virchow_rt.errors import InputError
+from virchow_rt.errors import InputError, OutputError
 from virchow_rt.slides import SlideSettings, check_complete, process_slides, read_features
 from virchow_rt.slides import run as run_module
 from virchow_rt.slides import tiles as tiles_module
@@ -33,7 +33,11 @@ def test_h5_layout_and_summary(make_slide, tmp_path):
     summary = _run([synth.path], out, warn=warnings.append)
     assert any("RANDOM WEIGHTS" in w for w in warnings)
     h5 = out / "slide.h5"
-    assert sorted(p.name for p in out.iterdir()) == ["slide.h5", "summary.json"]  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "run_config.json",
+        "slide.h5",
+        "summary.json",
+    ]  # no temp file
     assert h5.stat().st_mode & 0o044  # readable by the group like any file, not mkstemp's owner-only 0600
     with h5py.File(h5, "r") as f:
         feats, coords = f["features"], f["coords"]
@@ -95,14 +99,19 @@ def test_changed_settings_or_model_redo(make_slide, tmp_path):
     synth = make_slide()
     out = tmp_path / "out"
     _run([synth.path], out)
-    summary = _run([synth.path], out, SlideSettings(pooling="cls"))
-    assert (
-        summary["slides"][0]["redone_because"]
-        == "slide.h5 was made with pooling='cls_mean', this run uses 'cls'"
-    )
-    assert read_features(out / "slide.h5")["features"].shape[1] == 24
-    summary = _run([synth.path], out, SlideSettings(pooling="cls"), backend=FakeBackend(width=8))
-    assert "model_sha256" in summary["slides"][0]["redone_because"]
+    # another pooling or model in the same folder would mix dimensions: refused, both named
+    with pytest.raises(
+        OutputError, match="another configuration \\(pooling 'cls_mean' -> 'cls'; embedding_dim"
+    ):
+        _run([synth.path], out, SlideSettings(pooling="cls"))
+    with pytest.raises(OutputError, match="model_sha256 'backend:"):
+        _run([synth.path], out, backend=FakeBackend(width=8))
+    assert read_features(out / "slide.h5")["features"].shape[1] == 48  # untouched
+    summary = _run([synth.path], tmp_path / "cls", SlideSettings(pooling="cls"))  # its own folder
+    assert summary["slides"][0]["status"] == "done"
+    assert read_features(tmp_path / "cls" / "slide.h5")["features"].shape[1] == 24
+    runs = _run([synth.path], out)  # summary.json accumulates across runs of the folder
+    assert runs["runs"] == 2 and [s["status"] for s in runs["slides"]] == ["skipped"]
 
 
 def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monkeypatch, capsys):
@@ -135,7 +144,11 @@ def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monke
     captured = capsys.readouterr()
     assert "bad.tif: FAILED" in captured.err and "RANDOM WEIGHTS" in captured.err
     assert "1 done, 0 skipped (complete), 2 failed" in captured.out
-    assert sorted(p.name for p in out.iterdir()) == ["good.h5", "summary.json"]  # nothing for the bad slides
+    assert sorted(p.name for p in out.iterdir()) == [
+        "good.h5",
+        "run_config.json",
+        "summary.json",
+    ]  # no bad ones
     summary = json.loads((out / "summary.json").read_text())
     failures = {f["name"]: f["reason"] for f in summary["failures"]}
     assert set(failures) == {"bad", "nompp"}

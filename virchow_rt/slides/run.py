@@ -29,7 +29,7 @@ from virchow_rt.errors import InputError, MissingDependency, OutputError, Vircho
 from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend
-from virchow_rt.slides import locks
+from virchow_rt.slides import folder, locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
     MPP_AT_1X,
@@ -338,6 +338,7 @@ def process_slides(
         settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves no folder
         dim = embedding_dim(info, settings.pooling)
+        folder.claim(out_dir, {"encoder": info.variant, **_expected_attrs(settings, ident, dim)})
         if info.random_weights:
             warn(
                 f"WARNING: {info.variant} has RANDOM WEIGHTS: its embeddings are meaningless "
@@ -398,6 +399,7 @@ def process_slides(
                 _Record(name=p.stem, path=str(p), status="not started") for p in paths if str(p) not in listed
             ]
             summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
+            summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)  # earlier runs' slides kept
             write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 

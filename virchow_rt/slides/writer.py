@@ -173,6 +173,15 @@ def _same(got: Any, want: Any) -> bool:
     return got == want
 
 
+def _plain(value: Any) -> str:
+    """A stored attribute as a person reads it: 224, not np.int64(224); text without quotes or b''."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return repr(value) if value == "" else str(value)
+
+
 def check_complete(path: str | os.PathLike, expected: Mapping[str, Any]) -> str | None:
     """Why ``path`` is not a complete, valid feature file for this run (None when it is).
 
@@ -194,7 +203,7 @@ def check_complete(path: str | os.PathLike, expected: Mapping[str, Any]) -> str 
                 if key not in attrs:
                     return f"has no attribute {key!r}"
                 if not _same(attrs[key], want):
-                    return f"was made with {key}={attrs[key]!r}, this run uses {want!r}"
+                    return f"was made with {key} {_plain(attrs[key])}, this run uses {_plain(want)}"
             if "features" not in f or "coords" not in f:
                 return "lacks the features or coords dataset"
             feats, coords = f["features"], f["coords"]
