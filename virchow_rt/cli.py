@@ -244,6 +244,11 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         "--recursive", action="store_true", help="find slides in sub-folders too (a TCGA/GDC download)"
     )
     p.add_argument(
+        "--also-pt",
+        action="store_true",
+        help="also write pt_files/<slide>.pt (CLAM's MIL loader; needs torch)",
+    )
+    p.add_argument(
         "--read-threads",
         action="store_true",
         help="read tiles with threads instead of worker processes (processes were measured faster)",

@@ -268,3 +268,16 @@ def test_slides_in_sub_folders_need_recursive(make_slide, tmp_path):
     summary = process_slides([cohort], FakeBackend(), tmp_path / "out", SlideSettings(recursive=True),
                              log=lambda s: None)  # fmt: skip
     assert [s["status"] for s in summary["slides"]] == ["done", "done"]
+
+
+def test_also_pt_writes_clam_pt_files(make_slide, tmp_path):
+    torch = pytest.importorskip("torch")
+    slide = make_slide()
+    out = tmp_path / "out"
+    _run([slide.path], out)  # .h5 only
+    assert not (out / "pt_files").exists()
+    summary = _run([slide.path], out, SlideSettings(also_pt=True))  # the .h5 is complete: no model run
+    assert summary["slides"][0]["status"] == "skipped"
+    features = torch.load(out / "pt_files" / "slide.pt", weights_only=True)  # as CLAM loads it
+    assert features.dtype == torch.float32
+    np.testing.assert_array_equal(features.numpy(), read_features(out / "slide.h5")["features"])

@@ -53,3 +53,18 @@ def merge_summary(out_dir: Path, name: str, summary: dict[str, Any]) -> dict[str
     now = {s["name"] for s in summary["slides"]}
     kept = [s for s in earlier.get("slides", []) if s.get("name") not in now]
     return {**summary, "slides": summary["slides"] + kept, "runs": int(earlier.get("runs", 0)) + 1}
+
+
+def write_pt(out_dir: Path, h5: Path) -> Path:
+    """``<out>/pt_files/<slide>.pt`` from a complete ``.h5``: its features as one (N, E) float32 tensor, the
+    file CLAM's MIL loader reads (``torch.load``). Written atomically; torch is needed (the export extra)."""
+    from virchow_rt._deps import optional_import
+    from virchow_rt.manifest import atomic_path
+    from virchow_rt.slides.writer import read_features
+
+    torch = optional_import("torch", "to write CLAM's pt_files (--also-pt)")
+    target = out_dir / "pt_files" / f"{h5.stem}.pt"
+    features = read_features(h5)["features"]  # (N, E) float32
+    with atomic_path(target) as tmp:
+        torch.save(torch.from_numpy(features), tmp)
+    return target

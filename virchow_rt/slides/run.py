@@ -66,6 +66,7 @@ class SlideSettings:
     #: read tiles in worker processes (the CLI's default; None: the library's, threads: see slides.tiles)
     read_processes: bool | None = None
     recursive: bool = False  # look for slides in sub-folders of the folders given
+    also_pt: bool = False  # also write CLAM's pt_files/<slide>.pt
 
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
@@ -363,6 +364,8 @@ def process_slides(
                     for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
                         stale.unlink(missing_ok=True)
                     if _skip_complete(out, wanted, settings, record, prefix, log):
+                        if settings.also_pt and not (out_dir / "pt_files" / f"{out.stem}.pt").exists():
+                            folder.write_pt(out_dir, out)  # from the complete .h5, no model run
                         continue
                     try:
                         _process_one(path, out_dir, ident, settings, record, warn)
@@ -382,6 +385,8 @@ def process_slides(
                         )
                         warn(f"{prefix}: FAILED: {record.reason}")
                         continue
+                if settings.also_pt:
+                    folder.write_pt(out_dir, out)
                 t = record.timings
                 skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
                 log(
@@ -464,6 +469,7 @@ def run_cli(args: argparse.Namespace) -> int:
         reader=args.reader,
         read_processes=not args.read_threads,  # measured faster; the console entry point is guarded
         recursive=args.recursive,
+        also_pt=args.also_pt,
     )
     if args.clear_stale_locks and Path(args.out).is_dir():
         for path, holder in locks.clear_locks(Path(args.out)):
