@@ -281,3 +281,14 @@ def test_also_pt_writes_clam_pt_files(make_slide, tmp_path):
     features = torch.load(out / "pt_files" / "slide.pt", weights_only=True)  # as CLAM loads it
     assert features.dtype == torch.float32
     np.testing.assert_array_equal(features.numpy(), read_features(out / "slide.h5")["features"])
+
+
+def test_progress_inside_a_slide(make_slide, tmp_path, capsys):
+    slide = make_slide()
+    _run([slide.path], tmp_path / "out", SlideSettings(progress=True))
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(r"slide: .*\d+/\d+ \[.*tile/s\]", err), err  # tiles done / total, rate (and ETA)
+    _run([slide.path], tmp_path / "quiet", SlideSettings(progress=False))
+    assert "tile/s" not in capsys.readouterr().err

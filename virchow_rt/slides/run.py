@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
 from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
@@ -67,6 +68,9 @@ class SlideSettings:
     read_processes: bool | None = None
     recursive: bool = False  # look for slides in sub-folders of the folders given
     also_pt: bool = False  # also write CLAM's pt_files/<slide>.pt
+    progress: bool | None = (
+        None  # tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
+    )
 
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
@@ -180,8 +184,13 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
     )
     writer = FeatureWriter(tmp, dim, layout)
     write_s = 0.0
+    show = sys.stderr.isatty() if settings.progress is None else settings.progress
+    bar = tqdm(
+        total=len(plan), unit="tile", desc=slide.name, disable=not show, leave=False, dynamic_ncols=True
+    )
     try:
         for ids, features in complete_groups(stream, group):  # features (G, group, E)
+            bar.update(features.shape[0] * features.shape[1])
             t1 = time.perf_counter()
             if top is None:
                 writer.append(tile_coords[ids], features[:, 0])
@@ -233,6 +242,7 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
             }
         )
     finally:
+        bar.close()
         writer.close()
     record.skipped_tiles = stats.failed
     record.skipped_tile_errors = stats.errors[:MAX_LISTED_ERRORS]
