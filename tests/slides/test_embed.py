@@ -172,3 +172,15 @@ def test_threads_and_processes_read_the_same_tiles(make_slide):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.tiles, b.tiles)  # the same pixels, in the same order
     assert TileReader(handle, workers=2).processes is False  # the library's default: threads (docstring)
+
+
+def test_embed_slide_takes_an_embedder(make_slide):
+    from virchow_rt.runtime import Embedder
+
+    synth = make_slide()
+    backend = FakeBackend()
+    with Embedder(backend) as embedder:
+        via_embedder = embed_slide(synth.path, embedder)
+        assert not backend.closed  # an open model stays open
+    direct = embed_slide(synth.path, FakeBackend())
+    np.testing.assert_array_equal(via_embedder.features, direct.features)

@@ -46,8 +46,12 @@ def opened_slide(slide: str | Path | Slide, slide_mpp: float | None = None) -> I
 
 
 @contextlib.contextmanager
-def opened_backend(model: str | Path | Backend, backend: str = "auto") -> Iterator[Backend]:
-    """Yield ``model`` if it is a :class:`Backend`, else the model file opened with ``open_backend``."""
+def opened_backend(model: str | Path | Backend | Any, backend: str = "auto") -> Iterator[Backend]:
+    """Yield ``model`` if it is a :class:`Backend` (an ``Embedder``'s own backend for an ``Embedder``), else
+    the model file or export folder opened with ``open_backend`` (and closed after)."""
+    inner = getattr(model, "backend", None)  # an Embedder: its backend, which it owns and keeps open
+    if isinstance(inner, Backend):
+        model = inner
     if isinstance(model, Backend):
         yield model
         return
@@ -268,7 +272,14 @@ def embed_slide(
     backend: str = "auto",
     skip_errors: bool = False,
 ) -> SlideEmbedding:
-    """Embed all tissue tiles of a slide in memory (use :func:`process_slides` for .h5 files)."""
+    """Embed all tissue tiles of a slide in memory (use :func:`process_slides` for .h5 files).
+
+    ``slide``: a path or an open :class:`Slide`. ``model``: an export folder, an .onnx or engine file
+    (opened with ``backend`` and closed after), or an open :class:`Backend` or ``Embedder`` (kept open).
+    ``mpp`` / ``tile_size``: the tile grid; ``min_tissue``: the tissue fraction a kept tile needs;
+    ``slide_mpp``: level-0 µm/px for a slide that records none; ``pooling``: None for the model's own.
+    Returns coords (N, 2) level-0 x, y and features (N, E) float32, with the grid and read statistics.
+    """
     options = {"pooling": pooling, "batch_size": batch_size, "workers": workers, "skip_errors": skip_errors}
     layout = _tiling(mpp, tile_size, min_tissue)
     with _streaming(slide, model, backend, slide_mpp, layout, **options) as (handle, runner, grid, stream):
