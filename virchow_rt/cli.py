@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from virchow_rt.errors import VirchowError
+from virchow_rt.errors import RandomWeightsWarning, VirchowError
 from virchow_rt.registry import POOLINGS, VARIANTS
 from virchow_rt.runtime import BACKENDS
 
@@ -347,11 +347,21 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     if not args.debug:
-        import warnings
-
         warnings.formatwarning = _one_line_warning
+    shown, original = [], warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 - warnings API
+        if issubclass(category, RandomWeightsWarning):  # one RANDOM WEIGHTS line per command
+            if shown:
+                return
+            shown.append(message)
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
     try:
         return int(args.handler(args) or 0)
     except VirchowError as err:
@@ -362,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"virchow-rt {args.command}: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = original
 
 
 if __name__ == "__main__":

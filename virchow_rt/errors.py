@@ -6,6 +6,8 @@ Every message says what failed, the offending value, and how to fix it. The CLI 
 
 from __future__ import annotations
 
+import warnings
+
 
 class VirchowError(Exception):
     """Base class of every error virchow-rt raises on purpose."""
@@ -53,3 +55,20 @@ class BackendError(VirchowError):
     """A backend (ONNX Runtime, TensorRT, CUDA) failed while building, loading or running."""
 
     exit_code = 5
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights is in use: its embeddings mean nothing (tests and demos only)."""
+
+
+def warn_random_weights(what: str) -> None:
+    """The one RANDOM WEIGHTS notice, in one format: ``RANDOM WEIGHTS: <what>: ...``.
+
+    The CLI prints the first of a command only (``virchow_rt.cli``); every output is labelled too.
+    """
+    warnings.warn(
+        f"RANDOM WEIGHTS: {what}: its embeddings are meaningless (tests and demos only; "
+        "--weights for real ones)",
+        RandomWeightsWarning,
+        stacklevel=3,
+    )

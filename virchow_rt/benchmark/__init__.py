@@ -25,6 +25,7 @@ from virchow_rt.benchmark.runner import BenchmarkRun, cleanup_export
 from virchow_rt.benchmark.source import Settings, reference_weights, resolve_settings, resolve_source
 from virchow_rt.benchmark.targets import evaluate_targets, format_target
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats, percentile, time_calls
+from virchow_rt.errors import warn_random_weights
 
 #: how the figures were taken, recorded in every report's settings
 METHOD = {
@@ -142,10 +143,7 @@ def run_benchmark(
     ref_weights, ref_random = reference_weights(source, weights, random_weights)
     specs, stubs = plan(backends, machine)
     if ref_random:
-        echo(
-            f"RANDOM WEIGHTS: benchmarking {source.variant.name} with random weights; "
-            "its embeddings are meaningless"
-        )
+        warn_random_weights(f"benchmarking {source.variant.name} with random weights")
     progress = sys.stderr.isatty() if progress is None else progress
     env = collect_environment()  # before the run: the load average at the start is part of the story
     if machine_label:

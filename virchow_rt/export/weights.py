@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import optional_import
-from virchow_rt.errors import WeightsError
+from virchow_rt.errors import RandomWeightsWarning, WeightsError, warn_random_weights  # noqa: F401 - re-exported
 from virchow_rt.export.transformers_layout import architecture, is_transformers_config, to_timm
 from virchow_rt.manifest import sha256_file
 from virchow_rt.registry import VARIANTS, Variant
@@ -30,10 +29,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LIST_LIMIT = 8  # keys shown per list in an error message
-
-
-class RandomWeightsWarning(UserWarning):
-    """Emitted whenever a model is built with random weights: its embeddings mean nothing."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +44,6 @@ class WeightsInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def warn_random_weights(what: str) -> None:
-    """Print the RANDOM WEIGHTS warning (once per call site under Python's default warning filter)."""
-    warnings.warn(
-        f"RANDOM WEIGHTS: {what}; embeddings are meaningless (use --weights for real ones)",
-        RandomWeightsWarning,
-        stacklevel=3,
-    )
 
 
 # --- locating the files --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from virchow_rt import __version__
-from virchow_rt.errors import InputError
+from virchow_rt.errors import InputError, warn_random_weights
 from virchow_rt.manifest import atomic_path, check_output, sha256_file
 from virchow_rt.runtime import open_backend, open_tiles
 from virchow_rt.runtime.capabilities import package_version
@@ -53,11 +53,7 @@ def embed_command(args: argparse.Namespace) -> int:
         embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty(), resize=args.resize)
         info = embedder.info
         if info.random_weights:
-            print(
-                f"virchow-rt embed: WARNING: RANDOM WEIGHTS: {args.model} was exported with random weights; "
-                "its embeddings mean nothing (tests and demos only)",
-                file=sys.stderr,
-            )
+            warn_random_weights(f"{args.model} was exported with random weights")
         start = time.perf_counter()
         pooling = embedder.pooling(args.pooling)  # None: the model's own
         embeddings = embedder.embed(source, pooling=pooling)  # (N, E) float32

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from virchow_rt.errors import BackendError, ModelFileError
+from virchow_rt.errors import BackendError, ModelFileError, warn_random_weights
 from virchow_rt.runtime import cuda
 from virchow_rt.runtime.backend import ModelInfo
 from virchow_rt.runtime.cuda_pipeline import ALIGNMENT, Executor, PipelinedBackend
@@ -245,9 +245,7 @@ class TensorRTBackend(PipelinedBackend):
             warnings.warn(f"{path.name}: {note}", stacklevel=2)
         info = model_info(manifest, artifact)
         if info.random_weights:
-            warnings.warn(
-                f"RANDOM WEIGHTS: {path.name} embeds nothing meaningful (tests and demos only)", stacklevel=2
-            )
+            warn_random_weights(f"{path.name} was built from random weights")
         vc = bool(artifact.get("version_compatible"))
         executor = TensorRTExecutor(
             trt_module, plan, info, graphs=cuda_graphs, version_compatible=vc, lean_library=lean_library

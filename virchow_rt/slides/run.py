@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
+from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError, warn_random_weights
 from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.runtime.backend import Backend
@@ -351,9 +351,8 @@ def process_slides(
         dim = embedding_dim(info, settings.pooling)
         folder.claim(out_dir, {"encoder": info.variant, **_expected_attrs(settings, ident, dim)})
         if info.random_weights:
-            warn(
-                f"WARNING: {info.variant} has RANDOM WEIGHTS: its embeddings are meaningless "
-                "(tests and demos only); every output is labelled random_weights=true"
+            warn_random_weights(
+                f"{info.variant} has random weights; every output is labelled random_weights=true"
             )
         expected = _expected_attrs(settings, ident, dim)
         try:
