@@ -26,7 +26,7 @@ def test_embed_npy_writes_embeddings_and_sidecar(models, tissue, tmp_path, capsy
     np.save(tmp_path / "tiles.npy", tissue[:12])
     out = tmp_path / "out" / "emb.npy"
     args = ["embed", str(models["fp32"]), str(tmp_path / "tiles.npy"), "--out", str(out)]
-    with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS: .*tiny.fp32.onnx was exported with random"):
+    with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS: .*fp32.onnx was exported with random"):
         code = main([*args, "--batch", "5"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
