@@ -101,16 +101,19 @@ def test_regions_in_the_h5(make_slide, tmp_path):
     settings = SlideSettings(regions=(5, 10, 20), mpp=0.5)
     summary = process_slides([synth.path], FakeBackend(), out, settings, **QUIET)
     record = summary["slides"][0]
-    assert record["regions"] == 6 and record["tiles"] == 6 * 16 and record["embedded_tiles"] == 6 * 21
-    assert summary["totals"]["tiles_embedded"] == 6 * 21
+    plain = process_slides([synth.path], FakeBackend(), tmp_path / "plain", SlideSettings(mpp=0.5), **QUIET)
+    grid_tiles = plain["slides"][0]["tiles"]
+    assert record["regions"] == 6 and record["tiles"] == grid_tiles
+    assert record["embedded_tiles"] == summary["totals"]["tiles_embedded"] == grid_tiles + 6 * 21
     data = read_features(out / "regions.h5")
     reg = data["regions"]
     assert reg["features"].shape == (6, 21, 48) and reg["coords"].shape == (6, 21, 2)
     np.testing.assert_array_equal(reg["magnification"], [5] + [10] * 4 + [20] * 16)
     np.testing.assert_array_equal(reg["patch_size_level0"], [896] + [448] * 4 + [224] * 16)
-    # the TRIDENT-layout datasets are the 20x (--mpp) tiles of the regions, region by region
-    np.testing.assert_array_equal(data["features"], reg["features"][:, 5:].reshape(-1, 48))
-    np.testing.assert_array_equal(data["coords"], reg["coords"][:, 5:].reshape(-1, 2))
+    # the TRIDENT-layout datasets are the slide's tile grid whatever --regions says: regions are added
+    without = read_features(tmp_path / "plain" / "regions.h5")
+    np.testing.assert_array_equal(data["coords"], without["coords"])
+    np.testing.assert_array_equal(data["features"], without["features"])
     assert data["attrs"]["regions"] == "5,10,20" and data["attrs"]["num_regions"] == 6
     assert data["attrs"]["region_size_level0"] == 896 and data["attrs"]["patch_size_level0"] == 224
     # resumable like the plain layout; another region list is another configuration: another folder

@@ -34,10 +34,10 @@ from virchow_rt.slides import folder, locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
     MPP_AT_1X,
+    TilePlan,
     check_tile_settings,
     magnification_to_mpp,
     nominal_magnification,
-    pick_level,
     tile_grid,
 )
 from virchow_rt.slides.reader import Slide, find_slides, open_slide
@@ -151,60 +151,54 @@ def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[st
 
 
 def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Path, record: _Record) -> None:
+    """The slide's tile grid into ``features``/``coords`` and, with ``--regions``, the region sequences
+    into ``regions/`` as well: the tile grid never depends on ``--regions``."""
     backend = model.backend
     dim = embedding_dim(backend.info, settings.pooling)
     t0 = time.perf_counter()
+    tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue)
+    grid = layout = None
     if settings.regions:
         grid = region_grid(
             slide, settings.regions, tile_size=settings.tile_size, min_tissue=settings.min_tissue
         )
         layout = grid.layout
-        top = layout.index_of(MPP_AT_1X / settings.mpp)  # positions of the --mpp tiles inside a region
-        plan, group, tile_coords = grid.plan(slide), layout.tiles_per_region, grid.tile_coords()
-        size0 = int(layout.size0[top[0]])
-        level = pick_level(slide, size0 * slide.mpp / settings.tile_size)
-        tissue_threshold = grid.mask.threshold
-    else:
-        layout, top = None, None
-        tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue)
-        plan, group, tile_coords = tiles.plan, 1, tiles.coords
-        size0, level, tissue_threshold = tiles.patch_size_level0, tiles.level, tiles.mask.threshold
     record.timings["mask_s"] = time.perf_counter() - t0
-
-    stream = EmbeddingStream(
-        slide,
-        backend,
-        plan,
-        pooling=settings.pooling,
-        batch_size=settings.batch_size,
-        workers=settings.workers,
-        skip_errors=settings.skip_errors,
-        prefetch_batches=settings.prefetch_batches,
-        processes=settings.read_processes,
-    )
     writer = FeatureWriter(tmp, dim, layout)
+    streams: list[EmbeddingStream] = []
     write_s = 0.0
-    show = sys.stderr.isatty() if settings.progress is None else settings.progress
-    bar = tqdm(
-        total=len(plan), unit="tile", desc=slide.name, disable=not show, leave=False, dynamic_ncols=True
-    )
+
+    def embed(plan: TilePlan, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        stream = EmbeddingStream(slide, backend, plan, pooling=settings.pooling,
+                                 batch_size=settings.batch_size, workers=settings.workers,
+                                 skip_errors=settings.skip_errors, prefetch_batches=settings.prefetch_batches,
+                                 processes=settings.read_processes)  # fmt: skip
+        streams.append(stream)
+        show = sys.stderr.isatty() if settings.progress is None else settings.progress
+        with tqdm(total=len(plan), unit="tile", desc=slide.name, disable=not show, leave=False,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            for ids, features in complete_groups(stream, group):  # features (G, group, E)
+                bar.update(features.shape[0] * features.shape[1])
+                yield ids, features
+
     try:
-        for ids, features in complete_groups(stream, group):  # features (G, group, E)
-            bar.update(features.shape[0] * features.shape[1])
+        for ids, features in embed(tiles.plan, 1):
             t1 = time.perf_counter()
-            if top is None:
-                writer.append(tile_coords[ids], features[:, 0])
-            else:
-                coords = tile_coords[ids]  # (G, T, 2)
-                writer.append_regions(coords, features)
-                writer.append(coords[:, top].reshape(-1, 2), features[:, top].reshape(-1, dim))
+            writer.append(tiles.coords[ids], features[:, 0])
             write_s += time.perf_counter() - t1
-        stats = stream.read_stats
+        if grid is not None and layout is not None:
+            region_coords = grid.tile_coords()
+            for ids, features in embed(grid.plan(slide), layout.tiles_per_region):
+                t1 = time.perf_counter()
+                writer.append_regions(region_coords[ids], features)  # (G, T, 2), (G, T, E)
+                write_s += time.perf_counter() - t1
+        failed = sum(s.read_stats.failed for s in streams)
         record.tiles = writer.num_tiles
-        record.embedded_tiles = stats.tiles
+        record.embedded_tiles = sum(s.read_stats.tiles for s in streams)
         record.regions = writer.num_regions if layout is not None else None
         width, height = slide.dimensions
         info = backend.info
+        size0 = tiles.patch_size_level0
         writer.finish(
             {
                 "name": slide.name,
@@ -231,24 +225,26 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
                 "mpp_source": slide.mpp_source,
                 "target_mpp": float(settings.mpp),
                 "effective_mpp": size0 * slide.mpp / settings.tile_size,
-                "read_level": level,
+                "read_level": tiles.level,
                 "min_tissue": float(settings.min_tissue),
-                "tissue_threshold": tissue_threshold,
+                "tissue_threshold": tiles.mask.threshold,
                 "regions": settings.regions_text,
                 "region_size_level0": layout.region_size0 if layout is not None else 0,
-                "skipped_tiles": stats.failed,
+                "skipped_tiles": failed,
                 "created": _now(),
                 "virchow_rt_version": _version(),
             }
         )
     finally:
-        bar.close()
         writer.close()
-    record.skipped_tiles = stats.failed
-    record.skipped_tile_errors = stats.errors[:MAX_LISTED_ERRORS]
-    record.read_level = level
+    record.skipped_tiles = failed
+    record.skipped_tile_errors = [e for s in streams for e in s.read_stats.errors][:MAX_LISTED_ERRORS]
+    record.read_level = tiles.level
     record.timings.update(
-        read_s=stats.read_s, read_wait_s=stats.wait_s, embed_s=stream.embed_s, write_s=write_s
+        read_s=sum(s.read_stats.read_s for s in streams),
+        read_wait_s=sum(s.read_stats.wait_s for s in streams),
+        embed_s=sum(s.embed_s for s in streams),
+        write_s=write_s,
     )
 
 

@@ -19,8 +19,8 @@ Layout of ``<out>/<slide name>.h5``::
         num_tiles, skipped_tiles, slide_size_bytes, mpp_source, format, format_version, created,
         virchow_rt_version and, written last, complete = True.
 
-With --regions, ``features``/``coords`` hold the region tiles at the --mpp magnification (region by
-region), so TRIDENT-layout readers see the usual file.
+``features``/``coords`` always hold the slide's tile grid at --mpp, the same with or without
+--regions (TRIDENT-layout readers see the usual file); --regions adds the ``regions/`` group.
 """
 
 from __future__ import annotations
