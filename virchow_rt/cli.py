@@ -244,6 +244,9 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         "--recursive", action="store_true", help="find slides in sub-folders too (a TCGA/GDC download)"
     )
     p.add_argument(
+        "--qc", action="store_true", help="also write <slide>.qc.png: thumbnail, tissue outline, kept tiles"
+    )
+    p.add_argument(
         "--also-pt",
         action="store_true",
         help="also write pt_files/<slide>.pt (CLAM's MIL loader; needs torch)",

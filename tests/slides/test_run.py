@@ -293,3 +293,18 @@ def test_progress_inside_a_slide(make_slide, tmp_path, capsys):
     assert re.search(r"slide: .*\d+/\d+ \[.*tile/s\]", err), err  # tiles done / total, rate (and ETA)
     _run([slide.path], tmp_path / "quiet", SlideSettings(progress=False))
     assert "tile/s" not in capsys.readouterr().err
+
+
+def test_qc_picture_shows_the_tiling(make_slide, tmp_path):
+    from PIL import Image
+
+    slide = make_slide()
+    out = tmp_path / "out"
+    summary = _run([slide.path], out, SlideSettings(qc=True))
+    picture = np.asarray(Image.open(out / "slide.qc.png"))
+    assert summary["slides"][0]["status"] == "done" and picture.ndim == 3 and picture.shape[2] == 3
+    assert max(picture.shape[:2]) <= 2048
+    blue = ((picture[..., 2] > 200) & (picture[..., 0] < 60)).sum()
+    green = ((picture[..., 1] == 200) & (picture[..., 0] == 0)).sum()
+    assert blue > 100 and green > 100  # the kept tiles' frames and the tissue outline are drawn
+    assert not list(out.glob(".*"))  # written atomically

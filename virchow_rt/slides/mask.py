@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from virchow_rt._deps import optional_import
 from virchow_rt.slides.reader import Slide
@@ -137,3 +137,25 @@ def tissue_mask(slide: Slide, tile_size0: float, config: MaskConfig | None = Non
     threshold = min(max(threshold, config.min_threshold), config.max_threshold)
     mask = clean_mask(sat > threshold, tile_size0 / downsample, config)
     return TissueMask(mask=mask, downsample=downsample, threshold=threshold)
+
+
+def qc_picture(
+    slide: Slide, mask: TissueMask, coords: np.ndarray, size0: int, max_side: int = 2048
+) -> np.ndarray:
+    """uint8 RGB: the slide's thumbnail with the tissue mask's outline (green) and every kept tile (blue).
+
+    For a person to check the tiling without code, as TRIDENT's contour pictures are used.
+    """
+    width, height = slide.dimensions
+    scale = max(1.0, max(width, height) / max_side)  # level-0 px per picture px
+    image = Image.fromarray(thumbnail(slide, scale))
+    outline = Image.fromarray(mask.mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
+    edges = np.asarray(outline.filter(ImageFilter.FIND_EDGES)) > 0  # (h, w) mask boundary
+    rgb = np.array(image)
+    rgb[edges] = (0, 200, 0)
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    side = size0 / scale
+    for x, y in np.asarray(coords, np.float64) / scale:
+        draw.rectangle((x, y, x + side, y + side), outline=(30, 80, 230))
+    return np.asarray(image)

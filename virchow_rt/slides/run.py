@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError, warn_random_weights
@@ -40,6 +41,7 @@ from virchow_rt.slides.grid import (
     nominal_magnification,
     tile_grid,
 )
+from virchow_rt.slides.mask import qc_picture
 from virchow_rt.slides.reader import Slide, find_slides, open_slide
 from virchow_rt.slides.regions import parse_magnifications, region_grid
 from virchow_rt.slides.writer import FORMAT_VERSION, FeatureWriter, resume_problem, stored_counts
@@ -68,6 +70,7 @@ class SlideSettings:
     read_processes: bool | None = None
     recursive: bool = False  # look for slides in sub-folders of the folders given
     also_pt: bool = False  # also write CLAM's pt_files/<slide>.pt
+    qc: bool = False  # also write <slide>.qc.png: thumbnail, tissue outline and the kept tiles
     progress: bool | None = (
         None  # tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
     )
@@ -150,7 +153,9 @@ def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[st
     }
 
 
-def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Path, record: _Record) -> None:
+def _embed_to_file(
+    slide: Slide, model: _Model, settings: SlideSettings, tmp: Path, record: _Record, qc: Path | None = None
+) -> None:
     """The slide's tile grid into ``features``/``coords`` and, with ``--regions``, the region sequences
     into ``regions/`` as well: the tile grid never depends on ``--regions``."""
     backend = model.backend
@@ -164,6 +169,10 @@ def _embed_to_file(slide: Slide, model: _Model, settings: SlideSettings, tmp: Pa
         )
         layout = grid.layout
     record.timings["mask_s"] = time.perf_counter() - t0
+    if qc is not None:  # before the model runs: the tiling can be checked while it does
+        picture = qc_picture(slide, tiles.mask, tiles.coords, tiles.patch_size_level0)
+        with atomic_path(qc) as tmp_png:
+            Image.fromarray(picture).save(tmp_png, format="PNG")
     writer = FeatureWriter(tmp, dim, layout)
     streams: list[EmbeddingStream] = []
     write_s = 0.0
@@ -274,8 +283,9 @@ def _process_one(
                 )
                 warn(f"{path.name}: warning: {record.warnings[-1]}")
             record.timings["open_s"] = time.perf_counter() - start
+            qc = out_dir / f"{path.stem}.qc.png" if settings.qc else None
             with atomic_path(out) as tmp:
-                _embed_to_file(slide, model, settings, tmp, record)
+                _embed_to_file(slide, model, settings, tmp, record, qc)
     except BaseException:
         out.unlink(missing_ok=True)  # an invalid old file must not survive a failed redo
         raise
@@ -475,6 +485,7 @@ def run_cli(args: argparse.Namespace) -> int:
         read_processes=not args.read_threads,  # measured faster; the console entry point is guarded
         recursive=args.recursive,
         also_pt=args.also_pt,
+        qc=args.qc,
     )
     if args.clear_stale_locks and Path(args.out).is_dir():
         for path, holder in locks.clear_locks(Path(args.out)):
