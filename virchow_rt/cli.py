@@ -207,7 +207,18 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         "--model", required=True, help="exported model: an export folder, an .onnx or a TensorRT .engine"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="<slide>.h5 files and summary.json go here")
-    p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
+    target.add_argument(
+        "--mag", type=float, default=None, help="target magnification, TRIDENT's spelling: 20 is --mpp 0.5"
+    )
+    p.add_argument(
+        "--grid",
+        choices=("magnification", "mpp"),
+        default="magnification",
+        help="a tile's level-0 side: from the nominal magnifications as TRIDENT does (896 px for 224 px at "
+        "10x on a 0.2527 µm/px scan), or exact from the µm/px (886)",
+    )
     p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp")
     p.add_argument(
         "--slide-mpp", type=float, default=None, help="level-0 µm/px when the slide does not record it"

@@ -15,6 +15,7 @@ from virchow_rt.slides import (
     read_features,
     region_grid,
 )
+from virchow_rt.slides.grid import patch_size_level0
 from virchow_rt.slides.regions import parse_magnifications, region_layout
 
 tifffile = pytest.importorskip("tifffile")
@@ -52,12 +53,14 @@ def test_layout_order_and_alignment(make_slide):
 
 
 def test_layout_on_an_odd_scanner_resolution(make_slide):
-    # 0.2527 µm/px: sizes come from the finest tile, so 4 × 20x == 2 × 10x == 1 × 5x exactly
+    # 0.2527 µm/px is a 40x scan (TRIDENT's rule): 224 px at 20x is 448 level-0 px; sizes come from the
+    # finest tile, so 4 × 20x == 2 × 10x == 1 × 5x exactly
     with open_slide(make_slide("odd.tif", 512, 512, (), mpp=None).path, slide_mpp=0.2527) as slide:
         layout = region_layout(slide, (5, 10, 20), tile_size=224)
-    assert layout.size0[-1] == round(224 * 0.5 / 0.2527) == 443
-    np.testing.assert_array_equal(np.unique(layout.size0), [443, 886, 1772])
-    assert layout.region_size0 == 1772
+        assert patch_size_level0(slide, 0.5, 224, rule="mpp") == round(224 * 0.5 / 0.2527) == 443  # exact
+    assert layout.size0[-1] == 224 * 40 // 20 == 448
+    np.testing.assert_array_equal(np.unique(layout.size0), [448, 896, 1792])
+    assert layout.region_size0 == 1792
 
 
 def test_magnifications_must_nest():

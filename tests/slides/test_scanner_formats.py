@@ -53,7 +53,7 @@ def test_the_layouts_tile_and_embed_alike(tmp_path: Path) -> None:
     results = {layout: embed_slide(scanner_slide(tmp_path / layout, layout), FakeBackend()) for layout in
                ("svs", "generic", "ome")}  # fmt: skip
     svs = results["svs"]
-    assert len(svs.coords) >= 10 and svs.grid.patch_size_level0 == round(224 * 0.5 / MPP)
+    assert len(svs.coords) >= 10 and svs.grid.patch_size_level0 == 224 * 40 // 20  # TRIDENT's rule: 448
     for other in ("generic", "ome"):
         np.testing.assert_array_equal(results[other].coords, svs.coords)
         assert cosine_rows(results[other].features, svs.features).min() > 0.999  # the same JPEG pixels

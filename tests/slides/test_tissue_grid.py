@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from slide_helpers import FakeBackend
 
 from virchow_rt._deps import is_importable
 from virchow_rt.errors import InputError
@@ -102,3 +103,40 @@ def test_bad_settings_are_input_errors(make_slide):
             tile_grid(slide, min_tissue=1.5)
         with pytest.raises(InputError, match="--tile-size"):
             tile_grid(slide, tile_size=4)
+
+
+def test_grid_rules_follow_trident_or_the_exact_mpp(make_slide, tmp_path):
+    """On a 0.2527 µm/px scan, 224 px at 1.0 µm/px: TRIDENT's 224 x 40 / 10 = 896, the exact rule 886."""
+    import h5py
+
+    from virchow_rt.slides import SlideSettings, open_slide, process_slides, tile_grid
+    from virchow_rt.slides.grid import patch_size_level0
+
+    synth = make_slide("odd.tif", 3584, 2688, mpp=None)
+    with open_slide(synth.path, slide_mpp=0.2527) as slide:
+        assert patch_size_level0(slide, 1.0, 224) == 896 and patch_size_level0(slide, 1.0, 224, "mpp") == 886
+        assert tile_grid(slide, 1.0, rule="mpp").patch_size_level0 == 886
+    out = tmp_path / "out"
+    process_slides(
+        [synth.path], FakeBackend(), out, SlideSettings(mpp=1.0, slide_mpp=0.2527), log=lambda s: None
+    )
+    with h5py.File(out / "odd.h5") as f:  # TRIDENT's attribute types on coords
+        attrs = f["coords"].attrs
+        assert attrs["patch_size_level0"] == 896.0 and attrs["patch_size_level0"].dtype.kind == "f"
+        assert attrs["target_magnification"] == 10.0 and attrs["target_magnification"].dtype.kind == "f"
+        assert attrs["level0_magnification"] == 40
+
+
+def test_mag_is_tridents_spelling_of_mpp(make_slide, tmp_path):
+    import json
+
+    from virchow_rt.cli import build_parser
+    from virchow_rt.slides.run import run_cli
+
+    synth = make_slide()
+    args = build_parser().parse_args(["slides", str(synth.path), "--model", "m", "--out", str(tmp_path / "o"),
+                                      "--mag", "10"])  # fmt: skip
+    args.model = FakeBackend()
+    assert run_cli(args) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["settings"]["mpp"] == 1.0

@@ -1,8 +1,17 @@
 """Tile grids at a target µm/px, kept where the tissue mask covers enough, and the read plan behind them.
 
 Coordinates are always level-0 pixels (x, y) of a tile's top-left corner, as TRIDENT and CLAM store them.
-A tile of ``tile_size`` px at ``mpp`` µm/px covers ``patch_size_level0 = round(tile_size · mpp / slide.mpp)``
-level-0 pixels; it is read from the coarsest pyramid level at or finer than ``mpp``, then resized.
+A tile of ``tile_size`` px at ``mpp`` µm/px covers ``patch_size_level0`` level-0 pixels, by one of two
+rules (:data:`GRID_RULES`):
+
+- "magnification" (the default, TRIDENT's): both µm/px are read as nominal magnifications (0.2527 µm/px
+  is 40x, 0.5 is 20x) and ``patch_size_level0 = round(tile_size · level-0 magnification / target
+  magnification)`` (896 for 224 px at 10x on a 40x scan), so coordinates line up with TRIDENT's and can
+  be reused across tools and encoders;
+- "mpp": exact, ``round(tile_size · mpp / slide.mpp)`` (886 for the same slide).
+
+The rules agree on slides whose µm/px is a nominal value. Tiles are read from the coarsest pyramid level
+at or finer than their µm/px, then resized.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from virchow_rt.slides.reader import Slide
 MPP_AT_1X = 10.0
 #: a pyramid level up to 1% coarser than the target still counts as "at the target" (downsamples like 2.002)
 LEVEL_TOLERANCE = 0.01
+GRID_RULES = ("magnification", "mpp")
 
 
 def magnification_to_mpp(magnification: float) -> float:
@@ -119,9 +129,14 @@ class TileGrid:
         return self.patch_size_level0 * self.slide_mpp / self.tile_size
 
 
-def patch_size_level0(slide: Slide, mpp: float, tile_size: int) -> int:
-    """Level-0 pixels along a tile of ``tile_size`` px at ``mpp`` µm/px."""
-    size0 = round(tile_size * mpp / slide.mpp)
+def patch_size_level0(slide: Slide, mpp: float, tile_size: int, rule: str = "magnification") -> int:
+    """Level-0 pixels along a tile of ``tile_size`` px at ``mpp`` µm/px, by ``rule`` (module docstring)."""
+    if rule not in GRID_RULES:
+        raise InputError(f"unknown grid rule {rule!r}; use one of: {', '.join(GRID_RULES)}")
+    if rule == "magnification":
+        size0 = round(tile_size * nominal_magnification(slide.mpp) / nominal_magnification(mpp))
+    else:
+        size0 = round(tile_size * mpp / slide.mpp)
     if size0 < 1:
         raise InputError(f"a {tile_size}-px tile at {mpp} µm/px is smaller than one pixel of {slide.name}")
     return size0
@@ -134,10 +149,12 @@ def tile_grid(
     min_tissue: float = 0.5,
     mask: TissueMask | None = None,
     mask_config: MaskConfig | None = None,
+    rule: str = "magnification",
 ) -> TileGrid:
-    """Non-overlapping ``tile_size`` tiles at ``mpp`` µm/px with at least ``min_tissue`` tissue."""
+    """Non-overlapping ``tile_size`` tiles at ``mpp`` µm/px with at least ``min_tissue`` tissue; ``rule``:
+    how a tile's level-0 side is derived (module docstring)."""
     check_tile_settings(mpp, tile_size, min_tissue)
-    size0 = patch_size_level0(slide, mpp, tile_size)
+    size0 = patch_size_level0(slide, mpp, tile_size, rule)
     if mask is None:
         mask = tissue_mask(slide, size0, mask_config)
     coords = grid_coords(*slide.dimensions, size0)  # (M, 2)

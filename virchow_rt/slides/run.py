@@ -34,6 +34,7 @@ from virchow_rt.runtime.backend import Backend
 from virchow_rt.slides import folder, locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
+    GRID_RULES,
     MPP_AT_1X,
     TilePlan,
     check_tile_settings,
@@ -71,6 +72,7 @@ class SlideSettings:
     recursive: bool = False  # look for slides in sub-folders of the folders given
     also_pt: bool = False  # also write CLAM's pt_files/<slide>.pt
     qc: bool = False  # also write <slide>.qc.png: thumbnail, tissue outline and the kept tiles
+    grid: str = "magnification"  # how a tile's level-0 side is derived: TRIDENT's rule, or "mpp" (exact)
     progress: bool | None = (
         None  # tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
     )
@@ -78,6 +80,8 @@ class SlideSettings:
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
         check_tile_settings(self.mpp, self.tile_size, self.min_tissue)
+        if self.grid not in GRID_RULES:
+            raise InputError(f"--grid {self.grid!r} is not one of: {', '.join(GRID_RULES)}")
         if self.pooling is not None:
             check_pooling(self.pooling)
         if self.regions:
@@ -150,6 +154,7 @@ def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[st
         "target_mpp": float(settings.mpp),
         "min_tissue": float(settings.min_tissue),
         "regions": settings.regions_text,
+        "grid_rule": settings.grid,
     }
 
 
@@ -161,7 +166,7 @@ def _embed_to_file(
     backend = model.backend
     dim = embedding_dim(backend.info, settings.pooling)
     t0 = time.perf_counter()
-    tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue)
+    tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue, rule=settings.grid)
     grid = layout = None
     if settings.regions:
         grid = region_grid(
@@ -238,6 +243,7 @@ def _embed_to_file(
                 "min_tissue": float(settings.min_tissue),
                 "tissue_threshold": tiles.mask.threshold,
                 "regions": settings.regions_text,
+                "grid_rule": settings.grid,
                 "region_size_level0": layout.region_size0 if layout is not None else 0,
                 "skipped_tiles": failed,
                 "created": _now(),
@@ -472,7 +478,8 @@ def _summary(
 def run_cli(args: argparse.Namespace) -> int:
     """``virchow-rt slides``: returns 0 when every slide is done or skipped, 1 when any failed."""
     settings = SlideSettings(
-        mpp=args.mpp,
+        mpp=magnification_to_mpp(args.mag) if args.mag is not None else args.mpp,
+        grid=args.grid,
         tile_size=args.tile_size,
         slide_mpp=args.slide_mpp,
         regions=tuple(args.regions) if args.regions else None,

@@ -144,8 +144,9 @@ class FeatureWriter:
             root["num_regions"] = self.num_regions
         for key, value in root.items():
             self._file.attrs[key] = _attr(value)
-        for key in TRIDENT_ATTRS:
-            self._coords.attrs[key] = _attr(attrs[key])
+        for key in TRIDENT_ATTRS:  # TRIDENT stores these two as floats: readers of its files may expect that
+            value = float(attrs[key]) if key in ("patch_size_level0", "target_magnification") else attrs[key]
+            self._coords.attrs[key] = _attr(value)
         for key in ("name", "encoder", "pooling", "embedding_dim", "random_weights", "model_sha256"):
             self._features.attrs[key] = _attr(attrs[key])
         self._file.flush()
