@@ -213,6 +213,13 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         "--mag", type=float, default=None, help="target magnification, TRIDENT's spelling: 20 is --mpp 0.5"
     )
     p.add_argument(
+        "--coords",
+        metavar="FILE|DIR",
+        default=None,
+        help="reuse another tool's tiling: a TRIDENT or CLAM coordinates .h5, or the folder they wrote "
+        "(<slide>.h5 or <slide>_patches.h5, also in patches/); --mpp, --min-tissue, --grid then do not apply",
+    )
+    p.add_argument(
         "--grid",
         choices=("magnification", "mpp"),
         default="magnification",

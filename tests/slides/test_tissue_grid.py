@@ -140,3 +140,33 @@ def test_mag_is_tridents_spelling_of_mpp(make_slide, tmp_path):
     assert run_cli(args) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["settings"]["mpp"] == 1.0
+
+
+@pytest.mark.parametrize("layout", ["trident", "clam"])
+def test_coords_from_trident_or_clam_are_reused_tile_for_tile(make_slide, tmp_path, layout):
+    import h5py
+
+    from virchow_rt.slides import SlideSettings, process_slides
+    from virchow_rt.slides.writer import read_features
+
+    synth = make_slide()
+    given = np.array([[0, 0], [224, 448], [1344, 896], [1568, 1120]], np.int64)  # glass included: kept
+    folder = tmp_path / "trident" / "20x_224px_0px_overlap" / "patches"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "slide_patches.h5", "w") as f:
+        ds = f.create_dataset("coords", data=given)
+        if layout == "trident":
+            ds.attrs.update({"patch_size": 224, "patch_size_level0": 224.0, "target_magnification": 20.0})
+        else:  # CLAM: the size at a pyramid level and that level's downsample
+            ds.attrs.update({"patch_size": 112, "patch_level": 1, "downsample": np.array([2.0, 2.0])})
+    out = tmp_path / "out"
+    settings = SlideSettings(coords=str(folder.parent))
+    summary = process_slides([synth.path], FakeBackend(), out, settings, log=lambda s: None)
+    assert summary["slides"][0]["status"] == "done"
+    data = read_features(out / "slide.h5")
+    np.testing.assert_array_equal(data["coords"], given)  # tile for tile, in their order
+    assert data["attrs"]["patch_size_level0"] == 224 and data["features"].shape == (4, 48)
+    with pytest.raises(InputError, match="has no coordinates for slide other"):
+        from virchow_rt.slides.run import _coords_file
+
+        _coords_file(str(folder.parent), "other")

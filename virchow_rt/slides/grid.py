@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError
 from virchow_rt.slides.mask import MaskConfig, TissueMask, tissue_mask
 from virchow_rt.slides.reader import Slide
@@ -167,5 +169,51 @@ def tile_grid(
         patch_size_level0=size0,
         slide_mpp=slide.mpp,
         tissue=tissue[keep],
+        mask=mask,
+    )
+
+
+def read_coords(path: str | Path, slide: Slide) -> tuple[np.ndarray, int]:
+    """(coords (N, 2) int64 level-0 x, y, level-0 tile side) from a TRIDENT or CLAM ``.h5`` of ``slide``.
+
+    TRIDENT's patch and feature files record ``patch_size_level0`` on ``coords``; CLAM's patch files
+    record ``patch_size`` at ``patch_level`` (and that level's ``downsample``).
+    """
+    h5py = optional_import("h5py", "to read TRIDENT or CLAM coordinates (--coords)")
+    try:
+        with h5py.File(path, "r") as f:
+            coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
+            attrs = dict(f["coords"].attrs)
+    except (OSError, KeyError) as err:
+        raise InputError(f"--coords {path}: not a TRIDENT or CLAM coordinates .h5 ({err})") from err
+    if "patch_size_level0" in attrs:
+        size0 = round(float(attrs["patch_size_level0"]))
+    elif "patch_size" in attrs and "patch_level" in attrs:
+        level = int(attrs["patch_level"])
+        downsample = attrs.get("downsample")
+        factor = float(np.ravel(downsample)[0]) if downsample is not None else slide.level_downsamples[level]
+        size0 = round(float(attrs["patch_size"]) * factor)
+    else:
+        raise InputError(
+            f"--coords {path}: its coords have neither patch_size_level0 (TRIDENT) nor patch_size and "
+            "patch_level (CLAM); cannot tell the tiles' level-0 size"
+        )
+    if size0 < 1:
+        raise InputError(f"--coords {path}: a level-0 tile side of {size0} px is not a tile")
+    return coords, size0
+
+
+def coords_grid(
+    slide: Slide, coords: np.ndarray, size0: int, tile_size: int = 224, mask_config: MaskConfig | None = None
+) -> TileGrid:
+    """A :class:`TileGrid` of given tiles (another tool's tiling), every one kept, in their order."""
+    mask = tissue_mask(slide, size0, mask_config)  # for the attributes and the QC picture only
+    return TileGrid(
+        plan=plan_tiles(slide, coords, size0, tile_size),
+        mpp=size0 * slide.mpp / tile_size,
+        tile_size=int(tile_size),
+        patch_size_level0=int(size0),
+        slide_mpp=slide.mpp,
+        tissue=mask.fraction(coords, size0),
         mask=mask,
     )

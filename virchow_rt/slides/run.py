@@ -38,8 +38,10 @@ from virchow_rt.slides.grid import (
     MPP_AT_1X,
     TilePlan,
     check_tile_settings,
+    coords_grid,
     magnification_to_mpp,
     nominal_magnification,
+    read_coords,
     tile_grid,
 )
 from virchow_rt.slides.mask import qc_picture
@@ -73,6 +75,8 @@ class SlideSettings:
     also_pt: bool = False  # also write CLAM's pt_files/<slide>.pt
     qc: bool = False  # also write <slide>.qc.png: thumbnail, tissue outline and the kept tiles
     grid: str = "magnification"  # how a tile's level-0 side is derived: TRIDENT's rule, or "mpp" (exact)
+    #: another tool's tiling to reuse: a TRIDENT or CLAM .h5 (one slide) or a folder of them (by slide name)
+    coords: str | None = None
     progress: bool | None = (
         None  # tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
     )
@@ -155,6 +159,7 @@ def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[st
         "min_tissue": float(settings.min_tissue),
         "regions": settings.regions_text,
         "grid_rule": settings.grid,
+        "coords_source": str(settings.coords or ""),
     }
 
 
@@ -166,7 +171,11 @@ def _embed_to_file(
     backend = model.backend
     dim = embedding_dim(backend.info, settings.pooling)
     t0 = time.perf_counter()
-    tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue, rule=settings.grid)
+    if settings.coords:  # TRIDENT's or CLAM's tiles, tile for tile
+        given, given_size0 = read_coords(_coords_file(settings.coords, slide.name), slide)
+        tiles = coords_grid(slide, given, given_size0, settings.tile_size)
+    else:
+        tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue, rule=settings.grid)
     grid = layout = None
     if settings.regions:
         grid = region_grid(
@@ -244,6 +253,7 @@ def _embed_to_file(
                 "tissue_threshold": tiles.mask.threshold,
                 "regions": settings.regions_text,
                 "grid_rule": settings.grid,
+                "coords_source": str(settings.coords or ""),
                 "region_size_level0": layout.region_size0 if layout is not None else 0,
                 "skipped_tiles": failed,
                 "created": _now(),
@@ -299,6 +309,21 @@ def _process_one(
     record.status, record.output = "done", str(out)
     total = record.timings["total_s"]
     record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
+
+
+def _coords_file(source: str, name: str) -> Path:
+    """The coordinates file of slide ``name`` in ``--coords`` (a file, or a TRIDENT/CLAM output folder)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    candidates = [path / sub / f"{name}{tail}" for sub in ("", "patches") for tail in (".h5", "_patches.h5")]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise InputError(
+            f"--coords {source} has no coordinates for slide {name} (looked for {name}.h5 and "
+            f"{name}_patches.h5, also in patches/); give the folder TRIDENT or CLAM wrote for these slides"
+        )
+    return found
 
 
 def _disk_full(err: BaseException | None) -> bool:
@@ -480,6 +505,7 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = SlideSettings(
         mpp=magnification_to_mpp(args.mag) if args.mag is not None else args.mpp,
         grid=args.grid,
+        coords=args.coords,
         tile_size=args.tile_size,
         slide_mpp=args.slide_mpp,
         regions=tuple(args.regions) if args.regions else None,
