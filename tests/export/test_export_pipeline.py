@@ -210,3 +210,14 @@ def test_full_size_public_encoders(tmp_path, name, external):
     assert fp32["parity"]["passed"] and fp16["parity"]["passed"]
     assert manifest["embedding"]["recommended"] == "cls"
     print(f"{name}: fp32 {fp32['parity']['summary']}; fp16 {fp16['parity']['summary']}")
+
+
+def test_demo_runs_on_real_weights_when_given(checkpoint_dir, tmp_path, capsys):
+    from virchow_rt.cli import main
+    from virchow_rt.manifest import read_manifest
+
+    args = ["demo", "--variant", "virchow2-tiny", "--out", str(tmp_path / "demo"), "--tiles", "8"]
+    assert main([*args, "--weights", str(checkpoint_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"with the weights in {checkpoint_dir}" in out and "RANDOM WEIGHTS" not in out
+    assert read_manifest(tmp_path / "demo")["weights"]["random"] is False

@@ -309,3 +309,11 @@ def test_qc_picture_shows_the_tiling(make_slide, tmp_path):
     green = ((picture[..., 1] == 200) & (picture[..., 0] == 0)).sum()
     assert blue > 100 and green > 100  # the kept tiles' frames and the tissue outline are drawn
     assert not list(out.glob(".*"))  # written atomically
+
+
+def test_redo_reasons_show_stored_values_plainly(make_slide, tmp_path):
+    from virchow_rt.slides.writer import check_complete
+
+    _run([make_slide().path], tmp_path / "out")
+    reason = check_complete(tmp_path / "out" / "slide.h5", {"patch_size": 256, "pooling": "cls"})
+    assert reason == "was made with patch_size 224, this run uses 256"  # not np.int64(224)
