@@ -215,9 +215,10 @@ def test_unreadable_tile_skip_errors(make_slide, tmp_path, monkeypatch, regions)
     record = summary["slides"][0]
     reads = 2 if regions else 1  # the tile is read for the grid and again for its region
     assert record["status"] == "done" and record["skipped_tiles"] == reads
-    assert record["skipped_tile_errors"] == [
-        {"x": 1120, "y": 448, "reason": "slide regions.tif: corrupt JPEG tile"}
-    ] * reads
+    assert (
+        record["skipped_tile_errors"]
+        == [{"x": 1120, "y": 448, "reason": "slide regions.tif: corrupt JPEG tile"}] * reads
+    )
     data = read_features(out / "regions.h5")
     assert data["attrs"]["skipped_tiles"] == reads and tuple(bad) not in {tuple(c) for c in data["coords"]}
     if regions:  # the region holding the bad tile is left out whole

@@ -131,7 +131,7 @@ def test_mag_is_tridents_spelling_of_mpp(make_slide, tmp_path):
     import json
 
     from virchow_rt.cli import build_parser
-    from virchow_rt.slides.run import run_cli
+    from virchow_rt.slides.cli import run_cli
 
     synth = make_slide()
     args = build_parser().parse_args(["slides", str(synth.path), "--model", "m", "--out", str(tmp_path / "o"),

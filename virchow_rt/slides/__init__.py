@@ -14,6 +14,7 @@ imported on first use with an error that says what to install.
 
 from __future__ import annotations
 
+from virchow_rt.slides.cli import run_cli
 from virchow_rt.slides.embed import (
     EmbeddingStream,
     RegionEmbedding,
@@ -35,7 +36,7 @@ from virchow_rt.slides.grid import (
 from virchow_rt.slides.mask import MaskConfig, TissueMask, tissue_mask
 from virchow_rt.slides.reader import SLIDE_SUFFIXES, Slide, find_slides, open_slide
 from virchow_rt.slides.regions import RegionGrid, RegionLayout, region_grid, region_layout
-from virchow_rt.slides.run import SlideSettings, process_slides, run_cli
+from virchow_rt.slides.run import SlideSettings, process_slides
 from virchow_rt.slides.synthetic import SyntheticSlide, write_synthetic_slide
 from virchow_rt.slides.tiles import ReadStats, TileBatch, TileReader, read_tile
 from virchow_rt.slides.writer import FeatureWriter, check_complete, read_features

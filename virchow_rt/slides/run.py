@@ -7,15 +7,12 @@ reason, leaves no file, and does not stop the others; the exit code is then 1.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import errno
 import glob
 import hashlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -498,61 +495,3 @@ def _summary(
             "tiles_per_s": embedded / busy if busy > 0 else None,
         },
     }
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``virchow-rt slides``: returns 0 when every slide is done or skipped, 1 when any failed."""
-    settings = SlideSettings(
-        mpp=magnification_to_mpp(args.mag) if args.mag is not None else args.mpp,
-        grid=args.grid,
-        coords=args.coords,
-        tile_size=args.tile_size,
-        slide_mpp=args.slide_mpp,
-        regions=tuple(args.regions) if args.regions else None,
-        min_tissue=args.min_tissue,
-        batch_size=args.batch,
-        workers=args.workers,
-        pooling=args.pooling,
-        skip_errors=args.skip_errors,
-        reader=args.reader,
-        read_processes=not args.read_threads,  # measured faster; the console entry point is guarded
-        recursive=args.recursive,
-        also_pt=args.also_pt,
-        qc=args.qc,
-    )
-    if args.clear_stale_locks and Path(args.out).is_dir():
-        for path, holder in locks.clear_locks(Path(args.out)):
-            print(f"virchow-rt slides: removed lock {path.name} ({holder.describe()})", file=sys.stderr)
-    try:
-        with _sigterm_as_interrupt():
-            summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"nothing half-written was left in {args.out}; rerun the same command to resume (complete slides "
-            "are kept and skipped)"
-        ) from None
-    totals = summary["totals"]
-    rate = f", {totals['tiles_per_s']:.1f} tiles/s" if totals["tiles_per_s"] else ""
-    print(
-        f"{totals['done']} done, {totals['skipped']} skipped (complete), {totals['failed']} failed; "
-        f"{totals['tiles_embedded']} tiles embedded{rate}; summary: {Path(args.out) / SUMMARY_NAME}"
-    )
-    return 1 if totals["failed"] else 0  # each failure was printed once, as it happened
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A scheduler's SIGTERM stops the run as Ctrl-C does: the slide in progress is abandoned cleanly."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
