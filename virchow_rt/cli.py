@@ -280,6 +280,27 @@ def _add_slides(sub: argparse._SubParsersAction) -> None:
         help="remove every slide lock in --out first (after a crashed run; no other run may write there). "
         "Without it, a lock whose process is gone (same host) or is 24 h old is taken over with a warning",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="spread the slides over Ray workers: local (a new Ray instance: every GPU of this machine), "
+        "auto (the cluster started with `ray start`) or a Ray address; needs pip install 'virchow-rt[ray]'",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        help="Ray workers, each with the model open (default: one per GPU; without GPUs one per 8 CPUs)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs each Ray worker takes (default 1 where there are GPUs)",
+    )
     p.set_defaults(handler=_run_slides)
 
 

@@ -44,14 +44,28 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"virchow-rt slides: removed lock {path.name} ({holder.describe()})", file=sys.stderr)
     try:
         with _sigterm_as_interrupt():
-            summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
+            if args.ray:
+                from virchow_rt.slides.distributed import process_slides_ray
+
+                summary = process_slides_ray(
+                    args.slides,
+                    args.model,
+                    args.out,
+                    settings,
+                    address=args.ray,
+                    workers=args.ray_workers,
+                    gpus_per_worker=args.gpus_per_worker,
+                    backend=args.backend,
+                )
+            else:
+                summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             f"nothing half-written was left in {args.out}; rerun the same command to resume (complete slides "
             "are kept and skipped)"
         ) from None
     totals = summary["totals"]
-    rate = f", {totals['tiles_per_s']:.1f} tiles/s" if totals["tiles_per_s"] else ""
+    rate = f", {totals['job_tiles_per_s']:.1f} tiles/s" if totals["tiles_embedded"] else ""
     print(
         f"{totals['done']} done, {totals['skipped']} skipped (complete), {totals['failed']} failed; "
         f"{totals['tiles_embedded']} tiles embedded{rate}; summary: {Path(args.out) / SUMMARY_NAME}"

@@ -13,6 +13,7 @@ import errno
 import glob
 import hashlib
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -133,6 +134,8 @@ class _Record:
     embedded_tiles: int = 0  # tiles through the model (with regions: every tile of every region)
     skipped_tiles: int = 0
     skipped_tile_errors: list[dict] = field(default_factory=list)
+    host: str | None = None
+    worker: str | None = None  # a --ray run: the Ray worker (and its GPUs) that embedded it
     reader: str | None = None
     level0_mpp: float | None = None
     read_level: int | None = None
@@ -357,6 +360,61 @@ def _skip_complete(
     return False
 
 
+def _run_slide(
+    path: Path,
+    prefix: str,
+    out_dir: Path,
+    ident: _Model,
+    settings: SlideSettings,
+    expected: dict[str, Any],
+    record: _Record,
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """One slide under its lock: skipped when complete or locked, else embedded; ``record`` tells how."""
+    out = out_dir / f"{path.stem}.h5"
+    # the file size tells another slide of the same name apart (its .h5 would be taken)
+    wanted = {**expected, "slide_size_bytes": path.stat().st_size}
+    with locks.held(out, warn) as other:
+        if other is not None:  # another run is writing this slide: leave it to that run
+            record.status = "locked"
+            record.reason = f"another run is writing it ({other.describe()})"
+            log(f"{prefix}: {record.reason}; skipped here")
+            return
+        # temporary files of a killed run (ours to remove: we hold the slide's lock)
+        for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
+            stale.unlink(missing_ok=True)
+        if _skip_complete(out, wanted, settings, record, prefix, log):
+            if settings.also_pt and not (out_dir / "pt_files" / f"{out.stem}.pt").exists():
+                folder.write_pt(out_dir, out)  # from the complete .h5, no model run
+            return
+        try:
+            _process_one(path, out_dir, ident, settings, record, warn)
+        except MissingDependency:
+            raise  # every other slide would fail the same way
+        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
+            if _disk_full(err):  # every slide after it would fail the same way: stop
+                raise OutputError(
+                    f"the disk holding {out_dir} is full (or over quota) while writing "
+                    f"{out.name}; its temporary file was removed and finished slides are kept: "
+                    "free some space and rerun the same command to resume"
+                ) from err
+            record.status = "failed"
+            # our errors carry a full sentence; anything else gets its type, so it reads
+            record.reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+            warn(f"{prefix}: FAILED: {record.reason}")
+            return
+    if settings.also_pt:
+        folder.write_pt(out_dir, out)
+    t = record.timings
+    skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
+    log(
+        f"{prefix}: {record.embedded_tiles} tiles{skipped} in {t['total_s']:.1f} s "
+        f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
+        f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
+    )
+
+
 def process_slides(
     slides: Sequence[str | Path],
     model: str | Path | Backend,
@@ -391,51 +449,18 @@ def process_slides(
         expected = _expected_attrs(settings, ident, dim)
         try:
             for i, path in enumerate(paths, 1):
-                record = _Record(name=path.stem, path=str(path))
+                record = _Record(name=path.stem, path=str(path), host=socket.gethostname())
                 records.append(record)
-                out = out_dir / f"{path.stem}.h5"
-                prefix = f"[{i}/{len(paths)}] {path.name}"
-                # the file size tells another slide of the same name apart (its .h5 would be taken)
-                wanted = {**expected, "slide_size_bytes": path.stat().st_size}
-                with locks.held(out, warn) as other:
-                    if other is not None:  # another run is writing this slide: leave it to that run
-                        record.status = "locked"
-                        record.reason = f"another run is writing it ({other.describe()})"
-                        log(f"{prefix}: {record.reason}; skipped here")
-                        continue
-                    # temporary files of a killed run (ours to remove: we hold the slide's lock)
-                    for stale in out_dir.glob(f".{glob.escape(out.name)}.*.partial"):
-                        stale.unlink(missing_ok=True)
-                    if _skip_complete(out, wanted, settings, record, prefix, log):
-                        if settings.also_pt and not (out_dir / "pt_files" / f"{out.stem}.pt").exists():
-                            folder.write_pt(out_dir, out)  # from the complete .h5, no model run
-                        continue
-                    try:
-                        _process_one(path, out_dir, ident, settings, record, warn)
-                    except MissingDependency:
-                        raise  # every other slide would fail the same way
-                    except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
-                        if _disk_full(err):  # every slide after it would fail the same way: stop
-                            raise OutputError(
-                                f"the disk holding {out_dir} is full (or over quota) while writing "
-                                f"{out.name}; its temporary file was removed and finished slides are kept: "
-                                "free some space and rerun the same command to resume"
-                            ) from err
-                        record.status = "failed"
-                        # our errors carry a full sentence; anything else gets its type, so it reads
-                        record.reason = (
-                            str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
-                        )
-                        warn(f"{prefix}: FAILED: {record.reason}")
-                        continue
-                if settings.also_pt:
-                    folder.write_pt(out_dir, out)
-                t = record.timings
-                skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
-                log(
-                    f"{prefix}: {record.embedded_tiles} tiles{skipped} in {t['total_s']:.1f} s "
-                    f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
-                    f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
+                _run_slide(
+                    path,
+                    f"[{i}/{len(paths)}] {path.name}",
+                    out_dir,
+                    ident,
+                    settings,
+                    expected,
+                    record,
+                    log,
+                    warn,
                 )
         finally:
             # also after an interrupt: the summary lists every slide given, what was done and what was not
@@ -446,16 +471,32 @@ def process_slides(
             records += [
                 _Record(name=p.stem, path=str(p), status="not started") for p in paths if str(p) not in listed
             ]
-            summary = _summary(records, settings, ident, dim, started, time.perf_counter() - wall0)
+            block = _model_block(ident, settings, dim)
+            summary = _summary(records, settings, block, started, time.perf_counter() - wall0)
             summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)  # earlier runs' slides kept
             write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 
 
-def _summary(
-    records: list[_Record], settings: SlideSettings, model: _Model, dim: int, started: str, wall_s: float
-) -> dict[str, Any]:
+def _model_block(model: _Model, settings: SlideSettings, dim: int) -> dict[str, Any]:
+    """The summary's ``model`` entry."""
     info = model.backend.info
+    return {
+        "file": model.file,
+        "sha256": model.sha256,
+        "variant": info.variant,
+        "precision": info.precision,
+        "backend": model.backend.name,
+        "random_weights": bool(info.random_weights),
+        "weights_sha256": info.weights_sha256,
+        "embedding_dim": dim,
+        "pooling": settings.pooling,
+    }
+
+
+def _summary(
+    records: list[_Record], settings: SlideSettings, model: dict[str, Any], started: str, wall_s: float
+) -> dict[str, Any]:
     done = [r for r in records if r.status == "done"]
     sums = {
         key: sum(r.timings.get(key, 0.0) for r in done)
@@ -467,17 +508,7 @@ def _summary(
         "schema_version": 1,
         "started": started,
         "finished": _now(),
-        "model": {
-            "file": model.file,
-            "sha256": model.sha256,
-            "variant": info.variant,
-            "precision": info.precision,
-            "backend": model.backend.name,
-            "random_weights": bool(info.random_weights),
-            "weights_sha256": info.weights_sha256,
-            "embedding_dim": dim,
-            "pooling": settings.pooling,
-        },
+        "model": model,
         "settings": {**asdict(settings), "regions": settings.regions_text or None},
         "slides": [asdict(r) for r in records],
         "failures": [
@@ -492,6 +523,7 @@ def _summary(
             "tiles_embedded": embedded,
             "wall_s": wall_s,
             **sums,
-            "tiles_per_s": embedded / busy if busy > 0 else None,
+            "tiles_per_s": embedded / busy if busy > 0 else None,  # per slide being embedded
+            "job_tiles_per_s": embedded / wall_s if wall_s > 0 else None,  # the whole run, all workers
         },
     }

@@ -1,0 +1,245 @@
+"""``virchow-rt slides --ray``: one job's slides spread over Ray workers, on one machine or a cluster.
+
+Each worker is a Ray Core actor that opens the backend once (engine load, compilation, warm-up) and runs
+the single-node slide pipeline (parallel reading ahead of pipelined batches) on one slide at a time,
+writing the same ``<slide>.h5`` files as a local run. Actors rather than Ray Data: a slide's result is a
+file on a shared folder, not rows to collect, and what needs handling is per slide, which actors give
+directly:
+
+- retries: an actor is created with ``max_restarts=-1`` and ``max_task_retries``; when its process dies
+  (killed, out of memory, node lost) Ray starts it again and gives it the same slide again;
+- backpressure: the driver hands each worker one slide at a time, so no slide waits behind a slow one;
+- exactly once: the per-slide lock file (``O_EXCL``) and the atomic rename of the local run hold across
+  processes and hosts. A worker that dies mid-slide leaves only a ``.partial`` file and its lock; the retry
+  (or the next run) finds the lock stale (its process is gone), takes it over and redoes the slide.
+
+Slide paths and ``--out`` must be local to a single machine or on a filesystem every node mounts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
+from virchow_rt.manifest import check_output, write_json
+from virchow_rt.slides import folder
+from virchow_rt.slides.embed import embedding_dim, opened_backend
+from virchow_rt.slides.reader import find_slides
+from virchow_rt.slides.run import (
+    SUMMARY_NAME,
+    SlideSettings,
+    _expected_attrs,
+    _Model,
+    _model_block,
+    _now,
+    _Record,
+    _run_slide,
+    _summary,
+)
+
+#: attempts of one slide whose worker dies (Ray restarts the worker in between)
+SLIDE_ATTEMPTS = 3
+#: on a cluster without GPUs, one worker per this many CPUs
+CPUS_PER_CPU_WORKER = 8
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependency("--ray needs Ray: pip install 'virchow-rt[ray]'") from None
+    return ray
+
+
+class SlideWorker:
+    """One Ray worker: the backend opened once, then any number of slides, one at a time."""
+
+    def __init__(self, model: str, out_dir: str, settings: SlideSettings, backend: str):
+        self._opened = opened_backend(model, backend)
+        runner = self._opened.__enter__()
+        self._ident = _Model.identify(model, runner)
+        info = runner.info
+        self._settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
+        self._dim = embedding_dim(info, self._settings.pooling)
+        self._expected = _expected_attrs(self._settings, self._ident, self._dim)
+        self._out_dir = Path(out_dir)
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._name = f"{socket.gethostname()}:{os.getpid()}" + (f" gpu {gpus}" if gpus else "")
+
+    def describe(self) -> dict[str, Any]:
+        """What the driver needs once: the model entry, the resolved settings, the folder's config."""
+        info = self._ident.backend.info
+        return {
+            "model": _model_block(self._ident, self._settings, self._dim),
+            "settings": self._settings,
+            "config": {"encoder": info.variant, **self._expected},
+            "random_weights": bool(info.random_weights),
+            "variant": info.variant,
+        }
+
+    def run(self, path: str, prefix: str) -> tuple[dict[str, Any], list[str]]:
+        """Embed one slide (or skip it); returns its summary record and the lines it printed."""
+        record = _Record(name=Path(path).stem, path=path, host=socket.gethostname(), worker=self._name)
+        lines: list[str] = []
+        _run_slide(
+            Path(path),
+            prefix,
+            self._out_dir,
+            self._ident,
+            self._settings,
+            self._expected,
+            record,
+            lines.append,
+            lines.append,
+        )
+        return asdict(record), lines
+
+
+def _connect(ray: Any, address: str) -> bool:
+    """Connect to Ray (``local``: a new instance on this machine); True when this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+    try:
+        if address == "local":
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except ConnectionError as err:
+        raise InputError(
+            f"--ray {address}: no Ray cluster found"
+            f" ({err}); start one with `ray start --head`, or use --ray local"
+        ) from None
+    return True
+
+
+def _default_workers(ray: Any, gpus_per_worker: float) -> int:
+    resources = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        return max(1, int(resources.get("GPU", 0) // gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1)) // CPUS_PER_CPU_WORKER)
+
+
+def process_slides_ray(
+    slides: Sequence[str | Path],
+    model: str | Path,
+    out_dir: str | Path,
+    settings: SlideSettings | None = None,
+    *,
+    address: str = "local",
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    backend: str = "auto",
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """:func:`~virchow_rt.slides.run.process_slides` over Ray workers; returns the job's summary.
+
+    ``address``: ``local`` (a new Ray instance here), ``auto`` (the cluster this machine is part of) or a
+    Ray address. ``workers`` defaults to one per visible GPU (``gpus_per_worker`` each, default 1), or on a
+    cluster without GPUs one per 8 CPUs. ``model`` is an exported model file every node can read.
+    """
+    settings = settings or SlideSettings()
+    settings.check()
+    ray = _ray()
+    paths = find_slides(slides, recursive=settings.recursive)
+    out_dir = check_output(out_dir, "--out", folder=True)
+    if workers is not None and workers < 1:
+        raise InputError(f"--ray-workers {workers}: give 1 or more")
+    started_ray = _connect(ray, address)
+    try:
+        if gpus_per_worker is None:
+            gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+        count = workers or _default_workers(ray, gpus_per_worker)
+        actor = ray.remote(
+            num_cpus=1, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=SLIDE_ATTEMPTS - 1
+        )(SlideWorker)
+        model = str(Path(model).resolve())
+        pool = [actor.remote(model, str(out_dir.resolve()), settings, backend) for _ in range(count)]
+        return _run_job(ray, pool, paths, out_dir, log, warn)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_job(
+    ray: Any,
+    pool: list[Any],
+    paths: list[Path],
+    out_dir: Path,
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
+    started, wall0 = _now(), time.perf_counter()
+    try:
+        first = ray.get(pool[0].describe.remote())
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None  # the worker could not open the model: its own one-line error
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.claim(out_dir, first["config"])
+    if first["random_weights"]:
+        warn_random_weights(
+            f"{first['variant']} has random weights; every output is labelled random_weights=true"
+        )
+    records = {str(p): _Record(name=p.stem, path=str(p), status="not started") for p in paths}
+    queue = deque(enumerate(paths, 1))
+    idle, running = list(pool), {}
+    failed = embedded = 0
+    bar = tqdm(total=len(paths), unit="slide", desc="slides", disable=None, file=sys.stderr)
+    try:
+        while queue or running:
+            while idle and queue:
+                i, path = queue.popleft()
+                worker = idle.pop()
+                ref = worker.run.remote(str(path), f"[{i}/{len(paths)}] {path.name}")
+                running[ref] = (worker, path)
+                records[str(path)].status = "pending"
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            worker, path = running.pop(ref)
+            idle.append(worker)
+            record = records[str(path)]
+            try:
+                data, lines = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, MissingDependency | OSError):
+                    raise err.cause from None  # every other slide would fail the same way
+                raise
+            except ray.exceptions.RayActorError as err:
+                record.status = "failed"
+                record.reason = (
+                    f"its worker died {SLIDE_ATTEMPTS} times on it ({type(err).__name__}); rerun to retry it"
+                )
+                warn(f"{path.name}: FAILED: {record.reason}")
+            else:
+                record = records[str(path)] = _Record(**data)
+                for line in lines:
+                    (warn if "FAILED" in line or "warning" in line else log)(line)
+            failed += record.status == "failed"
+            embedded += record.embedded_tiles if record.status == "done" else 0
+            bar.update()
+            bar.set_postfix_str(f"{embedded / (time.perf_counter() - wall0):.1f} tiles/s, {failed} failed")
+    finally:
+        bar.close()
+        for record in records.values():
+            if record.status == "pending":
+                record.status, record.reason = "interrupted", "the job was stopped; rerun to resume"
+        for worker in pool:
+            ray.kill(worker)
+        summary = _summary(
+            list(records.values()), first["settings"], first["model"], started, time.perf_counter() - wall0
+        )
+        summary["ray"] = {"workers": len(pool), "hosts": sorted({r.host for r in records.values() if r.host})}
+        summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)
+        write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
