@@ -132,3 +132,13 @@ def test_without_ray_the_flag_names_the_extra(monkeypatch, capsys, tmp_path, mak
     assert cli.main(["slides", str(slide), "--model", "x.onnx", "--out", str(tmp_path / "o"), "--ray"]) != 0
     assert "pip install 'virchow-rt[ray]'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_model_that_does_not_open_is_its_own_one_line_error(ray_local, make_slide, tmp_path):
+    from virchow_rt.errors import ModelFileError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"no")
+    with pytest.raises(ModelFileError, match="cannot load .*bad.onnx"):
+        distributed.process_slides_ray([make_slide().path], bad, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()

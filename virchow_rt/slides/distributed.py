@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
+from virchow_rt.errors import InputError, MissingDependency, VirchowError, warn_random_weights
 from virchow_rt.manifest import check_output, write_json
 from virchow_rt.slides import folder
 from virchow_rt.slides.embed import embedding_dim, opened_backend
@@ -66,6 +66,16 @@ class SlideWorker:
     """One Ray worker: the backend opened once, then any number of slides, one at a time."""
 
     def __init__(self, model: str, out_dir: str, settings: SlideSettings, backend: str):
+        self._error: VirchowError | None = None
+        try:
+            self._open(model, backend, settings)
+        except VirchowError as err:  # kept for describe(): Ray reports a constructor's error as a death
+            self._error = err
+        self._out_dir = Path(out_dir)
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._name = f"{socket.gethostname()}:{os.getpid()}" + (f" gpu {gpus}" if gpus else "")
+
+    def _open(self, model: str, backend: str, settings: SlideSettings) -> None:
         self._opened = opened_backend(model, backend)
         runner = self._opened.__enter__()
         self._ident = _Model.identify(model, runner)
@@ -73,12 +83,11 @@ class SlideWorker:
         self._settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
         self._dim = embedding_dim(info, self._settings.pooling)
         self._expected = _expected_attrs(self._settings, self._ident, self._dim)
-        self._out_dir = Path(out_dir)
-        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self._name = f"{socket.gethostname()}:{os.getpid()}" + (f" gpu {gpus}" if gpus else "")
 
     def describe(self) -> dict[str, Any]:
         """What the driver needs once: the model entry, the resolved settings, the folder's config."""
+        if self._error is not None:
+            raise self._error
         info = self._ident.backend.info
         return {
             "model": _model_block(self._ident, self._settings, self._dim),
@@ -212,8 +221,8 @@ def _run_job(
             try:
                 data, lines = ray.get(ref)
             except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, MissingDependency | OSError):
-                    raise err.cause from None  # every other slide would fail the same way
+                if isinstance(err.cause, VirchowError):  # a missing package, a full disk: the job stops
+                    raise err.cause from None  # with its own one-line error (each slide would fail so)
                 raise
             except ray.exceptions.RayActorError as err:
                 record.status = "failed"
