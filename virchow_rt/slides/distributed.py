@@ -97,10 +97,12 @@ class SlideWorker:
             "variant": info.variant,
         }
 
-    def run(self, path: str, prefix: str) -> tuple[dict[str, Any], list[str]]:
-        """Embed one slide (or skip it); returns its summary record and the lines it printed."""
+    def run(self, path: str, prefix: str) -> tuple[dict[str, Any], list[tuple[bool, str]]]:
+        """Embed one slide (or skip it); returns its summary record and its lines (True: a warning)."""
+        if self._error is not None:
+            raise self._error
         record = _Record(name=Path(path).stem, path=path, host=socket.gethostname(), worker=self._name)
-        lines: list[str] = []
+        lines: list[tuple[bool, str]] = []
         _run_slide(
             Path(path),
             prefix,
@@ -109,8 +111,8 @@ class SlideWorker:
             self._settings,
             self._expected,
             record,
-            lines.append,
-            lines.append,
+            lambda line: lines.append((False, line)),
+            lambda line: lines.append((True, line)),
         )
         return asdict(record), lines
 
@@ -192,7 +194,7 @@ def _run_job(
 ) -> dict[str, Any]:
     started, wall0 = _now(), time.perf_counter()
     try:
-        first = ray.get(pool[0].describe.remote())
+        first = ray.get([worker.describe.remote() for worker in pool])[0]  # each opened the model
     except ray.exceptions.RayTaskError as err:
         raise err.cause from None  # the worker could not open the model: its own one-line error
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,8 +234,8 @@ def _run_job(
                 warn(f"{path.name}: FAILED: {record.reason}")
             else:
                 record = records[str(path)] = _Record(**data)
-                for line in lines:
-                    (warn if "FAILED" in line or "warning" in line else log)(line)
+                for is_warning, line in lines:
+                    (warn if is_warning else log)(line)
             failed += record.status == "failed"
             embedded += record.embedded_tiles if record.status == "done" else 0
             bar.update()
