@@ -78,7 +78,59 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--exclude-lean-runtime", action="store_true", help="with --version-compatible: omit the lean runtime"
     )
+    p.add_argument(
+        "--triton",
+        metavar="REPO",
+        default=None,
+        help="also write a Triton model repository entry, REPO/<variant> (defaults of `virchow-rt triton`)",
+    )
     p.set_defaults(handler=_run_export)
+
+
+def _add_triton(sub: argparse._SubParsersAction) -> None:
+    from virchow_rt.export.triton import PLATFORMS
+
+    p = sub.add_parser(
+        "triton",
+        formatter_class=_Help,
+        help="an export -> a Triton Inference Server model repository entry (config.pbtxt + model)",
+    )
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a folder written by `virchow-rt export`")
+    p.add_argument("repo", metavar="REPO", help="the model repository; REPO/<name> is written")
+    p.add_argument("--name", default=None, help="the model's name in Triton (default: the variant)")
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="auto",
+        help="auto: the TensorRT engines when the export has any, else the ONNX model",
+    )
+    p.add_argument("--precision", default="fp32", help="which ONNX model (fp32, fp16, int8)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--instance-kind", choices=("gpu", "cpu"), default="gpu", help="where instances run")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic batching: how long a request may wait for others to fill a batch",
+    )
+    p.set_defaults(handler=_run_triton)
+
+
+def _run_triton(args: argparse.Namespace) -> int:
+    from virchow_rt.export.triton import write_triton_repository
+
+    target = write_triton_repository(
+        args.export_dir,
+        args.repo,
+        name=args.name,
+        platform=args.platform,
+        precision=args.precision,
+        instances=args.instances,
+        instance_kind=args.instance_kind,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )
+    print(f"Triton model: {target} (serve with: tritonserver --model-repository {target.parent})")
+    return 0
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -334,6 +386,10 @@ def _run_export(args: argparse.Namespace) -> int:
             f"parity {artifact['parity']['summary']}"
         )
     print(f"manifest: {args.out}/manifest.json")
+    if args.triton:
+        from virchow_rt.export.triton import write_triton_repository
+
+        print(f"Triton model: {write_triton_repository(args.out, args.triton)}")
     return 0
 
 
@@ -379,7 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virchow-rt", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_export, _add_embed, _add_info, _add_list, _add_demo, _add_bench, _add_slides):
+    for add in (
+        _add_export,
+        _add_triton,
+        _add_embed,
+        _add_info,
+        _add_list,
+        _add_demo,
+        _add_bench,
+        _add_slides,
+    ):
         add(sub)
     return parser
 

@@ -1,0 +1,128 @@
+"""Triton model repositories: config.pbtxt parsed back with Triton's own schema, models placed for Triton."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from virchow_rt import cli
+from virchow_rt.errors import InputError, OutputError
+from virchow_rt.manifest import MANIFEST_NAME, sha256_file
+from virchow_rt.runtime import open_backend
+
+pb = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2",
+    reason="the triton extra is not installed: pip install 'virchow-rt[triton]'",
+)
+text_format = pytest.importorskip("google.protobuf.text_format")
+triton = pytest.importorskip("virchow_rt.export.triton")
+
+pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    export = pytest.importorskip("virchow_rt.export")
+    out = tmp_path_factory.mktemp("tiny-export")
+    export.export_model(
+        "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32", "fp16"], parity_tiles=2
+    )
+    return out
+
+
+def _config(folder):
+    return text_format.Parse((folder / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+def test_onnx_entry_parses_with_tritons_schema_and_runs(tiny_export, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert (
+        cli.main(["triton", str(tiny_export), str(repo), "--instance-kind", "cpu", "--instances", "2"]) == 0
+    )
+    assert "tritonserver --model-repository" in capsys.readouterr().out
+    manifest = json.loads((tiny_export / MANIFEST_NAME).read_text())
+    onnx = next(a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32")
+    model = repo / "virchow2g-mini-tiny"
+    assert sorted(p.name for p in model.rglob("*")) == ["1", "config.pbtxt", "model.onnx"]
+    config = _config(model)
+    assert config.name == "virchow2g-mini-tiny" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == manifest["batch"]["max"]
+    (tile,), (embedding,) = config.input, config.output
+    assert tile.data_type == pb.TYPE_UINT8 and list(tile.dims) == [224, 224, 3] and tile.name == "tiles"
+    assert embedding.data_type == pb.TYPE_FP32 and list(embedding.dims) == [manifest["embedding"]["dim"]]
+    assert list(config.dynamic_batching.preferred_batch_size) == [manifest["batch"]["opt"]]
+    (group,) = config.instance_group
+    assert group.kind == pb.ModelInstanceGroup.KIND_CPU and group.count == 2
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["variant"] == "virchow2g-mini-tiny" and params["random_weights"] == "true"
+    assert params["pooling"] == "cls_mean" and params["precision"] == "fp32"
+    assert params["parity"].startswith("PASS")
+    assert sha256_file(model / "1" / "model.onnx") == onnx["sha256"]
+    # the placed model is the export's: same embeddings through ONNX Runtime
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with open_backend(tiny_export / onnx["path"]) as backend:
+        np.testing.assert_allclose(session.run(None, {"tiles": tiles})[0], backend.run(tiles), atol=1e-5)
+
+
+def test_an_existing_entry_is_refused_and_a_missing_precision_named(tiny_export, tmp_path):
+    repo = tmp_path / "repo"
+    triton.write_triton_repository(tiny_export, repo, precision="fp16", name="mini-fp16")
+    assert _config(repo / "mini-fp16").parameters["precision"].string_value == "fp16"
+    with pytest.raises(OutputError, match="exists; remove it first"):
+        triton.write_triton_repository(tiny_export, repo, precision="fp16", name="mini-fp16")
+    with pytest.raises(InputError, match="no int8 ONNX model .*it has: fp16, fp32"):
+        triton.write_triton_repository(tiny_export, repo, precision="int8")
+    with pytest.raises(InputError, match="no TensorRT engine"):
+        triton.write_triton_repository(tiny_export, repo, platform="tensorrt")
+    assert sorted(p.name for p in repo.iterdir()) == ["mini-fp16"]  # nothing half-made
+
+
+def test_tensorrt_engines_for_two_gpus_become_cc_model_filenames(tiny_export, tmp_path):
+    """A simulated engine entry (TensorRT cannot be installed here): two engines, two compute capabilities."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    onnx = manifest["artifacts"][0]
+    for cc in ("9.0", "8.9"):
+        name = f"engine-sm{cc}.engine"
+        (export / name).write_bytes(f"plan for {cc}".encode())
+        manifest["artifacts"].append(
+            {
+                **onnx,
+                "path": name,
+                "format": "tensorrt",
+                "precision": "fp16",
+                "compute_capability": cc,
+                "profile": {"min": 1, "opt": 32, "max": 128},
+            }  # fmt: skip
+        )
+    (export / MANIFEST_NAME).write_text(json.dumps(manifest))
+    target = triton.write_triton_repository(export, tmp_path / "repo")  # auto: the engines
+    config = _config(target)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 128
+    assert list(config.dynamic_batching.preferred_batch_size) == [32]
+    assert dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan", "8.9": "model_sm89.plan"}
+    assert (target / "1" / "model_sm89.plan").read_bytes() == b"plan for 8.9"
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert config.parameters["precision"].string_value == "fp16"
+
+
+def test_without_tritonclient_the_error_names_the_extra(tiny_export, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "tritonclient.grpc", None)
+    assert cli.main(["triton", str(tiny_export), str(tmp_path / "repo")]) == 3
+    assert "pip install 'virchow-rt[triton]'" in capsys.readouterr().err
+
+
+def test_export_triton_writes_the_entry_after_the_export(tmp_path, capsys):
+    pytest.importorskip("virchow_rt.export")
+    out, repo = tmp_path / "export", tmp_path / "repo"
+    argv = ["export", "virchow2g-mini-tiny", "--random-weights", "--out", str(out), "--parity-tiles", "2"]
+    assert cli.main([*argv, "--precision", "fp32", "--triton", str(repo)]) == 0
+    assert f"Triton model: {repo / 'virchow2g-mini-tiny'}" in capsys.readouterr().out
+    assert _config(repo / "virchow2g-mini-tiny").platform == "onnxruntime_onnx"
