@@ -119,14 +119,19 @@ def test_concurrent_clients_are_merged_into_batches(server):
     assert max(b["batch_size"] for b in stats["batch_stats"]) > 1, stats
 
 
+def _request(shape, datatype, data):
+    return {"inputs": [{"name": "tiles", "shape": shape, "datatype": datatype, "data": data}]}
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "status", "reason"),
     [
-        ({"inputs": [{"name": "tiles", "shape": [1, 4, 4, 3], "datatype": "FP32", "data": [0.0] * 48}]}, {}, 400, "UINT8"),
-        ({"inputs": [{"name": "tiles", "shape": [1, 4, 4], "datatype": "UINT8", "data": [0] * 16}]}, {}, 400, "shape"),
-        ({"inputs": [{"name": "tiles", "shape": [0, 4, 4, 3], "datatype": "UINT8", "data": []}]}, {}, 400, "0 tiles"),
-        ({"inputs": [{"name": "tiles", "shape": [17, 1, 1, 3], "datatype": "UINT8", "data": [0] * 51}]}, {}, 400, "--max-batch"),
-        ({"inputs": [{"name": "tiles", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [0, 1]}]}, {}, 400, "integers"),
+        (_request([1, 4, 4, 3], "FP32", [0.0] * 48), {}, 400, "UINT8"),
+        (_request([1, 4, 4], "UINT8", [0] * 16), {}, 400, "shape"),
+        (_request([0, 4, 4, 3], "UINT8", []), {}, 400, "0 tiles"),
+        (_request([17, 1, 1, 3], "UINT8", [0] * 51), {}, 400, "--max-batch"),
+        (_request([1, 1, 1, 3], "UINT8", [0, 1]), {}, 400, "integers"),
+        (_request([1, 1, 1, 3], "UINT8", [0, 1, 300]), {}, 400, "0..255"),
         (b"{not json", {}, 400, "not KServe v2 JSON"),
     ],
 )  # fmt: skip
