@@ -88,6 +88,11 @@ def test_tritonclient_and_the_plain_route_give_the_embedders_embeddings(server):
     np.testing.assert_allclose(np.array(json.loads(body)["embeddings"]), expected, atol=1e-5)
     status, body = _post(server["url"], buffer.getvalue(), {"Accept": "application/x-npy"})
     np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, atol=1e-5)
+    from virchow_rt import client as plain_client
+
+    np.testing.assert_allclose(plain_client.embed(server["url"], tiles), expected, atol=1e-5)
+    with pytest.raises(plain_client.ServerError, match="HTTP 400: .*send 1 to 16"):
+        plain_client.embed(server["url"], _tiles(17, size=8))
     from PIL import Image
 
     png = io.BytesIO()

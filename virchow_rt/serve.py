@@ -209,6 +209,10 @@ def build_app(
         def live(self) -> dict[str, bool]:
             return {"live": True}
 
+        @app.post("/v2/repository/index")
+        def index(self) -> list[dict[str, str]]:
+            return [{"name": self.name, "version": "1", "state": "READY"}]
+
         @app.get("/v2/models/{model}")
         def model_metadata(self, model: str) -> Any:
             return self.metadata() if model == self.name else _unknown(model, self.name)
