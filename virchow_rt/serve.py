@@ -300,3 +300,74 @@ def _model_name(model: str, read_manifest: Any) -> str:
         from pathlib import Path
 
         return Path(model).name.split(".")[0]
+
+
+def run_server(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    max_batch: int = 64,
+    max_wait_ms: float = 5.0,
+    replicas: int | None = None,
+    backend: str = "auto",
+) -> int:
+    """``virchow-rt serve``: start Ray here, serve until Ctrl-C or SIGTERM, then drain and stop."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    serve, _ = _serve_modules()
+    import ray
+
+    if max_batch < 1 or max_wait_ms < 0:
+        raise InputError(
+            f"--max-batch {max_batch} --max-wait-ms {max_wait_ms}: give 1 or more, and 0 or more"
+        )
+    if not Path(model).exists():
+        raise InputError(f"{model} does not exist; give an export folder, an .onnx or an .engine")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        serve.start(http_options={"host": host, "port": port})
+        app = build_app(
+            str(model), name=name, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            replicas=replicas or max(1, gpus),
+        )  # fmt: skip
+        serve.run(app, name="virchow-rt", route_prefix="/")
+        served = name or _model_name(str(model), _read_manifest)
+        _warn_if_random(str(model))
+        print(f"serving {served} at http://{host}:{port}/v2/models/{served} (and POST /embed); Ctrl-C stops")
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("stopping: finishing the requests in flight", flush=True)
+    finally:
+        serve.shutdown()  # replicas finish their ongoing requests first (graceful shutdown)
+        ray.shutdown()
+    return 0
+
+
+def _read_manifest(model: str) -> dict[str, Any]:
+    from virchow_rt.manifest import read_manifest
+
+    return read_manifest(model)
+
+
+def _warn_if_random(model: str) -> None:
+    """The RANDOM WEIGHTS notice here (the replicas' own warnings are not shown on this console)."""
+    from virchow_rt.errors import ModelFileError, warn_random_weights
+
+    try:
+        manifest = _read_manifest(model)
+    except ModelFileError:
+        return
+    if manifest.get("weights", {}).get("random"):
+        warn_random_weights(
+            f"{manifest['variant']} has random weights; every answer is labelled random_weights"
+        )
