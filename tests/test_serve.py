@@ -152,6 +152,15 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, heade
     assert _infer(httpclient.InferenceServerClient(server["url"]), _tiles(1)).shape == (1, 192)
 
 
+def test_parameters_that_are_not_objects_are_ignored(server):
+    body = {**_request([1, 1, 1, 3], "UINT8", [0, 1, 2]), "parameters": "odd", "outputs": [{"parameters": 1}]}
+    request = urllib.request.Request(
+        f"http://{server['url']}/v2/models/{NAME}/infer", data=json.dumps(body).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert json.loads(reply.read())["outputs"][0]["shape"] == [1, 192]
+
+
 def test_plain_route_refuses_what_is_not_tiles(server):
     status, body = _post(server["url"], b"GIF89a not really")
     assert status == 400 and "neither a .npy batch nor an image" in json.loads(body)["error"]

@@ -75,7 +75,7 @@ def parse_infer(
     if min(shape[1:3]) < 1:
         raise BadRequest(f"input shape {shape}: tiles have no pixels")
     size = int(np.prod(shape))
-    binary = (spec.get("parameters") or {}).get("binary_data_size")
+    binary = _params(spec).get("binary_data_size")
     if binary is not None:
         if header_length is None:
             raise BadRequest(f"binary_data_size without the {_JSON_HEADER} header")
@@ -92,12 +92,17 @@ def parse_infer(
         if tiles.size and (tiles.min() < 0 or tiles.max() > 255):
             raise BadRequest("input data out of the UINT8 range 0..255")
         tiles = tiles.astype(np.uint8)
-    params = head.get("parameters") or {}
-    outputs = head.get("outputs") or []
-    binary_out = bool(params.get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in outputs if isinstance(o, dict)
+    outputs = head.get("outputs") if isinstance(head.get("outputs"), list) else []
+    binary_out = bool(_params(head).get("binary_data_output")) or any(
+        _params(o).get("binary_data") for o in outputs if isinstance(o, dict)
     )
     return np.ascontiguousarray(tiles), binary_out
+
+
+def _params(part: dict[str, Any]) -> dict[str, Any]:
+    """A request part's ``parameters`` (an empty dict when missing or not an object)."""
+    params = part.get("parameters")
+    return params if isinstance(params, dict) else {}
 
 
 def parse_upload(body: bytes) -> np.ndarray:
