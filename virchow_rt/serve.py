@@ -25,8 +25,9 @@ import numpy as np
 
 from virchow_rt.errors import InputError, MissingDependency
 
-#: a request larger than this many bytes per allowed tile (JSON text of uint8 takes up to 4) is refused
-_BYTES_PER_VALUE = 4
+#: a body over this many bytes per byte of the allowed S×S tiles is refused (413): room for tiles of twice
+#: the side as raw bytes, or S×S tiles as JSON text (up to 4 characters a value)
+_BODY_BYTES_PER_TILE_BYTE = 16
 _JSON_HEADER = "Inference-Header-Content-Length"
 
 
@@ -192,14 +193,13 @@ def build_app(
 
     name = name or _model_name(model, read_manifest)
     app = fastapi.FastAPI(title="virchow-rt")
-    limit = max_batch * 4096 * 4096 * 3  # the largest tiles a scanner sends, as raw bytes
 
     def refuse(err: BadRequest) -> JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=err.status)
 
     async def read_body(request: Any, per_tile: int) -> bytes:
         declared = int(request.headers.get("content-length") or 0)
-        if declared > limit or declared > max_batch * per_tile * _BYTES_PER_VALUE + (1 << 20):
+        if declared > max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20):
             raise BadRequest(
                 f"a request body of {declared} bytes is too large for --max-batch {max_batch}", 413
             )
