@@ -126,7 +126,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--name", default=None, help="the model's name in URLs (default: the variant)")
-    p.add_argument("--max-batch", type=int, default=64, help="requests merged into one model call, at most")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help="tiles in one request, and in one merged model call, at most",
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others")
     p.add_argument("--replicas", type=int, default=None, help="model replicas (default: one per GPU, else 1)")
     p.add_argument("--backend", default="auto", metavar="BACKEND", help=f"one of: {', '.join(BACKENDS)}")

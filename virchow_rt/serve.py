@@ -121,6 +121,8 @@ def parse_upload(body: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(body)) as image:
             return np.asarray(image.convert("RGB"))[None]
+    except Image.DecompressionBombError as err:
+        raise BadRequest(f"the image is too large to be a tile ({err})", 413) from None
     except (UnidentifiedImageError, OSError) as err:
         raise BadRequest(f"the body is neither a .npy batch nor an image file ({err})") from None
 
@@ -145,7 +147,9 @@ class TileEmbedderServer:
             "versions": ["1"],
             "platform": f"virchow-rt/{self.embedder.backend.name}",
             "inputs": [{"name": "tiles", "datatype": "UINT8", "shape": [-1, s, s, 3]}],
-            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, info.embedding_dim]}],
+            "outputs": [
+                {"name": "embedding", "datatype": "FP32", "shape": [-1, self.embedder.embedding_dim()]}
+            ],
             "parameters": {
                 "variant": info.variant,
                 "pooling": info.pooling,
@@ -156,18 +160,29 @@ class TileEmbedderServer:
         }
 
     async def embed(self, tiles: np.ndarray) -> np.ndarray:
-        return await self._embed_batch(tiles)  # type: ignore[no-any-return]
+        answer = await self._embed_batch(tiles)
+        if isinstance(answer, Exception):  # this request's own failure, not its batch-mates'
+            raise answer
+        return answer  # type: ignore[no-any-return]
 
-    async def _embed_batch(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Requests of one tile size go through the model together; the answer is split back."""
-        answers: list[np.ndarray | None] = [None] * len(requests)
+    async def _embed_batch(self, requests: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        """Requests of one tile size go through the model together; the answer is split back.
+
+        A group that fails answers each of its requests with the exception (``serve.batch`` would fail
+        every request of the batch with one raised here)."""
+        answers: list[np.ndarray | Exception | None] = [None] * len(requests)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, tiles in enumerate(requests):
             by_size.setdefault(tiles.shape[1:], []).append(i)
         for members in by_size.values():
             merged = np.concatenate([requests[i] for i in members])
             self.batches[len(merged)] += 1
-            out = await asyncio.to_thread(self.embedder.embed, merged)
+            try:
+                out = await asyncio.to_thread(self.embedder.embed, merged)
+            except Exception as err:  # noqa: BLE001 - handed to each request of the group
+                for i in members:
+                    answers[i] = err
+                continue
             bounds = np.cumsum([0] + [len(requests[i]) for i in members])
             for k, i in enumerate(members):
                 answers[i] = out[bounds[k] : bounds[k + 1]]
@@ -198,12 +213,23 @@ def build_app(
         return JSONResponse({"error": str(err)}, status_code=err.status)
 
     async def read_body(request: Any, per_tile: int) -> bytes:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20):
-            raise BadRequest(
-                f"a request body of {declared} bytes is too large for --max-batch {max_batch}", 413
+        limit = max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20)
+        too_large = BadRequest(
+            f"a request body over {limit} bytes is too large for --max-batch {max_batch}", 413
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise (
+                too_large
+                if declared.isdigit()
+                else BadRequest(f"Content-Length {declared!r} is not a number")
             )
-        return bytes(await request.body())
+        body = bytearray()
+        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     class Ingress(TileEmbedderServer):
         @app.get("/v2/health/ready")
@@ -227,7 +253,7 @@ def build_app(
             return {"ready": True} if model == self.name else _unknown(model, self.name)
 
         @app.get("/v2/models/{model}/stats")
-        def stats(self, model: str) -> Any:
+        async def stats(self, model: str) -> Any:  # on the event loop, as the batches that update it
             if model != self.name:
                 return _unknown(model, self.name)
             sizes = [{"batch_size": size, "count": count} for size, count in sorted(self.batches.items())]
@@ -241,6 +267,8 @@ def build_app(
             try:
                 body = await read_body(request, s * s * 3)
                 header = request.headers.get(_JSON_HEADER)
+                if header is not None and not header.isdigit():
+                    raise BadRequest(f"{_JSON_HEADER} {header!r} is not a number")
                 tiles, binary = parse_infer(body, int(header) if header else None, s, self.max_batch)
                 embeddings = await self.embed(tiles)
             except BadRequest as err:
@@ -279,7 +307,11 @@ def build_app(
                 return Response(buffer.getvalue(), media_type="application/x-npy")
             return {"model": self.name, "shape": list(embeddings.shape), "embeddings": embeddings.tolist()}
 
-    Ingress._embed_batch = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_ms / 1000)(  # type: ignore[method-assign]
+    Ingress._embed_batch = serve.batch(
+        max_batch_size=max_batch,
+        batch_wait_timeout_s=max_wait_ms / 1000,
+        batch_size_fn=lambda requests: sum(len(tiles) for tiles in requests),  # tiles, not requests
+    )(  # type: ignore[method-assign]
         TileEmbedderServer._embed_batch
     )
     if gpus_per_replica is None:

@@ -118,6 +118,22 @@ def test_tensorrt_engines_for_two_gpus_become_cc_model_filenames(tiny_export, tm
     assert (target / "1" / "model_sm89.plan").read_bytes() == b"plan for 8.9"
     assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
     assert config.parameters["precision"].string_value == "fp16"
+    with pytest.raises(InputError, match="TensorRT engines run on a GPU"):
+        triton.write_triton_repository(export, tmp_path / "repo", name="cpu", instance_kind="cpu")
+
+
+def test_an_export_with_patch_tokens_serves_the_embedding(tiny_export, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["outputs"] = [
+            {"name": "patch_tokens", "dtype": "float32", "shape": ["batch", 256, 96]},
+            *artifact["outputs"],
+        ]
+    (export / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (output,) = _config(triton.write_triton_repository(export, tmp_path / "repo")).output
+    assert output.name == "embedding" and list(output.dims) == [192]
 
 
 def test_without_tritonclient_the_error_names_the_extra(tiny_export, tmp_path, monkeypatch, capsys):

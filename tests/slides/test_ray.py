@@ -142,3 +142,16 @@ def test_a_model_that_does_not_open_is_its_own_one_line_error(ray_local, make_sl
     with pytest.raises(ModelFileError, match="cannot load .*bad.onnx"):
         distributed.process_slides_ray([make_slide().path], bad, tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_not_a_hang(
+    ray_local, tiny_onnx, make_slide, tmp_path
+):
+    from virchow_rt.errors import InputError
+
+    with pytest.raises(InputError, match="3 Ray workers .* do not fit this cluster"):
+        distributed.process_slides_ray([make_slide().path], tiny_onnx, tmp_path / "out", workers=3)
+    with pytest.raises(InputError, match="GPUs"):
+        distributed.process_slides_ray(
+            [make_slide().path], tiny_onnx, tmp_path / "out", workers=1, gpus_per_worker=1
+        )

@@ -101,9 +101,16 @@ def write_triton_repository(
     if target.exists():
         raise OutputError(f"{target} exists; remove it first, or give another --name")
 
+    if kind == "tensorrt_plan" and instance_kind == "cpu":
+        raise InputError("TensorRT engines run on a GPU: give --instance-kind gpu, or --platform onnx")
     first = artifacts[0]
-    (tile,), (embedding,) = first["inputs"], first["outputs"]
-    max_batch = first["profile"]["max"] if kind == "tensorrt_plan" else manifest["batch"]["max"]
+    # by name: an export with --outputs embedding,patch_tokens has more; Triton serves the embedding
+    tile = next(t for t in first["inputs"] if t["name"] == "tiles")
+    embedding = next(t for t in first["outputs"] if t["name"] == "embedding")
+    if kind == "tensorrt_plan":  # every engine must accept the batch Triton may send
+        max_batch = min(engine["profile"]["max"] for engine in artifacts)
+    else:
+        max_batch = manifest["batch"]["max"]
     config = pb.ModelConfig(name=name, platform=kind, max_batch_size=max_batch)
     config.input.add(name=tile["name"], data_type=_TRITON_TYPES[tile["dtype"]], dims=tile["shape"][1:])
     config.output.add(

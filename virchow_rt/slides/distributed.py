@@ -6,12 +6,14 @@ writing the same ``<slide>.h5`` files as a local run. Actors rather than Ray Dat
 file on a shared folder, not rows to collect, and what needs handling is per slide, which actors give
 directly:
 
-- retries: an actor is created with ``max_restarts=-1`` and ``max_task_retries``; when its process dies
+- retries: an actor is created with ``max_restarts`` and ``max_task_retries``; when its process dies
   (killed, out of memory, node lost) Ray starts it again and gives it the same slide again;
 - backpressure: the driver hands each worker one slide at a time, so no slide waits behind a slow one;
 - exactly once: the per-slide lock file (``O_EXCL``) and the atomic rename of the local run hold across
-  processes and hosts. A worker that dies mid-slide leaves only a ``.partial`` file and its lock; the retry
-  (or the next run) finds the lock stale (its process is gone), takes it over and redoes the slide.
+  processes and hosts. A worker that dies mid-slide leaves only a ``.partial`` file and its lock; a retry
+  on the same host (or the next run there) finds the lock stale (its process is gone), takes it over and
+  redoes the slide. A lock left by a node that is gone is stale only after 24 h, or with
+  ``--clear-stale-locks``: until then a retry elsewhere records the slide as ``locked``.
 
 Slide paths and ``--out`` must be local to a single machine or on a filesystem every node mounts.
 """
@@ -50,6 +52,8 @@ from virchow_rt.slides.run import (
 
 #: attempts of one slide whose worker dies (Ray restarts the worker in between)
 SLIDE_ATTEMPTS = 3
+#: restarts of one worker (its process died) before Ray gives it up
+MAX_RESTARTS = 2 * SLIDE_ATTEMPTS
 #: on a cluster without GPUs, one worker per this many CPUs
 CPUS_PER_CPU_WORKER = 8
 
@@ -135,6 +139,17 @@ def _connect(ray: Any, address: str) -> bool:
     return True
 
 
+def _check_fits(ray: Any, count: int, gpus_per_worker: float) -> None:
+    """Refuse more workers than the cluster can run at once (Ray would wait for them forever)."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if count > cpus or count * gpus_per_worker > gpus + 1e-9:
+        raise InputError(
+            f"{count} Ray workers with {gpus_per_worker:g} GPUs and 1 CPU each do not fit this cluster "
+            f"({cpus:g} CPUs, {gpus:g} GPUs); give fewer --ray-workers or a smaller --gpus-per-worker"
+        )
+
+
 def _default_workers(ray: Any, gpus_per_worker: float) -> int:
     resources = ray.cluster_resources()
     if gpus_per_worker > 0:
@@ -173,8 +188,12 @@ def process_slides_ray(
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
         count = workers or _default_workers(ray, gpus_per_worker)
+        _check_fits(ray, count, gpus_per_worker)
         actor = ray.remote(
-            num_cpus=1, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=SLIDE_ATTEMPTS - 1
+            num_cpus=1,
+            num_gpus=gpus_per_worker,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=SLIDE_ATTEMPTS - 1,
         )(SlideWorker)
         model = str(Path(model).resolve())
         pool = [actor.remote(model, str(out_dir.resolve()), settings, backend) for _ in range(count)]

@@ -373,8 +373,12 @@ def _run_slide(
 ) -> None:
     """One slide under its lock: skipped when complete or locked, else embedded; ``record`` tells how."""
     out = out_dir / f"{path.stem}.h5"
-    # the file size tells another slide of the same name apart (its .h5 would be taken)
-    wanted = {**expected, "slide_size_bytes": path.stat().st_size}
+    try:  # the file size tells another slide of the same name apart (its .h5 would be taken)
+        wanted = {**expected, "slide_size_bytes": path.stat().st_size}
+    except OSError as err:  # gone since it was listed, or not on this node's filesystem
+        record.status, record.reason = "failed", f"cannot read {path} here ({err.strerror or err})"
+        warn(f"{prefix}: FAILED: {record.reason}")
+        return
     with locks.held(out, warn) as other:
         if other is not None:  # another run is writing this slide: leave it to that run
             record.status = "locked"
