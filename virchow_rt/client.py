@@ -6,6 +6,7 @@ standard library only) and returns the embeddings; ``tritonclient.http`` works a
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -80,3 +81,5 @@ def _call(request: urllib.request.Request, timeout: float) -> tuple[bytes, Any]:
         raise ServerError(
             f"cannot reach {request.full_url} ({err.reason}); is `virchow-rt serve` running?"
         ) from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as err:  # mid-request
+        raise ServerError(f"{request.full_url}: the connection failed mid-request ({err!r}); retry") from None
