@@ -16,7 +16,8 @@ import numpy as np
 
 from virchow_rt.errors import InputError, VirchowError
 
-_JSON_HEADER = "Inference-Header-Content-Length"
+#: KServe v2 binary-data extension: the length of the JSON part that starts the body
+INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
 class ServerError(VirchowError):
@@ -45,11 +46,11 @@ def embed(url: str, tiles: np.ndarray, model: str | None = None, timeout: float 
     request = urllib.request.Request(
         f"{url}/v2/models/{model}/infer",
         data=head + raw,
-        headers={_JSON_HEADER: str(len(head)), "Content-Type": "application/octet-stream"},
+        headers={INFERENCE_HEADER: str(len(head)), "Content-Type": "application/octet-stream"},
         method="POST",
     )
     reply, headers = _call(request, timeout)
-    size = int(headers.get(_JSON_HEADER) or len(reply))
+    size = int(headers.get(INFERENCE_HEADER) or len(reply))
     answer = json.loads(reply[:size])
     (out,) = answer["outputs"]
     if "data" in out:

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from virchow_rt.errors import InputError, MissingDependency
+from virchow_rt.client import INFERENCE_HEADER
+from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
 
 #: a body over this many bytes per byte of the allowed S×S tiles is refused (413): room for tiles of twice
 #: the side as raw bytes, or S×S tiles as JSON text (up to 4 characters a value)
 _BODY_BYTES_PER_TILE_BYTE = 16
-_JSON_HEADER = "Inference-Header-Content-Length"
 
 
 def _serve_modules() -> tuple[Any, Any]:
@@ -79,7 +79,7 @@ def parse_infer(
     binary = _params(spec).get("binary_data_size")
     if binary is not None:
         if header_length is None:
-            raise BadRequest(f"binary_data_size without the {_JSON_HEADER} header")
+            raise BadRequest(f"binary_data_size without the {INFERENCE_HEADER} header")
         raw = body[header_length:]
         if len(raw) != binary or binary != size:
             raise BadRequest(f"binary input of {len(raw)} bytes for shape {shape} ({size} bytes expected)")
@@ -204,9 +204,7 @@ def build_app(
     import ray
     from fastapi.responses import JSONResponse, Response
 
-    from virchow_rt.manifest import read_manifest
-
-    name = name or _model_name(model, read_manifest)
+    name = name or _model_name(model, _manifest(model))
     app = fastapi.FastAPI(title="virchow-rt")
 
     def refuse(err: BadRequest) -> JSONResponse:
@@ -266,9 +264,9 @@ def build_app(
             s = self.info.tile_size
             try:
                 body = await read_body(request, s * s * 3)
-                header = request.headers.get(_JSON_HEADER)
+                header = request.headers.get(INFERENCE_HEADER)
                 if header is not None and not header.isdigit():
-                    raise BadRequest(f"{_JSON_HEADER} {header!r} is not a number")
+                    raise BadRequest(f"{INFERENCE_HEADER} {header!r} is not a number")
                 tiles, binary = parse_infer(body, int(header) if header else None, s, self.max_batch)
                 embeddings = await self.embed(tiles)
             except BadRequest as err:
@@ -284,7 +282,7 @@ def build_app(
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(reply).encode()
             return Response(
-                head + raw, media_type="application/octet-stream", headers={_JSON_HEADER: str(len(head))}
+                head + raw, media_type="application/octet-stream", headers={INFERENCE_HEADER: str(len(head))}
             )
 
         @app.post("/embed")
@@ -330,13 +328,24 @@ def _unknown(model: str, served: str) -> Any:
     return JSONResponse({"error": f"no model {model!r} here; this server serves {served!r}"}, status_code=404)
 
 
-def _model_name(model: str, read_manifest: Any) -> str:
-    try:
-        return str(read_manifest(model)["variant"])
-    except Exception:  # noqa: BLE001 - a bare .onnx without a manifest: its file name
-        from pathlib import Path
+def _manifest(model: str) -> dict[str, Any] | None:
+    """The export's manifest, or None for a model file without one."""
+    from virchow_rt.errors import ModelFileError
+    from virchow_rt.manifest import read_manifest
 
-        return Path(model).name.split(".")[0]
+    try:
+        return read_manifest(model)
+    except ModelFileError:
+        return None
+
+
+def _model_name(model: str, manifest: dict[str, Any] | None) -> str:
+    """The variant, or for a bare model file without a manifest its file name."""
+    if manifest is not None and manifest.get("variant"):
+        return str(manifest["variant"])
+    from pathlib import Path
+
+    return Path(model).name.split(".")[0]
 
 
 def run_server(
@@ -364,6 +373,8 @@ def run_server(
         )
     if not Path(model).exists():
         raise InputError(f"{model} does not exist; give an export folder, an .onnx or an .engine")
+    manifest = _manifest(str(model))
+    name = name or _model_name(str(model), manifest)
     ray.init(include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     try:
@@ -374,9 +385,12 @@ def run_server(
             replicas=replicas or max(1, gpus),
         )  # fmt: skip
         serve.run(app, name="virchow-rt", route_prefix="/")
-        served = name or _model_name(str(model), _read_manifest)
-        _warn_if_random(str(model))
-        print(f"serving {served} at http://{host}:{port}/v2/models/{served} (and POST /embed); Ctrl-C stops")
+        # the replicas' own warnings are not shown on this console
+        if manifest is not None and manifest.get("weights", {}).get("random"):
+            warn_random_weights(
+                f"{manifest['variant']} has random weights; every answer is labelled random_weights"
+            )
+        print(f"serving {name} at http://{host}:{port}/v2/models/{name} (and POST /embed); Ctrl-C stops")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(1.0):
@@ -388,23 +402,3 @@ def run_server(
         serve.shutdown()  # replicas finish their ongoing requests first (graceful shutdown)
         ray.shutdown()
     return 0
-
-
-def _read_manifest(model: str) -> dict[str, Any]:
-    from virchow_rt.manifest import read_manifest
-
-    return read_manifest(model)
-
-
-def _warn_if_random(model: str) -> None:
-    """The RANDOM WEIGHTS notice here (the replicas' own warnings are not shown on this console)."""
-    from virchow_rt.errors import ModelFileError, warn_random_weights
-
-    try:
-        manifest = _read_manifest(model)
-    except ModelFileError:
-        return
-    if manifest.get("weights", {}).get("random"):
-        warn_random_weights(
-            f"{manifest['variant']} has random weights; every answer is labelled random_weights"
-        )
