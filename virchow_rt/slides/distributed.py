@@ -34,12 +34,11 @@ from typing import Any
 from tqdm import tqdm
 
 from virchow_rt.errors import InputError, MissingDependency, VirchowError, warn_random_weights
-from virchow_rt.manifest import check_output, write_json
+from virchow_rt.manifest import check_output
 from virchow_rt.slides import folder
 from virchow_rt.slides.embed import embedding_dim, opened_backend
 from virchow_rt.slides.reader import find_slides
 from virchow_rt.slides.run import (
-    SUMMARY_NAME,
     SlideSettings,
     _expected_attrs,
     _Model,
@@ -47,7 +46,7 @@ from virchow_rt.slides.run import (
     _now,
     _Record,
     _run_slide,
-    _summary,
+    write_summary,
 )
 
 #: attempts of one slide whose worker dies (Ray restarts the worker in between)
@@ -261,15 +260,11 @@ def _run_job(
             bar.set_postfix_str(f"{embedded / (time.perf_counter() - wall0):.1f} tiles/s, {failed} failed")
     finally:
         bar.close()
-        for record in records.values():
-            if record.status == "pending":
-                record.status, record.reason = "interrupted", "the job was stopped; rerun to resume"
         for worker in pool:
             ray.kill(worker)
-        summary = _summary(
-            list(records.values()), first["settings"], first["model"], started, time.perf_counter() - wall0
-        )
-        summary["ray"] = {"workers": len(pool), "hosts": sorted({r.host for r in records.values() if r.host})}
-        summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)
-        write_json(out_dir / SUMMARY_NAME, summary)
+        hosts = sorted({r.host for r in records.values() if r.host})
+        summary = write_summary(
+            out_dir, list(records.values()), first["settings"], first["model"], started,
+            time.perf_counter() - wall0, extra={"ray": {"workers": len(pool), "hosts": hosts}},
+        )  # fmt: skip
     return summary

@@ -468,17 +468,32 @@ def process_slides(
                 )
         finally:
             # also after an interrupt: the summary lists every slide given, what was done and what was not
-            for record in records:
-                if record.status == "pending":  # the slide in progress when the run was stopped
-                    record.status, record.reason = "interrupted", "the run was stopped; rerun to resume"
             listed = {r.path for r in records}
             records += [
                 _Record(name=p.stem, path=str(p), status="not started") for p in paths if str(p) not in listed
             ]
             block = _model_block(ident, settings, dim)
-            summary = _summary(records, settings, block, started, time.perf_counter() - wall0)
-            summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)  # earlier runs' slides kept
-            write_json(out_dir / SUMMARY_NAME, summary)
+            summary = write_summary(out_dir, records, settings, block, started, time.perf_counter() - wall0)
+    return summary
+
+
+def write_summary(
+    out_dir: Path,
+    records: list[_Record],
+    settings: SlideSettings,
+    model: dict[str, Any],
+    started: str,
+    wall_s: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the run's ``summary.json`` (earlier runs' slides kept) and return it; the slide in progress
+    when the run was stopped is recorded as interrupted."""
+    for record in records:
+        if record.status == "pending":
+            record.status, record.reason = "interrupted", "the run was stopped; rerun to resume"
+    summary = {**_summary(records, settings, model, started, wall_s), **(extra or {})}
+    summary = folder.merge_summary(out_dir, SUMMARY_NAME, summary)
+    write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 
 
