@@ -41,7 +41,7 @@ def timm_worker(tiles_npy: str, out_npy: str, batch: int) -> None:
     import torch
     from PIL import Image
 
-    from virchow_rt.export import build_model
+    from virchow_rt.model.vit import build_model
 
     imported = time.perf_counter()
     model, variant, _ = build_model(VARIANT, random_weights=True, seed=0)  # the export's weights
@@ -82,7 +82,7 @@ def timm_worker(tiles_npy: str, out_npy: str, batch: int) -> None:
 
 def _virchow_rt_command() -> list[str]:
     script = Path(sys.executable).with_name("virchow-rt")  # the installed console script, no shell shim
-    return [str(script)] if script.exists() else [sys.executable, "-m", "virchow_rt.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "virchow_rt.cli.main"]
 
 
 def _portable(arg: str | Path) -> str:
@@ -133,7 +133,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     folder = args.export or out / "export"
     if not (folder / "manifest.json").exists():
-        from virchow_rt.export import export_model
+        from virchow_rt.export.pipeline import export_model
 
         print(f"exporting {VARIANT} (random weights) to {folder} ...", flush=True)
         export_model(VARIANT, folder, random_weights=True, precisions=("fp32",), parity_tiles=8)

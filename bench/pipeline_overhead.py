@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.backends import open_backend
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, split_batches
 from virchow_rt.compare import compare
+from virchow_rt.embed import Embedder
 from virchow_rt.manifest import write_json
 from virchow_rt.registry import get_variant
-from virchow_rt.runtime import Embedder, open_backend
 from virchow_rt.tissue import tissue_tiles
 
 
@@ -44,7 +45,7 @@ def export_folder(variant: str, given: str | None) -> Path:
     """The export to run: ``--export`` as given, else a fresh random-weights fp32 export in a temp folder."""
     if given:
         return Path(given)
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     folder = Path(tempfile.mkdtemp(prefix=f"overhead-{variant}-"))
     print(f"exporting {variant} (random weights, fp32) to {folder} ...", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -4,7 +4,7 @@
 Exports a variant (default: the mini, RANDOM WEIGHTS, fp32 ONNX; cached under ``--out``), starts the
 server in this process (a local Ray instance, one replica, ``--max-batch`` 64, ``--max-wait-ms`` 5) and
 runs each configuration for ``--requests`` requests per client, after one warm-up request per client.
-Clients are threads calling :func:`virchow_rt.client.embed` (binary KServe v2 over HTTP). The baseline
+Clients are threads calling :func:`virchow_rt.serve.client.embed` (binary KServe v2 over HTTP). The baseline
 is ``Embedder.embed`` here on requests of the same size, one after another (latency), and on all tiles
 at once (throughput).
 
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from slides_throughput import _model
 
-from virchow_rt import client
 from virchow_rt.benchmark.environment import collect_environment
+from virchow_rt.embed import Embedder
 from virchow_rt.manifest import write_json
-from virchow_rt.runtime import Embedder
+from virchow_rt.serve import client
 from virchow_rt.tissue import tissue_tiles
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from virchow_rt.serve import build_app
+    from virchow_rt.serve.http import build_app
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = _model(args.variant, args.out / "model")

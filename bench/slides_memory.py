@@ -30,7 +30,8 @@ RUN = textwrap.dedent(
     """
     import json, sys, threading, time
     import numpy as np
-    from virchow_rt.runtime.backend import Backend, ModelInfo
+    from virchow_rt.backends.base import Backend
+    from virchow_rt.contract import ModelInfo
     from virchow_rt.slides import SlideSettings, process_slides
 
     def rss_mb():

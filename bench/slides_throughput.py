@@ -31,8 +31,8 @@ import numpy as np
 
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, time_calls
+from virchow_rt.embed.embedder import default_batch_size
 from virchow_rt.manifest import write_json
-from virchow_rt.runtime.embedder import default_batch_size
 from virchow_rt.slides import (
     SlideSettings,
     TileReader,
@@ -44,7 +44,7 @@ from virchow_rt.slides import (
 
 
 def _model(variant: str, folder: Path) -> Path:
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
     from virchow_rt.manifest import MANIFEST_NAME, find_artifact, read_manifest
 
     target = folder / f"{variant}.fp32.onnx"
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compression = args.compression or ("jpeg" if is_importable("imagecodecs") else "zlib")
 
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     args.out.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.lower().split("x"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virchow_rt.cli import build_parser, main
+from virchow_rt.cli.main import build_parser, main
 
 
 def _help(capsys, *args: str) -> str:

@@ -1,12 +1,12 @@
-"""virchow_rt.client without a server: bad tiles and an unreachable server are one-line errors."""
+"""virchow_rt.serve.client without a server: bad tiles and an unreachable server are one-line errors."""
 
 import socket
 
 import numpy as np
 import pytest
 
-from virchow_rt import client
 from virchow_rt.errors import InputError
+from virchow_rt.serve import client
 
 
 def test_bad_tiles_and_no_server_are_one_line_errors():

@@ -35,9 +35,11 @@ SCRIPT = textwrap.dedent(
 
     import virchow_rt
     import virchow_rt.kernels
-    import virchow_rt.runtime
-    from virchow_rt.cli import main
-    from virchow_rt.runtime import Embedder, open_backend, open_tiles
+    import virchow_rt.backends
+    import virchow_rt.embed
+    from virchow_rt.cli.main import main
+    from virchow_rt.backends import open_backend
+    from virchow_rt.embed import Embedder, open_tiles
 
     sys.path.insert(0, sys.argv[2])
     from runtime_models import build_attention_onnx, build_tiny_onnx, expected_embedding

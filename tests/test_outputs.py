@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 from virchow_rt.errors import OutputError
 from virchow_rt.manifest import check_output
 

@@ -6,12 +6,12 @@ import warnings
 
 import numpy as np
 
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 from virchow_rt.errors import RandomWeightsWarning, warn_random_weights
 
 
 def test_one_notice_per_command(tmp_path) -> None:
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

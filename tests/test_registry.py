@@ -57,7 +57,7 @@ def test_parameter_count_matches_timm(name):
     timm = pytest.importorskip("timm")
     import torch
 
-    from virchow_rt.export.reference import MLP_LAYERS
+    from virchow_rt.model.vit import MLP_LAYERS
 
     variant = get_variant(name)
     with torch.device("meta"):  # shapes only
@@ -74,7 +74,7 @@ def test_published_sizes():
 def test_list_command_shows_every_encoder(capsys):
     import json
 
-    from virchow_rt.cli import main
+    from virchow_rt.cli.main import main
 
     assert main(["list"]) == 0
     text = capsys.readouterr().out

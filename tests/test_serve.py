@@ -20,8 +20,8 @@ serve = pytest.importorskip(
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 ray = pytest.importorskip("ray")
 
-from virchow_rt.runtime import Embedder  # noqa: E402
-from virchow_rt.serve import build_app  # noqa: E402
+from virchow_rt.embed import Embedder  # noqa: E402
+from virchow_rt.serve.http import build_app  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 NAME = "virchow2g-mini-tiny"
@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    export = pytest.importorskip("virchow_rt.export")
+    export = pytest.importorskip("virchow_rt.export.pipeline")
     out = tmp_path_factory.mktemp("served-model")
     export.export_model(NAME, out, random_weights=True, precisions=["fp32"], parity_tiles=2)
     port = _free_port()
@@ -88,7 +88,7 @@ def test_tritonclient_and_the_plain_route_give_the_embedders_embeddings(server):
     np.testing.assert_allclose(np.array(json.loads(body)["embeddings"]), expected, atol=1e-5)
     status, body = _post(server["url"], buffer.getvalue(), {"Accept": "application/x-npy"})
     np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, atol=1e-5)
-    from virchow_rt import client as plain_client
+    from virchow_rt.serve import client as plain_client
 
     np.testing.assert_allclose(plain_client.embed(server["url"], tiles), expected, atol=1e-5)
     with pytest.raises(plain_client.ServerError, match="HTTP 400: .*send 1 to 16"):

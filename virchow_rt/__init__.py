@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from virchow_rt._version import __version__ as __version__
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.errors import (
     BackendError,
@@ -19,21 +20,22 @@ from virchow_rt.errors import (
 )
 from virchow_rt.registry import VARIANTS, Variant, get_variant
 
-__version__ = "0.1.0"
-
-# name -> module that defines it; loaded on first attribute access (PEP 562)
-_LAZY = {
-    "Embedder": "virchow_rt.runtime",
-    "open_backend": "virchow_rt.runtime",
-    "export_model": "virchow_rt.export",
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    """``Embedder``, ``open_backend`` and ``export_model`` load on first use (PEP 562): importing the
+    package stays cheap, and only ``export_model`` imports torch."""
+    if name == "Embedder":
+        from virchow_rt.embed import Embedder
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return Embedder
+    if name == "open_backend":
+        from virchow_rt.backends import open_backend
+
+        return open_backend
+    if name == "export_model":
+        from virchow_rt.export.pipeline import export_model
+
+        return export_model
     raise AttributeError(f"module 'virchow_rt' has no attribute {name!r}")
 
 

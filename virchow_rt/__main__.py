@@ -2,6 +2,6 @@
 
 import sys
 
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 
 sys.exit(main())

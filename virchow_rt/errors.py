@@ -64,7 +64,7 @@ class RandomWeightsWarning(UserWarning):
 def warn_random_weights(what: str) -> None:
     """The one RANDOM WEIGHTS notice, in one format: ``RANDOM WEIGHTS: <what>: ...``.
 
-    The CLI prints the first of a command only (``virchow_rt.cli``); every output is labelled too.
+    The CLI prints the first of a command only (``virchow_rt.cli.main``); every output is labelled too.
     """
     warnings.warn(
         f"RANDOM WEIGHTS: {what}: its embeddings are meaningless (tests and demos only; "

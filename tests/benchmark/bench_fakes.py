@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.backends.base import Backend
+from virchow_rt.contract import ModelInfo
 
 EMBED_DIM = 16
 

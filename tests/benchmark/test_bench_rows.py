@@ -113,7 +113,7 @@ def test_unknown_row_is_a_clear_error() -> None:
 
 
 def test_every_embed_backend_name_is_a_bench_row_name() -> None:
-    from virchow_rt.runtime import BACKENDS
+    from virchow_rt.backends import BACKENDS
 
     for name in BACKENDS:
         if name == "auto":

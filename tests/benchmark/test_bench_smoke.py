@@ -12,7 +12,7 @@ import math
 import pytest
 
 from virchow_rt.benchmark.report import validate_report
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")

@@ -145,7 +145,7 @@ def test_event_timer_uses_cuda_python_where_installed_else_torch(monkeypatch: py
 
     real = deps.is_importable
     if real("cuda.bindings.runtime"):
-        from virchow_rt.runtime.cuda import EventTimer
+        from virchow_rt.backends.cuda.api import EventTimer
 
         assert isinstance(CudaEventTimer()._impl, EventTimer)
     monkeypatch.setattr(deps, "is_importable", lambda name: False if name.startswith("cuda") else real(name))

@@ -20,7 +20,7 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=TINY)
 def tiny_export(request, tmp_path_factory) -> tuple[str, Path, dict]:
     """(variant name, export folder, manifest) of a random-weights fp32 + fp16 export with both outputs."""
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp(request.param)
     with warnings.catch_warnings():

@@ -60,7 +60,7 @@ def hub_config(variant: Variant) -> dict:
 
 def random_state_dict(name: str, seed: int = 1) -> dict:
     """The state dict of a random model of variant ``name`` (stands in for downloaded weights)."""
-    from virchow_rt.export.reference import build_model
+    from virchow_rt.model.vit import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,13 +11,14 @@ import types
 import onnx
 import pytest
 
+import virchow_rt.export
 from virchow_rt.errors import BackendError, InputError, ParityError, WeightsError
-from virchow_rt.export import export_model
 from virchow_rt.export import onnx_export as onnx_export_module
+from virchow_rt.export.pipeline import export_model
 from virchow_rt.manifest import read_manifest, sha256_file, write_manifest
 from virchow_rt.registry import Tolerance, get_variant
 
-pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.export.weights.RandomWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.RandomWeightsWarning")
 
 
 def test_real_weights_folder_is_recorded(tmp_path, checkpoint_dir, recwarn):
@@ -118,6 +119,7 @@ def fake_tensorrt(request, monkeypatch):
     module = types.ModuleType("virchow_rt.export.tensorrt_build")
     module.build_engine = build_engine
     monkeypatch.setitem(sys.modules, "virchow_rt.export.tensorrt_build", module)
+    monkeypatch.setattr(virchow_rt.export, "tensorrt_build", module, raising=False)
     return calls
 
 
@@ -188,7 +190,7 @@ def test_full_size_virchow2(tmp_path):
 def test_files_left_by_an_earlier_export_are_named(tmp_path):
     import warnings as _warnings
 
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")  # RANDOM WEIGHTS
@@ -213,7 +215,7 @@ def test_full_size_public_encoders(tmp_path, name, external):
 
 
 def test_demo_runs_on_real_weights_when_given(checkpoint_dir, tmp_path, capsys):
-    from virchow_rt.cli import main
+    from virchow_rt.cli.main import main
     from virchow_rt.manifest import read_manifest
 
     args = ["demo", "--variant", "virchow2-tiny", "--out", str(tmp_path / "demo"), "--tiles", "8"]

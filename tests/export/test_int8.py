@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from virchow_rt.backends import open_backend
+from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import compare
 from virchow_rt.errors import ParityError
-from virchow_rt.export import build_model, export_model
-from virchow_rt.export.pipeline import PARITY_SEED, _make_artifacts, _Progress, run_onnx_cpu
-from virchow_rt.export.reference import TorchBackend
+from virchow_rt.export.pipeline import PARITY_SEED, _make_artifacts, _Progress, export_model, run_onnx_cpu
+from virchow_rt.model.vit import build_model
 from virchow_rt.registry import VARIANTS, get_variant
-from virchow_rt.runtime import open_backend
 from virchow_rt.tissue import tissue_tiles
 
-pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.export.weights.RandomWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.RandomWeightsWarning")
 
 
 @pytest.mark.parametrize("name", [f"{n}-tiny" for n in VARIANTS])

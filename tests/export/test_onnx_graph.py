@@ -7,13 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import compare
-from virchow_rt.export.reference import TorchBackend, build_model
 from virchow_rt.kernels.resize import resize_tiles
+from virchow_rt.model.vit import build_model
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
-pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.export.weights.RandomWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.RandomWeightsWarning")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from virchow_rt.compare import compare
+from virchow_rt.embed import Embedder
 from virchow_rt.errors import WeightsError
-from virchow_rt.export import build_model, export_model
+from virchow_rt.export.pipeline import export_model
+from virchow_rt.model.vit import build_model
 from virchow_rt.registry import get_variant
-from virchow_rt.runtime import Embedder
 from virchow_rt.tissue import tissue_tiles
 
 transformers = pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")

@@ -8,14 +8,15 @@ import timm
 import torch
 from PIL import Image
 
+from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import compare, cosine_rows
 from virchow_rt.errors import BackendError, InputError
-from virchow_rt.export.reference import RANDOM_LAYER_SCALE, TorchBackend, build_model
-from virchow_rt.export.weights import RandomWeightsWarning
+from virchow_rt.model.vit import RANDOM_LAYER_SCALE, build_model
+from virchow_rt.model.weights import RandomWeightsWarning
 from virchow_rt.registry import VARIANTS, get_variant
 from virchow_rt.tissue import tissue_tiles
 
-pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.export.weights.RandomWeightsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.RandomWeightsWarning")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_compute_only_timing_needs_a_gpu(v2_tiny):
 
 def test_full_size_preprocess_matches_published_config():
     variant = get_variant("virchow2")
-    from virchow_rt.export.reference import timm_transform
+    from virchow_rt.model.vit import timm_transform
 
     text = repr(timm_transform(variant))
     assert "Resize(size=224, interpolation=bicubic" in text and "CenterCrop(size=(224, 224))" in text

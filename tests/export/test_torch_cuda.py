@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from virchow_rt.backends.torch_cuda import load_export_model
 from virchow_rt.compare import compare
 from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.export import build_model
-from virchow_rt.export.onnx_export import ExportWrapper
-from virchow_rt.export.torch_cuda import load_export_model
 from virchow_rt.manifest import write_manifest
+from virchow_rt.model.vit import ExportWrapper, build_model
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -97,8 +96,8 @@ def test_real_weights_come_from_the_recorded_source_and_must_match(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
 def test_without_a_gpu_torch_cuda_is_a_one_line_error(tiny_random: tuple, tmp_path: Path, capsys) -> None:
-    from virchow_rt.cli import main
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
+    from virchow_rt.cli.main import main
 
     folder = _manifest(tmp_path / "export", "virchow2-tiny", tiny_random[2].to_dict())
     with warnings.catch_warnings(), pytest.raises(BackendError, match="needs a CUDA GPU and none is visible"):
@@ -116,8 +115,8 @@ def test_without_a_gpu_torch_cuda_is_a_one_line_error(tiny_random: tuple, tmp_pa
 
 
 def test_torch_cuda_needs_an_export_folder(tmp_path: Path) -> None:
+    from virchow_rt.backends import open_backend
     from virchow_rt.errors import ModelFileError
-    from virchow_rt.runtime import open_backend
 
     (tmp_path / "model.onnx").write_bytes(b"")
     with pytest.raises(ModelFileError, match="rebuilds a model from its export folder.*no manifest.json"):
@@ -137,9 +136,9 @@ def test_torch_executor_in_the_pipeline_on_simulated_cuda(tiny_random: tuple, mo
 
     from sim_cuda import Memory, fake_cuda
 
-    from virchow_rt.export import torch_cuda
-    from virchow_rt.runtime import cuda_pipeline
-    from virchow_rt.runtime.backend import ModelInfo
+    from virchow_rt.backends import torch_cuda
+    from virchow_rt.backends.cuda import pipeline as cuda_pipeline
+    from virchow_rt.contract import ModelInfo
 
     mem, log = Memory(), []
     monkeypatch.setattr(cuda_pipeline, "cuda", fake_cuda(mem, log, {}))

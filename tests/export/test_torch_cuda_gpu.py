@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     folder = tmp_path_factory.mktemp("torch-cuda")
     with warnings.catch_warnings():
@@ -35,14 +35,14 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def reference(folder: Path, tiles: np.ndarray) -> np.ndarray:
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     with open_backend(folder / "virchow2-tiny.fp32.onnx", "onnxruntime-cpu") as ort:
         return ort.run(tiles)
 
 
 def open_torch(folder: Path, **options: Any) -> Any:
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA GPU")
@@ -104,7 +104,7 @@ def test_gpu_arrays_are_read_in_place(export: Path) -> None:
 
 
 def test_embedder_resizes_on_the_gpu(export: Path) -> None:
-    from virchow_rt.runtime import Embedder
+    from virchow_rt.embed import Embedder
 
     big = resize_tiles(tissue_tiles(10, 224, seed=6), 448)  # 40x tiles
     with open_torch(export) as backend:
@@ -125,7 +125,7 @@ def test_compute_only_timing(export: Path) -> None:
 def test_embed_command_runs_torch_cuda(export: Path, tmp_path: Path) -> None:
     import json
 
-    from virchow_rt.cli import main
+    from virchow_rt.cli.main import main
 
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA GPU")

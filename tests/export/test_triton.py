@@ -8,24 +8,24 @@ import shutil
 import numpy as np
 import pytest
 
-from virchow_rt import cli
+from virchow_rt.backends import open_backend
+from virchow_rt.cli import main as cli
 from virchow_rt.errors import InputError, OutputError
 from virchow_rt.manifest import MANIFEST_NAME, sha256_file
-from virchow_rt.runtime import open_backend
 
 pb = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2",
     reason="the triton extra is not installed: pip install 'virchow-rt[triton]'",
 )
 text_format = pytest.importorskip("google.protobuf.text_format")
-triton = pytest.importorskip("virchow_rt.export.triton")
+triton = pytest.importorskip("virchow_rt.serve.triton")
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    export = pytest.importorskip("virchow_rt.export")
+    export = pytest.importorskip("virchow_rt.export.pipeline")
     out = tmp_path_factory.mktemp("tiny-export")
     export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32", "fp16"], parity_tiles=2
@@ -143,7 +143,7 @@ def test_without_tritonclient_the_error_names_the_extra(tiny_export, tmp_path, m
 
 
 def test_export_triton_writes_the_entry_after_the_export(tmp_path, capsys):
-    pytest.importorskip("virchow_rt.export")
+    pytest.importorskip("virchow_rt.export.pipeline")
     out, repo = tmp_path / "export", tmp_path / "repo"
     argv = ["export", "virchow2g-mini-tiny", "--random-weights", "--out", str(out), "--parity-tiles", "2"]
     assert cli.main([*argv, "--precision", "fp32", "--triton", str(repo)]) == 0

@@ -11,9 +11,9 @@ import torch
 from export_helpers import random_state_dict, write_checkpoint
 
 from virchow_rt.errors import WeightsError
-from virchow_rt.export.reference import build_model
-from virchow_rt.export.weights import guess_variant, load_weights, read_state_dict
 from virchow_rt.manifest import sha256_file
+from virchow_rt.model.vit import build_model
+from virchow_rt.model.weights import guess_variant, load_weights, read_state_dict
 from virchow_rt.registry import VARIANTS, get_variant
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -125,7 +125,7 @@ def test_long_key_lists_are_truncated(tmp_path):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_guess_variant_from_full_size_shapes(name):
     variant = get_variant(name)
-    from virchow_rt.export.reference import MLP_LAYERS, timm
+    from virchow_rt.model.vit import MLP_LAYERS, timm
 
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = timm.create_model(variant.timm_arch, **variant.model_args, **MLP_LAYERS[variant.mlp])

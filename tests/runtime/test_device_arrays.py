@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from virchow_rt.backends.cuda import device_arrays
+from virchow_rt.backends.cuda.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
 from virchow_rt.errors import InputError
-from virchow_rt.runtime import device_arrays
-from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array, split_rows
 
 
 class FakeGpuArray:

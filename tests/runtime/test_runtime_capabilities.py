@@ -6,7 +6,7 @@ import json
 import sys
 import types
 
-from virchow_rt.runtime.capabilities import (
+from virchow_rt.backends.capabilities import (
     NOT_INSTALLED,
     capabilities,
     gpu_resize,
@@ -36,16 +36,16 @@ def test_capabilities_are_json_and_sane():
 
 def test_gpu_resize_says_what_is_missing(monkeypatch):
     from virchow_rt.errors import MissingDependency
-    from virchow_rt.kernels import cuda_resize
+    from virchow_rt.backends.cuda import api as cuda_api
 
-    monkeypatch.setattr(cuda_resize, "load_nvrtc", lambda: object())  # the NVRTC library loads
+    monkeypatch.setattr(cuda_api, "load_nvrtc", lambda: object())  # the NVRTC library loads
     assert gpu_resize(["NVIDIA H100, 81559 MiB, compute 9.0"]) == "available"
     assert gpu_resize([]) == "unavailable (needs a visible GPU; CPU resize instead)"
 
     def missing():
         raise MissingDependency("the NVRTC library is needed ... and was not found")
 
-    monkeypatch.setattr(cuda_resize, "load_nvrtc", missing)
+    monkeypatch.setattr(cuda_api, "load_nvrtc", missing)
     assert "a visible GPU and NVRTC" in gpu_resize([])
 
 

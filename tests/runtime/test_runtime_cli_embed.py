@@ -1,4 +1,4 @@
-"""`virchow-rt embed` and `virchow-rt info` through virchow_rt.cli.main: outputs, sidecar, one-line errors."""
+"""`virchow-rt embed` and `virchow-rt info` through cli.main: outputs, sidecar, one-line errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from runtime_models import WIDTH, expected_embedding
 
-from virchow_rt.cli import main
+from virchow_rt.cli.main import main
 from virchow_rt.errors import RandomWeightsWarning
 from virchow_rt.manifest import sha256_file
 

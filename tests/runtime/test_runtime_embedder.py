@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from runtime_models import WIDTH, expected_embedding
 
+from virchow_rt.backends import open_backend
+from virchow_rt.backends.base import Backend
+from virchow_rt.contract import ModelInfo
+from virchow_rt.embed import Embedder, open_tiles
+from virchow_rt.embed.embedder import Prefetcher, default_batch_size
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.kernels.resize import resize_tiles
-from virchow_rt.runtime import Embedder, open_backend, open_tiles
-from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.embedder import Prefetcher, default_batch_size
 
 
 class FakeBackend(Backend):
@@ -264,7 +266,7 @@ def test_resize_choice_errors_and_fallback(monkeypatch, caplog):
     embedder = Embedder(gpu)
     assert embedder.resize == "gpu"  # auto: the kernel is loaded when first needed
     big = np.zeros((2, 256, 256, 3), np.uint8)
-    with caplog.at_level("WARNING", logger="virchow_rt.runtime.embedder"):
+    with caplog.at_level("WARNING", logger="virchow_rt.embed.embedder"):
         assert embedder.embed(big).shape == (2, 6)
     assert embedder.resize == "cpu" and "resize kernel is unavailable" in caplog.text  # fell back, said why
 
@@ -273,17 +275,18 @@ def test_a_missing_nvrtc_library_is_a_missing_dependency_everywhere(monkeypatch,
     """cuda-python finds libnvrtc at the first call and raises cuda.pathfinder's RuntimeError there."""
     import types
 
+    from virchow_rt.backends.capabilities import gpu_resize
     from virchow_rt.errors import MissingDependency
+    from virchow_rt.backends.cuda import api as cuda_api
     from virchow_rt.kernels import cuda_resize
-    from virchow_rt.runtime.capabilities import gpu_resize
 
     def version() -> None:
         raise RuntimeError("Failure finding 'libnvrtc.so': no such file")  # as DynamicLibNotFoundError
 
     fake = types.SimpleNamespace(nvrtcVersion=version)
-    monkeypatch.setattr(cuda_resize, "optional_import", lambda name, purpose: fake)
+    monkeypatch.setattr(cuda_api, "optional_import", lambda name, purpose: fake)
     with pytest.raises(MissingDependency, match=r"NVRTC library .*libnvrtc.*virchow-rt\[cuda\]"):
-        cuda_resize.load_nvrtc()
+        cuda_api.load_nvrtc()
     cuda_resize.compile_kernels.cache_clear()
     with pytest.raises(MissingDependency, match="NVRTC library"):
         cuda_resize.compile_kernels("sm_90")
@@ -296,7 +299,7 @@ def test_a_missing_nvrtc_library_is_a_missing_dependency_everywhere(monkeypatch,
     gpu = FakeBackend()
     gpu.gpu = 0
     big = np.zeros((3, 256, 256, 3), np.uint8)
-    logger = "virchow_rt.runtime.embedder"
+    logger = "virchow_rt.embed.embedder"
     with Embedder(gpu, batch_size=2) as embedder, caplog.at_level("WARNING", logger=logger):
         assert embedder.embed(big).shape == (3, 6)  # the reader thread fell back instead of dying
     assert embedder.resize == "cpu" and "NVRTC library" in caplog.text

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from runtime_models import WIDTH, build_attention_onnx, expected_embedding
 
+from virchow_rt.backends import open_backend
+from virchow_rt.backends.capabilities import physical_cores
+from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
+from virchow_rt.backends.ort_fusion import evict, fuse_attention, read_result
 from virchow_rt.compare import cosine_rows
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.manifest import sha256_file
-from virchow_rt.runtime import open_backend
-from virchow_rt.runtime.capabilities import physical_cores
-from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from virchow_rt.runtime.ort_fusion import evict, fuse_attention, read_result
 
 
 def test_fp32_runs_and_reads_metadata(models, tissue):
@@ -289,7 +289,7 @@ def test_fusion_on_a_real_timm_export(tmp_path, tissue, fused_sdpa):
 
 
 def test_export_folder_picks_the_precision_for_the_device(models, tmp_path, monkeypatch):
-    import virchow_rt.runtime as runtime
+    from virchow_rt.backends import open as runtime
 
     for precision in ("fp16", "fp32"):
         shutil.copy(models[precision], tmp_path / f"tiny.{precision}.onnx")
@@ -307,8 +307,8 @@ def test_export_folder_picks_the_precision_for_the_device(models, tmp_path, monk
 
 @pytest.mark.parametrize("error", [ModelFileError, BackendError, MissingDependency])
 def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, monkeypatch, caplog, error):
-    import virchow_rt.runtime as runtime
-    from virchow_rt.runtime import tensorrt_backend
+    from virchow_rt.backends import open as runtime
+    from virchow_rt.backends import tensorrt as tensorrt_backend
 
     shutil.copy(models["fp32"], tmp_path / "tiny.fp32.onnx")
     (tmp_path / "tiny.fp16.engine").write_bytes(b"plan")
@@ -322,7 +322,7 @@ def test_auto_falls_back_to_onnx_when_the_engine_is_refused(models, tmp_path, mo
 
     monkeypatch.setattr(runtime, "is_importable", lambda module: True)
     monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Refused)
-    with caplog.at_level("WARNING", logger="virchow_rt.runtime"):
+    with caplog.at_level("WARNING", logger="virchow_rt.backends.open"):
         backend = open_backend(tmp_path, slots=2)  # a TensorRT option, not passed on to ONNX Runtime
     assert backend.name == "onnxruntime-cpu" and backend.path.name == "tiny.fp32.onnx"
     assert "tiny.fp16.engine" in caplog.text and "10.14.1.48" in caplog.text and "ONNX Runtime" in caplog.text

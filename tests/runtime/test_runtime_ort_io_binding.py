@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from runtime_models import expected_embedding
 
+from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
 from virchow_rt.compare import compare
 from virchow_rt.errors import InputError
-from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 
 def _no_plain_runs(*args: Any, **kwargs: Any) -> Any:

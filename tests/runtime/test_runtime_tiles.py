@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from virchow_rt.embed import open_tiles
 from virchow_rt.errors import InputError
 from virchow_rt.kernels.resize import resize_tile
-from virchow_rt.runtime import open_tiles
 
 
 def _png(path, tile):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from virchow_rt.runtime.backend import Backend, ModelInfo
+from virchow_rt.backends.base import Backend
+from virchow_rt.contract import ModelInfo
 
 
 class FakeBackend(Backend):

@@ -175,7 +175,7 @@ def test_threads_and_processes_read_the_same_tiles(make_slide):
 
 
 def test_embed_slide_takes_an_embedder(make_slide):
-    from virchow_rt.runtime import Embedder
+    from virchow_rt.embed import Embedder
 
     synth = make_slide()
     backend = FakeBackend()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from slide_helpers import cosine_rows
 
-from virchow_rt import cli
+from virchow_rt.cli import main as cli
 from virchow_rt.errors import RandomWeightsWarning
 from virchow_rt.manifest import sha256_file
 from virchow_rt.slides import embed_slide, read_features
@@ -31,8 +31,8 @@ def _attr(module: str, name: str):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    _attr("virchow_rt.runtime", "open_backend")  # first: importing export/ loads torch
-    export_model = _attr("virchow_rt.export", "export_model")
+    _attr("virchow_rt.backends", "open_backend")  # first: importing export/ loads torch
+    export_model = _attr("virchow_rt.export.pipeline", "export_model")
     out = tmp_path_factory.mktemp("tiny-model")
     manifest = export_model(VARIANT, out, random_weights=True, precisions=["fp32"], parity_tiles=4)
     onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
@@ -40,7 +40,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_cli_slides_with_an_exported_model(make_slide, tmp_path, tiny_model, capsys):
-    open_backend = _attr("virchow_rt.runtime", "open_backend")
+    open_backend = _attr("virchow_rt.backends", "open_backend")
     synth = make_slide()
     out = tmp_path / "out"
     argv = ["slides", str(synth.path), "--model", str(tiny_model), "--out", str(out), "--workers", "2"]

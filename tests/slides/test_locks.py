@@ -32,8 +32,8 @@ SCRIPT = textwrap.dedent(
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
     from slide_helpers import FakeBackend
-    from virchow_rt.cli import build_parser
-    from virchow_rt.slides.cli import run_cli
+    from virchow_rt.cli.main import build_parser
+    from virchow_rt.cli.slides import run_cli
 
     class Slow(FakeBackend):  # a batch takes 50 ms: a signal lands in the middle of a slide
         def run(self, tiles):

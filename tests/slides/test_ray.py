@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from virchow_rt import cli
+from virchow_rt.cli import main as cli
 from virchow_rt.slides import SlideSettings, process_slides, read_features
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'virchow-rt[ray]'")
@@ -33,7 +33,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
-    export = pytest.importorskip("virchow_rt.export")
+    export = pytest.importorskip("virchow_rt.export.pipeline")
     out = tmp_path_factory.mktemp("tiny-model")
     manifest = export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32"], parity_tiles=2

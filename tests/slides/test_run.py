@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from slide_helpers import FakeBackend
 
-from virchow_rt import cli
+from virchow_rt.cli import main as cli
 from virchow_rt.errors import InputError, OutputError, RandomWeightsWarning
 from virchow_rt.slides import SlideSettings, check_complete, process_slides, read_features
 from virchow_rt.slides import run as run_module

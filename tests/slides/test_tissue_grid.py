@@ -130,8 +130,8 @@ def test_grid_rules_follow_trident_or_the_exact_mpp(make_slide, tmp_path):
 def test_mag_is_tridents_spelling_of_mpp(make_slide, tmp_path):
     import json
 
-    from virchow_rt.cli import build_parser
-    from virchow_rt.slides.cli import run_cli
+    from virchow_rt.cli.main import build_parser
+    from virchow_rt.cli.slides import run_cli
 
     synth = make_slide()
     args = build_parser().parse_args(["slides", str(synth.path), "--model", "m", "--out", str(tmp_path / "o"),

@@ -46,7 +46,7 @@ def trt_manifest(trt_artifact: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_onnx_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, Any]]:
     """(variant, folder, manifest) of a random-weights virchow2-tiny fp32 + fp16 ONNX export."""
-    from virchow_rt.export import export_model
+    from virchow_rt.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("trt-tiny")
     with warnings.catch_warnings():

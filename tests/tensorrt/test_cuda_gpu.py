@@ -1,4 +1,4 @@
-"""``virchow_rt.runtime.cuda`` and the NVRTC resize kernel on a real GPU (skipped without one)."""
+"""``virchow_rt.backends.cuda.api`` and the NVRTC resize kernel on a real GPU (skipped without one)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
+from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.errors import BackendError
-from virchow_rt.runtime import cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -111,7 +111,7 @@ def test_nvrtc_resize_kernel_matches_the_cpu_reference(h: int, w: int) -> None:
 
 @pytest.mark.parametrize("library", ["torch", "cupy"])
 def test_dlpack_only_gpu_arrays_are_read_in_place(library: str) -> None:
-    from virchow_rt.runtime.device_arrays import as_device_array
+    from virchow_rt.backends.cuda.device_arrays import as_device_array
 
     lib = pytest.importorskip(library)
     if library == "torch":
@@ -136,8 +136,9 @@ def test_dlpack_only_gpu_arrays_are_read_in_place(library: str) -> None:
 
 
 def test_embedder_resizes_on_the_gpu_like_the_cpu() -> None:
-    from virchow_rt.runtime import Embedder
-    from virchow_rt.runtime.backend import Backend, ModelInfo
+    from virchow_rt.backends.base import Backend
+    from virchow_rt.contract import ModelInfo
+    from virchow_rt.embed import Embedder
     from virchow_rt.tissue import tissue_tiles
 
     class Echo(Backend):  # returns the tiles it was given, flattened: the embedding is the model input

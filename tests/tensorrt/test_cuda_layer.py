@@ -1,4 +1,4 @@
-"""``virchow_rt.runtime.cuda`` without a GPU: errors, host views, GPU arrays, no-device behaviour."""
+"""``virchow_rt.backends.cuda.api`` without a GPU: errors, host views, GPU arrays, no-device behaviour."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from virchow_rt._deps import is_importable
+from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.errors import BackendError, InputError
-from virchow_rt.runtime import cuda
 
 needs_cuda_python = pytest.mark.skipif(not is_importable("cuda.bindings.runtime"), reason="no cuda-python")
 
@@ -75,9 +75,9 @@ def test_importing_the_gpu_modules_needs_neither_torch_nor_cuda_python() -> None
 import sys
 for name in ("torch", "cuda", "cuda.bindings", "cuda.bindings.runtime", "tensorrt", "onnxruntime"):
     sys.modules[name] = None  # importing them now raises ImportError
-import virchow_rt.runtime.cuda, virchow_rt.runtime.engine_cache, virchow_rt.runtime.tensorrt_backend
+import virchow_rt.backends.cuda.api, virchow_rt.backends.engine_cache, virchow_rt.backends.tensorrt
 import virchow_rt.kernels.cuda_resize, virchow_rt.export.tensorrt_build
-from virchow_rt.runtime import cuda
+from virchow_rt.backends.cuda import api as cuda
 assert cuda.device_count() == 0
 try:
     cuda.PinnedBuffer(16)

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from virchow_rt.backends.tensorrt import LogBook, is_real_tensorrt
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.export.tensorrt_build import build_engine
 from virchow_rt.export.tensorrt_prep import default_timing_cache, engine_name, network_flags, resolve_profile
 from virchow_rt.manifest import sha256_file, write_manifest
 from virchow_rt.registry import BatchProfile, get_variant
-from virchow_rt.runtime.tensorrt_backend import LogBook, is_real_tensorrt
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from virchow_rt.errors import BackendError, InputError, ModelFileError
-from virchow_rt.runtime.backend import ModelInfo
-from virchow_rt.runtime.engine_cache import (
+from virchow_rt.backends.engine_cache import (
     EngineKey,
     TensorSpec,
     buffer_nbytes,
@@ -26,6 +24,8 @@ from virchow_rt.runtime.engine_cache import (
     runtime_problems,
     stale_reasons,
 )
+from virchow_rt.contract import ModelInfo
+from virchow_rt.errors import BackendError, InputError, ModelFileError
 
 
 @pytest.mark.parametrize(

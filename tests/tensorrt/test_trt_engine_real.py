@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.tensorrt import TensorRTBackend, is_real_tensorrt
 from virchow_rt.compare import compare
 from virchow_rt.errors import ModelFileError
 from virchow_rt.manifest import read_manifest, sha256_file
-from virchow_rt.runtime import cuda
-from virchow_rt.runtime.tensorrt_backend import TensorRTBackend, is_real_tensorrt
 from virchow_rt.tissue import tissue_tiles
 
 pytestmark = [
@@ -32,7 +32,7 @@ pytestmark = [
 
 def reference(export: tuple[str, Path, dict[str, Any]], tiles: np.ndarray) -> np.ndarray:
     """fp32 ONNX in ONNX Runtime CPU (the export checked it is within 0.99999 cosine of PyTorch)."""
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     name, folder, _ = export
     with open_backend(folder / f"{name}.fp32.onnx", backend="onnxruntime-cpu") as ort:
@@ -184,7 +184,7 @@ def test_version_compatible_engine_runs(tiny_engine: Any, tiny_onnx_export: Any,
 
 
 def test_open_backend_runs_engines(tiny_engine: Any) -> None:
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from sim_cuda import Memory, fake_cuda
 
+from virchow_rt.backends import tensorrt as tb
+from virchow_rt.backends.cuda import pipeline as cuda_pipeline
+from virchow_rt.backends.cuda.device_arrays import DeviceArray
+from virchow_rt.contract import ModelInfo
 from virchow_rt.errors import BackendError, InputError
-from virchow_rt.runtime import cuda_pipeline
-from virchow_rt.runtime import tensorrt_backend as tb
-from virchow_rt.runtime.backend import ModelInfo
-from virchow_rt.runtime.device_arrays import DeviceArray
 
 S, E = 4, 6  # tile size and embedding width of the stand-in model
 

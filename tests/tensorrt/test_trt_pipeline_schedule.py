@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from virchow_rt.backends.tensorrt import SlotSchedule, Step
 from virchow_rt.errors import InputError
-from virchow_rt.runtime.tensorrt_backend import SlotSchedule, Step
 
 GPU_OPS = ("fill", "h2d", "compute", "d2h")
 

@@ -30,7 +30,7 @@ from virchow_rt.errors import warn_random_weights
 #: how the figures were taken, recorded in every report's settings
 METHOD = {
     "tile_source": "virchow_rt.tissue.tissue_tiles (scikit-image IHC colon image)",
-    "path": "uint8 tiles (N, S, S, 3) already in host memory -> virchow_rt.runtime.Embedder.embed "
+    "path": "uint8 tiles (N, S, S, 3) already in host memory -> virchow_rt.embed.Embedder.embed "
     "(reader thread + Backend.pipeline) -> float32 embeddings (N, E) on the host",
     "compute_only": "CUDA events around the backend's device work (GPU only; null on a CPU with the reason)",
     "memory": "host peak RSS of the process during warm-up and timed passes (Linux VmHWM reset per row); "

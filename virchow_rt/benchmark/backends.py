@@ -1,8 +1,8 @@
-"""Open the :class:`~virchow_rt.runtime.backend.Backend` behind one benchmark row, and time its compute alone.
+"""Open the :class:`~virchow_rt.backends.base.Backend` behind one benchmark row, and time its compute alone.
 
 The benchmark talks to every backend through the Backend interface only: the PyTorch reference
-(``virchow_rt.export.reference.TorchBackend``), ONNX Runtime and TensorRT
-(``virchow_rt.runtime.open_backend``).
+(``virchow_rt.backends.torch_reference.TorchBackend``), ONNX Runtime and TensorRT
+(``virchow_rt.backends.open_backend``).
 Compute-only timing (device work alone, CUDA events) uses an optional ``time_compute`` method a GPU
 backend may offer; on a CPU there is no device apart from the host, so the figure is null with a reason.
 """
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.backends.base import Backend
 from virchow_rt.benchmark.rows import RowSpec
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats
 from virchow_rt.errors import ModelFileError
 from virchow_rt.registry import Variant
-from virchow_rt.runtime.backend import Backend
 
 CPU_COMPUTE_REASON = (
     "CPU run: the host is the device, so there is no compute apart from end to end "
@@ -110,13 +110,13 @@ def open_row_backend(
     transform in the PyTorch rows (TRIDENT's DataLoader workers; 0: inline).
     """
     if spec.kind == "torch-cuda":
-        from virchow_rt.export.torch_cuda import TorchCudaBackend
+        from virchow_rt.backends.torch_cuda import TorchCudaBackend
 
         # a copy: the backend converts its model to fp16 in place, and the other rows share this one
         model = copy.deepcopy(torch_model)
         return TorchCudaBackend(model, variant, weights_info, compile=spec.compile, max_batch=max_batch)
     if spec.kind == "torch":
-        from virchow_rt.export import reference
+        from virchow_rt.backends import torch_reference as reference
 
         options = {"compile": spec.compile, "device": device, "weights": weights_info, "workers": workers}
         if spec.precision in reference.PRECISIONS:
@@ -131,7 +131,7 @@ def open_row_backend(
             f"{path} does not exist; export it with `virchow-rt export {variant.name} --out {folder} "
             f"--precision {spec.artifact}`" + (" --tensorrt" if spec.kind == "tensorrt" else "")
         )
-    from virchow_rt.runtime import open_backend
+    from virchow_rt.backends import open_backend
 
     return open_backend(path, backend=spec.backend)
 

@@ -82,7 +82,7 @@ MIN_LEFT = {"tests": 60, "bench": 60, "slides": 45}
 
 def gpu_visible() -> bool:
     """A CUDA GPU is visible to cuda-python and to torch (the check uses both)."""
-    from virchow_rt.runtime import cuda
+    from virchow_rt.backends.cuda import api as cuda
 
     if cuda.device_count() == 0:
         return False
@@ -222,7 +222,7 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
 
 def bandwidth(mib: int, repeats: int = 5) -> dict[str, Any]:
     """Host<->device copy rates: pinned (async on a stream, CUDA events) and pageable (synchronous)."""
-    from virchow_rt.runtime import cuda
+    from virchow_rt.backends.cuda import api as cuda
 
     nbytes = mib << 20
     rt = cuda.cudart()
@@ -267,9 +267,9 @@ def copy_hiding(
 
 def resize_check(n: int, size_in: int = 448, size: int = 224, repeats: int = 5) -> dict[str, Any]:
     """The NVRTC resize kernel vs the CPU reference on ``n`` tissue tiles of ``size_in`` px: pixels, time."""
+    from virchow_rt.backends.cuda import api as cuda
     from virchow_rt.kernels.cuda_resize import CudaResizer
     from virchow_rt.kernels.resize import resize_tiles
-    from virchow_rt.runtime import cuda
     from virchow_rt.tissue import tissue_tiles
 
     tiles = tissue_tiles(n, size_in, seed=11)  # (n, 448, 448, 3): 40x tiles

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.backends.base import Backend
 from virchow_rt.benchmark import roofline
 from virchow_rt.benchmark.backends import TimedBackend, compute_only, open_row_backend
 from virchow_rt.benchmark.memory import PeakMemory
@@ -26,7 +27,6 @@ from virchow_rt.benchmark.source import Settings, Source
 from virchow_rt.benchmark.timing import Stats, split_batches, time_calls
 from virchow_rt.compare import compare, cosine_rows
 from virchow_rt.errors import ParityError
-from virchow_rt.runtime.backend import Backend
 from virchow_rt.tissue import tissue_tiles
 
 Echo = Callable[[str], None]
@@ -75,7 +75,7 @@ class BenchmarkRun:
     # -- preparation --
     def export(self, specs: Sequence[RowSpec], out: Path, weights: str | None, random_weights: bool) -> Path:
         """Export the variant for the artifact rows into a scratch folder under ``out``; returns it."""
-        from virchow_rt.export import export_model
+        from virchow_rt.export.pipeline import export_model
 
         precisions = sorted({s.artifact for s in specs if s.artifact}, key=("fp32", "fp16", "int8").index)
         tensorrt = any(s.kind == "tensorrt" for s in specs)
@@ -107,7 +107,7 @@ class BenchmarkRun:
         return folder
 
     def build_reference(self, weights: str | None, random_weights: bool) -> None:
-        from virchow_rt.export import build_model
+        from virchow_rt.model.vit import build_model
 
         start = time.perf_counter()
         self.torch_model, self.variant, self.weights_info = build_model(self.variant, weights, random_weights)
@@ -204,7 +204,7 @@ class BenchmarkRun:
     def _time_row(
         self, spec: RowSpec, backend: Backend, device: str, batch_size: int, setup_s: float
     ) -> dict:
-        from virchow_rt.runtime import Embedder
+        from virchow_rt.embed import Embedder
 
         s = self.settings
         n = s.tiles_for(batch_size)

@@ -1,7 +1,7 @@
 """The one timing library of the benchmark: warm-up, timed repeats, median and spread, percentiles.
 
 Host timing uses :func:`time.perf_counter`; on a GPU, compute-only timing uses CUDA events (from
-``virchow_rt.runtime.cuda`` when it offers them, else ``torch.cuda``) so that the figure is what
+``virchow_rt.backends.cuda.api`` when it offers them, else ``torch.cuda``) so that the figure is what
 the device did, not what the host waited for. Every function takes an injectable ``clock`` so the
 tests can check the arithmetic without timing anything.
 """
@@ -162,7 +162,7 @@ def split_batches(tiles: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class CudaEventTimer:
     """Times device work with CUDA events on the current stream (compute-only figures on a GPU).
 
-    Uses ``virchow_rt.runtime.cuda.EventTimer`` where cuda-python is installed (no torch needed), else
+    Uses ``virchow_rt.backends.cuda.api.EventTimer`` where cuda-python is installed (no torch needed), else
     ``torch.cuda.Event``. ``measure(fn)`` returns the device time of the work ``fn`` enqueues, in seconds.
     """
 
@@ -170,9 +170,9 @@ class CudaEventTimer:
         from virchow_rt._deps import is_importable
 
         self._impl: Any = None
-        # virchow_rt.runtime.cuda always imports (it loads cuda-python lazily): ask for cuda-python itself
+        # backends.cuda.api always imports (it loads cuda-python lazily): ask for cuda-python itself
         if is_importable("cuda.bindings.runtime"):
-            import virchow_rt.runtime.cuda as rt_cuda
+            import virchow_rt.backends.cuda.api as rt_cuda
 
             self._impl = rt_cuda.EventTimer()
         if self._impl is None:

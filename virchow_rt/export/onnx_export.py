@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError, ModelFileError
-from virchow_rt.export.reference import pool_tokens
-from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.manifest import SCHEMA_VERSION
+from virchow_rt.model.vit import ExportWrapper, check_outputs
+from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ onnx = optional_import("onnx", "to export ONNX models")
 
 OPSET = 17
 INPUT_NAME = "tiles"
-OUTPUTS = ("embedding", "patch_tokens")
 BATCH_AXIS = "batch"
 #: above this many bytes of weights the graph is saved with external data (protobuf caps a file at 2 GiB;
 #: the margin leaves room for the graph itself)
@@ -50,60 +49,6 @@ _DTYPES = {
 }
 
 
-def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
-    """Validate the requested graph outputs: "embedding" first, optionally "patch_tokens"."""
-    outputs = tuple(outputs)
-    if (
-        not outputs
-        or outputs[0] != "embedding"
-        or len(set(outputs)) != len(outputs)
-        or set(outputs) - set(OUTPUTS)
-    ):
-        raise InputError(
-            f"outputs {list(outputs)} are not valid; use ['embedding'] or ['embedding', 'patch_tokens']"
-        )
-    return outputs
-
-
-class ExportWrapper(torch.nn.Module):
-    """uint8 tiles (N, S, S, 3) -> embedding (N, 2D) float32 [+ patch tokens (N, P, D)], as one module."""
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def __init__(
-        self,
-        backbone: torch.nn.Module,
-        variant: Variant,
-        outputs: Sequence[str] = ("embedding",),
-        compute_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.backbone: Any = backbone  # a timm VisionTransformer (forward_features)
-        self.num_prefix_tokens = variant.num_prefix_tokens
-        self.outputs = check_outputs(outputs)
-        # the backbone's dtype when it is not fp32 (the torch-cuda backend's fp16 module): the input is
-        # normalised in fp32 and cast to it, the tokens are pooled in fp32 (as the fp16 ONNX plan does)
-        self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
-        mean = torch.tensor(variant.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(variant.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x/255 - mean)/std == x * scale + shift: one multiply-add per pixel instead of three ops
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)  # (1, 3, 1, 1)
-        self.register_buffer("shift", -mean / std, persistent=False)  # (1, 3, 1, 1)
-
-    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (N, S, S, 3) uint8
-        # cast first: TensorRT takes a uint8 tensor only as a network input that feeds a Cast
-        x = tiles.float().permute(0, 3, 1, 2)  # (N, 3, S, S) float32
-        x = x * self.scale + self.shift  # (N, 3, S, S) float32
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        tokens = self.backbone.forward_features(x)  # (N, T, D), after the final LayerNorm
-        if self.compute_dtype is not None:
-            tokens = tokens.float()
-        result = [pool_tokens(tokens, self.num_prefix_tokens)]  # (N, 2D)
-        if "patch_tokens" in self.outputs:
-            result.append(tokens[:, self.num_prefix_tokens :])  # (N, P, D)
-        return tuple(result)
 
 
 @contextlib.contextmanager

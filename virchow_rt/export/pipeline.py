@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import os
 import platform
 import shutil
@@ -24,15 +23,17 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import optional_import
+from virchow_rt._version import __version__
+from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
-from virchow_rt.export.reference import TorchBackend, build_model
-from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.manifest import check_output, read_manifest, sha256_file, write_manifest
+from virchow_rt.model.vit import build_model
+from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -50,9 +51,7 @@ def artifact_name(variant: Variant, precision: str) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of everything that shaped an export (recorded in the manifest)."""
-    import virchow_rt
-
-    found = {"virchow_rt": virchow_rt.__version__, "python": platform.python_version()}
+    found = {"virchow_rt": __version__, "python": platform.python_version()}
     for module in ("torch", "timm", "onnx", "onnxruntime", "numpy"):
         found[module] = getattr(
             optional_import(module, "to record export versions"), "__version__", "unknown"
@@ -290,7 +289,8 @@ def _warn_unlisted(out_dir: Path, variant: Variant, manifest: dict[str, Any]) ->
 
 def _build_engine(variant: Variant, out_dir: Path, max_batch: int, options: Mapping[str, Any]) -> None:
     # imported only now: TensorRT is optional and absent on most machines; its errors propagate
-    builder = importlib.import_module("virchow_rt.export.tensorrt_build")
+    from virchow_rt.export import tensorrt_build as builder
+
     engine = builder.build_engine(
         out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=max_batch, **options
     )

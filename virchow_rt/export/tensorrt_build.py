@@ -11,7 +11,7 @@ first gets a Cast in front (:func:`~.tensorrt_prep.cast_input_first`, same numbe
 The engine is measured against the fp32 reference on real tissue tiles before it is written
 (:class:`ParityError` below the variant's fp16 tolerance, nothing written); the file is written
 atomically and its manifest entry records the TensorRT version, GPU, compute capability, batch
-profile and ONNX sha256 that it is tied to (see :mod:`virchow_rt.runtime.engine_cache`).
+profile and ONNX sha256 that it is tied to (see :mod:`virchow_rt.backends.engine_cache`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from virchow_rt.backends.base import Backend
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.engine_cache import (
+    INPUT,
+    OUTPUT,
+    EngineKey,
+    check_version,
+    lean_runtime,
+    model_info,
+    stale_reasons,
+)
+from virchow_rt.backends.tensorrt import LogBook, TensorRTBackend, import_tensorrt, make_logger
 from virchow_rt.compare import compare
 from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError
 from virchow_rt.export.tensorrt_prep import (
@@ -47,18 +59,6 @@ from virchow_rt.manifest import (
     write_manifest,
 )
 from virchow_rt.registry import BatchProfile, Variant, get_variant
-from virchow_rt.runtime import cuda
-from virchow_rt.runtime.backend import Backend
-from virchow_rt.runtime.engine_cache import (
-    INPUT,
-    OUTPUT,
-    EngineKey,
-    check_version,
-    lean_runtime,
-    model_info,
-    stale_reasons,
-)
-from virchow_rt.runtime.tensorrt_backend import LogBook, TensorRTBackend, import_tensorrt, make_logger
 from virchow_rt.tissue import tissue_tiles
 
 if TYPE_CHECKING:

@@ -6,7 +6,6 @@ None of it needs TensorRT, so all of it is unit-tested on the CPU; :mod:`.tensor
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -14,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable, optional_import
+from virchow_rt.backends.base import Backend
+from virchow_rt.backends.engine_cache import INPUT, check_version, release
 from virchow_rt.errors import InputError, ModelFileError, VirchowError
 from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
 from virchow_rt.registry import BatchProfile, Variant
-from virchow_rt.runtime.backend import Backend
-from virchow_rt.runtime.engine_cache import INPUT, check_version, release
 
 PURPOSE = "to build TensorRT engines"
 
@@ -117,20 +116,22 @@ def torch_reference(manifest: Mapping[str, Any], variant: Variant) -> tuple[Back
     if not (is_importable("torch") and is_importable("timm")):
         return None
     weights = manifest.get("weights") or {}
-    ref = importlib.import_module("virchow_rt.export.reference")
+    from virchow_rt.backends.torch_reference import TorchBackend
+    from virchow_rt.model.vit import build_model
+
     source, random = str(weights.get("source", "")), bool(weights.get("random"))
     hf = re.match(r"hf://([^@\s]+)", source)
     location = None if random else (source if Path(source).exists() else (hf.group(1) if hf else None))
     if not random and location is None:
         return None
     try:
-        model, built, info = ref.build_model(variant, location, random)
+        model, built, info = build_model(variant, location, random)
     except VirchowError:
         return None
     if not random and info.sha256 != weights.get("sha256"):
         return None  # not the weights the ONNX was made from
     device = "cuda" if optional_import("torch", PURPOSE).cuda.is_available() else "cpu"
-    return ref.TorchBackend(model, built, "fp32", device=device, weights=info), "torch-eager-fp32"
+    return TorchBackend(model, built, "fp32", device=device, weights=info), "torch-eager-fp32"
 
 
 def parity_reference(
@@ -151,8 +152,9 @@ def parity_reference(
             f"no fp32 reference for the engine's parity check: torch cannot rebuild the weights and {folder} "
             "has no fp32 ONNX; export fp32 too, or pass reference= (a TorchBackend)"
         )
-    runtime = importlib.import_module("virchow_rt.runtime")
-    backend: Backend = runtime.open_backend(folder / fp32["path"], backend="onnxruntime-cpu")
+    from virchow_rt.backends import open_backend
+
+    backend: Backend = open_backend(folder / fp32["path"], backend="onnxruntime-cpu")
     return (
         backend,
         f"onnxruntime-cpu fp32 ONNX ({fp32['parity']['summary'] if 'parity' in fp32 else 'unchecked'})",

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import optional_import
-from virchow_rt.errors import BackendError, InputError, MissingDependency
-from virchow_rt.runtime import cuda
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.cuda.api import load_nvrtc
+from virchow_rt.errors import BackendError, InputError
 
 PRECISION_BITS = 22  # PIL: 32 bits - 8 for the pixel - 2 for the overshoot of negative lobes
 SUPPORT = 2.0  # bicubic support in output pixels
@@ -229,26 +230,6 @@ extern "C" __global__ void resize_vertical(
     o[2] = clip8(s2);
 }
 """
-
-
-NVRTC_FIX = "pip install 'virchow-rt[cuda]' (brings nvidia-cuda-nvrtc; on CUDA 12: nvidia-cuda-nvrtc-cu12)"
-
-
-def load_nvrtc() -> Any:
-    """cuda-python's NVRTC bindings with the NVRTC library loaded, or :class:`MissingDependency`.
-
-    cuda-python finds ``libnvrtc`` on the first call (cuda.pathfinder), not at import: a missing library
-    surfaces there as a ``RuntimeError``, turned here into the one error virchow-rt's callers handle.
-    """
-    nvrtc = optional_import("cuda.bindings.nvrtc", "to compile the GPU resize kernel")
-    try:
-        cuda.check(nvrtc.nvrtcVersion(), "nvrtcVersion")
-    except (RuntimeError, OSError) as err:  # DynamicLibNotFoundError is a RuntimeError
-        raise MissingDependency(
-            f"the NVRTC library is needed to compile the GPU resize kernel and was not found "
-            f"({type(err).__name__}: {err}): {NVRTC_FIX}"
-        ) from err
-    return nvrtc
 
 
 @functools.cache

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from virchow_rt.contract import check_tile_array
 from virchow_rt.errors import InputError
 
 #: timm interpolation names -> PIL filters (both antialiased when downscaling, as torchvision on PIL)
@@ -95,24 +95,6 @@ def resize_tile(
         image = image.resize((new_w, new_h), resample)
     image = image.crop((left, top, left + size, top + size))
     return np.asarray(image)  # (size, size, 3) uint8
-
-
-def check_tile_array(tiles: Any, what: str = "tiles") -> None:
-    """Raise :class:`InputError` unless ``tiles`` is uint8 (N, H, W, 3); ``what`` names it in the message.
-
-    ``tiles``: anything with numpy's ``dtype`` and ``shape`` (a numpy array, or a GPU array's description).
-    """
-    if tiles.dtype != np.uint8:
-        raise InputError(
-            f"{what}: dtype {tiles.dtype}; tiles must be uint8 RGB (0-255): convert with "
-            "np.clip(x, 0, 255).astype(np.uint8) (multiply 0-1 floats by 255 first; normalization "
-            "happens inside the model)"
-        )
-    if len(tiles.shape) != 4 or tiles.shape[-1] != 3:
-        raise InputError(
-            f"{what}: shape {tuple(tiles.shape)}; expected (N, H, W, 3) uint8 RGB, channels last "
-            "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
-        )
 
 
 def resize_tiles(

@@ -5,7 +5,7 @@
 - :func:`iter_tiles`, :func:`iter_embeddings`, :func:`embed_slide`, :func:`embed_regions`: the Python API,
   no files written.
 - :func:`write_synthetic_slide`: a pyramidal TIFF of real IHC tissue on glass (tests, demos, benchmarks).
-- :func:`process_slides` / :func:`run_cli`: many slides -> ``<out>/<name>.h5`` + ``summary.json``,
+- :func:`process_slides`: many slides -> ``<out>/<name>.h5`` + ``summary.json``,
   resumable; the file layout is documented in :mod:`virchow_rt.slides.writer`.
 
 Needs the ``slides`` extra (h5py, scikit-image, openslide-python + openslide-bin or tiffslide); each is
@@ -14,7 +14,6 @@ imported on first use with an error that says what to install.
 
 from __future__ import annotations
 
-from virchow_rt.slides.cli import run_cli
 from virchow_rt.slides.embed import (
     EmbeddingStream,
     RegionEmbedding,
@@ -75,7 +74,6 @@ __all__ = [
     "read_tile",
     "region_grid",
     "region_layout",
-    "run_cli",
     "tile_grid",
     "tissue_mask",
     "write_synthetic_slide",

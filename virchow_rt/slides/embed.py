@@ -6,13 +6,12 @@
 >>> result.features.shape, result.coords.shape  # (N, 2560), (N, 2)  # doctest: +SKIP
 
 Reading runs ahead of the model in worker threads (:mod:`virchow_rt.slides.tiles`); the model is any
-:class:`~virchow_rt.runtime.backend.Backend` (or a model file opened with ``open_backend``).
+:class:`~virchow_rt.backends.base.Backend` (or a model file opened with ``open_backend``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,11 +21,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from virchow_rt.backends.base import Backend
+from virchow_rt.contract import ModelInfo
+from virchow_rt.embed.embedder import default_batch_size
 from virchow_rt.errors import BackendError
 from virchow_rt.kernels.resize import needs_resize, resize_tiles
 from virchow_rt.registry import check_pooling
-from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.embedder import default_batch_size
 from virchow_rt.slides.grid import TileGrid, TilePlan, tile_grid
 from virchow_rt.slides.reader import Slide, open_slide
 from virchow_rt.slides.regions import RegionGrid, region_grid
@@ -55,8 +55,9 @@ def opened_backend(model: str | Path | Backend | Any, backend: str = "auto") -> 
     if isinstance(model, Backend):
         yield model
         return
-    runtime = importlib.import_module("virchow_rt.runtime")
-    with runtime.open_backend(model, backend=backend) as opened:
+    from virchow_rt.backends import open_backend
+
+    with open_backend(model, backend=backend) as opened:
         yield opened
 
 

@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from virchow_rt.backends.base import Backend
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError, warn_random_weights
 from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
-from virchow_rt.runtime.backend import Backend
 from virchow_rt.slides import folder, locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
@@ -274,7 +274,7 @@ def _embed_to_file(
 
 
 def _version() -> str:
-    from virchow_rt import __version__
+    from virchow_rt._version import __version__
 
     return __version__
 

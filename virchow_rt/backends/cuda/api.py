@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from virchow_rt._deps import optional_import
-from virchow_rt.errors import BackendError, InputError
+from virchow_rt.errors import BackendError, InputError, MissingDependency
 
 PURPOSE = "to run TensorRT engines and GPU kernels"
 
@@ -389,3 +389,23 @@ def device_info(index: int | None = None) -> DeviceInfo:
         total_memory_bytes=int(prop.totalGlobalMem),
         multiprocessors=int(prop.multiProcessorCount),
     )
+
+
+NVRTC_FIX = "pip install 'virchow-rt[cuda]' (brings nvidia-cuda-nvrtc; on CUDA 12: nvidia-cuda-nvrtc-cu12)"
+
+
+def load_nvrtc() -> Any:
+    """cuda-python's NVRTC bindings with the NVRTC library loaded, or :class:`MissingDependency`.
+
+    cuda-python finds ``libnvrtc`` on the first call (cuda.pathfinder), not at import: a missing library
+    surfaces there as a ``RuntimeError``, turned here into the one error virchow-rt's callers handle.
+    """
+    nvrtc = optional_import("cuda.bindings.nvrtc", "to compile the GPU resize kernel")
+    try:
+        check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    except (RuntimeError, OSError) as err:  # DynamicLibNotFoundError is a RuntimeError
+        raise MissingDependency(
+            f"the NVRTC library is needed to compile the GPU resize kernel and was not found "
+            f"({type(err).__name__}: {err}): {NVRTC_FIX}"
+        ) from err
+    return nvrtc

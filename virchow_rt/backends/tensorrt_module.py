@@ -14,8 +14,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
+from virchow_rt.backends.engine_cache import LEAN_MODULES, RUNTIME_MODULES
 from virchow_rt.errors import InputError, MissingDependency
-from virchow_rt.runtime.engine_cache import LEAN_MODULES, RUNTIME_MODULES
 
 if TYPE_CHECKING:
     import tensorrt as trt

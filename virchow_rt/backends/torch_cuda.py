@@ -2,7 +2,7 @@
 
 For a GPU server without TensorRT: the same pipelined runtime as TensorRT (pinned host buffers, copy
 and compute streams ordered by events, GPU-array input:
-:class:`~virchow_rt.runtime.cuda_pipeline.PipelinedBackend`), with torch's kernels computing each
+:class:`~virchow_rt.backends.cuda.pipeline.PipelinedBackend`), with torch's kernels computing each
 batch. The module is timm's backbone in fp16 (or bf16) with SDPA attention (timm's ``fused_attn``:
 flash / memory-efficient kernels), uint8 tiles normalised in fp32 inside it and the tokens pooled in
 fp32 (:class:`~virchow_rt.export.onnx_export.ExportWrapper`), as the fp16 ONNX precision plan does.
@@ -30,16 +30,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from virchow_rt._deps import optional_import
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.cuda.pipeline import Executor, PipelinedBackend
+from virchow_rt.backends.engine_cache import INPUT, OUTPUT, TensorSpec
+from virchow_rt.contract import ModelInfo
 from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.export.onnx_export import ExportWrapper
-from virchow_rt.export.reference import build_model, model_info
-from virchow_rt.export.weights import WeightsInfo
 from virchow_rt.manifest import read_manifest
+from virchow_rt.model.vit import ExportWrapper, build_model, model_info
+from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant, variant_from_manifest
-from virchow_rt.runtime import cuda
-from virchow_rt.runtime.backend import ModelInfo
-from virchow_rt.runtime.cuda_pipeline import Executor, PipelinedBackend
-from virchow_rt.runtime.engine_cache import INPUT, OUTPUT, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +131,7 @@ class TorchExecutor(Executor):
 class TorchCudaBackend(PipelinedBackend):
     """A timm backbone in fp16 on one GPU, behind the CUDA pipeline (see the module docstring).
 
-    ``model``: the backbone (fp32, as :func:`~virchow_rt.export.reference.build_model` makes it; it is
+    ``model``: the backbone (fp32, as :func:`~virchow_rt.model.vit.build_model` makes it; it is
     converted in place). ``precision``: "fp16" (default), "bf16" or "fp32". ``cuda_graphs``: replay full
     batches from a graph per slot. ``compile``: ``torch.compile`` the module. ``max_batch``: the
     largest batch (the buffers are sized for it).

@@ -1,7 +1,8 @@
-"""Run exported models: :func:`open_backend`, :class:`Embedder`, tile input and machine capabilities.
+"""The one backend factory: :func:`open_backend` opens a model file or an export folder with the backend
+that fits it and this machine.
 
-This package never imports torch. ONNX Runtime, TensorRT and cuda-python load lazily, when a backend
-that needs them is opened.
+This module never imports torch. ONNX Runtime, TensorRT, cuda-python and (for ``torch-cuda``) torch load
+lazily, when a backend that needs them is opened.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable
+from virchow_rt.backends.base import Backend
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.manifest import read_manifest
-from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.capabilities import capabilities
-from virchow_rt.runtime.embedder import Embedder
-from virchow_rt.runtime.tiles import TileSource, open_tiles
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
@@ -59,8 +57,8 @@ def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend
     """The backend for an export folder's best artifact here (see :func:`open_backend`)."""
     path = _pick_from_folder(folder, backend)
     if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
-        from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-        from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
+        from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
+        from virchow_rt.backends.tensorrt import TensorRTBackend
 
         try:
             return TensorRTBackend(path, **options)
@@ -105,7 +103,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
                 f"the torch-cuda backend rebuilds a model from its export folder, and {folder} has no "
                 "manifest.json; pass an export folder (virchow-rt export VARIANT --out DIR)"
             )
-        from virchow_rt.export.torch_cuda import TorchCudaBackend
+        from virchow_rt.backends.torch_cuda import TorchCudaBackend
 
         return TorchCudaBackend.from_export(folder, **options)
     if path.is_dir():
@@ -117,7 +115,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
                 f"backend {backend!r} cannot run the TensorRT engine {path.name}; use --backend tensorrt "
                 "(or pass the .onnx file to run it with ONNX Runtime)"
             )
-        from virchow_rt.runtime.tensorrt_backend import TensorRTBackend
+        from virchow_rt.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(path, **options)
     if suffix == ".onnx":
@@ -126,7 +124,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
                 f"backend 'tensorrt' runs TensorRT engines (.engine/.plan), not {path.name}; build one with "
                 "`virchow-rt export VARIANT --tensorrt`, or use --backend onnxruntime-tensorrt"
             )
-        from virchow_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, _ORT_PROVIDERS[backend], **options)
     if not path.exists():
@@ -137,15 +135,3 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
         f"{path} is not a model file virchow-rt runs (suffix {suffix or 'none'!r}); pass an .onnx file, "
         "a TensorRT .engine/.plan or an export folder"
     )
-
-
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "Embedder",
-    "ModelInfo",
-    "TileSource",
-    "capabilities",
-    "open_backend",
-    "open_tiles",
-]

@@ -1,9 +1,11 @@
-"""The PyTorch reference: timm's model and timm's own eval transform, the ground truth for every parity check.
+"""The one torch definition of an exported model: timm's backbone built as the model card does, its eval
+transform, and the exported computation (uint8 tiles -> normalise -> features -> pool). Imports torch and
+timm: imported only by the export, the PyTorch reference and the torch-cuda backend.
 
 :func:`build_model` makes the backbone exactly as the model card does (``timm.create_model`` with
-``mlp_layer=SwiGLUPacked, act_layer=SiLU`` for the SwiGLU variants). :class:`TorchBackend` runs it
-behind the same :class:`~virchow_rt.runtime.backend.Backend` interface as the exported artifacts:
-uint8 tiles -> PIL -> timm transform -> ``forward_features`` -> class token ‖ mean of patch tokens.
+``mlp_layer=SwiGLUPacked, act_layer=SiLU`` for the SwiGLU variants); :class:`ExportWrapper` is what the
+ONNX graphs and the torch-cuda backend compute; :class:`PooledBackbone` is the reference's computation
+after timm's transform.
 
 Random weights (``random_weights=True``) are timm's seeded init, except that every LayerScale gamma
 is redrawn from U(0.1, 1.0): timm initialises them to 1e-5 (``init_values``), which makes every block
@@ -14,20 +16,16 @@ anywhere in the network shows up as a cosine drop.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from virchow_rt._deps import optional_import
-from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.export.weights import WeightsInfo, check_state_dict, load_weights, warn_random_weights
+from virchow_rt.contract import ModelInfo
+from virchow_rt.errors import InputError, WeightsError
+from virchow_rt.model.weights import WeightsInfo, check_state_dict, load_weights, warn_random_weights
 from virchow_rt.registry import Variant, get_variant
-from virchow_rt.runtime.backend import Backend, ModelInfo
 
 if TYPE_CHECKING:
     import timm
@@ -45,8 +43,8 @@ MLP_LAYERS: dict[str, dict[str, Any]] = {
 DEFAULT_NORM_EPS = 1e-6
 #: range the LayerScale gammas of random models are drawn from (see the module docstring)
 RANDOM_LAYER_SCALE = (0.1, 1.0)
-#: TorchBackend precision -> (autocast dtype or None, ModelInfo precision)
-PRECISIONS: dict[str, tuple[Any, str]] = {"fp32": (None, "fp32"), "fp16-autocast": (torch.float16, "fp16")}
+#: the graph outputs an export can have: "embedding" first, optionally "patch_tokens"
+OUTPUTS = ("embedding", "patch_tokens")
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -136,7 +134,7 @@ def build_model(
 ) -> tuple[torch.nn.Module, Variant, WeightsInfo]:
     """Build the timm backbone of ``variant`` in eval mode on the CPU.
 
-    ``weights``: see :func:`virchow_rt.export.weights.load_weights` (its config.json may update the
+    ``weights``: see :func:`virchow_rt.model.weights.load_weights` (its config.json may update the
     variant, which is returned). ``random_weights=True``: seeded timm init with LayerScale gammas redrawn
     (module docstring); recorded as random everywhere and warned about. One of the two is required.
     """
@@ -168,7 +166,21 @@ def build_model(
     return model, variant, info
 
 
-class _Embed(torch.nn.Module):
+def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
+    """Validate the requested graph outputs: "embedding" first, optionally "patch_tokens"."""
+    outputs = tuple(outputs)
+    if (
+        not outputs
+        or outputs[0] != "embedding"
+        or len(set(outputs)) != len(outputs)
+        or set(outputs) - set(OUTPUTS)
+    ):
+        raise InputError(
+            f"outputs {list(outputs)} are not valid; use ['embedding'] or ['embedding', 'patch_tokens']"
+        )
+    return outputs
+
+class PooledBackbone(torch.nn.Module):
     """forward_features + pooling as one module, so that torch.compile sees the whole computation."""
 
     def __init__(self, model: torch.nn.Module, num_prefix_tokens: int) -> None:
@@ -181,120 +193,42 @@ class _Embed(torch.nn.Module):
         return pool_tokens(tokens, self.num_prefix_tokens)  # (B, 2D)
 
 
-class TorchBackend(Backend):
-    """The PyTorch reference behind the :class:`Backend` interface.
+class ExportWrapper(torch.nn.Module):
+    """uint8 tiles (N, S, S, 3) -> embedding (N, 2D) float32 [+ patch tokens (N, P, D)], as one module."""
 
-    ``precision``: "fp32" (eager fp32, the ground truth) or "fp16-autocast" (``torch.autocast``, how the
-    model card and TRIDENT run it). ``compile=True`` wraps the model in ``torch.compile``. Tiles of any
-    size are accepted: timm's transform resizes and crops them, as for timm users. The model is moved
-    to ``device`` in place. ``weights`` describes the model's weights for :attr:`info`.
-    ``workers`` > 1 runs timm's transform on that many threads, one batch ahead of the model in
-    :meth:`pipeline`, as TRIDENT's DataLoader workers do; 0 runs it inline. Free it with :meth:`close`.
-    """
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        backbone: torch.nn.Module,
         variant: Variant,
-        precision: str = "fp32",
-        compile: bool = False,
-        device: str = "cpu",
-        weights: WeightsInfo | None = None,
-        workers: int = 0,
+        outputs: Sequence[str] = ("embedding",),
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise InputError(
-                f"unknown TorchBackend precision {precision!r}; use one of: {', '.join(PRECISIONS)}"
-            )
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"device {device!r} asked for but torch sees no CUDA GPU; use device='cpu'")
-        self.variant = variant
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.gpu = torch.cuda.current_device() if self.device.index is None else self.device.index
-        self._autocast_dtype, info_precision = PRECISIONS[precision]
-        mode = "compile" if compile else ("autocast" if self._autocast_dtype is not None else "eager")
-        self.name = f"torch-{mode}-{info_precision}"
-        weights = weights or WeightsInfo(random=False, sha256="unknown", source="caller's module")
-        self.info = model_info(variant, info_precision, weights)
-        self.transform = timm_transform(variant)
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="transform") if workers > 1 else None
-        embed = _Embed(model.to(self.device).eval(), variant.num_prefix_tokens)
-        self._module: Any = torch.compile(embed) if compile else embed
+        super().__init__()
+        self.backbone: Any = backbone  # a timm VisionTransformer (forward_features)
+        self.num_prefix_tokens = variant.num_prefix_tokens
+        self.outputs = check_outputs(outputs)
+        # the backbone's dtype when it is not fp32 (the torch-cuda backend's fp16 module): the input is
+        # normalised in fp32 and cast to it, the tokens are pooled in fp32 (as the fp16 ONNX plan does)
+        self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
+        mean = torch.tensor(variant.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(variant.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x/255 - mean)/std == x * scale + shift: one multiply-add per pixel instead of three ops
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("shift", -mean / std, persistent=False)  # (1, 3, 1, 1)
 
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        if self._autocast_dtype is None:
-            yield
-        else:
-            with torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype):
-                yield
-
-    def preprocess(self, tiles: np.ndarray) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> float32 (B, 3, S, S) through timm's transform on PIL images."""
-        image = optional_import("PIL.Image", "to preprocess tiles like timm")
-        if not (
-            isinstance(tiles, np.ndarray)
-            and tiles.dtype == np.uint8
-            and tiles.ndim == 4
-            and tiles.shape[-1] == 3
-        ):
-            got = f"{tiles.dtype} {tiles.shape}" if isinstance(tiles, np.ndarray) else type(tiles).__name__
-            raise InputError(f"tiles must be a uint8 array (B, H, W, 3) RGB, got {got}")
-
-        def one(tile: np.ndarray) -> torch.Tensor:
-            return self.transform(image.fromarray(tile))  # (3, S, S)
-
-        mapped = map(one, tiles) if self._pool is None else self._pool.map(one, tiles)
-        return torch.stack(list(mapped))  # (B, 3, S, S)
-
-    def _forward(self, x: torch.Tensor) -> np.ndarray:
-        if self._module is None:
-            raise BackendError(f"{self.name} backend is closed; create a new TorchBackend")
-        with torch.inference_mode(), self._precision():
-            out = self._module(x.to(self.device))  # (B, 2D)
-        return out.float().cpu().numpy()
-
-    def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Embed one batch of uint8 tiles (B, H, W, 3); returns a new float32 (B, 2D) array."""
-        return self._forward(self.preprocess(tiles))
-
-    def pipeline(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """With ``workers``: batch k+1 is transformed on the CPU threads while the model runs batch k."""
-        if self._pool is None:
-            yield from super().pipeline(batches)
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as ahead:
-            pending: Future[torch.Tensor] | None = None
-            for batch in batches:
-                future = ahead.submit(self.preprocess, batch)
-                if pending is not None:
-                    yield self._forward(pending.result())
-                pending = future
-            if pending is not None:
-                yield self._forward(pending.result())
-
-    def time_compute(self, tiles: np.ndarray, *, repeats: int = 10, warmup: int = 2) -> list[float]:
-        """Seconds of GPU time per forward pass on one batch (CUDA events; no preprocessing, no copies)."""
-        if self.device.type != "cuda":
-            raise BackendError(f"time_compute needs a CUDA device; {self.name} runs on {self.device}")
-        if self._module is None:
-            raise BackendError(f"{self.name} backend is closed; create a new TorchBackend")
-        x = self.preprocess(tiles).to(self.device)  # (B, 3, S, S)
-        samples = []
-        with torch.inference_mode(), self._precision():
-            for _ in range(warmup + repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self._module(x)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
-        return samples[warmup:]
-
-    def close(self) -> None:
-        self._module = None
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (N, S, S, 3) uint8
+        # cast first: TensorRT takes a uint8 tensor only as a network input that feeds a Cast
+        x = tiles.float().permute(0, 3, 1, 2)  # (N, 3, S, S) float32
+        x = x * self.scale + self.shift  # (N, 3, S, S) float32
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        tokens = self.backbone.forward_features(x)  # (N, T, D), after the final LayerNorm
+        if self.compute_dtype is not None:
+            tokens = tokens.float()
+        result = [pool_tokens(tokens, self.num_prefix_tokens)]  # (N, 2D)
+        if "patch_tokens" in self.outputs:
+            result.append(tokens[:, self.num_prefix_tokens :])  # (N, P, D)
+        return tuple(result)

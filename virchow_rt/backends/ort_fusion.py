@@ -1,6 +1,6 @@
 """CPU graph rewrite for ONNX Runtime: timm's packed-qkv attention -> ``com.microsoft.Attention``.
 
-Measured +7 % on the 2-core build machine (see :mod:`virchow_rt.runtime.onnxruntime_backend`). The fused
+Measured +7 % on the 2-core build machine (see :mod:`virchow_rt.backends.onnxruntime`). The fused
 copy is made once into a cache folder, checked against the original graph, and used only when it matches.
 """
 

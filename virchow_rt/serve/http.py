@@ -1,6 +1,6 @@
 """``virchow-rt serve``: tile embeddings over HTTP on Ray Serve, with dynamic batching.
 
-Each replica (one per GPU by default) opens the model once as an :class:`~virchow_rt.runtime.Embedder`;
+Each replica (one per GPU by default) opens the model once as an :class:`~virchow_rt.embed.Embedder`;
 ``serve.batch`` merges concurrent requests into one model batch (up to ``--max-batch`` requests or
 ``--max-wait-ms``). The protocol is KServe v2, as Triton speaks it, so ``tritonclient.http`` works:
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from virchow_rt.client import INFERENCE_HEADER
 from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
+from virchow_rt.serve.client import INFERENCE_HEADER
 
 #: a body over this many bytes per byte of the allowed S×S tiles is refused (413): room for tiles of twice
 #: the side as raw bytes, or S×S tiles as JSON text (up to 4 characters a value)
@@ -131,7 +131,7 @@ class TileEmbedderServer:
     """One replica: the model opened once; requests merged into batches by ``serve.batch``."""
 
     def __init__(self, model: str, backend: str, name: str, max_batch: int, max_wait_s: float):
-        from virchow_rt.runtime import Embedder
+        from virchow_rt.embed import Embedder
 
         self.embedder = Embedder(model, backend=backend)
         self.info = self.embedder.info

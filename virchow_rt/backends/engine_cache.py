@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.contract import ModelInfo
 from virchow_rt.errors import BackendError, InputError, ModelFileError
 from virchow_rt.manifest import find_artifact, read_manifest
-from virchow_rt.runtime.backend import ModelInfo
 
 INPUT, OUTPUT = "tiles", "embedding"
 #: oldest TensorRT whose API (strong typing, name-based tensors, execute_async_v3) this package targets

@@ -20,8 +20,8 @@ from typing import Any
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import RandomWeightsWarning, WeightsError, warn_random_weights  # noqa: F401 - re-exported
-from virchow_rt.export.transformers_layout import architecture, is_transformers_config, to_timm
 from virchow_rt.manifest import sha256_file
+from virchow_rt.model.transformers_layout import architecture, is_transformers_config, to_timm
 from virchow_rt.registry import VARIANTS, Variant
 
 #: file names of the published checkpoints, in the order they are preferred (safetensors: no pickle at all)
@@ -180,7 +180,7 @@ def load_weights(spec: str | os.PathLike, variant: Variant) -> tuple[dict[str, A
     ``pytorch_model.bin``), a single state-dict file, or a model id such as ``paige-ai/Virchow2`` found
     in the local Hugging Face cache. ``config.json`` settles the architecture over the registry's
     (:meth:`Variant.with_config`); transformers tensors are converted to timm's keys
-    (:mod:`virchow_rt.export.transformers_layout`). Returns (timm state dict, updated variant, info).
+    (:mod:`virchow_rt.model.transformers_layout`). Returns (timm state dict, updated variant, info).
     Keys are checked against a model later, by :func:`check_state_dict`.
     """
     weights_file, config_file, source = resolve_weights(spec)

@@ -4,7 +4,7 @@ A background reader thread reads and preprocesses batch k+1 (memory-mapped .npy 
 resizing) while the backend runs batch k. The queue between them is bounded (memory stays flat), an
 exception on either side reaches the caller, and the thread is always stopped and joined, so an error
 never deadlocks or leaks a thread. The embedder talks to the model only through
-:meth:`Backend.pipeline <virchow_rt.runtime.backend.Backend.pipeline>`.
+:meth:`Backend.pipeline <virchow_rt.backends.base.Backend.pipeline>`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.backends.base import Backend
+from virchow_rt.contract import check_tile_array
+from virchow_rt.embed.tiles import TileSource
 from virchow_rt.errors import BackendError, InputError, VirchowError
-from virchow_rt.kernels.resize import check_tile_array, needs_resize, resize_tiles
+from virchow_rt.kernels.resize import needs_resize, resize_tiles
 from virchow_rt.registry import check_pooling, get_variant
-from virchow_rt.runtime.backend import Backend
-from virchow_rt.runtime.tiles import TileSource
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
@@ -126,7 +127,7 @@ class Embedder:
         if isinstance(model_or_backend, Backend):
             self.backend, self._owns_backend = model_or_backend, False
         else:
-            from virchow_rt.runtime import open_backend
+            from virchow_rt.backends import open_backend
 
             self.backend, self._owns_backend = open_backend(model_or_backend, backend, **options), True
         self._resizer: Any = None  # the CudaResizer, made on first need
@@ -214,7 +215,7 @@ class Embedder:
         else:
             raise InputError(
                 f"tiles are a {type(tiles).__name__}; pass a uint8 numpy array (N, H, W, 3) or "
-                "virchow_rt.runtime.open_tiles([...])"
+                "virchow_rt.embed.open_tiles([...])"
             )
         if total == 0:
             raise InputError("no tiles to embed (0 given); pass at least one uint8 (H, W, 3) tile")

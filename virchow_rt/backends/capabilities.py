@@ -139,7 +139,7 @@ def tensorrt_version() -> str:
 
 
 def runnable_backends() -> list[str]:
-    """Backend names :func:`virchow_rt.runtime.open_backend` can use here."""
+    """Backend names :func:`virchow_rt.backends.open_backend` can use here."""
     providers = onnxruntime_providers()
     names = [
         name
@@ -159,7 +159,7 @@ def gpu_resize(gpu_list: list[str]) -> str:
     """Whether tiles can be resized on the GPU here (the NVRTC kernel), or what is missing."""
     missing = [] if gpu_list else ["a visible GPU"]
     try:
-        from virchow_rt.kernels.cuda_resize import load_nvrtc
+        from virchow_rt.backends.cuda.api import load_nvrtc
 
         load_nvrtc()  # the library itself, not only cuda-python's bindings
     except VirchowError:
@@ -169,7 +169,7 @@ def gpu_resize(gpu_list: list[str]) -> str:
 
 def capabilities() -> dict[str, Any]:
     """Machine and library facts for ``virchow-rt info`` (JSON-serializable)."""
-    from virchow_rt import __version__
+    from virchow_rt._version import __version__
 
     gpu_list = gpus()
     return {

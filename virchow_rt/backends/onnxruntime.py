@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import is_importable, optional_import
+from virchow_rt.backends.base import Backend
+from virchow_rt.backends.capabilities import physical_cores
+from virchow_rt.backends.cuda.device_arrays import DeviceArray, as_device_array, as_host_array
+from virchow_rt.backends.ort_fusion import FUSION_VERSION, build_entry, evict, read_result
+from virchow_rt.contract import ModelInfo, check_tile_array
 from virchow_rt.errors import BackendError, InputError, ModelFileError, VirchowError
-from virchow_rt.kernels.resize import check_tile_array
 from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
-from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.capabilities import physical_cores
-from virchow_rt.runtime.device_arrays import DeviceArray, as_device_array, as_host_array
-from virchow_rt.runtime.ort_fusion import FUSION_VERSION, build_entry, evict, read_result
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class OnnxRuntimeBackend(Backend):
         if tiles.shape[1:3] != (size, size):
             raise InputError(
                 f"tiles are {tiles.shape[1]}x{tiles.shape[2]} px; the model takes {size}x{size}: resize with "
-                f"virchow_rt.kernels.resize_tiles(tiles, {size}) or use virchow_rt.runtime.Embedder"
+                f"virchow_rt.kernels.resize_tiles(tiles, {size}) or use virchow_rt.embed.Embedder"
             )
         if tiles.shape[0] == 0 or (self.max_batch is not None and tiles.shape[0] > self.max_batch):
             raise InputError(
@@ -399,7 +399,7 @@ def _wait_for_producer(tiles: DeviceArray, gpu: int | None) -> None:
     """Block until the work queued on the producer's stream (the writes to ``tiles``) on ``gpu`` is done."""
     if tiles.stream is None:
         return
-    from virchow_rt.runtime import cuda
+    from virchow_rt.backends.cuda import api as cuda
 
     cuda.set_device(gpu or 0)  # the event and the default streams belong to the current GPU of this thread
     with cuda.Event() as done:

@@ -16,12 +16,50 @@ from pathlib import Path
 
 import numpy as np
 
-from virchow_rt import __version__
+from virchow_rt._version import __version__
+from virchow_rt.backends import open_backend
+from virchow_rt.backends.capabilities import package_version
+from virchow_rt.cli.common import Help, add_backend
+from virchow_rt.embed import open_tiles
+from virchow_rt.embed.embedder import Embedder
 from virchow_rt.errors import InputError, warn_random_weights
 from virchow_rt.manifest import atomic_path, check_output, sha256_file
-from virchow_rt.runtime import open_backend, open_tiles
-from virchow_rt.runtime.capabilities import package_version
-from virchow_rt.runtime.embedder import Embedder
+from virchow_rt.registry import POOLINGS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", formatter_class=Help, help="embed tiles with an exported model")
+    p.add_argument("model", help="exported model: an export folder, an .onnx or a TensorRT .engine")
+    p.add_argument(
+        "tiles", nargs="+", help=".npy uint8 (N, H, W, 3) arrays, image files or folders of images"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE.npy", help="embeddings (N, E) float32; FILE.json gets metadata"
+    )
+    p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=None,
+        help="cls_mean: class ‖ patch mean; cls: class token (default: the model's own: virchow-rt list)",
+    )
+    add_backend(p)
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="--backend torch-cuda: the export's weights (default: the source its manifest records)",
+    )
+    p.add_argument(
+        "--resize",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where tiles not of the model's size are resized (auto: the GPU when the backend runs on one)",
+    )
+    p.add_argument("--skip-errors", action="store_true", help="skip unreadable images and report them")
+    p.add_argument(
+        "--recursive", action="store_true", help="read sub-folders of the folders given too (TCGA/GDC layout)"
+    )
+    p.set_defaults(handler=embed_command)
 
 
 def _out_paths(out: str) -> tuple[Path, Path]:
@@ -35,7 +73,7 @@ def _out_paths(out: str) -> tuple[Path, Path]:
 
 
 def embed_command(args: argparse.Namespace) -> int:
-    """Run ``virchow-rt embed`` from parsed arguments (see :mod:`virchow_rt.cli`); returns the exit code."""
+    """Run ``virchow-rt embed`` from parsed arguments; returns the exit code."""
     out_npy, out_json = _out_paths(args.out)
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be >= 1")

@@ -6,12 +6,14 @@ random (labelled so in every output), the export is checked against the PyTorch 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from virchow_rt.cli.common import Help
 from virchow_rt.manifest import atomic_path
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
@@ -19,8 +21,8 @@ from virchow_rt.tissue import tissue_tiles
 
 def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512, weights: str | None = None) -> int:
     """Export ``variant_name`` (fp32 + fp16; ``weights``, else random ones), then embed ``n_tiles`` tiles."""
-    from virchow_rt.export import export_model
-    from virchow_rt.runtime import Embedder
+    from virchow_rt.embed import Embedder
+    from virchow_rt.export.pipeline import export_model
 
     out = Path(out)
     variant = get_variant(variant_name)
@@ -57,3 +59,25 @@ def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512, weights: st
     if weights is None:
         print("note: RANDOM WEIGHTS — the embeddings carry no meaning; pass --weights for real ones.")
     return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        formatter_class=Help,
+        help="export the mini variant (random weights) and embed bundled real-tissue tiles",
+    )
+    p.add_argument("--variant", default="virchow2g-mini", help="the encoder to export (virchow-rt list)")
+    p.add_argument("--out", default="out/demo", metavar="DIR", help="export folder and embeddings")
+    p.add_argument("--tiles", type=int, default=512, help="number of bundled tissue tiles to embed")
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        default=None,
+        help="the variant's real weights (folder, state-dict file or cached model id); default: random ones",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_demo(args.variant, args.out, n_tiles=args.tiles, weights=args.weights)

@@ -1,6 +1,6 @@
 """The pipelined executor's bookkeeping, pure: which batch uses which buffer slot, and when to wait.
 
-:class:`~virchow_rt.runtime.tensorrt_backend.TensorRTBackend` follows these steps; they are
+:class:`~virchow_rt.backends.tensorrt.TensorRTBackend` follows these steps; they are
 unit-tested on the CPU.
 """
 

@@ -2,7 +2,7 @@
 
 :func:`open_tiles` checks every input when it is opened (file exists, array dtype/rank/channels,
 image header), so that a wrong input fails before a model is loaded. Image pixels are decoded while
-iterating (in the :class:`~virchow_rt.runtime.Embedder`'s reader thread); an image that turns out to be
+iterating (in the :class:`~virchow_rt.embed.Embedder`'s reader thread); an image that turns out to be
 corrupt or truncated then raises :class:`~virchow_rt.errors.InputError` naming it, or with
 ``skip_errors`` is left out and listed in :attr:`TileSource.skipped`. Tiles that are not S px are
 resized with timm's eval geometry (:func:`virchow_rt.kernels.resize.resize_tile`).
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from virchow_rt.contract import check_tile_array
 from virchow_rt.errors import InputError
-from virchow_rt.kernels.resize import check_tile_array, resize_tiles
+from virchow_rt.kernels.resize import resize_tiles
 
 DEFAULT_BATCH = 32
 Resize = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> uint8 (B, S, S, 3)

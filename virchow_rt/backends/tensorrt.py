@@ -1,12 +1,12 @@
 """Native TensorRT backend: a checked engine, run by the shared CUDA pipeline with one context per slot.
 
 Loading: the engine's ``manifest.json`` entry must match the file (sha256) and this machine (TensorRT
-version, GPU compute capability: :func:`~virchow_rt.runtime.engine_cache.runtime_problems`); if not,
+version, GPU compute capability: :func:`~virchow_rt.backends.engine_cache.runtime_problems`); if not,
 the error says why and how to rebuild. Only the name-based tensor API is used
 (``num_io_tensors``, ``get_tensor_name/mode/dtype/shape``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``), as in NVIDIA's TensorRT 10/11 Python samples.
 
-Running: :class:`~virchow_rt.runtime.cuda_pipeline.PipelinedBackend` owns the buffers, streams and
+Running: :class:`~virchow_rt.backends.cuda.pipeline.PipelinedBackend` owns the buffers, streams and
 ordering; :class:`TensorRTExecutor` queues the engine. Each slot has its own execution context
 (NVIDIA's pattern for CUDA graphs: a graph bakes in its context's tensor addresses and shapes, so
 one context per captured graph); the contexts share one block of scratch memory
@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from virchow_rt.errors import BackendError, ModelFileError, warn_random_weights
-from virchow_rt.runtime import cuda
-from virchow_rt.runtime.backend import ModelInfo
-from virchow_rt.runtime.cuda_pipeline import ALIGNMENT, Executor, PipelinedBackend
-from virchow_rt.runtime.engine_cache import (
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.cuda.pipeline import ALIGNMENT, Executor, PipelinedBackend
+from virchow_rt.backends.cuda.slot_schedule import SlotSchedule, Step
+from virchow_rt.backends.engine_cache import (
     INPUT,
     NUMPY_TYPES,
     TensorSpec,
@@ -40,8 +39,9 @@ from virchow_rt.runtime.engine_cache import (
     rebuild_command,
     runtime_problems,
 )
-from virchow_rt.runtime.slot_schedule import SlotSchedule, Step
-from virchow_rt.runtime.tensorrt_module import LogBook, import_tensorrt, is_real_tensorrt, make_logger
+from virchow_rt.backends.tensorrt_module import LogBook, import_tensorrt, is_real_tensorrt, make_logger
+from virchow_rt.contract import ModelInfo
+from virchow_rt.errors import BackendError, ModelFileError, warn_random_weights
 
 if TYPE_CHECKING:
     import tensorrt as trt

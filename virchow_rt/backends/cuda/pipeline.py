@@ -8,12 +8,12 @@ only for a slot's previous D2H before refilling it. A host batch below the execu
 last batch) runs padded with blank tiles. GPU arrays (``__cuda_array_interface__`` or DLPack: CuPy,
 torch, JAX) are read in place, without a host round trip, unless their address is not aligned as the
 executor needs (then they are copied into the slot on the GPU). The bookkeeping is the pure
-:class:`~virchow_rt.runtime.slot_schedule.SlotSchedule`, unit-tested on the CPU.
+:class:`~virchow_rt.backends.cuda.slot_schedule.SlotSchedule`, unit-tested on the CPU.
 
 An :class:`Executor` only queues the computation of one batch on a stream, reading the input
 address and writing the output addresses the pipeline gives it: TensorRT's execution contexts
-(:mod:`virchow_rt.runtime.tensorrt_backend`) are one, a PyTorch module
-(:mod:`virchow_rt.export.torch_cuda`) another.
+(:mod:`virchow_rt.backends.tensorrt`) are one, a PyTorch module
+(:mod:`virchow_rt.backends.torch_cuda`) another.
 """
 
 from __future__ import annotations
@@ -27,18 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from virchow_rt.errors import BackendError, InputError
-from virchow_rt.runtime import cuda
-from virchow_rt.runtime.backend import Backend, ModelInfo
-from virchow_rt.runtime.device_arrays import (
+from virchow_rt.backends.base import Backend
+from virchow_rt.backends.cuda import api as cuda
+from virchow_rt.backends.cuda.device_arrays import (
     LEGACY_STREAM,
     DeviceArray,
     as_device_array,
     as_host_array,
     split_rows,
 )
-from virchow_rt.runtime.engine_cache import INPUT, OUTPUT, TensorSpec, check_batch
-from virchow_rt.runtime.slot_schedule import SlotSchedule, Step
+from virchow_rt.backends.cuda.slot_schedule import SlotSchedule, Step
+from virchow_rt.backends.engine_cache import INPUT, OUTPUT, TensorSpec, check_batch
+from virchow_rt.contract import ModelInfo
+from virchow_rt.errors import BackendError, InputError
 
 #: TensorRT needs every tensor address aligned to 256 bytes (cudaMalloc gives at least that)
 ALIGNMENT = 256

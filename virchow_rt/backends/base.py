@@ -8,27 +8,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model says about itself (from ONNX metadata or the manifest beside it)."""
-
-    variant: str
-    embedding_dim: int  # E: columns of the "embedding" output (class token ‖ patch mean = 2·width)
-    width: int  # D: the class token alone is embedding[:, :width]
-    tile_size: int  # S: the model's input is uint8 (N, S, S, 3)
-    precision: str  # "fp32" | "fp16"
-    random_weights: bool
-    weights_sha256: str  # "random" for random weights
-    pooling: str = "cls_mean"  # the embedding the model's authors use: what embed() returns by default
-    # timm's eval geometry for tiles: shorter side to floor(S / crop_pct) with this filter, centre crop S
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
+from virchow_rt.contract import ModelInfo
 
 
 class Backend(abc.ABC):

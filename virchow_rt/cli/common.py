@@ -1,0 +1,45 @@
+"""What several commands' parsers share: list-valued options, ``--help`` with defaults, weights options."""
+
+from __future__ import annotations
+
+import argparse
+
+from virchow_rt.backends import BACKENDS
+
+
+def csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def csv_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in csv(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+class Help(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none (None, off) or its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.required:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def add_weights(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="Hugging Face-layout folder (config.json + pytorch_model.bin or model.safetensors), "
+        "a state-dict file, or a model id in the local Hugging Face cache (never downloaded)",
+    )
+    g.add_argument(
+        "--random-weights", action="store_true", help="use random weights (for tests and demos only)"
+    )
+
+
+def add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", metavar="BACKEND", help=f"one of: {', '.join(BACKENDS)}")

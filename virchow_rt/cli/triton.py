@@ -1,0 +1,53 @@
+"""``virchow-rt triton``: an export -> a Triton Inference Server model repository entry."""
+
+from __future__ import annotations
+
+import argparse
+
+from virchow_rt.cli.common import Help
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from virchow_rt.serve.triton import PLATFORMS
+
+    p = sub.add_parser(
+        "triton",
+        formatter_class=Help,
+        help="an export -> a Triton Inference Server model repository entry (config.pbtxt + model)",
+    )
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a folder written by `virchow-rt export`")
+    p.add_argument("repo", metavar="REPO", help="the model repository; REPO/<name> is written")
+    p.add_argument("--name", default=None, help="the model's name in Triton (default: the variant)")
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="auto",
+        help="auto: the TensorRT engines when the export has any, else the ONNX model",
+    )
+    p.add_argument("--precision", default="fp32", help="which ONNX model (fp32, fp16, int8)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--instance-kind", choices=("gpu", "cpu"), default="gpu", help="where instances run")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic batching: how long a request may wait for others to fill a batch",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virchow_rt.serve.triton import write_triton_repository
+
+    target = write_triton_repository(
+        args.export_dir,
+        args.repo,
+        name=args.name,
+        platform=args.platform,
+        precision=args.precision,
+        instances=args.instances,
+        instance_kind=args.instance_kind,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )
+    print(f"Triton model: {target} (serve with: tritonserver --model-repository {target.parent})")
+    return 0
