@@ -35,8 +35,8 @@ def test_capabilities_are_json_and_sane():
 
 
 def test_gpu_resize_says_what_is_missing(monkeypatch):
-    from virchow_rt.errors import MissingDependency
     from virchow_rt.backends.cuda import api as cuda_api
+    from virchow_rt.errors import MissingDependency
 
     monkeypatch.setattr(cuda_api, "load_nvrtc", lambda: object())  # the NVRTC library loads
     assert gpu_resize(["NVIDIA H100, 81559 MiB, compute 9.0"]) == "available"

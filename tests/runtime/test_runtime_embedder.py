@@ -276,8 +276,8 @@ def test_a_missing_nvrtc_library_is_a_missing_dependency_everywhere(monkeypatch,
     import types
 
     from virchow_rt.backends.capabilities import gpu_resize
-    from virchow_rt.errors import MissingDependency
     from virchow_rt.backends.cuda import api as cuda_api
+    from virchow_rt.errors import MissingDependency
     from virchow_rt.kernels import cuda_resize
 
     def version() -> None:

@@ -155,5 +155,5 @@ def test_truncated_image_is_named_or_skipped(tmp_path, tissue):
 
 def test_all_inputs_skipped_is_an_error(tmp_path):
     (tmp_path / "a.png").write_text("x")
-    with pytest.raises(InputError, match=r"no tiles to embed.*1 unreadable files skipped"):
+    with pytest.raises(InputError, match=r"no tiles to embed.*1 unreadable file skipped"):
         open_tiles([tmp_path], skip_errors=True)

@@ -22,6 +22,7 @@ from virchow_rt.backends.capabilities import package_version
 from virchow_rt.cli.common import Help, add_backend
 from virchow_rt.embed import open_tiles
 from virchow_rt.embed.embedder import Embedder
+from virchow_rt.embed.tiles import plural
 from virchow_rt.errors import InputError, warn_random_weights
 from virchow_rt.manifest import atomic_path, check_output, sha256_file
 from virchow_rt.registry import POOLINGS
@@ -122,6 +123,8 @@ def embed_command(args: argparse.Namespace) -> int:
         "sources": source.sources,
         "skipped": [{"name": name, "reason": reason} for name, reason in source.skipped],
         "ignored": source.ignored,  # files of the folders given that are not tiles by their suffix
+        # inputs that were not square RGB tiles, and what was done to them
+        "converted": [{"name": name, "conversion": what} for name, what in source.converted],
         "elapsed_s": round(elapsed, 3),
         "tiles_per_s": round(embeddings.shape[0] / max(elapsed, 1e-9), 2),
         "versions": {
@@ -141,7 +144,9 @@ def embed_command(args: argparse.Namespace) -> int:
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
     skipped = f", {len(source.skipped)} skipped (see {out_json.name})" if source.skipped else ""
     if source.ignored:
-        skipped += f", {len(source.ignored)} files that are not tiles ignored (see {out_json.name})"
+        skipped += f", {plural(len(source.ignored), 'file')} ignored (not tiles; see {out_json.name})"
+    if source.converted:
+        skipped += f", {plural(len(source.converted), 'input')} converted (see {out_json.name})"
     print(
         f"embedded {embeddings.shape[0]} tiles in {elapsed:.2f} s ({meta['tiles_per_s']} tiles/s) with "
         f"{backend.name} ({info.variant} {info.precision}, {pooling} {embeddings.shape[1]}-d, "

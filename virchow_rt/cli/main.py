@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from virchow_rt._version import __version__
 from virchow_rt.cli import bench, demo, embed, export, info, serve, slides, triton
 from virchow_rt.errors import RandomWeightsWarning, VirchowError
 
@@ -32,9 +33,14 @@ PARSERS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virchow-rt", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"virchow-rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSERS:
         add(sub)
+    for command in sub.choices.values():  # `virchow-rt embed ... --debug` as well as `--debug embed`
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
     return parser
 
 

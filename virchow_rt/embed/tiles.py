@@ -65,16 +65,25 @@ def _check_image(path: Path) -> None:
         ) from err
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path) -> tuple[np.ndarray, str]:
+    """The image's pixels as uint8 (H, W, 3) RGB, and the mode it was stored in ("RGB", "L", "RGBA", ...)."""
     try:
         with Image.open(path) as image:
+            mode = image.mode
             rgb = image.convert("RGB")  # decodes all pixels: a truncated file fails here
     except _IMAGE_ERRORS as err:
         raise InputError(
             f"cannot decode {path} ({type(err).__name__}: {err}); the file is corrupt or truncated: "
             "re-export it, or use --skip-errors to skip it"
         ) from err
-    return np.asarray(rgb)  # (H, W, 3) uint8
+    return np.asarray(rgb), mode  # (H, W, 3) uint8
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``2 files``, ``2 entries``."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 class TileSource:
@@ -100,6 +109,10 @@ class TileSource:
         #: files of a folder that are not tiles by their suffix (notes.txt, a .csv of labels), not read
         self.ignored: list[str] = list(ignored or [])
         self._failed: set[int] = set()  # entry indices whose image failed to decode
+        #: (name, what was done) for every input that was not square RGB: an image stored as grayscale,
+        #: RGBA or a palette is converted to RGB (alpha dropped), a non-square tile is resized on its
+        #: shorter side and center-cropped, as timm's transform does; filled while iterating
+        self.converted: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return sum(e.count for i, e in enumerate(self._entries) if i not in self._failed)
@@ -142,17 +155,27 @@ class TileSource:
         for i, entry in enumerate(self._entries):
             if entry.array is None:
                 try:
-                    tile = _decode(entry.path)
+                    tile, mode = _decode(entry.path)
                 except InputError as err:
                     if not self.skip_errors:
                         raise
                     self._failed.add(i)
                     self.skipped.append((str(entry.path), _reason(err)))
                     continue
+                self._note_conversion(str(entry.path), tile.shape, mode)
                 yield prepare(tile[None])  # (1, S, S, 3)
                 continue
+            self._note_conversion(str(entry.path), entry.array.shape[1:], "RGB")
             for start in range(0, entry.count, batch_size):
                 yield prepare(entry.array[start : start + batch_size])  # from a (b, H, W, 3) memory-map view
+
+    def _note_conversion(self, name: str, shape: tuple[int, ...], mode: str) -> None:
+        done = [] if mode == "RGB" else [f"{mode} converted to RGB"]
+        height, width = shape[:2]
+        if height != width:
+            done.append(f"{width}x{height} px, not square: center-cropped to {self.tile_size} px")
+        if done:
+            self.converted.append((name, "; ".join(done)))
 
     def batches(self, batch_size: int = DEFAULT_BATCH, resize: Resize | None = None) -> Iterator[np.ndarray]:
         """Yield C-contiguous uint8 (B, S, S, 3) batches of exactly ``batch_size`` (the last may be smaller).
@@ -219,7 +242,7 @@ def _expand(
         for item in [*files, *folders]:
             entries.extend(_expand(item, skip_errors, skipped, ignored, recursive))
         if not files and not folders:
-            others = f" ({len(children)} entries that are not tiles)" if children else ""
+            others = f" (not tiles: {plural(len(children), 'entry')})" if children else ""
             hint = "; pass --recursive to read its sub-folders" if any(p.is_dir() for p in children) else ""
             raise InputError(
                 f"folder {path} has no files of tiles{others}: put .npy arrays or "
@@ -266,8 +289,8 @@ def open_tiles(
         entries, tile_size=tile_size, skip_errors=skip_errors, skipped=skipped, ignored=ignored
     )
     if len(source) == 0:
-        detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
-        detail += f" ({len(ignored)} files that are not tiles ignored)" if ignored else ""
+        detail = f" ({plural(len(skipped), 'unreadable file')} skipped)" if skipped else ""
+        detail += f" ({plural(len(ignored), 'file')} ignored: not tiles)" if ignored else ""
         raise InputError(
             f"no tiles to embed in {', '.join(map(str, inputs))}{detail}; "
             "pass non-empty (N, H, W, 3) arrays or images"
