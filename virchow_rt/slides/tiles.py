@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -52,8 +53,30 @@ def default_workers() -> int:
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     pool = _POOLS.get(workers)
     if pool is None:
-        pool = _POOLS[workers] = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
+        pool = _POOLS[workers] = ProcessPoolExecutor(
+            workers, multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
+        )
     return pool
+
+
+#: how often a reading worker checks that the process that started it is still alive (seconds)
+PARENT_CHECK_S = 0.5
+
+
+def _worker_init(parent: int) -> None:
+    """In each reading worker: ignore Ctrl-C (the parent stops the pool, so a terminal shows one line, not
+    a traceback per worker) and exit as soon as the parent is gone. A parent killed with SIGKILL (the OOM
+    killer, a scheduler) never shuts its pool down; without this its workers would live on with PPID 1.
+    A polling thread, not PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends,
+    and the pool outlives the thread that first used it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @atexit.register
