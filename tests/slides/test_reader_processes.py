@@ -57,7 +57,7 @@ def wait_for(what: str, condition, timeout: float = 120.0):  # noqa: ANN001 - a 
 
 
 def start_mid_slide(make_slide, tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]:
-    """A `slides` run with 2 reading processes, returned once it is writing a slide, with the workers' PIDs."""
+    """A `slides` run with 2 reading processes, returned mid-slide, with the workers' PIDs."""
     slide = make_slide("s0.tif").path
     out = tmp_path / "out"
     run = subprocess.Popen(
