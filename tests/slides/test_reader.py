@@ -61,7 +61,7 @@ def test_truncated_slide_is_an_input_error_naming_it(make_slide):
 def test_not_a_slide(tmp_path):
     bogus = tmp_path / "notes.svs"
     bogus.write_text("not an image")
-    with pytest.raises(InputError, match="cannot be opened"):
+    with pytest.raises(InputError, match="is not a readable slide"):
         open_slide(bogus)
     with pytest.raises(InputError, match="does not exist"):
         open_slide(tmp_path / "missing.svs")

@@ -7,6 +7,7 @@ glass-white. Microns per pixel come from the slide's metadata, else from ``slide
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,13 +207,15 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
     problems: list[str] = []
     missing: list[MissingDependency] = []
     for name in order:
+        logged: list[str] = []
         try:
-            handle = open_handle(name, path)
+            handle = _open_checked(name, path, logged)
         except MissingDependency as err:
             missing.append(err)
             continue
         except Exception as err:  # noqa: BLE001 - each reader has its own error types for "not my format"/corrupt
-            problems.append(f"{name}: {type(err).__name__}: {err}")
+            # tifffile says what is damaged in a warning, before a later step fails with a bare IndexError
+            problems.append(f"{name}: {'; '.join(logged) or f'{type(err).__name__}: {err}'}")
             continue
         mpp = _metadata_mpp(name, handle, path)
         source = "metadata"
@@ -233,8 +236,42 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, reader: str = "
             f"OpenSlide or tiffslide is needed {_PURPOSE}: pip install 'virchow-rt[slides]' ({missing[-1]})"
         )
     raise InputError(
-        f"slide {path.name} cannot be opened ({'; '.join(problems)}); the file may be truncated or corrupt"
+        f"{path.name} is not a readable slide ({'; '.join(problems)}); the file may be truncated or corrupt: "
+        "copy it again from its source"
     )
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+def _open_checked(reader: str, path: Path, logged: list[str]) -> Any:
+    """``open_handle`` and a first look at what every later step reads (levels, sizes, metadata), so that
+    a truncated or corrupt file fails here, with the reader's own reason, not later as an IndexError.
+    tifffile's warnings about a damaged file go to ``logged`` (that reason), not to the console."""
+    quiet = logging.getLogger("tifffile")
+    collect = _Collect(logged)
+    quiet.addHandler(collect)
+    propagate, quiet.propagate = quiet.propagate, False
+    try:
+        handle = open_handle(reader, path)
+        try:
+            if handle.level_count < 1 or min(handle.dimensions) < 1:
+                raise ValueError(f"{handle.level_count} levels, level 0 of {handle.dimensions} px")
+            [handle.level_dimensions[i] for i in range(handle.level_count)]  # noqa: B018 - read them all
+            dict(handle.properties)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+    finally:
+        quiet.removeHandler(collect)
+        quiet.propagate = propagate
 
 
 def find_slides(inputs: Sequence[str | Path], recursive: bool = False) -> list[Path]:
