@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from virchow_rt._deps import optional_import
 from virchow_rt.slides.reader import Slide
@@ -142,20 +142,43 @@ def tissue_mask(slide: Slide, tile_size0: float, config: MaskConfig | None = Non
 def qc_picture(
     slide: Slide, mask: TissueMask, coords: np.ndarray, size0: int, max_side: int = 2048
 ) -> np.ndarray:
-    """uint8 RGB: the slide's thumbnail with the tissue mask's outline (green) and every kept tile (blue).
+    """uint8 RGB: the slide's thumbnail with the tissue mask's outline (green) and every kept tile (blue),
+    above a legend that says so.
 
     For a person to check the tiling without code, as TRIDENT's contour pictures are used.
     """
     width, height = slide.dimensions
-    scale = max(1.0, max(width, height) / max_side)  # level-0 px per picture px
+    scale = max(1.0, max(width, height) / (max_side - LEGEND_PX))  # level-0 px per picture px
     image = Image.fromarray(thumbnail(slide, scale))
     outline = Image.fromarray(mask.mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     edges = np.asarray(outline.filter(ImageFilter.FIND_EDGES)) > 0  # (h, w) mask boundary
     rgb = np.array(image)
-    rgb[edges] = (0, 200, 0)
+    rgb[edges] = QC_OUTLINE
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     side = size0 / scale
     for x, y in np.asarray(coords, np.float64) / scale:
-        draw.rectangle((x, y, x + side, y + side), outline=(30, 80, 230))
-    return np.asarray(image)
+        draw.rectangle((x, y, x + side, y + side), outline=QC_TILE)
+    return np.asarray(_with_legend(image, slide.path.name, len(coords), size0))
+
+
+#: the QC picture's colours: the tissue mask's outline, the kept tiles' squares
+QC_OUTLINE, QC_TILE = (0, 200, 0), (30, 80, 230)
+#: the legend's height under the picture: three lines of the default bitmap font
+LEGEND_PX, _LINE_PX = 50, 14
+
+
+def _with_legend(image: Image.Image, name: str, tiles: int, size0: int) -> Image.Image:
+    """``image`` above a white strip naming the slide and what the green and blue marks are."""
+    font = ImageFont.load_default()
+    lines = [
+        (f"{name}: {tiles} kept tile{'' if tiles == 1 else 's'} of {size0} level-0 px", (0, 0, 0)),
+        ("green outline: tissue found by the mask", QC_OUTLINE),
+        ("blue squares: the kept tiles (their features are in the .h5)", QC_TILE),
+    ]
+    out = Image.new("RGB", (max(image.width, 360), image.height + LEGEND_PX), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, (text, colour) in enumerate(lines):
+        draw.text((4, image.height + 4 + i * _LINE_PX), text, fill=colour, font=font)
+    return out
