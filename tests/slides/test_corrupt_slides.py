@@ -45,3 +45,15 @@ def test_the_summary_says_why(make_slide, tmp_path):
     assert status["good"]["status"] == "done"
     assert status["bad"]["status"] == "failed" and "not a readable slide" in status["bad"]["reason"]
     assert summary["totals"]["failed"] == 1
+
+
+def test_slides_left_in_sub_folders_are_mentioned(make_slide, tmp_path):
+    from virchow_rt.slides.reader import find_slides
+
+    top = make_slide("top.tif").path.parent
+    (top / "case2").mkdir()
+    (top / "case2" / "deep.tif").write_bytes(make_slide("other.tif").path.read_bytes())
+    (top / "other.tif").unlink()
+    with pytest.warns(UserWarning, match=r"1 more slide in sub-folders of .* not included; pass --recursive"):
+        assert [p.name for p in find_slides([top])] == ["top.tif"]
+    assert sorted(p.name for p in find_slides([top], recursive=True)) == ["deep.tif", "top.tif"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -274,6 +275,10 @@ def _open_checked(reader: str, path: Path, logged: list[str]) -> Any:
         quiet.propagate = propagate
 
 
+def _is_slide(path: Path) -> bool:
+    return path.suffix.lower() in SLIDE_SUFFIXES and path.is_file()
+
+
 def find_slides(inputs: Sequence[str | Path], recursive: bool = False) -> list[Path]:
     """Expand files and folders (by :data:`SLIDE_SUFFIXES`; sub-folders too with ``recursive``, as a
     TCGA/GDC download keeps one case per folder) into a sorted, de-duplicated list.
@@ -285,7 +290,15 @@ def find_slides(inputs: Sequence[str | Path], recursive: bool = False) -> list[P
         p = Path(item)
         if p.is_dir():
             files = p.rglob("*") if recursive else p.iterdir()
-            found.extend(sorted(f for f in files if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES))
+            found.extend(sorted(f for f in files if _is_slide(f)))
+            folders = [] if recursive else [d for d in p.iterdir() if d.is_dir()]
+            nested = sum(_is_slide(f) for d in folders for f in d.rglob("*"))
+            if nested and found:  # none at all is the error below, with the same hint
+                warnings.warn(
+                    f"{nested} more slide{'s' if nested > 1 else ''} in sub-folders of {p} not included; "
+                    "pass --recursive to include them",
+                    stacklevel=2,
+                )
         elif p.exists():
             found.append(p)
         else:
