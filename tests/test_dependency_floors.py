@@ -1,6 +1,6 @@
 """The dependency floors keep the promises the code makes: weights are read with
-torch.load(weights_only=True), which torch < 2.6 lets a crafted file bypass (CVE-2025-32434); a Ray cluster can only be given token
-authentication from Ray 2.52."""
+torch.load(weights_only=True), which torch < 2.6 lets a crafted file bypass (CVE-2025-32434); a Ray
+cluster can only be given token authentication from Ray 2.52."""
 
 from __future__ import annotations
 
