@@ -258,3 +258,11 @@ def test_markdown_names_the_machine_failures_and_targets() -> None:
     )
     assert "| torch-cuda/fp16 (graphs: 30 replayed, 0 eager) | 64 | 1,500 | 1,600 | 45.0% | 0.999500 |" in md
     assert "| tensorrt/fp16 |  | not available: no TensorRT |" in md and "[MET] torch-cuda" in md
+
+
+def test_the_environment_names_what_a_first_gpu_run_failure_is_attributed_by() -> None:
+    from virchow_rt.benchmark.environment import collect_environment
+
+    versions = collect_environment()["versions"]  # None where not installed, never left out
+    assert {"cuda-core", "cupy-cuda13x", "cupy-cuda12x", "nvidia-cuda-nvrtc", "torch"} <= set(versions)
+    assert versions["numpy"]
