@@ -19,7 +19,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402 - a bench script, importable once bench/ is on the path
-from gpu_check import DRY, Checker, StepFailed, run_logged  # noqa: E402
+import gpu_check_children  # noqa: E402
+from gpu_check import DRY, Checker  # noqa: E402
+from gpu_check_children import StepFailed, run_logged  # noqa: E402
 from gpu_check_report import (  # noqa: E402
     copy_hiding,
     junit_outcomes,
@@ -136,7 +138,7 @@ def _script(tmp_path: Path, body: str) -> list[str]:
 def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gpu_check, "GRACE_S", 1.0)
+    monkeypatch.setattr(gpu_check_children, "GRACE_S", 1.0)
     cmd = _script(
         tmp_path,
         """
@@ -150,7 +152,7 @@ def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(
     )
     log = tmp_path / "child.log"
     with pytest.raises(StepFailed, match="time limit of 2 s"):
-        run_logged(cmd, log, 2.0, env=gpu_check.child_env(), cwd=tmp_path)
+        run_logged(cmd, log, 2.0, env=gpu_check_children.child_env(), cwd=tmp_path)
     text = log.read_text()
     assert "SIGINT: writing what I have" in text
     pid = int(text.split("grandchild ")[1].split()[0])
@@ -171,12 +173,12 @@ def test_processes_a_step_leaves_running_are_killed(tmp_path: Path) -> None:
     check = f"""
         import sys, pathlib
         sys.path.insert(0, {str(BENCH)!r})
-        import gpu_check
-        assert gpu_check.become_subreaper()
+        import gpu_check_children as children
+        assert children.become_subreaper()
         log = pathlib.Path({str(tmp_path / "leaver.log")!r})
-        code = gpu_check.run_logged({leaver!r}, log, 30, env=gpu_check.child_env(), cwd=log.parent)
+        code = children.run_logged({leaver!r}, log, 30, env=children.child_env(), cwd=log.parent)
         pid = int(log.read_text().split("left ")[1].split()[0])
-        print(code, pid in gpu_check.descendants(gpu_check.os.getpid()), flush=True)
+        print(code, pid in children.descendants(children.os.getpid()), flush=True)
     """
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(check)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
