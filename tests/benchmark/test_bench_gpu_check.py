@@ -1,16 +1,34 @@
-"""The GPU check's own logic on the CPU: step bookkeeping, test outcomes, copy hiding, the summary.
+"""The GPU check's own logic on the CPU: test outcomes, step bookkeeping, child processes, the summary.
 
-The whole script runs in CI as ``bench/gpu_check.sh --dry-run`` (tiny configs, GPU steps skipped).
+The check lives in ``bench/`` (it runs pytest on ``tests/``, so it never ships in the wheel). The whole
+script runs in CI as the GPU machine runs it (``.ci/run``: a fresh copy of the tree, an interpreter
+without the project, ``--dry-run``), and is killed there once mid-run to prove what it keeps.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from virchow_rt.benchmark import gpu_check
-from virchow_rt.benchmark.gpu_check import DRY, Checker, copy_hiding, junit_outcomes, render_markdown
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import gpu_check  # noqa: E402 - a bench script, importable once bench/ is on the path
+import gpu_check_children  # noqa: E402
+from gpu_check import DRY, Checker  # noqa: E402
+from gpu_check_children import StepFailed, run_logged  # noqa: E402
+from gpu_check_report import (  # noqa: E402
+    copy_hiding,
+    junit_outcomes,
+    log_outcomes,
+    read_test_outcomes,
+    render_markdown,
+)
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
@@ -22,14 +40,49 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testcase classname="tests.runtime.test_x" name="test_y" time="0"><error message="fixture broke"/></testcase>
 </testsuite></testsuites>
 """
+# what `pytest -v -rA` wrote before it was killed: the last test never ended
+VERBOSE_LOG = """\
+collecting ... collected 40 items / 36 selected
+tests/export/test_torch_cuda_gpu.py::test_matches_the_fp32_reference PASSED   [  2%]
+tests/export/test_torch_cuda_gpu.py::test_gpu_arrays[a b] SKIPPED (cupy (is) missing) [  5%]
+tests/tensorrt/test_cuda_gpu.py::test_graph_capture_replays_the_work FAILED    [  8%]
+tests/tensorrt/test_cuda_gpu.py::test_streams PASSED                           [ 11%]
+tests/tensorrt/test_cuda_gpu.py::test_streams ERROR                            [ 11%]
+tests/bench/test_x.py:12: UserWarning: not a result
+PASSED tests/export/test_torch_cuda_gpu.py::test_matches_the_fp32_reference
+tests/benchmark/test_bench_gpu.py::test_bench_tiny_torch_rows_on_the_gpu \n"""
 
 
 def test_junit_outcomes_keep_every_test_and_its_first_message_line(tmp_path: Path) -> None:
     (tmp_path / "j.xml").write_text(JUNIT)
     cases = junit_outcomes(tmp_path / "j.xml")
+    assert cases is not None
     assert [c["outcome"] for c in cases] == ["passed", "failed", "skipped", "error"]
     assert cases[0]["test"] == "tests/export/test_torch_cuda_gpu.py::test_matches_the_fp32_reference"
     assert cases[1]["message"] == "AssertionError: graphs differ" and cases[0]["message"] is None
+    assert junit_outcomes(tmp_path / "none.xml") is None  # pytest was killed before writing it
+
+
+def test_the_verbose_log_names_every_test_started_with_its_outcome() -> None:
+    got = {c["test"].split("::")[1]: (c["outcome"], c["message"]) for c in log_outcomes(VERBOSE_LOG)}
+    assert got == {
+        "test_matches_the_fp32_reference": ("passed", None),
+        "test_gpu_arrays[a b]": ("skipped", "cupy (is) missing"),
+        "test_graph_capture_replays_the_work": ("failed", None),
+        "test_streams": ("error", None),  # passed, then its teardown failed
+        "test_bench_tiny_torch_rows_on_the_gpu": ("unfinished", None),  # running when pytest died
+    }
+
+
+def test_outcomes_come_from_the_xml_when_there_is_one_else_from_the_log(tmp_path: Path) -> None:
+    (tmp_path / "pytest.log").write_text(VERBOSE_LOG)
+    from_log = read_test_outcomes(tmp_path / "junit.xml", tmp_path / "pytest.log")
+    assert from_log["source"] == "log" and from_log["counts"]["unfinished"] == 1
+    (tmp_path / "junit.xml").write_text(JUNIT)
+    from_xml = read_test_outcomes(tmp_path / "junit.xml", tmp_path / "pytest.log")
+    assert from_xml["source"] == "junit" and from_xml["counts"] == {
+        "passed": 1, "failed": 1, "skipped": 1, "error": 1
+    }  # fmt: skip
 
 
 def test_copy_hiding_is_bounded_by_what_end_to_end_adds_to_compute() -> None:
@@ -45,22 +98,133 @@ def test_copy_hiding_is_bounded_by_what_end_to_end_adds_to_compute() -> None:
     assert copy_hiding(serial, tile, emb, 50.0, 50.0)["hidden_fraction_at_least"] == 0.0
 
 
-def test_checker_records_failures_skips_and_the_budget(tmp_path: Path) -> None:
+def test_checker_keeps_every_step_on_disk_as_it_starts_and_ends(tmp_path: Path) -> None:
     said: list[str] = []
-    check = Checker(tmp_path, DRY, gpu=False, log=said.append)
-    assert check.step("fine", lambda: {"x": 1}) == {"x": 1}
+    check = Checker(tmp_path, DRY, dry_run=True, started=gpu_check.time.perf_counter(), log=said.append)
+    on_disk = lambda: json.loads((tmp_path / "gpu_check.json").read_text())  # noqa: E731
 
-    def broken() -> None:
+    def fine(timeout: float) -> dict[str, float]:
+        assert on_disk()["running"] == "environment"  # a kill now still says which step was running
+        return {"timeout": timeout}
+
+    assert check.step("environment", fine) == {"timeout": 90}  # LIMITS: at most 90 s
+    assert on_disk()["steps"]["environment"]["status"] == "ok" and on_disk()["running"] is None
+
+    def broken(timeout: float) -> None:
         raise ValueError("bad tile")
 
-    assert check.step("broken", broken) is None
-    check.step("gpu only", lambda: 1, needs_gpu=True)
-    check.step("too long", lambda: 1, min_left=DRY.budget_s + 1)
-    steps = check.steps
-    assert steps["fine"]["status"] == "ok" and steps["broken"]["reason"] == "ValueError: bad tile"
-    assert steps["gpu only"]["status"] == "skipped" and "no CUDA GPU" in steps["gpu only"]["reason"]
-    assert steps["too long"]["status"] == "skipped" and "time budget" in steps["too long"]["reason"]
-    assert any("broken: FAILED" in line for line in said)
+    check.step("tests", broken)
+    check.step("slides", lambda t: (_ for _ in ()).throw(StepFailed("stopped", {"tiles": 3})))
+    check.step("bandwidth", lambda t: 1, needs_gpu=True)
+    check.step("install", lambda t: 1, unless="no wheels carried in .whl/")
+    check.start -= DRY.budget_s - 25  # 25 s left: the bench needs 60
+    check.step("bench x", lambda t: 1, limits="bench")
+    steps = on_disk()["steps"]
+    assert steps["tests"]["status"] == "failed" and steps["tests"]["reason"] == "ValueError: bad tile"
+    assert steps["slides"]["reason"] == "stopped" and steps["slides"]["result"] == {"tiles": 3}
+    assert steps["bandwidth"]["status"] == "skipped" and "no CUDA GPU" in steps["bandwidth"]["reason"]
+    assert steps["install"]["reason"] == "no wheels carried in .whl/"
+    assert steps["bench x"]["status"] == "skipped" and "25 s left" in steps["bench x"]["reason"]
+    assert "| tests | failed |" in (tmp_path / "gpu_check.md").read_text()
+    assert any("tests: failed: ValueError: bad tile" in line for line in said)
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "child.py"
+    path.write_text(textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu_check_children, "GRACE_S", 1.0)
+    cmd = _script(
+        tmp_path,
+        """
+        import signal, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print("grandchild", grandchild.pid, flush=True)
+        signal.signal(signal.SIGINT, lambda *_: print("SIGINT: writing what I have", flush=True))
+        while True:
+            time.sleep(0.05)  # ignores SIGINT beyond saying so: SIGKILL must follow
+    """,
+    )
+    log = tmp_path / "child.log"
+    with pytest.raises(StepFailed, match="time limit of 2 s"):
+        run_logged(cmd, log, 2.0, env=gpu_check_children.child_env(), cwd=tmp_path)
+    text = log.read_text()
+    assert "SIGINT: writing what I have" in text
+    pid = int(text.split("grandchild ")[1].split()[0])
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (or a zombie)
+
+
+def test_processes_a_step_leaves_running_are_killed(tmp_path: Path) -> None:
+    # in a process of its own: the check adopts orphans (a subreaper), which pytest's process must not
+    leaver = _script(
+        tmp_path,
+        """
+        import subprocess, sys
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=False)
+        print("left", p.pid, flush=True)
+    """,
+    )
+    check = f"""
+        import sys, pathlib
+        sys.path.insert(0, {str(BENCH)!r})
+        import gpu_check_children as children
+        assert children.become_subreaper()
+        log = pathlib.Path({str(tmp_path / "leaver.log")!r})
+        code = children.run_logged({leaver!r}, log, 30, env=children.child_env(), cwd=log.parent)
+        pid = int(log.read_text().split("left ")[1].split()[0])
+        print(code, pid in children.descendants(children.os.getpid()), flush=True)
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(check)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "False"]
+    assert "(killed 1 processes it left running)" in (tmp_path / "leaver.log").read_text()
+
+
+def _fake_steps(tmp_path: Path, probe: str) -> Path:
+    """A stand-in for bench/gpu_check_steps.py whose probe writes ``probe`` (JSON) or fails."""
+    path = tmp_path / "steps.py"
+    path.write_text(
+        textwrap.dedent(f"""
+        import pathlib, sys
+        if {probe!r} == "fail":
+            raise ModuleNotFoundError("No module named 'virchow_rt'")
+        pathlib.Path(sys.argv[sys.argv.index("--result") + 1]).write_text({probe!r})
+    """)
+    )
+    return path
+
+
+def test_a_project_that_does_not_import_still_leaves_its_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu_check, "STEPS", _fake_steps(tmp_path, "fail"))
+    result = gpu_check.run_gpu_check(tmp_path / "out", dry_run=True)
+    steps = result["steps"]
+    assert steps["environment"]["status"] == "failed"
+    assert "No module named 'virchow_rt'" in steps["environment"]["reason"]
+    assert all(s["status"] == "skipped" and "did not load" in s["reason"] for n, s in steps.items()
+               if n not in ("install", "environment"))  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert saved["steps"] == json.loads(json.dumps(steps)) and not saved["finished"]
+    assert len(list((tmp_path / "out").iterdir())) <= 6  # the device returns at most 8 files
+
+
+def test_a_full_check_refuses_a_machine_without_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = {"imports": {"pytest_timeout": {"ok": False}}, "gpu_visible": False, "slide_readers": [],
+             "environment": {"machine": "2-core CPU, no GPU"}}  # fmt: skip
+    monkeypatch.setattr(gpu_check, "STEPS", _fake_steps(tmp_path, json.dumps(probe)))
+    with pytest.raises(SystemExit, match="no CUDA GPU.*--dry-run"):
+        gpu_check.run_gpu_check(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert saved["machine"] == "2-core CPU, no GPU" and saved["steps"]["tests"]["status"] == "skipped"
 
 
 def test_markdown_names_the_machine_failures_and_targets() -> None:
@@ -68,17 +232,18 @@ def test_markdown_names_the_machine_failures_and_targets() -> None:
         "rows": [
             {"key": "torch-cuda/fp16", "status": "ok", "batch_size": 64, "tiles_per_s": 1500.0,
              "compute_tiles_per_s": 1600.0, "peak_fraction": 0.4, "compute_peak_fraction": 0.45,
-             "min_cosine": 0.9995, "parity_passed": True, "reason": None},
+             "min_cosine": 0.9995, "parity_passed": True, "reason": None,
+             "cuda_graphs": {"replayed": 30, "eager": 0}},
             {"key": "tensorrt/fp16", "status": "not available", "batch_size": None, "reason": "no TensorRT"},
         ],
         "targets": [{"line": "[MET] torch-cuda end to end vs its compute-only: 93.8%"}],
     }  # fmt: skip
-    tests = {"counts": {"passed": 1, "failed": 1}, "tests": [
+    tests = {"counts": {"passed": 1, "failed": 1}, "source": "log", "tests": [
         {"test": "tests/a.py::test_ok", "outcome": "passed", "message": None},
         {"test": "tests/b.py::test_bad", "outcome": "failed", "message": "AssertionError: off"}]}  # fmt: skip
     result = {
-        "dry_run": False, "machine": "16-core CPU, 1x NVIDIA H200", "duration_s": 400.0,
-        "environment": {"driver": "580.159.03", "cuda": "13.0"},
+        "dry_run": False, "machine": "16-core CPU, 1x NVIDIA H200", "duration_s": 400.0, "budget_s": 480,
+        "finished": False, "running": "slides", "environment": {"driver": "580.159.03", "cuda": "13.0"},
         "steps": {
             "tests": {"status": "ok", "seconds": 90, "reason": None, "result": tests},
             "bench virchow2": {"status": "ok", "seconds": 120, "reason": None, "result": bench},
@@ -87,18 +252,19 @@ def test_markdown_names_the_machine_failures_and_targets() -> None:
     }  # fmt: skip
     md = render_markdown(result)
     assert "NVIDIA H200" in md and "580.159.03" in md and "RANDOM WEIGHTS" in md
+    assert "400.0 s of a 480 s budget, NOT FINISHED (running: slides)" in md
     assert "| slides | failed | 3 | RuntimeError: no reader |" in md
     assert (
         "- FAILED `tests/b.py::test_bad`: AssertionError: off" in md
         and "- PASSED `tests/a.py::test_ok`" in md
     )
-    assert "| torch-cuda/fp16 | 64 | 1,500 | 1,600 | 45.0% | 0.999500 |" in md
+    assert "| torch-cuda/fp16 (graphs: 30 replayed, 0 eager) | 64 | 1,500 | 1,600 | 45.0% | 0.999500 |" in md
     assert "| tensorrt/fp16 |  | not available: no TensorRT |" in md and "[MET] torch-cuda" in md
 
 
-def test_a_full_check_refuses_a_machine_without_a_gpu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu_check, "gpu_visible", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA GPU.*--dry-run"):
-        gpu_check.run_gpu_check(tmp_path / "out")
+def test_the_environment_names_what_a_first_gpu_run_failure_is_attributed_by() -> None:
+    from virchow_rt.benchmark.environment import collect_environment
+
+    versions = collect_environment()["versions"]  # None where not installed, never left out
+    assert {"cuda-core", "cupy-cuda13x", "cupy-cuda12x", "nvidia-cuda-nvrtc", "torch"} <= set(versions)
+    assert versions["numpy"]

@@ -109,3 +109,28 @@ def test_split_rows_views_pieces_and_overlaps_a_short_tail() -> None:
     pieces, overlap = split_rows(DeviceArray(0x1000, (3, 2, 2, 3), x.dtype, None, x), 8, least=4)
     assert [p.shape[0] for p in pieces] == [3] and overlap == 0  # fewer rows than least: left to the caller
     assert split_rows(DeviceArray(0x1000, (0, 2, 2, 3), x.dtype, None, x), 8) == ([], 0)
+
+
+def test_an_old_cuda_core_without_from_dlpack_leaves_torch_tensors_to_the_interface(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+    import types
+
+    from virchow_rt.errors import MissingDependency
+
+    old = types.ModuleType("cuda.core.utils")  # cuda-core before 1.0: a StridedMemoryView, no from_dlpack
+    old.StridedMemoryView = type("StridedMemoryView", (), {})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cuda.core.utils", old)
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+
+    class TorchLike(DlpackOnly):  # torch: interface v2 (no stream) and DLPack
+        __cuda_array_interface__ = {"data": (0x7F00_0000, False), "shape": (2, 4, 4, 3), "typestr": "|u1",
+                                    "version": 2}  # fmt: skip
+
+    torch_like = TorchLike(x, device=(2, 0))
+    arr = as_device_array(torch_like)  # not an AttributeError: the interface, on the legacy stream
+    assert arr is not None and (arr.ptr, arr.shape, arr.stream) == (0x7F00_0000, (2, 4, 4, 3), 1)
+    assert torch_like.streams == []  # DLPack was not tried
+    with pytest.raises(MissingDependency, match="no StridedMemoryView.from_dlpack.*pip install -U"):
+        as_device_array(DlpackOnly(x, device=(2, 0)))  # DLPack alone: nothing to fall back to

@@ -73,12 +73,17 @@ class TorchExecutor(Executor):
         self._graphs: dict[int, tuple[tuple[int, int], torch.cuda.CUDAGraph]] = {}
         self._graphs_failed = False
         self._pool: Any = None
+        self.replayed = self.eager = 0  # executor runs so far, from a graph and not
         size, width = info.tile_size, info.embedding_dim
         self.specs = {
             INPUT: TensorSpec(INPUT, True, np.dtype(np.uint8), (-1, size, size, 3)),
             OUTPUT: TensorSpec(OUTPUT, False, np.dtype(np.float32), (-1, width)),
         }
         self.max_batch = max_batch
+
+    @property
+    def slots_captured(self) -> int:
+        return len(self._graphs)
 
     def _view(self, name: str, ptr: int, rows: int) -> torch.Tensor:
         spec = self.specs[name]
@@ -96,8 +101,10 @@ class TorchExecutor(Executor):
             known = self._graphs.get(slot)
             if graph and known is not None and known[0] == key:
                 known[1].replay()
+                self.replayed += 1
                 return
             out.copy_(self._module(tiles)[0])  # ExportWrapper returns (embedding,)
+            self.eager += 1
             if graph and not self._graphs_failed:  # the eager run above was the warm-up (and this result)
                 self._capture(slot, key, tiles, out, on_stream)
 
@@ -168,9 +175,20 @@ class TorchCudaBackend(PipelinedBackend):
             module = torch.compile(module)
         info = model_info(variant, precision, weights)
         rows = max_batch or variant.batch.max
-        self._start(TorchExecutor(module, info, device, rows, cuda_graphs), info, device, slots)
+        self.slots = slots  # a pipeline pass takes them in turn from the first: warm-ups must reach all
+        self._torch_executor = TorchExecutor(module, info, device, rows, cuda_graphs)
+        self._start(self._torch_executor, info, device, slots)
         if compile:
             self.name = "torch-cuda-compiled"
+
+    def graph_use(self) -> dict[str, int]:
+        """Executor runs so far that replayed a CUDA graph and that ran eager, and the slots captured.
+
+        Graphs replay only for full batches (``max_batch`` rows) in a slot already captured; the
+        benchmark records the counts of its timed passes in each row.
+        """
+        runs = self._torch_executor
+        return {"replayed": runs.replayed, "eager": runs.eager, "slots_captured": runs.slots_captured}
 
     @classmethod
     def from_export(

@@ -136,6 +136,21 @@ def open_row_backend(
     return open_backend(path, backend=spec.backend)
 
 
+def graph_use(backend: Backend, since: dict[str, int] | None = None) -> dict[str, int] | None:
+    """CUDA-graph replays and eager runs of a backend that counts them (``graph_use()``: torch-cuda).
+
+    ``since``: an earlier reading; the runs after it are returned (the slots captured, as now). None for
+    a backend that does not count.
+    """
+    hook = getattr(backend, "graph_use", None)
+    if not callable(hook):
+        return None
+    now: dict[str, int] = hook()
+    if since is None:
+        return now
+    return {**now, "replayed": now["replayed"] - since["replayed"], "eager": now["eager"] - since["eager"]}
+
+
 def compute_only(
     backend: Backend, batches: Sequence[np.ndarray], device: str, *, repeats: int, warmup: int
 ) -> tuple[Stats | None, str | None]:

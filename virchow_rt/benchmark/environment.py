@@ -34,6 +34,14 @@ PACKAGES = (
     "tensorrt-cu13",
     "cuda-python",
     "cuda-bindings",
+    # what reads DLPack GPU arrays, and the GPU resize kernel's compiler: a first GPU run's failure is
+    # attributed by these (cupy is published per CUDA major)
+    "cuda-core",
+    "cupy-cuda13x",
+    "cupy-cuda12x",
+    "cupy",
+    "nvidia-cuda-nvrtc",
+    "nvidia-cuda-nvrtc-cu12",
     "matplotlib",
 )
 

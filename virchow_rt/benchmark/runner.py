@@ -1,9 +1,11 @@
 """One benchmark run: export the model when needed, then time and check every row.
 
 For each available backend/precision row and each batch size: warm-up batches (the first one timed
-apart: it holds compilation / engine build), then timed passes of the same real-tissue tiles through
-the Embedder, end to end (uint8 tiles on the host -> embeddings on the host). The embeddings of the
-last pass are compared with the fp32 PyTorch reference's on the same tiles.
+apart: it holds compilation / engine build; then at least one per pipeline slot), then timed passes of
+the same real-tissue tiles through the Embedder, end to end (uint8 tiles on the host -> embeddings on
+the host). The embeddings of the last pass are compared with the fp32 PyTorch reference's on the same
+tiles. The torch-cuda rows open their backend per batch size, so that each replays CUDA graphs (full
+batches only), and record how many timed batches did (``cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from virchow_rt.backends.base import Backend
 from virchow_rt.benchmark import roofline
-from virchow_rt.benchmark.backends import TimedBackend, compute_only, open_row_backend
+from virchow_rt.benchmark.backends import TimedBackend, compute_only, graph_use, open_row_backend
 from virchow_rt.benchmark.memory import PeakMemory
 from virchow_rt.benchmark.rows import REFERENCE_KEY, Machine, RowSpec, row_stub
 from virchow_rt.benchmark.source import Settings, Source
@@ -145,6 +147,17 @@ class BenchmarkRun:
                 spec, device, f"export refused the fp16 graph: {self.export_failure}", bar, len(sizes)
             )
             return
+        # the torch-cuda pipeline replays CUDA graphs for full batches only (max_batch rows): opened per
+        # batch size, every one of its rows runs graphs, as its label says
+        groups = [[b] for b in sizes] if spec.kind == "torch-cuda" else [sizes]
+        for i, group in enumerate(groups):
+            if not self._measure_group(spec, device, group, bar):
+                bar.update(sum(len(g) for g in groups[i + 1 :]))  # what kept it from opening holds for all
+                return
+
+    def _measure_group(self, spec: RowSpec, device: str, sizes: list[int], bar: Any) -> bool:
+        """Open the row's backend for ``sizes`` (its max batch: the largest) and measure each; False when
+        it could not be opened (recorded)."""
         bar.set_postfix_str(spec.key)
         try:
             start = time.perf_counter()
@@ -155,19 +168,19 @@ class BenchmarkRun:
                 torch_model=self.torch_model,
                 weights_info=self.weights_info,
                 folder=self.source.folder,
-                max_batch=max(self.settings.batch_sizes),
+                max_batch=max(sizes),
                 workers=usable_cores() if device == "cuda" else 0,
             )
             setup_s = time.perf_counter() - start
         except Exception as err:  # noqa: BLE001 - one broken backend must not stop the others; recorded
             self._give_up(spec, device, f"could not open: {type(err).__name__}: {err}", bar, len(sizes))
-            return
+            return False
         if spec.kind == "onnx" and backend.name != spec.backend:
             # ONNX Runtime falls back to a lesser provider silently; its figures would wear the wrong label
             backend.close()
             reason = f"ONNX Runtime put the session on {backend.name}, not {spec.backend} (provider failed)"
             self._give_up(spec, device, reason, bar, len(sizes))
-            return
+            return False
         with backend:
             for batch_size in sizes:
                 bar.set_postfix_str(f"{spec.key} batch {batch_size}")
@@ -175,6 +188,7 @@ class BenchmarkRun:
                 self.results.append(row)
                 self._log(bar, _summary_line(row))
                 bar.update()
+        return True
 
     def _give_up(self, spec: RowSpec, device: str, reason: str, bar: Any, rows: int) -> None:
         self.results.append(row_stub(spec, "failed", reason, device))
@@ -215,8 +229,12 @@ class BenchmarkRun:
         with PeakMemory(gpu=device == "cuda") as memory:
             # the first call holds compilation / engine building: timed apart, never in the figures
             first = time_calls(lambda: backend.run(tiles[:batch_size]), repeats=1, warmup=0)
-            for _ in range(max(s.warmup - 1, 0)):
-                backend.run(tiles[:batch_size])
+            # a pipelined backend takes its slots in turn from the first in every pass: warm them all up
+            # here (torch-cuda captures a slot's CUDA graph on its first full batch), never in a timed pass
+            warm = max(s.warmup - 1, getattr(backend, "slots", 0))
+            for _ in backend.pipeline(tiles[:batch_size] for _ in range(warm)):
+                pass
+            graphs_before = graph_use(backend)
             cpu_start = os.times()
             for _ in range(s.repeats):
                 timed.recorder.reset()
@@ -225,6 +243,7 @@ class BenchmarkRun:
                 totals.append(time.perf_counter() - start)
                 latencies += timed.recorder.latencies_s
             cpu_end = os.times()
+        graphs = graph_use(backend, since=graphs_before)
         pass_s = Stats(tuple(totals))
         # CPU time this process got over what the usable cores could give: well below 1 on a CPU run
         # means other processes took the cores (or the backend left them idle)
@@ -275,6 +294,8 @@ class BenchmarkRun:
             "artifact": self._artifact(spec),
             # what the backend did to the graph (ONNX Runtime's CPU attention fusion, for instance)
             "backend_details": getattr(backend, "optimization", None),
+            # torch-cuda: batches of the timed passes that replayed a CUDA graph and that ran eager
+            "cuda_graphs": graphs,
             "note": spec.note or None,
         }
         row.update(self._parity(spec, batch_size, embeddings))

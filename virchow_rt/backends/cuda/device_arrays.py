@@ -4,7 +4,9 @@ torch, CuPy and Numba arrays carry ``__cuda_array_interface__``, read here direc
 speak DLPack (JAX, and any of the above through ``__dlpack__``) are read with cuda.core's
 ``StridedMemoryView``, which hands our consumer stream to the producer as the protocol asks. Only
 C-contiguous arrays are accepted: the backends read them as one block. This module imports numpy
-alone; cuda.core loads on the first DLPack GPU array.
+alone; cuda.core loads on the first DLPack GPU array. An older cuda-core without
+``StridedMemoryView.from_dlpack`` leaves arrays that also carry the interface (torch's) to it, and
+refuses DLPack-only ones with the fix.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 
 from virchow_rt._deps import is_importable, optional_import
-from virchow_rt.errors import InputError
+from virchow_rt.errors import InputError, MissingDependency
 
 LEGACY_STREAM = 1  # the CUDA legacy default stream, as both protocols number it
 _DLPACK_CUDA = (2, 13)  # DLDeviceType kDLCUDA and kDLCUDAManaged; kDLCPU is 1
@@ -64,11 +67,30 @@ def _from_interface(obj: object, cai: Any) -> DeviceArray:
     return DeviceArray(ptr, shape, dtype, None if stream is None else int(stream), obj)
 
 
-def _from_dlpack(obj: object, device: int, stream: int | None) -> DeviceArray:
+def _dlpack_reader() -> Any:
+    """cuda-core's ``StridedMemoryView.from_dlpack``; None where cuda-core is missing or older than it."""
+    if not is_importable("cuda.core.utils"):
+        return None
     utils = optional_import("cuda.core.utils", "to read GPU arrays passed through DLPack")
+    return getattr(getattr(utils, "StridedMemoryView", None), "from_dlpack", None)
+
+
+def _from_dlpack(obj: object, device: int, stream: int | None) -> DeviceArray:
     consumer = LEGACY_STREAM if stream is None else stream
     try:
-        view = utils.StridedMemoryView.from_dlpack(obj, stream_ptr=consumer)
+        utils = optional_import("cuda.core.utils", "to read GPU arrays passed through DLPack")
+        from_dlpack = utils.StridedMemoryView.from_dlpack
+    except AttributeError as err:  # cuda-core before StridedMemoryView.from_dlpack
+        try:
+            have = f"cuda-core {version('cuda-core')}"
+        except PackageNotFoundError:
+            have = "this cuda-core"
+        raise MissingDependency(
+            f"{have} cannot read {type(obj).__name__} through DLPack (it has no "
+            f"StridedMemoryView.from_dlpack): pip install -U 'virchow-rt[cuda]' (AttributeError: {err})"
+        ) from err
+    try:
+        view = from_dlpack(obj, stream_ptr=consumer)
         shape = tuple(int(s) for s in view.shape)
         dtype = np.dtype(view.dtype)  # a type numpy lacks (bfloat16 without ml_dtypes) fails here
     except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
@@ -93,8 +115,8 @@ def as_device_array(obj: object, stream: int | None = None) -> DeviceArray | Non
     cai = getattr(obj, "__cuda_array_interface__", None)
     dlpack = hasattr(obj, "__dlpack__")
     # an interface without a stream (v2, torch's) cannot say where the writes were queued; DLPack can,
-    # where cuda-core is here to read it (else the interface, and the legacy default stream, as before)
-    if cai is not None and ("stream" in cai or not dlpack or not is_importable("cuda.core.utils")):
+    # where a cuda-core that reads it is here (else the interface, and the legacy default stream, as before)
+    if cai is not None and ("stream" in cai or not dlpack or _dlpack_reader() is None):
         return _from_interface(obj, cai)
     dlpack_device = getattr(obj, "__dlpack_device__", None)
     if dlpack_device is None or not dlpack:
