@@ -230,7 +230,7 @@ def _clam(attrs: dict[str, Any], slide: Slide, patch_size: float, where: str) ->
     size0 = round(patch_size * factor)
     level0 = level0_magnification(slide.mpp)
     target: float = level0 / factor
-    if round(patch_size * level0 / round(target)) == size0:  # a whole magnification re-reads the same squares
+    if round(target) >= 1 and round(patch_size * level0 / round(target)) == size0:  # the same squares again
         target = round(target)
     legacy = {"patch_level": level} | ({"custom_downsample": custom} if "custom_downsample" in attrs else {})
     return {"size0": size0, "patch_size": patch_size, "level0": level0, "target": target, "level": level,
@@ -239,9 +239,9 @@ def _clam(attrs: dict[str, Any], slide: Slide, patch_size: float, where: str) ->
 
 def _dataset(f: Any, h5py: Any, where: str) -> Any:
     """``coords``: a hard-linked dataset whose data lives in the file itself."""
-    if "coords" not in f:
+    link = f.get("coords", getlink=True)  # the link itself: a soft or external one is not followed
+    if link is None:
         raise InputError(f"{where} has no coords dataset; give a TRIDENT or CLAM coordinates .h5")
-    link = f.get("coords", getlink=True)
     if not isinstance(link, h5py.HardLink):
         raise InputError(
             f"{where}: coords is a {type(link).__name__}, not a dataset stored in the file; links are not "
