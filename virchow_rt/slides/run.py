@@ -445,11 +445,7 @@ def process_slides(
         settings = dataclasses.replace(settings, pooling=settings.pooling or info.pooling)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves no folder
         dim = embedding_dim(info, settings.pooling)
-        # per-slide coords files share a folder: the folder records that coords are used, not which file
-        coords_kind = {"coords_source": "coords" if settings.coords else ""}
-        folder.claim(
-            out_dir, {"encoder": info.variant, **_expected_attrs(settings, ident, dim), **coords_kind}
-        )
+        folder.claim(out_dir, {"encoder": info.variant, **_expected_attrs(settings, ident, dim)})
         if info.random_weights:
             warn_random_weights(
                 f"{info.variant} has random weights; every output is labelled random_weights=true"
