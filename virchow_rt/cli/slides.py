@@ -74,8 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--min-tissue",
         type=float,
         default=0.5,
-        help="minimum tissue fraction of a kept tile; 0 keeps every tile that touches tissue (TRIDENT's "
-        "selection)",
+        help="0 keeps every tile that touches tissue (TRIDENT's selection), else the minimum tissue "
+        "fraction of a kept tile",
     )
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument(
