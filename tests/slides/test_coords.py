@@ -200,6 +200,8 @@ def test_external_storage_is_not_read(make_slide, tmp_path):
     [
         ({"patch_size_level0": 2e9}, "not a tile of a 1792x1344-px slide"),
         ({"patch_size": 224, "level0_magnification": 20, "target_magnification": 1e-6}, "not a tile"),
+        ({"patch_size": 224, "level0_magnification": 1e300, "target_magnification": 1e-300}, "not a tile"),
+        ({"patch_size": 224, "patch_level": 0, "custom_downsample": 1e-320}, "not a tile"),
         (
             {
                 "patch_size": 224,

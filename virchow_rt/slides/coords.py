@@ -185,7 +185,7 @@ def _describe(attrs: dict[str, Any], slide: Slide, where: str) -> dict[str, Any]
     given_size0 = _positive(attrs, "patch_size_level0", where)
     overlap = _number(attrs, "overlap", where) or 0.0
     if patch_size is not None and level0 is not None and target is not None:  # TRIDENT's own reader
-        size0 = round(patch_size * ((MPP_AT_1X / target) / (MPP_AT_1X / level0)))  # its patcher's formula
+        size0 = _side(patch_size * ((MPP_AT_1X / target) / (MPP_AT_1X / level0)), where)  # its patcher's
         if given_size0 is not None and abs(size0 - given_size0) > 1:
             raise InputError(
                 f"{where}: patch_size_level0 {given_size0:g} disagrees with patch_size {patch_size:g} at "
@@ -210,6 +210,13 @@ def _describe(attrs: dict[str, Any], slide: Slide, where: str) -> dict[str, Any]
     return described
 
 
+def _side(value: float, where: str) -> int:
+    """A level-0 tile side from the file's attributes, refused when it overflows (checked again later)."""
+    if not (math.isfinite(value) and abs(value) < 2**53):
+        raise InputError(f"{where}: its attributes make a level-0 tile side of {value:g} px; not a tile")
+    return round(value)
+
+
 def _clam(attrs: dict[str, Any], slide: Slide, patch_size: float, where: str) -> dict[str, Any]:
     level_value = _number(attrs, "patch_level", where)
     levels = len(slide.level_downsamples)
@@ -227,10 +234,10 @@ def _clam(attrs: dict[str, Any], slide: Slide, patch_size: float, where: str) ->
         )
     custom = _positive(attrs, "custom_downsample", where) or 1.0
     factor = downsample * custom  # level-0 px per described tile px
-    size0 = round(patch_size * factor)
+    size0 = _side(patch_size * factor, where)
     level0 = level0_magnification(slide.mpp)
     target: float = level0 / factor
-    if round(target) >= 1 and round(patch_size * level0 / round(target)) == size0:  # the same squares again
+    if math.isfinite(target) and round(target) >= 1 and round(patch_size * level0 / round(target)) == size0:
         target = round(target)
     legacy = {"patch_level": level} | ({"custom_downsample": custom} if "custom_downsample" in attrs else {})
     return {"size0": size0, "patch_size": patch_size, "level0": level0, "target": target, "level": level,
