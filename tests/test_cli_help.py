@@ -14,7 +14,7 @@ def _help(capsys, *args: str) -> str:
 
 
 def test_defaults_are_shown(capsys) -> None:
-    slides = _help(capsys, "slides")
+    slides = " ".join(_help(capsys, "slides").split())  # as read, whatever the line breaks
     for shown in ("(default: 0.5)", "(default: 224)", "tissue fraction of a kept tile (default: 0.5)"):
         assert shown in slides
     assert "(default: 512)" in _help(capsys, "demo")

@@ -100,10 +100,10 @@ def test_unreadable_tile_fails_or_is_skipped(make_slide, monkeypatch):
     bad = tuple(int(v) for v in coords[3])
     real = tiles_module.read_tile
 
-    def flaky(slide, x, y, size0, level, out_size):
+    def flaky(slide, x, y, size0, level, out_size, *fill):
         if (x, y) == bad:
             raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
-        return real(slide, x, y, size0, level, out_size)
+        return real(slide, x, y, size0, level, out_size, *fill)
 
     monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", flaky)

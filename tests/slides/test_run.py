@@ -199,10 +199,10 @@ def test_unreadable_tile_skip_errors(make_slide, tmp_path, monkeypatch, regions)
     real = tiles_module.read_tile
     bad = (1120, 448)  # a 20x tile inside region (896, 0)
 
-    def flaky(slide, x, y, size0, level, out_size):
+    def flaky(slide, x, y, size0, level, out_size, *fill):
         if (x, y, size0) == (*bad, 224):
             raise InputError(f"slide {slide.path.name}: corrupt JPEG tile")
-        return real(slide, x, y, size0, level, out_size)
+        return real(slide, x, y, size0, level, out_size, *fill)
 
     monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", flaky)

@@ -63,7 +63,9 @@ def test_glass_only_slide_has_no_tiles(make_slide):
     with open_slide(make_slide("glass.tif", 896, 672, ()).path) as slide:
         grid = tile_grid(slide)
         assert len(grid.coords) == 0 and not grid.mask.mask.any()
-        assert len(tile_grid(slide, min_tissue=0.0, mask=grid.mask).coords) == 4 * 3  # every full tile
+        # --min-tissue 0 keeps the tiles that touch tissue (TRIDENT's selection), not every grid tile
+        assert len(tile_grid(slide, min_tissue=0.0, mask=grid.mask).coords) == 0
+        assert len(grid_coords(896, 672, 224)) == 4 * 3
 
 
 def test_mask_fraction_is_exact_on_a_known_mask():
@@ -167,6 +169,6 @@ def test_coords_from_trident_or_clam_are_reused_tile_for_tile(make_slide, tmp_pa
     np.testing.assert_array_equal(data["coords"], given)  # tile for tile, in their order
     assert data["attrs"]["patch_size_level0"] == 224 and data["features"].shape == (4, 48)
     with pytest.raises(InputError, match="has no coordinates for slide other"):
-        from virchow_rt.slides.run import _coords_file
+        from virchow_rt.slides.coords import coords_file
 
-        _coords_file(str(folder.parent), "other")
+        coords_file(str(folder.parent), "other")

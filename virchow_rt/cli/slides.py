@@ -32,7 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="<slide>.h5 files and summary.json go here")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles")
+    target.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="target microns per pixel of the tiles (default 0.5; with --coords, the file's)",
+    )
     target.add_argument(
         "--mag", type=float, default=None, help="target magnification, TRIDENT's spelling: 20 is --mpp 0.5"
     )
@@ -40,15 +45,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--coords",
         metavar="FILE|DIR",
         default=None,
-        help="reuse another tool's tiling: a TRIDENT or CLAM coordinates .h5, or the folder they wrote "
-        "(<slide>.h5 or <slide>_patches.h5, also in patches/); --mpp, --min-tissue, --grid then do not apply",
+        help="reuse another tool's tiling, read as that tool reads it: a TRIDENT or CLAM coordinates .h5 "
+        "(one slide; its name must be the slide's), or the folder they wrote (<slide>.h5 or "
+        "<slide>_patches.h5, also in patches/); the file sets the magnification (a --mpp/--mag must agree); "
+        "--min-tissue, --grid, --edge-tiles do not apply",
     )
     p.add_argument(
         "--grid",
         choices=("magnification", "mpp"),
         default="magnification",
-        help="a tile's level-0 side: from the nominal magnifications as TRIDENT does (896 px for 224 px at "
-        "10x on a 0.2527 µm/px scan), or exact from the µm/px (886)",
+        help="a tile's level-0 side: from TRIDENT's magnification bands (any scan at 0.2-0.3 µm/px is 40x: "
+        "896 px for 224 px at 10x on a 0.2527 µm/px scan), or exact from the µm/px (886)",
+    )
+    p.add_argument(
+        "--edge-tiles",
+        action="store_true",
+        help="also the tiles that run past the slide's right and bottom edges, their outside black "
+        "(TRIDENT's grid)",
     )
     p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp")
     p.add_argument(
@@ -57,7 +70,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--regions", type=csv_ints, default=None, help="magnifications for region sequences, e.g. 5,10,20"
     )
-    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="0 keeps every tile that touches tissue (TRIDENT's selection), else the minimum tissue "
+        "fraction of a kept tile",
+    )
     p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
     p.add_argument(
         "--workers", type=int, default=None, help="tile-reading workers (default: one per core, at most 8)"
@@ -133,6 +152,7 @@ def run_cli(args: argparse.Namespace) -> int:
         mpp=magnification_to_mpp(args.mag) if args.mag is not None else args.mpp,
         grid=args.grid,
         coords=args.coords,
+        edge_tiles=args.edge_tiles,
         tile_size=args.tile_size,
         slide_mpp=args.slide_mpp,
         regions=tuple(args.regions) if args.regions else None,

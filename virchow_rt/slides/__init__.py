@@ -27,6 +27,7 @@ from virchow_rt.slides.embed import (
 from virchow_rt.slides.grid import (
     TileGrid,
     TilePlan,
+    level0_magnification,
     magnification_to_mpp,
     nominal_magnification,
     pick_level,
@@ -65,6 +66,7 @@ __all__ = [
     "find_slides",
     "iter_embeddings",
     "iter_tiles",
+    "level0_magnification",
     "magnification_to_mpp",
     "nominal_magnification",
     "open_slide",

@@ -4,7 +4,9 @@ Mixing configurations in one folder (another model, pooling, µm/px, tile size o
 files of different dimensions and grids side by side. The first run writes the configuration; a later
 run with another one is refused with both named (TRIDENT keeps each configuration in its own folder;
 so does virchow-rt: use another ``--out``). ``summary.json`` lists every slide any run of the folder
-handled, the latest record of each: this run's first, then the earlier ones.
+handled, the latest record of each: this run's first, then the earlier ones. Runs with per-slide
+coordinates files (``--coords``, one slide at a time) share a folder: the configuration records that
+coordinates are given, not which file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from virchow_rt.errors import OutputError
 from virchow_rt.manifest import write_json
 
 CONFIG_NAME = "run_config.json"
+#: compared by kind only (given or not): each slide may bring its own coordinates file
+_BY_KIND = ("coords_source",)
+
+
+def _same(key: str, recorded: Any, wanted: Any) -> bool:
+    return bool(recorded) == bool(wanted) if key in _BY_KIND else recorded == wanted
 
 
 def claim(out_dir: Path, config: dict[str, Any]) -> None:
@@ -34,7 +42,7 @@ def claim(out_dir: Path, config: dict[str, Any]) -> None:
     changed = [
         f"{key} {recorded.get(key)!r} -> {config[key]!r}"
         for key in config
-        if recorded.get(key) != config[key]
+        if not _same(key, recorded.get(key), config[key])
     ]
     if changed:
         raise OutputError(

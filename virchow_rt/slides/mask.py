@@ -45,25 +45,43 @@ class TissueMask:
     downsample: float
     threshold: float
 
+    def _integral(self) -> np.ndarray:
+        integral = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int64)
+        integral[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+        return integral
+
+    def _count(self, r0: np.ndarray, r1: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+        """Tissue pixels in [r0, r1) × [c0, c1) of the mask, the bounds clipped to it: O(1) per square."""
+        h, w = self.mask.shape
+        r0, r1, c0, c1 = np.clip(r0, 0, h), np.clip(r1, 0, h), np.clip(c0, 0, w), np.clip(c1, 0, w)
+        integral = self._integral()
+        return integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+
     def fraction(self, coords: np.ndarray, size0: np.ndarray | int) -> np.ndarray:
-        """Tissue fraction (N,) of squares at level-0 ``coords`` (N, 2) x, y with level-0 side ``size0``."""
+        """Tissue fraction (N,) of squares at level-0 ``coords`` (N, 2) x, y with level-0 side ``size0``.
+
+        A square that runs past the slide's edge counts its outside as glass (the fraction is of the
+        whole square, as TRIDENT measures it)."""
         coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
         size = np.broadcast_to(np.asarray(size0, dtype=np.float64), (len(coords),))
-        h, w = self.mask.shape
-        # integral image: sum over [r0, r1) x [c0, c1) in O(1) per tile
-        integral = np.zeros((h + 1, w + 1), np.int64)
-        integral[1:, 1:] = self.mask.cumsum(0).cumsum(1)
-        c0 = np.clip(np.round(coords[:, 0] / self.downsample).astype(np.int64), 0, w)
-        r0 = np.clip(np.round(coords[:, 1] / self.downsample).astype(np.int64), 0, h)
-        c1 = np.clip(
-            np.maximum(np.round((coords[:, 0] + size) / self.downsample).astype(np.int64), c0 + 1), 0, w
-        )
-        r1 = np.clip(
-            np.maximum(np.round((coords[:, 1] + size) / self.downsample).astype(np.int64), r0 + 1), 0, h
-        )
-        inside = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-        area = np.maximum((r1 - r0) * (c1 - c0), 1)
-        return inside / area
+        c0 = np.round(coords[:, 0] / self.downsample).astype(np.int64)
+        r0 = np.round(coords[:, 1] / self.downsample).astype(np.int64)
+        c1 = np.maximum(np.round((coords[:, 0] + size) / self.downsample).astype(np.int64), c0 + 1)
+        r1 = np.maximum(np.round((coords[:, 1] + size) / self.downsample).astype(np.int64), r0 + 1)
+        area = (r1 - r0) * (c1 - c0)
+        return self._count(r0, r1, c0, c1) / area
+
+    def touches(self, coords: np.ndarray, size0: np.ndarray | int) -> np.ndarray:
+        """bool (N,): the square overlaps any tissue pixel of the mask (TRIDENT keeps a tile that
+        intersects its tissue contours at all: ``--min-tissue 0``)."""
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        size = np.broadcast_to(np.asarray(size0, dtype=np.float64), (len(coords),))
+        # mask pixel j covers [j·d, (j+1)·d): square [x, x + s) overlaps j = floor(x/d) .. ceil((x+s)/d) - 1
+        c0 = np.floor(coords[:, 0] / self.downsample).astype(np.int64)
+        r0 = np.floor(coords[:, 1] / self.downsample).astype(np.int64)
+        c1 = np.ceil((coords[:, 0] + size) / self.downsample).astype(np.int64)
+        r1 = np.ceil((coords[:, 1] + size) / self.downsample).astype(np.int64)
+        return self._count(r0, r1, c0, c1) > 0
 
 
 def mask_downsample(slide: Slide, tile_size0: float, config: MaskConfig | None = None) -> float:

@@ -130,7 +130,8 @@ def region_grid(
     mask: TissueMask | None = None,
     mask_config: MaskConfig | None = None,
 ) -> RegionGrid:
-    """Regions (one lowest-magnification tile each) whose tissue fraction is at least ``min_tissue``."""
+    """Regions (one lowest-magnification tile each) whose tissue fraction is at least ``min_tissue`` (0:
+    every region that touches tissue)."""
     layout = region_layout(slide, magnifications, tile_size)
     check_tile_settings(float(layout.mpp[-1]), tile_size, min_tissue)
     if mask is None:
@@ -138,7 +139,7 @@ def region_grid(
         mask = tissue_mask(slide, float(layout.size0[-1]), mask_config)
     coords = grid_coords(*slide.dimensions, layout.region_size0)  # (M, 2)
     tissue = mask.fraction(coords, layout.region_size0)  # (M,)
-    keep = tissue >= min_tissue if min_tissue > 0 else np.ones(len(coords), bool)
+    keep = mask.touches(coords, layout.region_size0) if min_tissue == 0 else tissue >= min_tissue
     return RegionGrid(
         layout=layout,
         region_coords=coords[keep],

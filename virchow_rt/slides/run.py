@@ -30,16 +30,16 @@ from virchow_rt.errors import InputError, MissingDependency, OutputError, Vircho
 from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.slides import folder, locks
+from virchow_rt.slides.coords import check_source, coords_tiling
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
 from virchow_rt.slides.grid import (
+    DEFAULT_MPP,
     GRID_RULES,
     MPP_AT_1X,
     TilePlan,
     check_tile_settings,
-    coords_grid,
+    grid_name,
     magnification_to_mpp,
-    nominal_magnification,
-    read_coords,
     tile_grid,
 )
 from virchow_rt.slides.mask import qc_picture
@@ -56,7 +56,7 @@ MAX_LISTED_ERRORS = 20
 class SlideSettings:
     """How slides are tiled and embedded (the CLI flags of ``virchow-rt slides``)."""
 
-    mpp: float = 0.5
+    mpp: float | None = None  # target µm/px; None: 0.5 (20x), or with coords the coords file's
     tile_size: int = 224
     slide_mpp: float | None = None
     regions: tuple[float, ...] | None = None
@@ -75,26 +75,33 @@ class SlideSettings:
     grid: str = "magnification"  # how a tile's level-0 side is derived: TRIDENT's rule, or "mpp" (exact)
     #: another tool's tiling to reuse: a TRIDENT or CLAM .h5 (one slide) or a folder of them (by slide name)
     coords: str | None = None
+    edge_tiles: bool = False  # the grid also has the tiles that run past the slide's edges (TRIDENT's)
     progress: bool | None = (
         None  # tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
     )
 
     def check(self) -> None:
         """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
-        check_tile_settings(self.mpp, self.tile_size, self.min_tissue)
+        mpp = self.grid_mpp
+        check_tile_settings(mpp, self.tile_size, self.min_tissue)
         if self.grid not in GRID_RULES:
             raise InputError(f"--grid {self.grid!r} is not one of: {', '.join(GRID_RULES)}")
         if self.pooling is not None:
             check_pooling(self.pooling)
         if self.regions:
             mags = parse_magnifications(self.regions)
-            if not any(np.isclose(magnification_to_mpp(m), self.mpp) for m in mags):
+            if not any(np.isclose(magnification_to_mpp(m), mpp) for m in mags):
                 raise InputError(
-                    f"--mpp {self.mpp} ({MPP_AT_1X / self.mpp:g}x) is not one of the --regions "
+                    f"--mpp {mpp} ({MPP_AT_1X / mpp:g}x) is not one of the --regions "
                     f"magnifications {','.join(f'{m:g}' for m in mags)}: the file's features/coords are the "
-                    f"region tiles at --mpp; add {MPP_AT_1X / self.mpp:g} to --regions or pass "
+                    f"region tiles at --mpp; add {MPP_AT_1X / mpp:g} to --regions or pass "
                     f"--mpp {magnification_to_mpp(mags[-1]):g}"
                 )
+
+    @property
+    def grid_mpp(self) -> float:
+        """µm/px of the tile grid: ``mpp``, else 0.5 (with coords, the file's decides instead)."""
+        return DEFAULT_MPP if self.mpp is None else self.mpp
 
     @property
     def regions_text(self) -> str:
@@ -149,18 +156,21 @@ def _now() -> str:
 
 def _expected_attrs(settings: SlideSettings, model: _Model, dim: int) -> dict[str, Any]:
     """Root attributes a complete file of this run must carry (anything else changed -> redo)."""
-    return {
+    expected = {
         "format_version": FORMAT_VERSION,
         "model_sha256": model.sha256,
         "pooling": settings.pooling,
         "embedding_dim": dim,
         "patch_size": settings.tile_size,
-        "target_mpp": float(settings.mpp),
+        "target_mpp": float(settings.grid_mpp),
         "min_tissue": float(settings.min_tissue),
         "regions": settings.regions_text,
-        "grid_rule": settings.grid,
+        "grid_rule": grid_name(settings.grid, settings.edge_tiles),
         "coords_source": str(settings.coords or ""),
     }
+    if settings.coords:  # the coords file sets the target (a given --mpp is checked against it)
+        del expected["target_mpp"]
+    return expected
 
 
 def _embed_to_file(
@@ -172,10 +182,10 @@ def _embed_to_file(
     dim = embedding_dim(backend.info, settings.pooling)
     t0 = time.perf_counter()
     if settings.coords:  # TRIDENT's or CLAM's tiles, tile for tile
-        given, given_size0 = read_coords(_coords_file(settings.coords, slide.name), slide)
-        tiles = coords_grid(slide, given, given_size0, settings.tile_size)
+        tiles = coords_tiling(slide, settings.coords, settings.tile_size, settings.mpp)
     else:
-        tiles = tile_grid(slide, settings.mpp, settings.tile_size, settings.min_tissue, rule=settings.grid)
+        tiles = tile_grid(slide, settings.grid_mpp, settings.tile_size, settings.min_tissue,
+                          rule=settings.grid, edge_tiles=settings.edge_tiles)  # fmt: skip
     grid = layout = None
     if settings.regions:
         grid = region_grid(
@@ -227,9 +237,9 @@ def _embed_to_file(
                 "name": slide.name,
                 "patch_size": settings.tile_size,
                 "patch_size_level0": size0,
-                "level0_magnification": nominal_magnification(slide.mpp),
-                "target_magnification": nominal_magnification(settings.mpp),
-                "overlap": 0,
+                "level0_magnification": tiles.level0_magnification,
+                "target_magnification": tiles.target_magnification,
+                "overlap": tiles.overlap,
                 "level0_width": width,
                 "level0_height": height,
                 "encoder": info.variant,
@@ -246,19 +256,21 @@ def _embed_to_file(
                 "slide_size_bytes": slide.path.stat().st_size,
                 "level0_mpp": slide.mpp,
                 "mpp_source": slide.mpp_source,
-                "target_mpp": float(settings.mpp),
+                "target_mpp": float(tiles.mpp),
                 "effective_mpp": size0 * slide.mpp / settings.tile_size,
                 "read_level": tiles.level,
                 "min_tissue": float(settings.min_tissue),
                 "tissue_threshold": tiles.mask.threshold,
                 "regions": settings.regions_text,
-                "grid_rule": settings.grid,
+                "grid_rule": grid_name(settings.grid, settings.edge_tiles),
                 "coords_source": str(settings.coords or ""),
+                "edge_fill": tiles.edge_fill,
                 "region_size_level0": layout.region_size0 if layout is not None else 0,
                 "skipped_tiles": failed,
                 "created": _now(),
                 "virchow_rt_version": _version(),
-            }
+            },
+            coords_attrs=tiles.coords_attrs(),
         )
     finally:
         writer.close()
@@ -292,10 +304,11 @@ def _process_one(
     try:
         with open_slide(path, slide_mpp=settings.slide_mpp, reader=settings.reader) as slide:
             record.reader, record.level0_mpp = slide.reader, slide.mpp
-            if settings.mpp < slide.mpp * 0.99:  # finer than the scan: every tile would be an upsampled one
+            mpp = settings.grid_mpp
+            if not settings.coords and mpp < slide.mpp * 0.99:  # finer than the scan: upsampled tiles
                 record.warnings.append(
-                    f"--mpp {settings.mpp:g} is finer than the scan ({slide.mpp:.4g} µm/px): tiles are "
-                    f"upsampled {slide.mpp / settings.mpp:.2g}x; use --mpp {slide.mpp:.4g} or coarser"
+                    f"--mpp {mpp:g} is finer than the scan ({slide.mpp:.4g} µm/px): tiles are "
+                    f"upsampled {slide.mpp / mpp:.2g}x; use --mpp {slide.mpp:.4g} or coarser"
                 )
                 warn(f"{path.name}: warning: {record.warnings[-1]}")
             record.timings["open_s"] = time.perf_counter() - start
@@ -309,21 +322,6 @@ def _process_one(
     record.status, record.output = "done", str(out)
     total = record.timings["total_s"]
     record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
-
-
-def _coords_file(source: str, name: str) -> Path:
-    """The coordinates file of slide ``name`` in ``--coords`` (a file, or a TRIDENT/CLAM output folder)."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    candidates = [path / sub / f"{name}{tail}" for sub in ("", "patches") for tail in (".h5", "_patches.h5")]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise InputError(
-            f"--coords {source} has no coordinates for slide {name} (looked for {name}.h5 and "
-            f"{name}_patches.h5, also in patches/); give the folder TRIDENT or CLAM wrote for these slides"
-        )
-    return found
 
 
 def _disk_full(err: BaseException | None) -> bool:
@@ -436,6 +434,8 @@ def process_slides(
     """
     settings.check()
     paths = find_slides(slides, recursive=settings.recursive)
+    if settings.coords:
+        check_source(settings.coords, paths)
     out_dir = check_output(out_dir, "--out", folder=True)  # before any work; made once there is work
     started, wall0 = _now(), time.perf_counter()
     records: list[_Record] = []

@@ -17,6 +17,7 @@ stays busy; batches come out in plan order whatever order the chunks finish in.
 from __future__ import annotations
 
 import atexit
+import math
 import multiprocessing
 import os
 import signal
@@ -88,9 +89,10 @@ def _close_pools() -> None:
 
 def _read_chunk(
     slide: Callable[[], Slide], drop: Callable[[], None], rows: list[tuple[int, int, int, int]], size: int,
-    skip_errors: bool, name: str,
+    skip_errors: bool, name: str, fill: int = 255,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], float]:  # fmt: skip
-    """Read ``rows`` of level-0 (x, y, size0, level) -> (tiles (c, S, S, 3), ok (c,), errors, seconds).
+    """Read ``rows`` of level-0 (x, y, size0, level) -> (tiles (c, S, S, 3), ok (c,), errors, seconds);
+    ``fill``: the value outside the slide.
 
     ``slide()`` gives the worker's handle; ``drop()`` discards it after a failed tile (OpenSlide handles
     stay in an error state), so the next tile reads from a fresh one.
@@ -101,7 +103,7 @@ def _read_chunk(
     errors: list[dict[str, Any]] = []
     for i, (x, y, size0, level) in enumerate(rows):
         try:
-            out[i] = read_tile(slide(), x, y, size0, level, size)
+            out[i] = read_tile(slide(), x, y, size0, level, size, fill)
         except Exception as err:  # noqa: BLE001 - any decoder error is this tile's error
             reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
             if not skip_errors:
@@ -113,8 +115,9 @@ def _read_chunk(
 
 
 def _read_in_process(
-    source: tuple[str, str, float, str], rows: list[tuple[int, int, int, int]], size: int, skip_errors: bool
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], float]:
+    source: tuple[str, str, float, str], rows: list[tuple[int, int, int, int]], size: int, skip_errors: bool,
+    fill: int = 255,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], float]:  # fmt: skip
     """:func:`_read_chunk` in a worker process; ``source``: (path, reader, mpp, mpp source)."""
     key = source[:2]
 
@@ -123,7 +126,7 @@ def _read_in_process(
         if failed is not None:
             failed.close()
 
-    return _read_chunk(lambda: _handle(*source), drop, rows, size, skip_errors, Path(source[0]).name)
+    return _read_chunk(lambda: _handle(*source), drop, rows, size, skip_errors, Path(source[0]).name, fill)
 
 
 def _handle(path: str, reader: str, mpp: float, mpp_source: str) -> Slide:
@@ -136,13 +139,27 @@ def _handle(path: str, reader: str, mpp: float, mpp_source: str) -> Slide:
     return slide
 
 
-def read_tile(slide: Slide, x: int, y: int, size0: int, level: int, out_size: int) -> np.ndarray:
+def read_tile(
+    slide: Slide, x: int, y: int, size0: int, level: int, out_size: int, fill: int = 255
+) -> np.ndarray:
     """uint8 (out_size, out_size, 3): the level-0 square (x, y, size0) read at ``level``, resized if needed.
 
-    The resize is PIL's antialiased bicubic, the same as timm's eval transform on a square tile.
+    The part of a square that lies outside the slide (past its right or bottom edge) is ``fill``: TRIDENT
+    and CLAM read it black (0), glass is white (255). The resize is PIL's antialiased bicubic, the same as
+    timm's eval transform on a square tile.
     """
-    side = max(1, round(size0 / slide.level_downsamples[level]))  # pixels at the read level
-    tile = slide.read(x, y, level, side, side)  # (side, side, 3)
+    downsample = slide.level_downsamples[level]
+    side = max(1, round(size0 / downsample))  # pixels at the read level
+    width, height = slide.level_dimensions[level]
+    # the read level's pixels inside the slide: OpenSlide maps level-0 x to x / downsample there
+    inside_w = min(side, max(0, math.ceil(width - x / downsample)))
+    inside_h = min(side, max(0, math.ceil(height - y / downsample)))
+    if (inside_w, inside_h) == (side, side):
+        tile = slide.read(x, y, level, side, side)  # (side, side, 3)
+    else:
+        tile = np.full((side, side, 3), fill, np.uint8)
+        if inside_w and inside_h:
+            tile[:inside_h, :inside_w] = slide.read(x, y, level, inside_w, inside_h)
     if side != out_size:
         tile = np.asarray(Image.fromarray(tile).resize((out_size, out_size), Image.Resampling.BICUBIC))
     return tile
@@ -218,7 +235,9 @@ class TileReader:
             ]
 
         submit, close = (
-            self._processes(size, skip_errors) if self.processes else self._threads(size, skip_errors)
+            self._processes(size, skip_errors, plan.fill)
+            if self.processes
+            else self._threads(size, skip_errors, plan.fill)
         )
         starts = iter(range(0, n, chunk))
         pending: deque[tuple[int, Future]] = deque()
@@ -262,18 +281,22 @@ class TileReader:
                 future.cancel()
             close()
 
-    def _processes(self, size: int, skip_errors: bool) -> tuple[Callable[[list], Future], Callable[[], None]]:
+    def _processes(
+        self, size: int, skip_errors: bool, fill: int
+    ) -> tuple[Callable[[list], Future], Callable[[], None]]:
         """Jobs for the shared process pool: each worker opens the slide once and keeps it."""
         s = self.slide
         source = (str(s.path), s.reader, s.mpp, s.mpp_source)
         pool = _process_pool(self.workers)
 
         def submit(rows: list) -> Future:
-            return pool.submit(_read_in_process, source, rows, size, skip_errors)
+            return pool.submit(_read_in_process, source, rows, size, skip_errors, fill)
 
         return submit, lambda: None  # the pool outlives this slide; pending jobs were cancelled
 
-    def _threads(self, size: int, skip_errors: bool) -> tuple[Callable[[list], Future], Callable[[], None]]:
+    def _threads(
+        self, size: int, skip_errors: bool, fill: int
+    ) -> tuple[Callable[[list], Future], Callable[[], None]]:
         """Jobs for a thread pool of this slide's, each thread with its own handle."""
         local = threading.local()
         handles: list[Slide] = []
@@ -294,7 +317,7 @@ class TileReader:
         name = self.slide.path.name
 
         def submit(rows: list) -> Future:
-            return pool.submit(_read_chunk, handle, drop, rows, size, skip_errors, name)
+            return pool.submit(_read_chunk, handle, drop, rows, size, skip_errors, name, fill)
 
         def close() -> None:
             pool.shutdown(wait=True, cancel_futures=True)

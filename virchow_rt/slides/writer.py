@@ -5,7 +5,8 @@ Layout of ``<out>/<slide name>.h5``::
     features                (N, E) float32   one row per tile, in ``coords`` order
     coords                  (N, 2) int64     level-0 x, y of each tile's top-left corner
         attrs (TRIDENT's names): patch_size, patch_size_level0, level0_magnification,
-        target_magnification, overlap, name, level0_width, level0_height
+        target_magnification, overlap, name, level0_width, level0_height (with --coords: the source's,
+        and a CLAM source's patch_level and custom_downsample)
     regions/                (only with --regions, e.g. 5,10,20: T = 1 + 4 + 16 = 21 tiles per region)
         features            (R, T, E) float32  tiles of each region, lowest magnification first, row by row
         coords              (R, T, 2) int64    level-0 x, y of each tile
@@ -15,7 +16,7 @@ Layout of ``<out>/<slide name>.h5``::
         offset              (T, 2) int64       level-0 x, y of position t inside its region
         position            (T, 2) int64       row, column of position t in its magnification's grid
     root attrs: everything above plus encoder, pooling, embedding_dim, model_sha256, weights_sha256,
-        precision, random_weights, backend, reader, target_mpp, level0_mpp, min_tissue, regions,
+        precision, random_weights, backend, reader, target_mpp, level0_mpp, min_tissue, regions, edge_fill,
         num_tiles, skipped_tiles, slide_size_bytes, mpp_source, format, format_version, created,
         virchow_rt_version and, written last, complete = True.
 
@@ -136,16 +137,20 @@ class FeatureWriter:
     def num_regions(self) -> int:
         return int(self._regions["features"].shape[0]) if self._regions is not None else 0
 
-    def finish(self, attrs: Mapping[str, Any]) -> None:
-        """Write ``attrs`` (root; TRIDENT's on ``coords``, the model's on ``features``), mark complete."""
+    def finish(self, attrs: Mapping[str, Any], coords_attrs: Mapping[str, Any] | None = None) -> None:
+        """Write ``attrs`` (root; TRIDENT's on ``coords``, the model's on ``features``), mark complete.
+
+        ``coords_attrs``: how the tiling's source describes the tiles (TRIDENT's attributes and a CLAM
+        source's ``patch_level``...), written on ``coords`` over the root values."""
         n = self.num_tiles
         root = {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "num_tiles": n}
         if self._regions is not None:
             root["num_regions"] = self.num_regions
         for key, value in root.items():
             self._file.attrs[key] = _attr(value)
-        for key in TRIDENT_ATTRS:  # TRIDENT stores these two as floats: readers of its files may expect that
-            value = float(attrs[key]) if key in ("patch_size_level0", "target_magnification") else attrs[key]
+        described = {**{key: attrs[key] for key in TRIDENT_ATTRS}, **(coords_attrs or {})}
+        for key, value in described.items():  # TRIDENT stores these two as floats: its readers may expect it
+            value = float(value) if key in ("patch_size_level0", "target_magnification") else value
             self._coords.attrs[key] = _attr(value)
         for key in ("name", "encoder", "pooling", "embedding_dim", "random_weights", "model_sha256"):
             self._features.attrs[key] = _attr(attrs[key])
