@@ -69,13 +69,12 @@ def start_mid_slide(make_slide, tmp_path: Path) -> tuple[subprocess.Popen[str], 
     )
     wait_for("the slide's temporary file", lambda: run.poll() is None and list(out.glob(".*.partial")))
     parent = psutil.Process(run.pid)
-    workers = wait_for(
-        "2 reading workers",
-        lambda: [c.pid for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())][:2]
-        if len(parent.children(recursive=True)) >= 2
-        else None,
-    )
-    return run, workers
+
+    def readers() -> list[int] | None:
+        found = [c.pid for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+        return found if len(found) >= 2 else None  # the pool starts its workers as work arrives
+
+    return run, wait_for("2 reading workers", readers)
 
 
 def gone(pid: int) -> bool:
