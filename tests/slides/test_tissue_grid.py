@@ -167,6 +167,6 @@ def test_coords_from_trident_or_clam_are_reused_tile_for_tile(make_slide, tmp_pa
     np.testing.assert_array_equal(data["coords"], given)  # tile for tile, in their order
     assert data["attrs"]["patch_size_level0"] == 224 and data["features"].shape == (4, 48)
     with pytest.raises(InputError, match="has no coordinates for slide other"):
-        from virchow_rt.slides.run import _coords_file
+        from virchow_rt.slides.features import coords_file
 
-        _coords_file(str(folder.parent), "other")
+        coords_file(str(folder.parent), "other")
