@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def test_a_lock_of_another_pid_namespace_is_judged_by_its_lease_not_its_pid(tmp_
     os.utime(locks.lock_path(out), (old, old))
     warned: list[str] = []
     taken, _ = locks.acquire(out, warned.append)
-    assert taken is not None and "not renewed for 301 s, past its 300 s lease" in warned[-1]
+    assert taken is not None and re.search(r"not renewed for 3\d\d s, past its 300 s lease", warned[-1])
     taken.release()
 
 
@@ -206,3 +207,44 @@ def test_a_failed_redo_keeps_the_file_it_did_not_make(make_slide, tmp_path: Path
     assert (out / "s.h5").read_bytes() == before  # not this run's to delete
     assert summary["this_run"][0]["status"] == "failed" and summary["slides"][0]["status"] == "failed"
     assert not list(out.glob(".*"))
+
+
+def test_clear_stale_locks_keeps_the_locks_of_live_runs(make_slide, tmp_path: Path, capsys) -> None:
+    from virchow_rt.cli.main import build_parser
+    from virchow_rt.cli.slides import run_cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    live = {"host": "node-17", "pid": 1, "started": time.time(), "lease_s": 300, "run": "r", "token": "a"}
+    (out / ".s1.h5.lock").write_text(json.dumps(live))
+    (out / ".s2.h5.lock").write_text(json.dumps({**live, "token": "b"}))
+    old = time.time() - 301
+    os.utime(out / ".s2.h5.lock", (old, old))
+    slide = make_slide("s0.tif").path
+    args = build_parser().parse_args(["slides", str(slide), "--model", "m", "--out", str(out),
+                                      "--clear-stale-locks"])  # fmt: skip
+    args.model = FakeBackend()
+    assert run_cli(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(
+        r"removed lock \.s2\.h5\.lock \(it was not renewed for 3\d\d s, past its 300 s lease", err
+    )
+    assert "kept lock .s1.h5.lock: its run is live (host node-17" in err
+    assert [p.name for p in out.glob(".*")] == [".s1.h5.lock"]
+
+
+def test_the_slides_flags_are_the_settings_fields() -> None:
+    """Each setting's flag, default and help live in SlideSettings: the parser is made from them."""
+    import dataclasses
+
+    from virchow_rt.cli.main import build_parser
+
+    args = build_parser().parse_args(["slides", "x.tif", "--model", "m", "--out", "o"])
+    assert SlideSettings.from_options(vars(args)) == SlideSettings(read_processes=True)  # the CLI reads so
+    flags = [f.metadata["flag"] for f in dataclasses.fields(SlideSettings) if f.metadata.get("flag")]
+    assert "--lock-lease" in flags and len(flags) == 17
+    args = build_parser().parse_args(["slides", "x.tif", "--model", "m", "--out", "o", "--lock-lease", "30",
+                                      "--regions", "5,10,20", "--read-threads", "--qc"])  # fmt: skip
+    settings = SlideSettings.from_options(vars(args))
+    assert (settings.lock_lease, settings.regions, settings.read_processes, settings.qc) == (
+        30.0, (5, 10, 20), False, True)  # fmt: skip
