@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +106,22 @@ class SlideJob:
     def run(self, path: Path, prefix: str, log: Log, warn: Log, worker: str | None = None) -> SlideRecord:
         """One slide under its lock; the record says how it went (done, skipped, failed or locked)."""
         record = SlideRecord.for_slide(path, host=socket.gethostname(), worker=worker)
-        out = self.output(path)
+        slide = _Attempt(path, self.output(path), record, prefix, log, warn)
         try:  # the file size tells another slide of the same name apart (its .h5 would be taken)
             wanted = {**self.expected, "slide_size_bytes": path.stat().st_size}
         except OSError as err:  # gone since it was listed, or not on this node's filesystem
             record.status, record.reason = "failed", f"cannot read {path} here ({err.strerror or err})"
             warn(f"{prefix}: FAILED: {record.reason}")
             return record
-        with locks.held(out, warn, self.settings.lock_lease) as (lease, other):
+        with locks.held(slide.out, warn, self.settings.lock_lease) as (lease, other):
             if lease is None:  # another run is writing this slide: leave it to that run
                 record.status = "locked"
                 record.reason = f"another run is writing it ({other.describe() if other else '?'})"
                 log(f"{prefix}: {record.reason}; skipped here")
                 return record
+            slide.lease = lease
             try:
-                self._under_lock(path, out, wanted, lease, record, prefix, log, warn)
+                self._under_lock(slide, wanted)
             except LeaseLost as err:  # nothing of the other run's was touched; our temporary file is gone
                 record.status, record.reason = "locked", str(err)
                 warn(f"{prefix}: {record.reason}")
@@ -127,25 +129,23 @@ class SlideJob:
                 if record.status == "pending":  # stopped mid-slide: its state says so (best effort)
                     record.status, record.reason = "interrupted", "the run was stopped; rerun to resume"
                     with contextlib.suppress(Exception):
-                        self._save_state(record, lease)
+                        self._save_state(slide)
                 raise
         return record
 
-    def _under_lock(
-        self, path: Path, out: Path, wanted: dict[str, Any], lease: Lease, record: SlideRecord, prefix: str,
-        log: Log, warn: Log,
-    ) -> None:  # fmt: skip
+    def _under_lock(self, slide: _Attempt, wanted: dict[str, Any]) -> None:
+        lease, record, out = slide.held, slide.record, slide.out
         if lease.replaced_gone and lease.replaced is not None and lease.replaced.token:
             # the temporary file of the run whose process ended here holding this slide: nobody's now
             _partial(out, lease.replaced.token).unlink(missing_ok=True)
-        if self._skip_complete(out, wanted, record, prefix, log):
+        if self._skip_complete(slide, wanted):
             self._write_pt(out)
             state = summary.read_state(self.out_dir, record.name)
             if state is None or state.status != "done":  # "done" keeps its record (and timings)
-                self._save_state(record, lease)
+                self._save_state(slide)
             return
         try:
-            self._process(path, out, record, lease, warn)
+            self._process(slide)
         except (MissingDependency, LeaseLost):
             raise  # every other slide would fail the same way / the slide is another run's now
         except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
@@ -158,52 +158,51 @@ class SlideJob:
             record.status = "failed"
             # our errors carry a full sentence; anything else gets its type, so it reads
             record.reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
-            warn(f"{prefix}: FAILED: {record.reason}")
-            self._save_state(record, lease)
+            slide.warn(f"{slide.prefix}: FAILED: {record.reason}")
+            self._save_state(slide)
             return
         self._write_pt(out)
-        self._save_state(record, lease)
+        self._save_state(slide)
         t = record.timings
         skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
-        log(
-            f"{prefix}: {record.embedded_tiles} tiles{skipped} in {t['total_s']:.1f} s "
+        slide.log(
+            f"{slide.prefix}: {record.embedded_tiles} tiles{skipped} in {t['total_s']:.1f} s "
             f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
             f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
         )
 
-    def _save_state(self, record: SlideRecord, lease: Lease) -> None:
-        lease.check()  # never over the state of a run that took the slide over
+    def _save_state(self, slide: _Attempt) -> None:
+        slide.held.check()  # never over the state of a run that took the slide over
         try:
-            summary.write_state(self.out_dir, record)
+            summary.write_state(self.out_dir, slide.record)
         except OSError as err:
             raise OutputError(
-                f"cannot write the state of {record.name} in {self.out_dir / summary.STATES_DIR} ({err}); "
-                "free some space or fix the folder's permissions, then rerun to resume"
+                f"cannot write the state of {slide.record.name} in {self.out_dir / summary.STATES_DIR} "
+                f"({err}); free some space or fix the folder's permissions, then rerun to resume"
             ) from err
 
     def _write_pt(self, out: Path) -> None:
         if self.settings.also_pt and not (self.out_dir / "pt_files" / f"{out.stem}.pt").exists():
             folder.write_pt(self.out_dir, out)  # from the complete .h5, no model run
 
-    def _skip_complete(
-        self, out: Path, wanted: dict[str, Any], record: SlideRecord, prefix: str, log: Log
-    ) -> bool:
-        """True (and the record says so) when ``out`` is complete and valid for this run; else note a redo."""
+    def _skip_complete(self, slide: _Attempt, wanted: dict[str, Any]) -> bool:
+        """True (the record says so) when the file is complete and valid for this run; else note the redo."""
+        out, record = slide.out, slide.record
         if not out.exists():
             return False
         reason = resume_problem(out, wanted, self.settings.slide_mpp)
         if reason is None:
             record.status, record.output = "skipped", str(out)
             record.tiles, record.regions = stored_counts(out)
-            log(f"{prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
+            slide.log(f"{slide.prefix}: complete, skipped ({record.tiles} tiles in {out.name})")
             return True
         if record.redone_because is None:
             record.redone_because = f"{out.name} {reason}"
-            log(f"{prefix}: redoing, {out.name} {reason}")
+            slide.log(f"{slide.prefix}: redoing, {out.name} {reason}")
         return False
 
-    def _process(self, path: Path, out: Path, record: SlideRecord, lease: Lease, warn: Log) -> None:
-        s = self.settings
+    def _process(self, attempt: _Attempt) -> None:
+        s, record, path = self.settings, attempt.record, attempt.path
         start = time.perf_counter()
         with open_slide(path, slide_mpp=s.slide_mpp, reader=s.reader) as slide:
             record.reader, record.level0_mpp = slide.reader, slide.mpp
@@ -212,16 +211,34 @@ class SlideJob:
                     f"--mpp {s.mpp:g} is finer than the scan ({slide.mpp:.4g} µm/px): tiles are upsampled "
                     f"{slide.mpp / s.mpp:.2g}x; use --mpp {slide.mpp:.4g} or coarser"
                 )
-                warn(f"{path.name}: warning: {record.warnings[-1]}")
+                attempt.warn(f"{path.name}: warning: {record.warnings[-1]}")
             record.timings["open_s"] = time.perf_counter() - start
             qc = self.out_dir / f"{path.stem}.qc.png" if s.qc else None
-            with _temporary(out, lease) as tmp:
+            with _temporary(attempt.out, attempt.held) as tmp:
                 show = sys.stderr.isatty() if s.progress is None else s.progress
                 embed_to_file(slide, self.embedder, s, self.identity, tmp, record, qc=qc,
-                              check=lease.raise_if_lost, progress=show)  # fmt: skip
+                              check=attempt.held.raise_if_lost, progress=show)  # fmt: skip
         record.timings["total_s"] = total = time.perf_counter() - start
-        record.status, record.output = "done", str(out)
+        record.status, record.output = "done", str(attempt.out)
         record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
+
+
+@dataclass
+class _Attempt:
+    """One slide being run: where it goes, its record, where its lines go, and its lock once held."""
+
+    path: Path
+    out: Path
+    record: SlideRecord
+    prefix: str
+    log: Log
+    warn: Log
+    lease: Lease | None = None
+
+    @property
+    def held(self) -> Lease:
+        assert self.lease is not None, "the slide's lock is not held"
+        return self.lease
 
 
 def _partial(out: Path, token: str) -> Path:
