@@ -57,7 +57,9 @@ class SlideSettings:
         None, "--regions", "magnifications for region sequences, e.g. 5,10,20"
     )
     min_tissue: float = option(0.5, "--min-tissue", "minimum tissue fraction of a kept tile")
-    batch_size: int | None = option(None, "--batch", "tiles per batch (default: the backend's fastest)")
+    batch_size: int | None = option(
+        None, "--batch", "tiles per batch (default: the backend's fastest)", metavar="BATCH"
+    )
     workers: int | None = option(None, "--workers", "tile-reading workers (default: one per core, at most 8)")
     #: None: the model's own (ModelInfo.pooling)
     pooling: str | None = option(
