@@ -7,7 +7,8 @@ settings (pooling resolved to the model's own) and the root attributes a complet
 file is complete and valid for this run, left to another run that holds its lock, failed alone (a bad slide
 never stops the others), or embedded into a temporary file under the lock's lease and renamed into place
 only while the lease is still this run's. The lock holder records the outcome in the slide's state file.
-Nothing here deletes a file this run did not create.
+The only files removed are this run's own temporary file and that of a run whose process ended on this
+machine holding the slide; a file another run made (an older ``.h5`` included) is never deleted.
 """
 
 from __future__ import annotations
