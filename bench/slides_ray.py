@@ -28,8 +28,7 @@ from slides_throughput import _model, _slide
 
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.manifest import write_json
-from virchow_rt.slides import SlideSettings, process_slides
-from virchow_rt.slides.distributed import process_slides_ray
+from virchow_rt.slides import SlideSettings, process_slides, process_slides_ray
 
 
 def _row(name: str, summary: dict[str, Any], job_s: float) -> dict[str, Any]:

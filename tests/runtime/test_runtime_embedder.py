@@ -12,7 +12,7 @@ from runtime_models import WIDTH, expected_embedding
 from virchow_rt.backends import open_backend
 from virchow_rt.backends.base import Backend
 from virchow_rt.contract import ModelInfo
-from virchow_rt.embed import Embedder, open_tiles
+from virchow_rt.embed import Embedder, StreamStats, open_tiles
 from virchow_rt.embed.embedder import Prefetcher, default_batch_size
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.kernels.resize import resize_tiles
@@ -172,6 +172,46 @@ def test_embed_batches_splits_batches_above_max(tissue):
     outs = list(Embedder(backend).embed_batches([tissue[:10], tissue[10:13]]))
     assert [len(o) for o in outs] == [10, 3] and backend.sizes == [4, 4, 2, 3]
     np.testing.assert_allclose(outs[0][:, :3], tissue[:10].mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_batches_are_read_ahead_in_the_reader_thread_also_with_a_max_batch(tissue):
+    """A backend with a batch limit (every TensorRT engine) still reads the next batch while one runs."""
+    read_threads: set[int] = set()
+
+    def batches():
+        for start in range(0, 12, 3):
+            read_threads.add(threading.get_ident())
+            yield tissue[start : start + 3]
+
+    backend = FakeBackend(max_batch=4)
+    outs = list(Embedder(backend).embed_batches(batches()))
+    assert [len(o) for o in outs] == [3] * 4 and backend.sizes == [3] * 4
+    assert read_threads and threading.get_ident() not in read_threads
+
+
+def test_stream_stats_count_model_time_apart_from_waiting_for_input(tissue):
+    def slow_batches():
+        for start in range(0, 8, 2):
+            time.sleep(0.1)  # reading is the bottleneck: the backend waits
+            yield tissue[start : start + 2]
+
+    stats = StreamStats()
+    start = time.perf_counter()
+    outs = list(Embedder(FakeBackend(delay=0.05)).embed_batches(slow_batches(), stats=stats))
+    elapsed = time.perf_counter() - start
+    assert (stats.batches, stats.tiles) == (4, 8) and sum(len(o) for o in outs) == 8
+    assert stats.model_s >= 4 * 0.05 * 0.95 and stats.wait_s >= 0.1 * 0.9  # at least the sleeps
+    assert stats.model_s + stats.wait_s <= elapsed + 1e-3
+
+
+def test_embeddings_of_the_wrong_shape_are_a_backend_error(tissue):
+    class Wrong(FakeBackend):
+        def run(self, tiles):
+            return super().run(tiles)[:, :5]  # (B, 5): not the (B, 6) its metadata says
+
+    with pytest.raises(BackendError, match=r"returned embeddings \(4, 5\) for 4 tiles; expected \(4, 6\)"):
+        Embedder(Wrong(), batch_size=4).embed(tissue[:8])
+    assert not _reader_threads()
 
 
 def test_progress_bar_only_when_asked(tissue, capsys):

@@ -63,7 +63,7 @@ def test_cli_slides_with_an_exported_model(make_slide, tmp_path, tiny_model, cap
     assert cli.main(argv) == 0  # a rerun is a no-op
     assert (out / "slide.h5").stat().st_mtime_ns == mtime
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["slides"][0]["status"] == "skipped" and summary["model"]["random_weights"] is True
+    assert summary["this_run"][0]["status"] == "skipped" and summary["model"]["random_weights"] is True
 
     # an export folder runs its fp32 ONNX: same hash, so the complete file is still valid
     assert cli.main(["slides", str(synth.path), "--model", str(tiny_model.parent), "--out", str(out)]) == 0

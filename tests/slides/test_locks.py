@@ -74,6 +74,17 @@ def assert_same(out: Path, want: Path, names: list[str]) -> None:
         np.testing.assert_array_equal(got["features"], ref["features"])
 
 
+def die_holding(out: Path) -> int:
+    """A run that takes the lock of ``out``, starts its temporary file and is killed; returns its pid."""
+    code = (
+        "import os, sys; from pathlib import Path; from virchow_rt.slides import locks; "
+        "out = Path(sys.argv[1]); lease, _ = locks.acquire(out, print); "
+        "out.with_name(f'.{out.name}.{lease.token}.partial').write_bytes(b'killed'); "
+        "print(os.getpid(), flush=True); os._exit(9)"
+    )
+    return int(subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True).stdout)
+
+
 def test_a_lock_is_taken_refused_released_and_taken_over_when_stale(tmp_path: Path) -> None:
     out, warned = tmp_path / "a.h5", []
     taken, holder = locks.acquire(out, warned.append)
@@ -83,25 +94,27 @@ def test_a_lock_is_taken_refused_released_and_taken_over_when_stale(tmp_path: Pa
     locks.release(out)
     assert not locks.lock_path(out).exists()
 
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    record = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": time.time(), "run": "old"}
-    locks.lock_path(out).write_text(json.dumps(record))
+    dead = die_holding(out)  # on this machine, in this PID namespace: its pid can be asked
+    assert locks.Holder.read(locks.lock_path(out)).pid == dead
     taken, _ = locks.acquire(out, warned.append)
     assert taken and "its process is gone" in warned[-1]
     locks.release(out)
 
-    elsewhere = {**record, "host": "node-17", "pid": 1}
+    elsewhere = {"host": "node-17", "pid": 1, "started": time.time(), "run": "old"}  # no lease recorded
     locks.lock_path(out).write_text(json.dumps(elsewhere))
     assert not locks.acquire(out, warned.append)[0]  # another host, recent: it may be running
     old = time.time() - 25 * 3600
     os.utime(locks.lock_path(out), (old, old))
-    assert locks.acquire(out, warned.append)[0] and "h old" in warned[-1]
+    assert locks.acquire(out, warned.append)[0] and "not renewed for 25.0 h" in warned[-1]
     locks.lock_path(out).write_text(json.dumps(elsewhere))
     locks.release(out)  # never removes another run's lock
     assert locks.lock_path(out).exists()
-    assert [p.name for p, _ in locks.clear_locks(tmp_path)] == [".a.h5.lock"]
+    removed, kept = locks.clear_stale_locks(tmp_path)  # a live lock is kept
+    assert removed == [] and [p.name for p, _ in kept] == [".a.h5.lock"]
+    os.utime(locks.lock_path(out), (old, old))
+    removed, kept = locks.clear_stale_locks(tmp_path)
+    assert [p.name for p, _, _ in removed] == [".a.h5.lock"] and kept == []
+    assert not list(tmp_path.glob(".*.lock*"))
 
 
 def test_a_slide_another_run_holds_is_left_to_it(slides: list[Path], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from virchow_rt.cli import main as cli
 from virchow_rt.slides import SlideSettings, process_slides, read_features
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'virchow-rt[ray]'")
-distributed = pytest.importorskip("virchow_rt.slides.distributed")
+distributed = pytest.importorskip("virchow_rt.slides.ray")
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 
@@ -120,7 +120,7 @@ def test_two_jobs_at_once_write_each_slide_exactly_once(ray_local, tiny_onnx, ma
     assert len(results) == 2
     for slide in slides:
         outcomes = sorted(
-            r["status"] for summary in results for r in summary["slides"] if r["name"] == slide.stem
+            r["status"] for summary in results for r in summary["this_run"] if r["name"] == slide.stem
         )
         assert outcomes.count("done") == 1 and set(outcomes) <= {"done", "locked", "skipped"}, outcomes
         assert read_features(out / f"{slide.stem}.h5")["attrs"]["complete"]

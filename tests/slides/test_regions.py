@@ -121,7 +121,7 @@ def test_regions_in_the_h5(make_slide, tmp_path):
     assert data["attrs"]["region_size_level0"] == 896 and data["attrs"]["patch_size_level0"] == 224
     # resumable like the plain layout; another region list is another configuration: another folder
     again = process_slides([synth.path], FakeBackend(), out, settings, **QUIET)
-    assert again["slides"][0]["status"] == "skipped" and again["slides"][0]["regions"] == 6
+    assert again["this_run"][0]["status"] == "skipped" and again["slides"][0]["regions"] == 6
     other = SlideSettings(regions=(10, 20), mpp=0.5)
     with pytest.raises(OutputError, match="another configuration \\(regions '5,10,20' -> '10,20'\\)"):
         process_slides([synth.path], FakeBackend(), out, other, **QUIET)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from slide_helpers import FakeBackend
 from virchow_rt.cli import main as cli
 from virchow_rt.errors import InputError, OutputError, RandomWeightsWarning
 from virchow_rt.slides import SlideSettings, check_complete, process_slides, read_features
-from virchow_rt.slides import run as run_module
+from virchow_rt.slides import job as job_module
 from virchow_rt.slides import tiles as tiles_module
 from virchow_rt.slides.writer import TRIDENT_ATTRS
 
@@ -26,6 +28,21 @@ def _run(paths, out, settings=None, backend=None, **kw):
     return process_slides([str(p) for p in paths], backend or FakeBackend(), out, settings, **{**QUIET, **kw})
 
 
+def _this_run(summary):
+    """What the run did with each slide given (``slides`` keeps each slide's state: "done" stays done)."""
+    return [s["status"] for s in summary["this_run"]]
+
+
+def _die_holding(out_h5):
+    """A run that takes the slide's lock, starts its temporary file and is killed."""
+    code = (
+        "import os, sys; from pathlib import Path; from virchow_rt.slides import locks; "
+        "out = Path(sys.argv[1]); lease, _ = locks.acquire(out, print); "
+        "out.with_name(f'.{out.name}.{lease.token}.partial').write_bytes(b'killed'); os._exit(9)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out_h5)], check=False)
+
+
 def test_h5_layout_and_summary(make_slide, tmp_path):
     synth = make_slide()
     out = tmp_path / "out"
@@ -35,8 +52,10 @@ def test_h5_layout_and_summary(make_slide, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "run_config.json",
         "slide.h5",
+        "slide_states",
         "summary.json",
     ]  # no temp file
+    assert [p.name for p in (out / "slide_states").glob("*.json")] == ["slide.json"]
     assert h5.stat().st_mode & 0o044  # readable by the group like any file, not mkstemp's owner-only 0600
     with h5py.File(h5, "r") as f:
         feats, coords = f["features"], f["coords"]
@@ -73,20 +92,22 @@ def test_rerun_skips_complete_and_redoes_damaged(make_slide, tmp_path):
     expected = read_features(out / "b.h5")
 
     summary = _run([a.path, b.path, c.path], out)  # nothing changed: a no-op
-    assert [s["status"] for s in summary["slides"]] == ["skipped"] * 3
+    assert _this_run(summary) == ["skipped"] * 3
+    assert [s["status"] for s in summary["slides"]] == ["done"] * 3  # what the first run did is kept
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == mtimes
     assert summary["slides"][1]["tiles"] == len(expected["features"])
 
     (out / "a.h5").write_bytes((out / "a.h5").read_bytes()[:2000])  # truncated (a crash while copying)
     with h5py.File(out / "b.h5", "r+") as f:
         del f.attrs["complete"]  # interrupted before completion
-    (out / ".c.h5.x1y2.partial").write_bytes(b"left by a killed run")
+    _die_holding(out / "c.h5")
+    assert len(list(out.glob(".c.h5.*.partial"))) == 1
     assert check_complete(out / "a.h5", {}) is not None
     summary = _run([a.path, b.path, c.path], out)
     status = {s["name"]: (s["status"], s["redone_because"]) for s in summary["slides"]}
     assert status["a"][0] == "done" and status["a"][1].startswith("a.h5 cannot be opened")
     assert status["b"] == ("done", "b.h5 not marked complete (an interrupted run)")
-    assert status["c"] == ("skipped", None)
+    assert status["c"] == ("done", None) and _this_run(summary) == ["done", "done", "skipped"]
     assert (out / "c.h5").stat().st_mtime_ns == mtimes["c.h5"]
     assert not list(out.glob("*.partial"))
     redone = read_features(out / "b.h5")
@@ -110,7 +131,7 @@ def test_changed_settings_or_model_redo(make_slide, tmp_path):
     assert summary["slides"][0]["status"] == "done"
     assert read_features(tmp_path / "cls" / "slide.h5")["features"].shape[1] == 24
     runs = _run([synth.path], out)  # summary.json accumulates across runs of the folder
-    assert runs["runs"] == 2 and [s["status"] for s in runs["slides"]] == ["skipped"]
+    assert runs["runs"] == 2 and _this_run(runs) == ["skipped"] and runs["slides"][0]["status"] == "done"
 
 
 def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monkeypatch, capsys):
@@ -127,7 +148,7 @@ def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monke
         assert str(model_path) == str(model) and backend == "auto"
         yield FakeBackend()
 
-    monkeypatch.setattr(run_module, "opened_backend", fake_open)
+    monkeypatch.setattr(job_module, "opened_backend", fake_open)
     out = tmp_path / "out"
     argv = [
         "slides",
@@ -148,6 +169,7 @@ def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == [
         "good.h5",
         "run_config.json",
+        "slide_states",
         "summary.json",
     ]  # no bad ones
     summary = json.loads((out / "summary.json").read_text())
@@ -161,7 +183,8 @@ def test_bad_slide_is_reported_and_the_others_finish(make_slide, tmp_path, monke
     # the same run again: the good slide is skipped, the bad ones fail again; --slide-mpp rescues one
     assert cli.main([*argv, "--slide-mpp", "0.5"]) == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["status"] for s in summary["slides"]] == ["failed", "skipped", "done"]
+    assert _this_run(summary) == ["failed", "skipped", "done"]
+    assert [s["status"] for s in summary["slides"]] == ["failed", "done", "done"]
     assert (out / "good.h5").stat().st_mtime_ns == good_mtime
 
 
@@ -183,7 +206,7 @@ def test_empty_slide_writes_a_complete_empty_file(make_slide, tmp_path):
     assert summary["slides"][0]["status"] == "done" and summary["slides"][0]["tiles"] == 0
     data = read_features(out / "glass.h5")
     assert data["features"].shape == (0, 48) and data["coords"].shape == (0, 2)
-    assert _run([glass.path], out)["slides"][0]["status"] == "skipped"
+    assert _this_run(_run([glass.path], out)) == ["skipped"]
 
 
 def test_summary_reports_throughput(make_slide, tmp_path):
@@ -240,8 +263,8 @@ def test_another_slide_of_the_same_name_or_another_slide_mpp_is_redone(make_slid
     record = _run([nompp.path], out, SlideSettings(slide_mpp=0.25))["slides"][0]
     assert record["status"] == "done" and record["tiles"] == 1
     assert record["redone_because"] == "nompp.h5 was made with --slide-mpp 0.5, this run uses 0.25"
-    assert _run([nompp.path], out, SlideSettings(slide_mpp=0.25))["slides"][0]["status"] == "skipped"
-    assert _run([nompp.path], out)["slides"][0]["status"] == "skipped"  # the slide records none: keep it
+    assert _this_run(_run([nompp.path], out, SlideSettings(slide_mpp=0.25))) == ["skipped"]
+    assert _this_run(_run([nompp.path], out)) == ["skipped"]  # the slide records none: keep it
 
 
 def test_an_mpp_finer_than_the_scan_is_warned_about(make_slide, tmp_path):
@@ -280,7 +303,7 @@ def test_also_pt_writes_clam_pt_files(make_slide, tmp_path):
     _run([slide.path], out)  # .h5 only
     assert not (out / "pt_files").exists()
     summary = _run([slide.path], out, SlideSettings(also_pt=True))  # the .h5 is complete: no model run
-    assert summary["slides"][0]["status"] == "skipped"
+    assert _this_run(summary) == ["skipped"]
     features = torch.load(out / "pt_files" / "slide.pt", weights_only=True)  # as CLAM loads it
     assert features.dtype == torch.float32
     np.testing.assert_array_equal(features.numpy(), read_features(out / "slide.h5")["features"])

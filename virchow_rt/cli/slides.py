@@ -1,13 +1,16 @@
-"""``virchow-rt slides``: the command-line adapter over :func:`~virchow_rt.slides.run.process_slides`.
+"""``virchow-rt slides``: the command-line adapter over :func:`~virchow_rt.slides.process_slides`.
 
-It turns parsed arguments into :class:`~virchow_rt.slides.run.SlideSettings`, makes a scheduler's SIGTERM
-stop the run as Ctrl-C does, and prints the run's totals.
+The tiling and embedding flags come from :class:`~virchow_rt.slides.SlideSettings`' fields (flag, default,
+help: one place); this module adds what is not a setting (slides, model, output folder, backend, Ray), turns
+parsed arguments into settings, makes a scheduler's SIGTERM stop the run as Ctrl-C does, and prints the
+run's totals.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,7 +18,27 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.cli.common import Help, add_backend, csv_ints
-from virchow_rt.registry import POOLINGS
+from virchow_rt.slides.settings import SlideSettings
+
+#: argparse types of the settings' annotations (a bool is a switch)
+_TYPES = {"float": float, "int": int, "str": str, "tuple[float, ...]": csv_ints}
+
+
+def _add_settings(p: argparse.ArgumentParser, target: Any) -> None:
+    """One flag per :class:`SlideSettings` field that has one (``--mpp`` in ``target``, beside ``--mag``)."""
+    for f in dataclasses.fields(SlideSettings):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        cli = dict(f.metadata["cli"])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": cli.pop("cli_default", f.default),
+                                  "help": f.metadata["help"], **cli}  # fmt: skip
+        kind = str(f.type).removesuffix(" | None")
+        if kind == "bool":
+            kwargs.setdefault("action", "store_true")
+        elif "action" not in kwargs:
+            kwargs["type"] = _TYPES[kind]
+        (target if f.name == "mpp" else p).add_argument(flag, **kwargs)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,90 +56,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="<slide>.h5 files and summary.json go here")
     target = p.add_mutually_exclusive_group()
     target.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="target microns per pixel of the tiles (default 0.5; with --coords, the file's)",
-    )
-    target.add_argument(
         "--mag", type=float, default=None, help="target magnification, TRIDENT's spelling: 20 is --mpp 0.5"
     )
-    p.add_argument(
-        "--coords",
-        metavar="FILE|DIR",
-        default=None,
-        help="reuse another tool's tiling, read as that tool reads it: a TRIDENT or CLAM coordinates .h5 "
-        "(one slide; its name must be the slide's), or the folder they wrote (<slide>.h5 or "
-        "<slide>_patches.h5, also in patches/); the file sets the magnification (a --mpp/--mag must agree); "
-        "--min-tissue, --grid, --edge-tiles do not apply",
-    )
-    p.add_argument(
-        "--grid",
-        choices=("magnification", "mpp"),
-        default="magnification",
-        help="a tile's level-0 side: from TRIDENT's magnification bands (any scan at 0.2-0.3 µm/px is 40x: "
-        "896 px for 224 px at 10x on a 0.2527 µm/px scan), or exact from the µm/px (886)",
-    )
-    p.add_argument(
-        "--edge-tiles",
-        action="store_true",
-        help="also the tiles that run past the slide's right and bottom edges, their outside black "
-        "(TRIDENT's grid)",
-    )
-    p.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp")
-    p.add_argument(
-        "--slide-mpp", type=float, default=None, help="level-0 µm/px when the slide does not record it"
-    )
-    p.add_argument(
-        "--regions", type=csv_ints, default=None, help="magnifications for region sequences, e.g. 5,10,20"
-    )
-    p.add_argument(
-        "--min-tissue",
-        type=float,
-        default=0.5,
-        help="0 keeps every tile that touches tissue (TRIDENT's selection), else the minimum tissue "
-        "fraction of a kept tile",
-    )
-    p.add_argument("--batch", type=int, default=None, help="tiles per batch (default: the backend's fastest)")
-    p.add_argument(
-        "--workers", type=int, default=None, help="tile-reading workers (default: one per core, at most 8)"
-    )
-    p.add_argument(
-        "--pooling", choices=POOLINGS, default=None, help="default: the model's own (see `virchow-rt list`)"
-    )
+    _add_settings(p, target)
     add_backend(p)
-    p.add_argument(
-        "--reader",
-        choices=("auto", "openslide", "tiffslide"),
-        default="auto",
-        help="slide reader (auto: OpenSlide, else tiffslide)",
-    )
-    p.add_argument(
-        "--skip-errors",
-        action="store_true",
-        help="skip unreadable tiles (a bad slide never stops the others)",
-    )
-    p.add_argument(
-        "--recursive", action="store_true", help="find slides in sub-folders too (a TCGA/GDC download)"
-    )
-    p.add_argument(
-        "--qc", action="store_true", help="also write <slide>.qc.png: thumbnail, tissue outline, kept tiles"
-    )
-    p.add_argument(
-        "--also-pt",
-        action="store_true",
-        help="also write pt_files/<slide>.pt (CLAM's MIL loader; needs torch)",
-    )
-    p.add_argument(
-        "--read-threads",
-        action="store_true",
-        help="read tiles with threads instead of worker processes (processes were measured faster)",
-    )
     p.add_argument(
         "--clear-stale-locks",
         action="store_true",
-        help="remove every slide lock in --out first (after a crashed run; no other run may write there). "
-        "Without it, a lock whose process is gone (same host) or is 24 h old is taken over with a warning",
+        help="first remove the slide locks in --out whose holders are gone (their lease ran out, or their "
+        "process ended on this machine); live locks are kept. Runs take such locks over anyway",
     )
     p.add_argument(
         "--ray",
@@ -144,37 +92,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``virchow-rt slides``: returns 0 when every slide is done or skipped, 1 when any failed."""
-    from virchow_rt.slides import locks
+    from virchow_rt.slides import locks, process_slides, process_slides_ray
     from virchow_rt.slides.grid import magnification_to_mpp
-    from virchow_rt.slides.run import SUMMARY_NAME, SlideSettings, process_slides
+    from virchow_rt.slides.summary import SUMMARY_NAME
 
-    settings = SlideSettings(
-        mpp=magnification_to_mpp(args.mag) if args.mag is not None else args.mpp,
-        grid=args.grid,
-        coords=args.coords,
-        edge_tiles=args.edge_tiles,
-        tile_size=args.tile_size,
-        slide_mpp=args.slide_mpp,
-        regions=tuple(args.regions) if args.regions else None,
-        min_tissue=args.min_tissue,
-        batch_size=args.batch,
-        workers=args.workers,
-        pooling=args.pooling,
-        skip_errors=args.skip_errors,
-        reader=args.reader,
-        read_processes=not args.read_threads,  # measured faster; the console entry point is guarded
-        recursive=args.recursive,
-        also_pt=args.also_pt,
-        qc=args.qc,
-    )
+    settings = SlideSettings.from_options(vars(args))
+    if args.mag is not None:
+        settings = dataclasses.replace(settings, mpp=magnification_to_mpp(args.mag))
     if args.clear_stale_locks and Path(args.out).is_dir():
-        for path, holder in locks.clear_locks(Path(args.out)):
-            print(f"virchow-rt slides: removed lock {path.name} ({holder.describe()})", file=sys.stderr)
+        removed, kept = locks.clear_stale_locks(Path(args.out), settings.lock_lease)
+        for path, _, why in removed:
+            print(f"virchow-rt slides: removed lock {path.name} ({why})", file=sys.stderr)
+        for path, holder in kept:
+            print(
+                f"virchow-rt slides: kept lock {path.name}: its run is live ({holder.describe()})",
+                file=sys.stderr,
+            )
     try:
         with _sigterm_as_interrupt():
             if args.ray:
-                from virchow_rt.slides.distributed import process_slides_ray
-
                 summary = process_slides_ray(
                     args.slides,
                     args.model,

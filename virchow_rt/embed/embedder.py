@@ -13,7 +13,10 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -99,6 +102,20 @@ class Prefetcher:
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+@dataclass
+class StreamStats:
+    """What embedding a stream of batches cost (pass one to :meth:`Embedder.embed_batches`).
+
+    ``model_s``: time in the backend, waits for input excluded; ``wait_s``: time the backend waited for
+    the reader thread's next batch (reading was the bottleneck then).
+    """
+
+    batches: int = 0
+    tiles: int = 0
+    model_s: float = 0.0
+    wait_s: float = 0.0
 
 
 class Embedder:
@@ -227,15 +244,18 @@ class Embedder:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]  # (N, E)
 
     def embed_batches(
-        self, batches: Iterable[np.ndarray], pooling: str | None = None
+        self, batches: Iterable[np.ndarray], pooling: str | None = None, stats: StreamStats | None = None
     ) -> Iterator[np.ndarray]:
         """Embed a stream of uint8 batches (B, H, W, 3); yields one float32 (B, E) array per batch, in order.
 
-        Each batch is validated and resized in the reader thread; batches larger than the backend's
-        ``max_batch`` are split and their embeddings joined again.
+        The batches are pulled, validated and resized in the reader thread, ahead of the model (a lazy
+        source, such as a slide's tile reader, keeps reading while the model runs). Batches larger than
+        the backend's ``max_batch`` are split there and their embeddings joined again. ``stats``, when
+        given, accumulates what the stream cost (:class:`StreamStats`).
         """
         pooling = self.pooling(pooling)
         limit = self.backend.max_batch
+        pieces: deque[int] = deque()  # pieces of each caller's batch, appended in the reader thread
 
         def prepared() -> Iterator[np.ndarray]:
             for batch in batches:
@@ -244,14 +264,20 @@ class Embedder:
                         f"a batch is a {type(batch).__name__}; pass uint8 numpy arrays (B, H, W, 3)"
                     )
                 check_tile_array(batch)
-                yield self._resize(batch)  # (B, S, S, 3)
+                batch = self._resize(batch)  # (B, S, S, 3)
+                parts = [batch]
+                if limit and len(batch) > limit:  # rare: a batch bigger than the engine profile
+                    parts = [batch[start : start + limit] for start in range(0, len(batch), limit)]
+                pieces.append(len(parts))
+                yield from parts
 
-        if not limit:
-            yield from self._run(prepared(), pooling, None)
-            return
-        for batch in prepared():  # rare: a caller's batch bigger than the engine profile
-            pieces = (batch[i : i + limit] for i in range(0, len(batch), limit))
-            yield np.concatenate(list(self._run(pieces, pooling, None)))
+        outputs = self._run(prepared(), pooling, None, stats)
+        try:
+            for out in outputs:
+                count = pieces.popleft()
+                yield out if count == 1 else np.concatenate([out, *(next(outputs) for _ in range(count - 1))])
+        finally:
+            outputs.close()
 
     # --- internals ---------------------------------------------------------------------------
     def _array_batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
@@ -264,19 +290,55 @@ class Embedder:
         here, in the reader thread."""
         return self._resize(rows) if self._needs_resize(rows) else np.array(rows, order="C")
 
-    def _run(self, batches: Iterable[np.ndarray], pooling: str, total: int | None) -> Iterator[np.ndarray]:
-        """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays."""
+    def _run(
+        self,
+        batches: Iterable[np.ndarray],
+        pooling: str,
+        total: int | None,
+        stats: StreamStats | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Feed ``batches`` to the backend through the reader thread; yield pooled (B, E) float32 arrays.
+
+        Each output is checked against its batch: (B, E), E the model's ``embedding_dim``.
+        """
+        stats = stats if stats is not None else StreamStats()
         bar = None
         if self.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=total, unit="tile", desc=f"embed ({self.backend.name})", dynamic_ncols=True)
-        width = self.info.width
+        width, dim = self.info.width, self.info.embedding_dim
         reader = Prefetcher(batches)
-        outputs = self.backend.pipeline(reader)
+        sizes: deque[int] = deque()  # rows of each batch handed to the backend and not yet returned
+
+        def fed() -> Iterator[np.ndarray]:  # pulled by the backend: time blocked here is waiting for input
+            items = iter(reader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(items, None)
+                stats.wait_s += time.perf_counter() - t0
+                if batch is None:
+                    return
+                sizes.append(len(batch))
+                yield batch
+
+        outputs = self.backend.pipeline(fed())
         try:
-            for out in outputs:  # (B, E) float32
+            while True:
+                t0, waited = time.perf_counter(), stats.wait_s
+                out = next(outputs, None)  # (B, E) float32
+                stats.model_s += time.perf_counter() - t0 - (stats.wait_s - waited)
+                if out is None:
+                    return
+                rows = sizes.popleft()
+                if out.shape != (rows, dim):
+                    raise BackendError(
+                        f"{self.backend.name} returned embeddings {out.shape} for {rows} tiles; expected "
+                        f"({rows}, {dim}): the model file and its metadata disagree; re-export the model"
+                    )
                 out = out[:, :width] if pooling == "cls" else out
+                stats.batches += 1
+                stats.tiles += rows
                 if bar is not None:
                     bar.update(len(out))
                 yield np.ascontiguousarray(out, dtype=np.float32)

@@ -5,14 +5,14 @@
 >>> result = embed_slide("slide.svs", "out/virchow2.fp32.onnx")  # doctest: +SKIP
 >>> result.features.shape, result.coords.shape  # (N, 2560), (N, 2)  # doctest: +SKIP
 
-Reading runs ahead of the model in worker threads (:mod:`virchow_rt.slides.tiles`); the model is any
+Reading runs ahead of the model in worker threads (:mod:`virchow_rt.slides.tiles`); the batches go through
+an :class:`~virchow_rt.embed.Embedder` (the one batch loop) over any
 :class:`~virchow_rt.backends.base.Backend` (or a model file opened with ``open_backend``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,11 +22,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from virchow_rt.backends.base import Backend
+from virchow_rt.backends.open import open_backend
 from virchow_rt.contract import ModelInfo
-from virchow_rt.embed.embedder import default_batch_size
-from virchow_rt.errors import BackendError
-from virchow_rt.kernels.resize import needs_resize, resize_tiles
-from virchow_rt.registry import check_pooling
+from virchow_rt.embed import Embedder, StreamStats
 from virchow_rt.slides.grid import TileGrid, TilePlan, tile_grid
 from virchow_rt.slides.reader import Slide, open_slide
 from virchow_rt.slides.regions import RegionGrid, region_grid
@@ -49,95 +47,77 @@ def opened_slide(slide: str | Path | Slide, slide_mpp: float | None = None) -> I
 def opened_backend(model: str | Path | Backend | Any, backend: str = "auto") -> Iterator[Backend]:
     """Yield ``model`` if it is a :class:`Backend` (an ``Embedder``'s own backend for an ``Embedder``), else
     the model file or export folder opened with ``open_backend`` (and closed after)."""
-    inner = getattr(model, "backend", None)  # an Embedder: its backend, which it owns and keeps open
-    if isinstance(inner, Backend):
-        model = inner
+    if isinstance(model, Embedder):  # its backend, which it owns and keeps open
+        model = model.backend
     if isinstance(model, Backend):
         yield model
         return
-    from virchow_rt.backends import open_backend
-
     with open_backend(model, backend=backend) as opened:
         yield opened
-
-
-def embedding_dim(info: ModelInfo, pooling: str) -> int:
-    """Columns of the pooled features: class token ‖ patch mean (``cls_mean``) or class token (``cls``)."""
-    return info.embedding_dim if check_pooling(pooling) == "cls_mean" else info.width
 
 
 class EmbeddingStream:
     """Embeds the tiles of a plan in order: iterate for (indices (B,) into the plan, features (B, E) float32).
 
-    Tiles are read at the model's input size. Tiles that fail with ``skip_errors`` are missing from the
-    indices (see ``read_stats.errors``). ``embed_s`` is the time spent in the model, waits for tiles excluded.
+    Tiles are read at the model's input size by a :class:`TileReader`'s workers, running ahead; the
+    :class:`~virchow_rt.embed.Embedder` pulls their batches in its reader thread (resizing by the model's
+    geometry where that changes them) while the model runs. Tiles that fail with ``skip_errors`` are missing
+    from the indices (see ``read_stats.errors``). ``embed_s``: time in the model, waits for tiles excluded;
+    ``wait_s``: the model's wait for tiles.
     """
 
     def __init__(
         self,
         slide: Slide,
-        backend: Backend,
+        embedder: Embedder,
         plan: TilePlan,
         *,
         pooling: str | None = None,
-        batch_size: int | None = None,
         workers: int | None = None,
         skip_errors: bool = False,
         prefetch_batches: int = 2,
         processes: bool | None = None,
     ) -> None:
-        self.backend = backend
-        self.plan = plan.resized(backend.info.tile_size)
-        self.pooling = check_pooling(pooling or backend.info.pooling)
-        self.dim = embedding_dim(backend.info, self.pooling)
-        self.batch_size = default_batch_size(backend, batch_size)
+        self.embedder = embedder
+        self.plan = plan.resized(embedder.info.tile_size)
+        self.pooling = embedder.pooling(pooling)
+        self.dim = embedder.embedding_dim(self.pooling)
         self.skip_errors = skip_errors
         self.reader = TileReader(
             slide, workers=workers, prefetch_batches=prefetch_batches, processes=processes
         )
-        self.embed_s = 0.0
+        self.stats = StreamStats()
 
     @property
     def read_stats(self) -> ReadStats:
         return self.reader.stats
 
+    @property
+    def embed_s(self) -> float:
+        return self.stats.model_s
+
+    @property
+    def wait_s(self) -> float:
+        return self.stats.wait_s
+
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        indices: deque[np.ndarray] = deque()
-        batches = self.reader.batches(self.plan, self.batch_size, self.skip_errors)
+        indices: deque[np.ndarray] = deque()  # appended in the embedder's reader thread, in order
+        batches = self.reader.batches(self.plan, self.embedder.batch_size, self.skip_errors)
 
-        info = self.backend.info
-        geometry = (info.tile_size, info.crop_pct, info.interpolation)
-        reshape = needs_resize(info.tile_size, info.tile_size, info.tile_size, info.crop_pct)
-
-        def arrays() -> Iterator[np.ndarray]:
+        def tiles() -> Iterator[np.ndarray]:
             for batch in batches:
                 indices.append(batch.indices)
-                # the model's own transform of an S×S tile (Prov-GigaPath's: 256 then a 224 crop)
-                yield resize_tiles(batch.tiles, *geometry) if reshape else batch.tiles
+                yield batch.tiles  # (B, S, S, 3)
 
-        feed = arrays()
-        outputs = self.backend.pipeline(feed)
+        feed = tiles()
+        outputs = self.embedder.embed_batches(feed, self.pooling, stats=self.stats)
         try:
-            while True:
-                t0, waited = time.perf_counter(), self.reader.stats.wait_s
-                out = next(outputs, None)
-                self.embed_s += time.perf_counter() - t0 - (self.reader.stats.wait_s - waited)
-                if out is None:
-                    return
-                rows = indices.popleft()
-                if out.shape != (len(rows), self.backend.info.embedding_dim):
-                    raise BackendError(
-                        f"{self.backend.name} returned embeddings {out.shape} for {len(rows)} tiles; "
-                        f"expected ({len(rows)}, {self.backend.info.embedding_dim}): the model file and its "
-                        "metadata disagree; re-export the model"
-                    )
-                # "cls" is the first D columns of class token ‖ patch mean (the graph is the same)
-                yield rows, np.ascontiguousarray(out[:, : self.dim], dtype=np.float32)
+            for features in outputs:  # (B, E) float32, one per batch of tiles
+                yield indices.popleft(), features
         finally:
-            for gen in (outputs, feed, batches):
-                close = getattr(gen, "close", None)
-                if close is not None:
-                    close()
+            outputs.close()  # joins the embedder's reader thread first: then nothing runs the tile reader
+            feed.close()
+            batches.close()  # stops the tile reader's workers
 
 
 def complete_groups(
@@ -224,9 +204,14 @@ def _streaming(
     **options: Any,
 ) -> Iterator[tuple[Slide, Backend, G, EmbeddingStream]]:
     """Open the slide and the model, lay out its tiles (``layout``: grid and plan), start their stream."""
-    with opened_slide(slide, slide_mpp) as handle, opened_backend(model, backend) as runner:
+    batch_size = options.pop("batch_size", None)
+    with (
+        opened_slide(slide, slide_mpp) as handle,
+        opened_backend(model, backend) as runner,
+        Embedder(runner, batch_size=batch_size) as embedder,
+    ):
         grid, plan = layout(handle)
-        yield handle, runner, grid, EmbeddingStream(handle, runner, plan, **options)
+        yield handle, runner, grid, EmbeddingStream(handle, embedder, plan, **options)
 
 
 def _tiling(mpp: float, tile_size: int, min_tissue: float) -> Callable[[Slide], tuple[TileGrid, TilePlan]]:

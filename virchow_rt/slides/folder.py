@@ -1,12 +1,12 @@
-"""One output folder, one configuration: ``<out>/run_config.json``, and a summary that accumulates.
+"""One output folder, one configuration: ``<out>/run_config.json``; CLAM's ``pt_files`` beside the ``.h5``.
 
 Mixing configurations in one folder (another model, pooling, µm/px, tile size or regions) would leave
 files of different dimensions and grids side by side. The first run writes the configuration; a later
 run with another one is refused with both named (TRIDENT keeps each configuration in its own folder;
-so does virchow-rt: use another ``--out``). ``summary.json`` lists every slide any run of the folder
-handled, the latest record of each: this run's first, then the earlier ones. Runs with per-slide
-coordinates files (``--coords``, one slide at a time) share a folder: the configuration records that
-coordinates are given, not which file.
+so does virchow-rt: use another ``--out``). What became of each slide is kept per slide and summed up
+in ``summary.json`` (:mod:`virchow_rt.slides.summary`). Runs with per-slide coordinates files
+(``--coords``, one slide at a time) share a folder: the configuration records that coordinates are
+given, not which file.
 """
 
 from __future__ import annotations
@@ -49,18 +49,6 @@ def claim(out_dir: Path, config: dict[str, Any]) -> None:
             f"--out {out_dir} holds features of another configuration ({'; '.join(changed)}); one folder "
             "holds one configuration: give this run another --out (or empty the folder to start over)"
         )
-
-
-def merge_summary(out_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """``summary`` with the slides of earlier runs of the folder kept (this run's record wins per slide)."""
-    path = out_dir / name
-    try:
-        earlier = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        earlier = {}
-    now = {s["name"] for s in summary["slides"]}
-    kept = [s for s in earlier.get("slides", []) if s.get("name") not in now]
-    return {**summary, "slides": summary["slides"] + kept, "runs": int(earlier.get("runs", 0)) + 1}
 
 
 def write_pt(out_dir: Path, h5: Path) -> Path:

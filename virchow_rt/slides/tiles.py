@@ -57,7 +57,21 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
         pool = _POOLS[workers] = ProcessPoolExecutor(
             workers, multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
         )
+        _start_workers(pool, workers)
     return pool
+
+
+def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker now, with SIGINT blocked from its first instruction: a thread's signal mask is
+    inherited by the processes it starts, across exec. A Ctrl-C reaching a worker that is still importing
+    would otherwise print a traceback before :func:`_worker_init` ignores it. Blocking in this thread
+    only leaves the main thread to receive the Ctrl-C meant for the run."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for _ in range(workers):  # each submit before a worker is up starts one more process
+            pool.submit(os.getpid)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 #: how often a reading worker checks that the process that started it is still alive (seconds)
@@ -71,6 +85,7 @@ def _worker_init(parent: int) -> None:
     A polling thread, not PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends,
     and the pool outlives the thread that first used it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending from startup is now ignored
 
     def watch() -> None:
         while os.getppid() == parent:

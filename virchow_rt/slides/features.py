@@ -1,0 +1,171 @@
+"""One open slide through the model into a new ``.h5``: its tile grid (or another tool's tiles), the regions
+with ``--regions``, the QC picture with ``--qc``, and every root attribute of the file's layout
+(:mod:`virchow_rt.slides.writer`). The tile grid never depends on ``--regions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from virchow_rt._version import __version__
+from virchow_rt.backends.base import Backend
+from virchow_rt.embed import Embedder
+from virchow_rt.manifest import atomic_path, sha256_file
+from virchow_rt.slides.coords import coords_tiling
+from virchow_rt.slides.embed import EmbeddingStream, complete_groups
+from virchow_rt.slides.grid import TilePlan, grid_name, tile_grid
+from virchow_rt.slides.mask import qc_picture
+from virchow_rt.slides.reader import Slide
+from virchow_rt.slides.regions import region_grid
+from virchow_rt.slides.settings import SlideSettings
+from virchow_rt.slides.summary import MAX_LISTED_ERRORS, SlideRecord, now
+from virchow_rt.slides.writer import FeatureWriter
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model as every output records it: the file the backend runs and its sha256."""
+
+    file: str
+    sha256: str
+
+    @classmethod
+    def of(cls, model: str | Path | Backend | Any, backend: Backend) -> ModelIdentity:
+        # the file the backend runs (an export folder resolves to one of its artifacts), else the argument
+        file = getattr(backend, "path", None) or (None if isinstance(model, Backend | Embedder) else model)
+        if file is not None and Path(file).is_file():
+            return cls(str(file), sha256_file(file))
+        # no file to hash (a Backend object): the model's own description identifies it
+        info = json.dumps(asdict(backend.info), sort_keys=True).encode()
+        return cls("", "backend:" + hashlib.sha256(info).hexdigest())
+
+
+def embed_to_file(
+    slide: Slide,
+    embedder: Embedder,
+    settings: SlideSettings,
+    model: ModelIdentity,
+    tmp: Path,
+    record: SlideRecord,
+    *,
+    qc: Path | None = None,
+    check: Callable[[], None] = lambda: None,
+    progress: bool = False,
+) -> None:
+    """Embed ``slide`` into the new file ``tmp`` and fill ``record`` (counts, timings, read level).
+
+    ``settings.pooling`` must be resolved; ``check`` is called before each write and raises to abandon
+    the slide (a lost lease); ``qc``: where the QC picture goes (written before the model runs).
+    """
+    s = settings
+    t0 = time.perf_counter()
+    if s.coords:  # TRIDENT's or CLAM's tiles, tile for tile, read as that tool reads them
+        tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp)
+    else:
+        tiles = tile_grid(slide, s.grid_mpp, s.tile_size, s.min_tissue, rule=s.grid, edge_tiles=s.edge_tiles)
+    grid = (
+        region_grid(slide, s.regions, tile_size=s.tile_size, min_tissue=s.min_tissue) if s.regions else None
+    )
+    layout = grid.layout if grid is not None else None
+    record.timings["mask_s"] = time.perf_counter() - t0
+    if qc is not None:  # before the model runs: the tiling can be checked while it does
+        check()
+        picture = qc_picture(slide, tiles.mask, tiles.coords, tiles.patch_size_level0)
+        with atomic_path(qc) as tmp_png:
+            Image.fromarray(picture).save(tmp_png, format="PNG")
+    dim = embedder.embedding_dim(s.pooling)
+    writer = FeatureWriter(tmp, dim, layout)
+    streams: list[EmbeddingStream] = []
+    write_s = 0.0
+
+    def embed(plan: TilePlan, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        stream = EmbeddingStream(slide, embedder, plan, pooling=s.pooling, workers=s.workers,
+                                 skip_errors=s.skip_errors, prefetch_batches=s.prefetch_batches,
+                                 processes=s.read_processes)  # fmt: skip
+        streams.append(stream)
+        with tqdm(total=len(plan), unit="tile", desc=slide.name, disable=not progress, leave=False,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            for ids, features in complete_groups(stream, group):  # features (G, group, E)
+                bar.update(features.shape[0] * features.shape[1])
+                check()
+                yield ids, features
+
+    try:
+        for ids, features in embed(tiles.plan, 1):
+            t1 = time.perf_counter()
+            writer.append(tiles.coords[ids], features[:, 0])
+            write_s += time.perf_counter() - t1
+        if grid is not None and layout is not None:
+            region_coords = grid.tile_coords()
+            for ids, features in embed(grid.plan(slide), layout.tiles_per_region):
+                t1 = time.perf_counter()
+                writer.append_regions(region_coords[ids], features)  # (G, T, 2), (G, T, E)
+                write_s += time.perf_counter() - t1
+        failed = sum(st.read_stats.failed for st in streams)
+        record.tiles = writer.num_tiles
+        record.embedded_tiles = sum(st.read_stats.tiles for st in streams)
+        record.regions = writer.num_regions if layout is not None else None
+        width, height = slide.dimensions
+        info = embedder.info
+        size0 = tiles.patch_size_level0
+        writer.finish(
+            {
+                "name": slide.name,
+                "patch_size": s.tile_size,
+                "patch_size_level0": size0,
+                "level0_magnification": tiles.level0_magnification,
+                "target_magnification": tiles.target_magnification,
+                "overlap": tiles.overlap,
+                "level0_width": width,
+                "level0_height": height,
+                "encoder": info.variant,
+                "pooling": s.pooling,
+                "embedding_dim": dim,
+                "model_sha256": model.sha256,
+                "model_file": Path(model.file).name,
+                "weights_sha256": info.weights_sha256,
+                "precision": info.precision,
+                "random_weights": bool(info.random_weights),
+                "backend": embedder.backend.name,
+                "reader": slide.reader,
+                "slide_path": str(slide.path),
+                "slide_size_bytes": slide.path.stat().st_size,
+                "level0_mpp": slide.mpp,
+                "mpp_source": slide.mpp_source,
+                "target_mpp": float(tiles.mpp),
+                "effective_mpp": size0 * slide.mpp / s.tile_size,
+                "read_level": tiles.level,
+                "min_tissue": float(s.min_tissue),
+                "tissue_threshold": tiles.mask.threshold,
+                "regions": s.regions_text,
+                "grid_rule": grid_name(s.grid, s.edge_tiles),
+                "coords_source": str(s.coords or ""),
+                "edge_fill": tiles.edge_fill,
+                "region_size_level0": layout.region_size0 if layout is not None else 0,
+                "skipped_tiles": failed,
+                "created": now(),
+                "virchow_rt_version": __version__,
+            },
+            coords_attrs=tiles.coords_attrs(),
+        )
+    finally:
+        writer.close()
+    record.skipped_tiles = failed
+    record.skipped_tile_errors = [e for st in streams for e in st.read_stats.errors][:MAX_LISTED_ERRORS]
+    record.read_level = tiles.level
+    record.timings.update(
+        read_s=sum(st.read_stats.read_s for st in streams),
+        read_wait_s=sum(st.wait_s for st in streams),
+        embed_s=sum(st.embed_s for st in streams),
+        write_s=write_s,
+    )

@@ -1,0 +1,71 @@
+"""``virchow-rt slides``: many slides -> one ``.h5`` each in this process, resumable, failures isolated.
+
+A rerun skips every slide whose ``.h5`` is complete and valid for this model and these settings (checked,
+not just present) and redoes the rest. A slide that cannot be read is reported with its reason, leaves no
+file, and does not stop the others; the exit code is then 1. Each slide is one
+:meth:`SlideJob.run <virchow_rt.slides.job.SlideJob.run>`; the run ends by rebuilding ``summary.json``
+(:mod:`virchow_rt.slides.summary`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.backends.base import Backend
+from virchow_rt.errors import warn_random_weights
+from virchow_rt.manifest import check_output
+from virchow_rt.slides import folder
+from virchow_rt.slides.coords import check_source
+from virchow_rt.slides.job import SlideJob
+from virchow_rt.slides.reader import find_slides
+from virchow_rt.slides.settings import SlideSettings
+from virchow_rt.slides.summary import SlideRecord, now, write_summary
+
+
+def process_slides(
+    slides: Sequence[str | Path],
+    model: str | Path | Backend,
+    out_dir: str | Path,
+    settings: SlideSettings | None = None,
+    *,
+    backend: str = "auto",
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """Embed every slide into ``out_dir/<name>.h5`` and rebuild ``out_dir/summary.json``; returns the summary.
+
+    ``model`` is an exported model file or folder (opened with ``backend``), or an open :class:`Backend` or
+    ``Embedder``. Complete, valid files for this model and these settings are skipped; failures are recorded,
+    not raised. The summary's ``this_run`` says what this run did with each slide given.
+    """
+    settings = settings or SlideSettings()
+    settings.check()
+    paths = find_slides(slides, recursive=settings.recursive)
+    if settings.coords:
+        check_source(settings.coords, paths)
+    out_dir = check_output(out_dir, "--out", folder=True)  # before any work; made once there is work
+    started, wall0 = now(), time.perf_counter()
+    records: list[SlideRecord] = []
+    with SlideJob.opened(model, out_dir, settings, backend) as job:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves no folder
+        folder.claim(out_dir, job.config)
+        info = job.embedder.info
+        if info.random_weights:
+            warn_random_weights(
+                f"{info.variant} has random weights; every output is labelled random_weights=true"
+            )
+        try:
+            for i, path in enumerate(paths, 1):
+                records.append(SlideRecord.for_slide(path))  # pending: interrupted if the run stops here
+                records[-1] = job.run(path, f"[{i}/{len(paths)}] {path.name}", log, warn)
+        finally:
+            # also after an interrupt: the summary lists every slide given, what was done and what was not
+            records += [SlideRecord.for_slide(p, status="not started") for p in paths[len(records) :]]
+            summary = write_summary(
+                out_dir, records, job.settings, job.model_entry, started, time.perf_counter() - wall0
+            )
+    return summary

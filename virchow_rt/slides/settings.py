@@ -1,0 +1,156 @@
+"""How slides are tiled and embedded: :class:`SlideSettings`, the one place each setting's default lives.
+
+Each field that ``virchow-rt slides`` exposes carries its flag and help text as field metadata
+(:func:`option`); the CLI builds its parser from them (:mod:`virchow_rt.cli.slides`), so a new setting is
+one field here and its use where slides are processed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from virchow_rt.errors import InputError
+from virchow_rt.registry import POOLINGS, check_pooling
+from virchow_rt.slides.grid import (
+    DEFAULT_MPP,
+    GRID_RULES,
+    MPP_AT_1X,
+    check_tile_settings,
+    magnification_to_mpp,
+)
+from virchow_rt.slides.regions import parse_magnifications
+
+#: how long a slide's lock lasts without renewal before another run may take the slide over (seconds)
+DEFAULT_LOCK_LEASE_S = 300.0
+READERS = ("auto", "openslide", "tiffslide")
+
+
+def option(default: Any, flag: str | None = None, help: str = "", **cli: Any) -> Any:
+    """A setting with its default and, when ``flag`` is given, its CLI flag, help and argparse keywords
+    (``cli``; ``cli_default`` is the default on the command line where it differs from the library's)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How slides are tiled and embedded (the flags of ``virchow-rt slides``)."""
+
+    #: target µm/px; None: 0.5 (20x), or with coords the coords file's (:attr:`grid_mpp`)
+    mpp: float | None = option(
+        None, "--mpp", "target microns per pixel of the tiles (default 0.5; with --coords, the file's)"
+    )
+    #: another tool's tiling to reuse: a TRIDENT or CLAM .h5 (one slide) or a folder of them (by slide name)
+    coords: str | None = option(
+        None,
+        "--coords",
+        "reuse another tool's tiling, read as that tool reads it: a TRIDENT or CLAM coordinates .h5 "
+        "(one slide; its name must be the slide's), or the folder they wrote (<slide>.h5 or "
+        "<slide>_patches.h5, also in patches/); the file sets the magnification (a --mpp/--mag must agree); "
+        "--min-tissue, --grid, --edge-tiles do not apply",
+        metavar="FILE|DIR",
+    )
+    #: how a tile's level-0 side is derived: TRIDENT's rule, or "mpp" (exact)
+    grid: str = option(
+        "magnification",
+        "--grid",
+        "a tile's level-0 side: from TRIDENT's magnification bands (any scan at 0.2-0.3 µm/px is 40x: "
+        "896 px for 224 px at 10x on a 0.2527 µm/px scan), or exact from the µm/px (886)",
+        choices=GRID_RULES,
+    )
+    #: the grid also has the tiles that run past the slide's right and bottom edges (TRIDENT's)
+    edge_tiles: bool = option(
+        False,
+        "--edge-tiles",
+        "also the tiles that run past the slide's right and bottom edges, their outside black "
+        "(TRIDENT's grid)",
+    )
+    tile_size: int = option(224, "--tile-size", "tile side in pixels at --mpp")
+    slide_mpp: float | None = option(None, "--slide-mpp", "level-0 µm/px when the slide does not record it")
+    regions: tuple[float, ...] | None = option(
+        None, "--regions", "magnifications for region sequences, e.g. 5,10,20"
+    )
+    min_tissue: float = option(
+        0.5,
+        "--min-tissue",
+        "0 keeps every tile that touches tissue (TRIDENT's selection), else the minimum tissue fraction of "
+        "a kept tile",
+    )
+    batch_size: int | None = option(
+        None, "--batch", "tiles per batch (default: the backend's fastest)", metavar="BATCH"
+    )
+    workers: int | None = option(None, "--workers", "tile-reading workers (default: one per core, at most 8)")
+    #: None: the model's own (ModelInfo.pooling)
+    pooling: str | None = option(
+        None, "--pooling", "default: the model's own (see `virchow-rt list`)", choices=POOLINGS
+    )
+    reader: str = option(
+        "auto", "--reader", "slide reader (auto: OpenSlide, else tiffslide)", choices=READERS
+    )
+    skip_errors: bool = option(
+        False, "--skip-errors", "skip unreadable tiles (a bad slide never stops the others)"
+    )
+    recursive: bool = option(False, "--recursive", "find slides in sub-folders too (a TCGA/GDC download)")
+    qc: bool = option(False, "--qc", "also write <slide>.qc.png: thumbnail, tissue outline, kept tiles")
+    also_pt: bool = option(
+        False, "--also-pt", "also write pt_files/<slide>.pt (CLAM's MIL loader; needs torch)"
+    )
+    #: read tiles in worker processes (the CLI's default; None: the library's, threads: see slides.tiles)
+    read_processes: bool | None = option(
+        None,
+        "--read-threads",
+        "read tiles with threads instead of worker processes (the default: processes were measured faster)",
+        action="store_false",
+        cli_default=True,
+    )
+    lock_lease: float = option(
+        DEFAULT_LOCK_LEASE_S,
+        "--lock-lease",
+        "seconds a slide's lock lasts unless renewed (its holder renews it every third of that); a run "
+        "stopped or a host lost for longer has its slides taken over by other runs, on any host",
+        metavar="SECONDS",
+    )
+    prefetch_batches: int = 2
+    #: tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
+    progress: bool | None = None
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> SlideSettings:
+        """Settings from ``values`` by field name (parsed CLI arguments; other names are ignored)."""
+        given = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        if given.get("regions") is not None:
+            given["regions"] = tuple(given["regions"])
+        return cls(**given)
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for settings no slide could use (before any slide is opened)."""
+        mpp = self.grid_mpp
+        check_tile_settings(mpp, self.tile_size, self.min_tissue)
+        if self.grid not in GRID_RULES:
+            raise InputError(f"--grid {self.grid!r} is not one of: {', '.join(GRID_RULES)}")
+        if self.pooling is not None:
+            check_pooling(self.pooling)
+        if not self.lock_lease > 0:
+            raise InputError(f"--lock-lease {self.lock_lease}: give a number of seconds above 0, e.g. 300")
+        if self.regions:
+            mags = parse_magnifications(self.regions)
+            if not any(np.isclose(magnification_to_mpp(m), mpp) for m in mags):
+                raise InputError(
+                    f"--mpp {mpp} ({MPP_AT_1X / mpp:g}x) is not one of the --regions "
+                    f"magnifications {','.join(f'{m:g}' for m in mags)}: the file's features/coords are the "
+                    f"region tiles at --mpp; add {MPP_AT_1X / mpp:g} to --regions or pass "
+                    f"--mpp {magnification_to_mpp(mags[-1]):g}"
+                )
+
+    @property
+    def grid_mpp(self) -> float:
+        """µm/px of the tile grid: ``mpp``, else 0.5 (with coords, the file's decides instead)."""
+        return DEFAULT_MPP if self.mpp is None else self.mpp
+
+    @property
+    def regions_text(self) -> str:
+        return ",".join(f"{m:g}" for m in parse_magnifications(self.regions)) if self.regions else ""

@@ -1,0 +1,266 @@
+"""``summary.json`` and the per-slide state files it is built from: the only module that reads or writes them.
+
+A slide's state is ``<out>/slide_states/<slide>.json``: the :class:`SlideRecord` of the last run that held the
+slide's lock (done, failed, interrupted, or skipped when a complete file had no state yet). Only a lock holder
+writes it, so runs and hosts sharing a folder never overwrite each other's news; a run that found a slide
+locked, or never got to it, writes none, and a "done" state is never replaced by a run that merely skipped
+the slide. ``summary.json`` is rebuilt from the states at the end of every run, under a file lock:
+
+    slides      one record per slide of the folder: its state (else this run's record, else the record an
+                earlier summary.json kept), this run's slides first in the order given
+    this_run    this run's outcome per slide given: name, path, status, reason
+    failures    the folder's slides whose state is failed, with their reasons
+    totals      this run's counts, tiles and timings
+    model, settings, started, finished, runs (how many runs wrote it), ray (a --ray job's workers and hosts)
+
+State files and the summary are written durably: a temporary file, fsynced, renamed, then the folder fsynced,
+so a power cut leaves the old version or the new one, never an empty file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.manifest import current_umask, file_lock
+from virchow_rt.slides.settings import SlideSettings
+
+SUMMARY_NAME = "summary.json"
+STATES_DIR = "slide_states"
+SCHEMA_VERSION = 2
+#: skipped-tile errors listed per slide (the count is always complete)
+MAX_LISTED_ERRORS = 20
+#: a state file larger than this is not one of ours: ignored
+MAX_STATE_BYTES = 1 << 20
+#: what a run records about a slide it did not hold the lock of, or found complete: never a slide's news
+NOT_NEWS = ("locked", "not started", "skipped")
+NOT_DONE = ("locked", "interrupted", "not started")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SlideRecord:
+    """What happened to one slide (one entry of ``summary.json``'s ``slides``, and a slide's state file)."""
+
+    name: str
+    path: str
+    status: str = "pending"  # done | skipped | failed | locked | interrupted | not started
+    output: str | None = None
+    reason: str | None = None
+    redone_because: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    tiles: int = 0  # rows of the file's features (with regions: the --mpp tiles)
+    regions: int | None = None
+    embedded_tiles: int = 0  # tiles through the model (with regions: every tile of every region)
+    skipped_tiles: int = 0
+    skipped_tile_errors: list[dict] = field(default_factory=list)
+    host: str | None = None
+    worker: str | None = None  # a --ray run: the Ray worker (and its GPUs) that embedded it
+    reader: str | None = None
+    level0_mpp: float | None = None
+    read_level: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    tiles_per_s: float | None = None
+
+    @classmethod
+    def for_slide(cls, path: Path, **fields: Any) -> SlideRecord:
+        return cls(name=path.stem, path=str(path), **fields)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlideRecord:
+        """A record from its JSON form (keys it does not know, from another version, are left out)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """The summary's ``model``: the file and hash every output records, and what the model is."""
+
+    file: str
+    sha256: str
+    variant: str
+    precision: str
+    backend: str
+    random_weights: bool
+    weights_sha256: str
+    embedding_dim: int
+    pooling: str
+
+
+def state_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / STATES_DIR / f"{name}.json"
+
+
+def read_state(out_dir: Path, name: str) -> SlideRecord | None:
+    """The slide's state, or None when it has none (or it cannot be read)."""
+    return _read_record(state_path(out_dir, name))
+
+
+def write_state(out_dir: Path, record: SlideRecord) -> None:
+    """Record ``record`` as the slide's state (call only while holding the slide's lock)."""
+    path = state_path(out_dir, record.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(path, json.dumps({"schema_version": 1, **record.to_dict()}, indent=1) + "\n")
+
+
+def read_states(out_dir: Path) -> dict[str, SlideRecord]:
+    """Every slide's state in ``out_dir`` by slide name (unreadable files are left out)."""
+    states = {}
+    for path in sorted((Path(out_dir) / STATES_DIR).glob("*.json")):
+        record = _read_record(path)
+        if record is not None and record.name == path.stem:
+            states[record.name] = record
+    return states
+
+
+def _read_record(path: Path) -> SlideRecord | None:
+    try:
+        if path.stat().st_size > MAX_STATE_BYTES:
+            return None
+        data = json.loads(path.read_text())
+        return SlideRecord.from_dict(data) if isinstance(data, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_summary(
+    out_dir: Path,
+    records: list[SlideRecord],
+    settings: SlideSettings,
+    model: ModelEntry,
+    started: str,
+    wall_s: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rebuild ``summary.json`` from the slides' states and this run's ``records``; returns it.
+
+    A record still pending (the slide in progress when the run was stopped) is recorded as interrupted.
+    """
+    for record in records:
+        if record.status == "pending":
+            record.status, record.reason = "interrupted", "the run was stopped; rerun to resume"
+    out_dir = Path(out_dir)
+    (out_dir / STATES_DIR).mkdir(parents=True, exist_ok=True)
+    # one writer at a time: the last one reads every state written before it
+    with file_lock(out_dir / STATES_DIR / "summary"):
+        earlier = _read_summary(out_dir / SUMMARY_NAME)
+        slides = _folder_slides(records, read_states(out_dir), earlier.get("slides", []))
+        summary = {
+            "schema_version": SCHEMA_VERSION,
+            "started": started,
+            "finished": now(),
+            "model": asdict(model),
+            "settings": {**asdict(settings), "regions": settings.regions_text or None},
+            "slides": [r.to_dict() for r in slides],
+            "this_run": [
+                {"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in records
+            ],
+            "failures": [
+                {"name": r.name, "path": r.path, "reason": r.reason} for r in slides if r.status == "failed"
+            ],
+            "totals": _totals(records, wall_s),
+            "runs": _count(earlier.get("runs")) + 1,
+            **(extra or {}),
+        }
+        write_durably(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _folder_slides(
+    records: list[SlideRecord], states: dict[str, SlideRecord], earlier: list[Any]
+) -> list[SlideRecord]:
+    """One record per slide: its state, else this run's, else the earlier summary's ("done" is kept over
+    what a run that did not hold the slide says)."""
+    before = {}
+    for item in earlier if isinstance(earlier, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            try:
+                before[item["name"]] = SlideRecord.from_dict(item)
+            except TypeError:
+                continue
+    chosen: dict[str, SlideRecord] = {}
+    for record in records:
+        kept = before.get(record.name)
+        if record.status in NOT_NEWS and kept is not None and kept.status == "done":
+            record = kept
+        chosen[record.name] = states.get(record.name, record)
+    for name in sorted(set(states) | set(before)):
+        if name not in chosen:
+            chosen[name] = states.get(name) or before[name]
+    return list(chosen.values())
+
+
+def _totals(records: list[SlideRecord], wall_s: float) -> dict[str, Any]:
+    done = [r for r in records if r.status == "done"]
+    sums = {
+        key: sum(r.timings.get(key, 0.0) for r in done)
+        for key in ("read_s", "read_wait_s", "embed_s", "write_s")
+    }
+    busy = sum(r.timings.get("total_s", 0.0) for r in done)
+    embedded = sum(r.embedded_tiles for r in done)
+    return {
+        "slides": len(records),
+        "done": len(done),
+        "skipped": sum(r.status == "skipped" for r in records),
+        "failed": sum(r.status == "failed" for r in records),
+        "not_done": sum(r.status in NOT_DONE for r in records),
+        "tiles_embedded": embedded,
+        "wall_s": wall_s,
+        **sums,
+        "tiles_per_s": embedded / busy if busy > 0 else None,  # per slide being embedded
+        "job_tiles_per_s": embedded / wall_s if wall_s > 0 else None,  # the whole run, all workers
+    }
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.stat().st_size <= 64 * MAX_STATE_BYTES else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a temporary file fsynced, renamed; then the folder fsynced."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the name points at it
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # ours: made just above
+        raise
+    _fsync_folder(path.parent)  # and the rename itself
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): the rename is what it can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the file itself is on disk
+    finally:
+        os.close(fd)
