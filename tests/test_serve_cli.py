@@ -1,11 +1,12 @@
 """``virchow-rt serve`` as a user starts it: what is refused in one line before Ray starts (a busy port, a
-bad host, a bad token file), and one real server from the command line (a subprocess) with a bearer
-token and a small --max-pending-mb: 401 without the token, 503 + Retry-After when full, a clean console,
-and a clean stop on SIGTERM."""
+bad host, a bad token file), one real server from the command line (a subprocess) with a bearer token and
+a small --max-pending-mb: 401 without the token, 503 + Retry-After when full, a clean console, a clean
+stop on SIGTERM; and a model the replicas cannot open, said in one line."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,7 +103,8 @@ def cli_server(tmp_path_factory):
     while not up.wait(1.0):  # synchronised on the server's own "serving" line (or its exit)
         if proc.poll() is not None:
             pytest.fail(f"virchow-rt serve exited {proc.returncode}: {''.join(lines)}")
-    state = {"url": f"http://127.0.0.1:{port}", "proc": proc, "lines": lines, "readers": readers}
+    state = {"url": f"http://127.0.0.1:{port}", "proc": proc, "lines": lines, "readers": readers,
+             "model": folder / "model"}  # fmt: skip
     yield state
     if proc.poll() is None:
         proc.kill()
@@ -198,3 +200,16 @@ def test_sigterm_stops_it_cleanly_and_the_console_holds_no_ray_noise(cli_server)
     assert "stopping: finishing the requests in flight" in console
     for noise in ("Token authentication", "will not be applied", "graceful_shutdown", "\x1b[", "Traceback"):
         assert noise not in console, console
+
+
+def test_a_model_the_replicas_cannot_open_is_one_line(cli_server, tmp_path, capsys):
+    """Ray says only "Failed to update the deployments"; the CLI says why (here a planted manifest path)."""
+    planted = tmp_path / "planted"
+    shutil.copytree(cli_server["model"], planted)
+    manifest = json.loads((planted / "manifest.json").read_text())
+    manifest["artifacts"][0]["path"] = f"../{cli_server['model'].name}/{manifest['artifacts'][0]['path']}"
+    (planted / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(cli_server["model"], tmp_path / cli_server["model"].name)  # a real model out there
+    assert cli.main(["serve", str(planted), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "climbs out with '..'" in err, err

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from virchow_rt.errors import InputError
+from virchow_rt.errors import BackendError, InputError, VirchowError
 from virchow_rt.paths import check_name
 
 #: 8100: clear of Triton (8000-8002), Ray Serve's default (8000), Ray's dashboard (8265) and client (10001)
@@ -90,6 +90,21 @@ class _DropLine(logging.Filter):
         return "will not be applied" not in str(record.msg)
 
 
+def _why_replicas_failed(model: str, backend: str, host_code: bool, err: Exception) -> Exception:
+    """The one-line reason the replicas could not start: the model opened here, as a replica opens it."""
+    from virchow_rt.backends import open_backend
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the RANDOM WEIGHTS line was shown already, or will be
+            open_backend(model, backend, allow_engine_host_code=host_code).close()
+    except VirchowError as cause:
+        return cause
+    return BackendError(
+        f"the model's replicas failed to start ({err}); Ray's logs: /tmp/ray/session_latest/logs/serve/"
+    )
+
+
 def run_server(
     model: str,
     *,
@@ -140,7 +155,10 @@ def run_server(
             replicas=replicas or max(1, gpus), max_pending_mb=max_pending_mb, token_sha256=digest, docs=docs,
             allow_engine_host_code=allow_engine_host_code,
         )  # fmt: skip
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as err:  # Ray says only that the deployment failed: find out why, here
+            raise _why_replicas_failed(str(model), backend, allow_engine_host_code, err) from None
         if manifest is not None and manifest.get("weights", {}).get("random"):
             from virchow_rt.errors import warn_random_weights  # the replicas' own warnings are not shown here
 
