@@ -70,6 +70,7 @@ def test_onnx_entry_parses_with_tritons_schema_and_runs(tiny_export, tmp_path, c
     assert params["pooling"] == "cls_mean" and params["precision"] == "fp32"
     assert params["parity"].startswith("PASS")
     assert params["tile_size"].startswith("224 ") and "does not resize" in params["tile_size"]
+    assert (params["crop_pct"], params["interpolation"]) == ("1.0", "bicubic")  # to resize on the client
     placed = model / "1" / "model.onnx"
     assert sha256_file(placed) == onnx["sha256"]
     assert placed.stat().st_nlink == 1 and not placed.samefile(tiny_export / onnx["path"])  # a copy

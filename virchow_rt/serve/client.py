@@ -94,8 +94,9 @@ def _batch_limit(
         if list(shape[1:3]) != dims[1:3]:
             raise InputError(
                 f"{model} at {url} takes {dims[1]}x{dims[2]} tiles and these are {shape[1]}x{shape[2]} (a "
-                f"Triton model does not resize): resize them first, e.g. "
-                f"virchow_rt.kernels.resize_tiles(tiles, {dims[1]}), or serve with `virchow-rt serve`"
+                "Triton model does not resize): resize them first as the model's transform does, "
+                f"virchow_rt.kernels.resize_tiles(tiles, {dims[1]}, crop_pct, interpolation) with the values "
+                "in its config's parameters, or serve it with `virchow-rt serve`, which resizes"
             )
     limit = (meta.get("parameters") or {}).get("max_batch")
     if not isinstance(limit, int):

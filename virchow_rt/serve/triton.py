@@ -205,6 +205,9 @@ def write_triton_repository(
         "weights_sha256": manifest["weights"]["sha256"],
         "parity": first.get("parity", {}).get("summary", "not measured"),
         "tile_size": f"{side} (send {side}x{side} tiles: the graph normalises but does not resize)",
+        # how to resize on the client as the model's transform does: kernels.resize_tiles(tiles, S, these)
+        "crop_pct": manifest.get("preprocess", {}).get("crop_pct", 1.0),
+        "interpolation": manifest.get("preprocess", {}).get("interpolation", "bicubic"),
     }
     for key, value in facts.items():
         config.parameters[key].string_value = str(value)
