@@ -1,15 +1,20 @@
 """``virchow-rt serve``: the real Ray Serve server on localhost (CPU, ONNX Runtime), queried by tritonclient.
 
 One server for the module (Ray Serve starts in seconds): embeddings equal the in-process Embedder's,
-concurrent requests are merged, and every bad request gets its 4xx while the server keeps serving.
+tritonclient's own calls work, concurrent requests are merged, answers say random_weights, and every bad
+request (unknown routes, bodies that would cost memory or raise inside the server) gets its 4xx with
+{"error": ...} while the server keeps serving.
 """
 
 import io
 import json
+import re
 import socket
+import struct
 import threading
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -43,7 +48,7 @@ def server(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(out), max_batch=16, max_wait_ms=50), name="virchow-rt", route_prefix="/")
     yield {"url": f"127.0.0.1:{port}", "model": out}
-    serve.shutdown()
+    serve.delete("virchow-rt")  # then Ray stops everything (serve.shutdown() logs a raylet error)
     ray.shutdown()
 
 
@@ -70,9 +75,14 @@ def _post(url, body, headers=None):
 def test_tritonclient_and_the_plain_route_give_the_embedders_embeddings(server):
     client = httpclient.InferenceServerClient(server["url"])
     assert client.is_server_ready() and client.is_model_ready(NAME)
+    assert client.get_server_metadata()["name"] == "virchow-rt"
     meta = client.get_model_metadata(NAME)
     assert meta["parameters"]["variant"] == NAME and meta["parameters"]["random_weights"] is True
+    assert meta["parameters"]["max_batch"] == 16 and meta["parameters"]["tile_size"] == 224
     assert meta["inputs"][0]["datatype"] == "UINT8" and meta["outputs"][0]["datatype"] == "FP32"
+    config = client.get_model_config(NAME)
+    assert config["max_batch_size"] == 16 and config["output"][0]["dims"] == [192]
+    assert config["parameters"]["random_weights"]["string_value"] == "true"
     tiles = _tiles(5)
     with Embedder(server["model"]) as embedder:
         expected = embedder.embed(tiles)
@@ -84,15 +94,22 @@ def test_tritonclient_and_the_plain_route_give_the_embedders_embeddings(server):
     buffer = io.BytesIO()
     np.save(buffer, tiles)
     status, body = _post(server["url"], buffer.getvalue())
-    assert status == 200
+    assert status == 200 and json.loads(body)["random_weights"] is True
     np.testing.assert_allclose(np.array(json.loads(body)["embeddings"]), expected, atol=1e-5)
-    status, body = _post(server["url"], buffer.getvalue(), {"Accept": "application/x-npy"})
-    np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, atol=1e-5)
+    request = urllib.request.Request(
+        f"http://{server['url']}/embed", buffer.getvalue(), {"Accept": "application/x-npy"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.headers["Virchow-Random-Weights"] == "true"
+        np.testing.assert_allclose(np.load(io.BytesIO(reply.read())), expected, atol=1e-5)
+    answer = _json(server["url"], f"/v2/models/{NAME}/infer", _request([1, 1, 1, 3], "UINT8", [0, 1, 2]))
+    assert answer["parameters"]["random_weights"] is True and answer["outputs"][0]["shape"] == [1, 192]
     from virchow_rt.serve import client as plain_client
 
     np.testing.assert_allclose(plain_client.embed(server["url"], tiles), expected, atol=1e-5)
-    with pytest.raises(plain_client.ServerError, match="HTTP 400: .*send 1 to 16"):
-        plain_client.embed(server["url"], _tiles(17, size=8))
+    many = _tiles(40, seed=2)  # over the server's --max-batch 16: the client sends 16 + 16 + 8
+    with Embedder(server["model"]) as embedder:
+        np.testing.assert_allclose(plain_client.embed(server["url"], many), embedder.embed(many), atol=1e-5)
     from PIL import Image
 
     png = io.BytesIO()
@@ -128,28 +145,110 @@ def _request(shape, datatype, data):
     return {"inputs": [{"name": "tiles", "shape": shape, "datatype": datatype, "data": data}]}
 
 
+def _json(url, route, body):
+    request = urllib.request.Request(f"http://{url}{route}", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def _png_header(width, height):
+    """A PNG that declares ``width`` x ``height`` pixels in 60 bytes (its pixels never come)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def _npy_header(shape, data=b""):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
+INFER = f"/v2/models/{NAME}/infer"
+_ONE = '{"inputs": [{"name": "tiles", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [%s, 0, 0]}]}'
+_MULTIPART = {"Content-Type": "multipart/form-data; boundary=xyz"}
+
+
+_CASE_IDS = [
+    "fp32",
+    "three-dims",
+    "no-tiles",
+    "over-max-batch",
+    "too-few-values",
+    "over-255",
+    "float-value",
+    "not-json",
+    "1e400",
+    "10**30",
+    "nested-100000-deep",
+    "overflowing-shape",
+    "2**63-tiles",
+    "bool-in-shape",
+    "npy-1.5TB-header",
+    "npy-short-data",
+    "npy-no-tiles",
+    "png-13000px",
+    "empty-body",
+    "multipart",
+    "gif",
+    "png-no-pixels",
+    "unknown-route",
+    "wrong-method",
+]
+
+
 @pytest.mark.parametrize(
-    ("body", "headers", "status", "reason"),
+    ("route", "body", "headers", "status", "reason"),
     [
-        (_request([1, 4, 4, 3], "FP32", [0.0] * 48), {}, 400, "UINT8"),
-        (_request([1, 4, 4], "UINT8", [0] * 16), {}, 400, "shape"),
-        (_request([0, 4, 4, 3], "UINT8", []), {}, 400, "0 tiles"),
-        (_request([17, 1, 1, 3], "UINT8", [0] * 51), {}, 400, "--max-batch"),
-        (_request([1, 1, 1, 3], "UINT8", [0, 1]), {}, 400, "integers"),
-        (_request([1, 1, 1, 3], "UINT8", [0, 1, 300]), {}, 400, "0..255"),
-        (b"{not json", {}, 400, "not KServe v2 JSON"),
+        (INFER, _request([1, 4, 4, 3], "FP32", [0.0] * 48), {}, 400, "UINT8"),
+        (INFER, _request([1, 4, 4], "UINT8", [0] * 16), {}, 400, "shape"),
+        (INFER, _request([0, 4, 4, 3], "UINT8", []), {}, 400, "0 tiles"),
+        (INFER, _request([17, 1, 1, 3], "UINT8", [0] * 51), {}, 400, "--max-batch"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1]), {}, 400, "holds 2 integers"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1, 300]), {}, 400, "0..255"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0.5, 1, 2]), {}, 400, "float64 values"),
+        (INFER, b"{not json", {}, 400, "not KServe v2 JSON"),
+        (INFER, (_ONE % "1e400").encode(), {}, 400, "float64 values"),  # inf
+        (INFER, (_ONE % str(10**30)).encode(), {}, 400, "object values"),
+        (INFER, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "not KServe v2 JSON"),
+        (INFER, _request([1, 2**40, 2**40, 3], "UINT8", []), {}, 413, "a tile is 1 to 4096 px"),
+        (INFER, _request([2**63, 1, 1, 3], "UINT8", []), {}, 400, "send 1 to 16"),
+        (INFER, _request([1, 1, 1, True], "UINT8", [0, 0, 0]), {}, 400, r"tiles are \[N, H, W, 3\]"),
+        ("/embed", _npy_header((1, 1_000_000, 500_000, 3)), {}, 413, "a tile is 1 to 4096 px"),  # 1.5 TB
+        ("/embed", _npy_header((2, 8, 8, 3), b"\0" * 10), {}, 400, "holds 10 bytes"),
+        ("/embed", _npy_header((0, 8, 8, 3)), {}, 400, "0 tiles"),
+        ("/embed", _png_header(13000, 13000), {}, 413, "13000x13000 px"),
+        ("/embed", b"", {}, 400, "the body is empty: .*--data-binary"),
+        ("/embed", b"--xyz\r\nContent-Disposition: form-data", _MULTIPART, 400, "curl -F.*--data-binary"),
+        ("/embed", b"GIF89a not really", {}, 400, "neither a .npy batch nor a PNG, JPEG or TIFF"),
+        ("/embed", _png_header(8, 8), {}, 400, "cannot be decoded"),  # no pixel data
+        ("/nowhere", b"{}", {}, 404, "POST /nowhere: no such route"),
+        (f"/v2/models/{NAME}/config", b"{}", {}, 405, "method not allowed"),
     ],
+    ids=_CASE_IDS,
 )  # fmt: skip
-def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, headers, status, reason):
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, route, body, headers, status, reason):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"http://{server['url']}/v2/models/{NAME}/infer", data=data, headers=headers, method="POST"
+        f"http://{server['url']}{route}", data=data, headers=headers, method="POST"
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=60)
-    assert caught.value.code == status
-    assert reason in json.loads(caught.value.read())["error"]
+    error = json.loads(caught.value.read())["error"]
+    assert caught.value.code == status and re.search(reason, error), error
+    assert "object at 0x" not in error and "\n" not in error  # one line, no Python objects
     assert _infer(httpclient.InferenceServerClient(server["url"]), _tiles(1)).shape == (1, 192)
+
+
+def test_unknown_routes_answer_with_an_error_body(server):
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://{server['url']}/docs", timeout=60)  # FastAPI's pages are off
+    assert caught.value.code == 404 and "GET /docs: no such route" in json.loads(caught.value.read())["error"]
 
 
 def test_parameters_that_are_not_objects_are_ignored(server):
@@ -162,8 +261,6 @@ def test_parameters_that_are_not_objects_are_ignored(server):
 
 
 def test_plain_route_refuses_what_is_not_tiles(server):
-    status, body = _post(server["url"], b"GIF89a not really")
-    assert status == 400 and "neither a .npy batch nor an image" in json.loads(body)["error"]
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((2, 8, 8), np.float32))
     status, body = _post(server["url"], buffer.getvalue())

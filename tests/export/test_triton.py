@@ -1,8 +1,10 @@
-"""Triton model repositories: config.pbtxt parsed back with Triton's own schema, models placed for Triton."""
+"""Triton model repositories: config.pbtxt parsed back with Triton's own schema, models placed for Triton
+(copies checked by sha256, never links), nothing a manifest says trusted (paths, names)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from virchow_rt.backends import open_backend
 from virchow_rt.cli import main as cli
-from virchow_rt.errors import InputError, OutputError
+from virchow_rt.errors import InputError, ModelFileError, OutputError
 from virchow_rt.manifest import MANIFEST_NAME, sha256_file
 
 pb = pytest.importorskip(
@@ -67,14 +69,21 @@ def test_onnx_entry_parses_with_tritons_schema_and_runs(tiny_export, tmp_path, c
     assert params["variant"] == "virchow2g-mini-tiny" and params["random_weights"] == "true"
     assert params["pooling"] == "cls_mean" and params["precision"] == "fp32"
     assert params["parity"].startswith("PASS")
-    assert sha256_file(model / "1" / "model.onnx") == onnx["sha256"]
+    assert params["tile_size"].startswith("224 ") and "does not resize" in params["tile_size"]
+    assert (params["crop_pct"], params["interpolation"]) == ("1.0", "bicubic")  # to resize on the client
+    placed = model / "1" / "model.onnx"
+    assert sha256_file(placed) == onnx["sha256"]
+    assert placed.stat().st_nlink == 1 and not placed.samefile(tiny_export / onnx["path"])  # a copy
     # the placed model is the export's: same embeddings through ONNX Runtime
     tiles = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(placed), providers=["CPUExecutionProvider"])
     with open_backend(tiny_export / onnx["path"]) as backend:
         np.testing.assert_allclose(session.run(None, {"tiles": tiles})[0], backend.run(tiles), atol=1e-5)
+    # what the docs say: Triton's model takes 224x224 tiles only (no resize in the graph; serve resizes)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {"tiles": np.zeros((1, 256, 256, 3), np.uint8)})
 
 
 def test_an_existing_entry_is_refused_and_a_missing_precision_named(tiny_export, tmp_path):
@@ -105,6 +114,7 @@ def test_tensorrt_engines_for_two_gpus_become_cc_model_filenames(tiny_export, tm
                 "path": name,
                 "format": "tensorrt",
                 "precision": "fp16",
+                "sha256": sha256_file(export / name),
                 "compute_capability": cc,
                 "profile": {"min": 1, "opt": 32, "max": 128},
             }  # fmt: skip
@@ -149,3 +159,90 @@ def test_export_triton_writes_the_entry_after_the_export(tmp_path, capsys):
     assert cli.main([*argv, "--precision", "fp32", "--triton", str(repo)]) == 0
     assert f"Triton model: {repo / 'virchow2g-mini-tiny'}" in capsys.readouterr().out
     assert _config(repo / "virchow2g-mini-tiny").platform == "onnxruntime_onnx"
+
+
+def _copy(tiny_export, tmp_path, change=None):
+    """A copy of the export whose manifest ``change(manifest)`` edits; returns its folder."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    if change:
+        change(manifest)
+    (export / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return export
+
+
+def test_a_model_file_is_placed_as_embed_and_serve_take_it(tiny_export, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    fp16 = tiny_export / "virchow2g-mini-tiny.fp16.onnx"
+    assert cli.main(["triton", str(fp16), str(repo), "--name", "mini16"]) == 0
+    assert "does not resize" in capsys.readouterr().out
+    config = _config(repo / "mini16")
+    assert config.platform == "onnxruntime_onnx" and config.parameters["precision"].string_value == "fp16"
+    assert sha256_file(repo / "mini16" / "1" / "model.onnx") == sha256_file(fp16)
+    with pytest.raises(InputError, match="is the fp16 onnx model: drop --platform and --precision"):
+        triton.write_triton_repository(fp16, repo, name="other", precision="fp32")
+    lone = tmp_path / "lone" / "model.onnx"
+    lone.parent.mkdir()
+    shutil.copy(fp16, lone)
+    assert cli.main(["triton", str(lone), str(repo)]) == 2  # no manifest beside it: one line, no traceback
+    assert "no manifest.json" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not an export folder or a model file"):
+        triton.write_triton_repository(tmp_path / "notes.txt", repo)
+    assert sorted(p.name for p in repo.iterdir()) == ["mini16"]
+
+
+def _with_int8(manifest):
+    fp32 = next(a for a in manifest["artifacts"] if a["precision"] == "fp32")
+    manifest["artifacts"].append({**fp32, "precision": "int8"})  # the fp32 file stands in for the int8 one
+
+
+def test_the_int8_model_runs_on_cpu_instances_by_default(tiny_export, tmp_path):
+    export = _copy(tiny_export, tmp_path, _with_int8)
+    target = triton.write_triton_repository(export, tmp_path / "repo", precision="int8", name="int8")
+    assert _config(target).instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    with pytest.warns(UserWarning, match="int8 ONNX model is made for the CPU"):
+        on_gpu = triton.write_triton_repository(
+            export, tmp_path / "repo", precision="int8", instance_kind="gpu"
+        )
+    assert _config(on_gpu).instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    fp32 = triton.write_triton_repository(export, tmp_path / "repo", name="fp32")
+    assert _config(fp32).instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+
+
+def _fp32(manifest):
+    return next(a for a in manifest["artifacts"] if a["precision"] == "fp32")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "reason"),
+    [
+        (lambda m: _fp32(m).update(path="../outside/model.onnx"), ModelFileError, "climbs out with '..'"),
+        (lambda m: _fp32(m).update(path="OUTSIDE"), ModelFileError, "an absolute path"),
+        (lambda m: _fp32(m).update(path="link.onnx"), ModelFileError, "through a symlink"),
+        (lambda m: _fp32(m).update(external_data="../outside/model.onnx", external_data_sha256="0"),
+         ModelFileError, "climbs out with '..'"),
+        (lambda m: m.update(variant="./../escaped"), InputError, "the variant .*cannot be used as a name"),
+        (lambda m: _fp32(m).update(sha256="0" * 64), ModelFileError, "does not match the sha256"),
+    ],
+    ids=["dotdot", "absolute", "symlink-out", "external-data", "variant", "tampered"],
+)  # fmt: skip
+def test_nothing_a_manifest_says_takes_the_repository_outside(tiny_export, tmp_path, change, error, reason):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny_export / "virchow2g-mini-tiny.fp32.onnx", outside / "model.onnx")
+
+    def edit(manifest):
+        change(manifest)
+        if _fp32(manifest)["path"] == "OUTSIDE":
+            _fp32(manifest)["path"] = str(outside / "model.onnx")
+
+    export = _copy(tiny_export, tmp_path, edit)
+    os.symlink(outside / "model.onnx", export / "link.onnx")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(error, match=reason):
+        triton.write_triton_repository(export, tmp_path / "repo")
+    assert {p.name for p in tmp_path.iterdir()} <= {*before, "repo"}  # nothing escaped
+    assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []  # nothing half-made
+    assert sorted(p.name for p in outside.iterdir()) == ["model.onnx"]

@@ -179,7 +179,9 @@ def test_version_compatible_engine_runs(tiny_engine: Any, tiny_onnx_export: Any,
         )  # fmt: skip
     assert entry["version_compatible"] and entry["lean_runtime"] == "embedded"
     tiles = tissue_tiles(9, 224, seed=4)
-    with open_engine(folder / entry["path"]) as engine:
+    with pytest.raises(ModelFileError, match="--allow-engine-host-code"):  # never because a manifest says so
+        open_engine(folder / entry["path"])
+    with open_engine(folder / entry["path"], allow_engine_host_code=True) as engine:
         assert compare(engine.run(tiles), reference(tiny_onnx_export, tiles), 0.999)
 
 

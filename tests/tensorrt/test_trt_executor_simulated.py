@@ -9,7 +9,9 @@ waited on). TensorRT's own results are checked in ``test_trt_engine_real.py`` on
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,8 @@ from virchow_rt.backends import tensorrt as tb
 from virchow_rt.backends.cuda import pipeline as cuda_pipeline
 from virchow_rt.backends.cuda.device_arrays import DeviceArray
 from virchow_rt.contract import ModelInfo
-from virchow_rt.errors import BackendError, InputError
+from virchow_rt.errors import BackendError, InputError, ModelFileError
+from virchow_rt.manifest import sha256_file
 
 S, E = 4, 6  # tile size and embedding width of the stand-in model
 
@@ -106,11 +109,14 @@ def fake_tensorrt(mem: Memory, log: list[tuple[Any, ...]], capture: dict[str, An
             return self.contexts[-1]
 
     class Runtime:
+        engine_host_code_allowed = False
+
         def __init__(self, logger: Any) -> None:
             self.engine = Engine()
 
         def deserialize_cuda_engine(self, plan: bytes) -> Engine:
             assert plan == b"plan"
+            capture.setdefault("deserialized", []).append(self.engine_host_code_allowed)
             return self.engine
 
     class ILogger:
@@ -131,12 +137,12 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(tb, "cuda", fake)
     monkeypatch.setattr(cuda_pipeline, "cuda", fake)
 
-    def make(slots: int = 3, graphs: bool = False, min_batch: int = 1) -> tb.TensorRTBackend:
+    def make(slots: int = 3, graphs: bool = False, min_batch: int = 1, **options: Any) -> tb.TensorRTBackend:
         info = ModelInfo("stand-in", E, E // 2, S, "fp16", True, "random")
         monkeypatch.setattr(tb, "import_tensorrt", lambda name: fake_tensorrt(mem, log, capture, min_batch))
-        return tb.TensorRTBackend.from_serialized(b"plan", info, slots=slots, cuda_graphs=graphs)
+        return tb.TensorRTBackend.from_serialized(b"plan", info, slots=slots, cuda_graphs=graphs, **options)
 
-    return types.SimpleNamespace(make=make, mem=mem, log=log)
+    return types.SimpleNamespace(make=make, mem=mem, log=log, capture=capture)
 
 
 def tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -360,3 +366,37 @@ def test_a_per_thread_default_producer_stream_is_waited_for_through_the_legacy_s
     x = tiles(3)
     np.testing.assert_array_equal(backend.run(gpu_array(sim, x, stream=2)), expected(x))
     assert backend._slots[0].h2d_done.recorded_on == 1
+
+
+def test_a_version_compatible_plan_runs_host_code_only_when_allowed(sim: Any) -> None:
+    with pytest.raises(ModelFileError, match="version-compatible .*--allow-engine-host-code"):
+        sim.make(version_compatible=True)
+    assert "deserialized" not in sim.capture  # refused before TensorRT read the plan
+    sim.make(version_compatible=True, allow_engine_host_code=True)
+    sim.make()
+    assert sim.capture["deserialized"] == [True, False]  # host code on only where allowed
+
+
+def test_an_engine_file_whose_manifest_says_version_compatible_is_refused_without_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest beside a planted engine says version_compatible (and has the right sha256): that is no
+    permission to run the engine's host code; the flag is, and it is checked before any GPU work."""
+    engine = tmp_path / "planted.fp16.engine"
+    engine.write_bytes(b"plan")
+    artifact = {
+        "path": engine.name,
+        "format": "tensorrt",
+        "sha256": sha256_file(engine),
+        "version_compatible": True,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps({"variant": "x", "artifacts": [artifact]}))
+    monkeypatch.setattr(tb, "import_tensorrt", lambda name: types.SimpleNamespace(__name__="tensorrt"))
+    with pytest.raises(
+        ModelFileError, match="planted.fp16.engine is a version-compatible .*--allow-engine-host-code"
+    ):
+        tb.TensorRTBackend(engine)
+    from virchow_rt.backends import open_backend
+
+    with pytest.raises(ModelFileError, match="--allow-engine-host-code"):
+        open_backend(engine)

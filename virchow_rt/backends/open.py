@@ -17,6 +17,7 @@ from virchow_rt._deps import is_importable
 from virchow_rt.backends.base import Backend
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.manifest import read_manifest
+from virchow_rt.paths import inside_folder
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
@@ -38,10 +39,14 @@ def _ort_has_gpu() -> bool:
 def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     """The export folder's model to run: a TensorRT engine if asked for (or "auto" and usable), else ONNX."""
     artifacts = read_manifest(folder).get("artifacts", [])
-    built = [a for a in artifacts if a.get("format") == "tensorrt" and (folder / a["path"]).exists()]
-    onnx = [a for a in artifacts if a.get("format") == "onnx" and (folder / a["path"]).exists()]
+
+    def at(artifact: dict[str, Any]) -> Path:  # refused unless inside the folder (no /abs, .., symlink out)
+        return inside_folder(folder, artifact.get("path"))
+
+    built = [a for a in artifacts if a.get("format") == "tensorrt" and at(a).exists()]
+    onnx = [a for a in artifacts if a.get("format") == "onnx" and at(a).exists()]
     if engines and built and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
-        return folder / built[0]["path"]
+        return at(built[0])
     # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32)
     first = "fp16" if backend != "onnxruntime-cpu" and _ort_has_gpu() else "fp32"
     onnx.sort(key=lambda a: a.get("precision") != first)
@@ -50,10 +55,10 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
             f"export folder {folder} has no usable model file for backend {backend!r} (manifest lists "
             f"{[a.get('path') for a in artifacts]}); re-export: `virchow-rt export VARIANT --out {folder}`"
         )
-    return folder / onnx[0]["path"]
+    return at(onnx[0])
 
 
-def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend:
+def _open_folder(folder: Path, backend: str, options: dict[str, Any], host_code: bool) -> Backend:
     """The backend for an export folder's best artifact here (see :func:`open_backend`)."""
     path = _pick_from_folder(folder, backend)
     if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
@@ -61,7 +66,7 @@ def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend
         from virchow_rt.backends.tensorrt import TensorRTBackend
 
         try:
-            return TensorRTBackend(path, **options)
+            return TensorRTBackend(path, allow_engine_host_code=host_code, **options)
         except (ModelFileError, BackendError, MissingDependency) as err:  # another TensorRT/GPU, no GPU
             engine = path
             try:
@@ -71,7 +76,7 @@ def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend
             log.warning("not running %s (%s); running %s with ONNX Runtime instead", engine, err, path)
             accepted = inspect.signature(OnnxRuntimeBackend).parameters
             options = {k: v for k, v in options.items() if k in accepted}  # drop the TensorRT-only ones
-    opened = open_backend(path, backend, **options)
+    opened = open_backend(path, backend, allow_engine_host_code=host_code, **options)
     if opened.gpu is None and opened.info.precision == "fp16" and path.suffix.lower() == ".onnx":
         # ONNX Runtime lists a GPU provider but sees no GPU: on the CPU the fp32 model is the fast one
         fp32 = _pick_from_folder(folder, "onnxruntime-cpu", engines=False)
@@ -81,7 +86,13 @@ def _open_folder(folder: Path, backend: str, options: dict[str, Any]) -> Backend
     return opened
 
 
-def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **options: Any) -> Backend:
+def open_backend(
+    model_path: str | os.PathLike[str],
+    backend: str = "auto",
+    *,
+    allow_engine_host_code: bool = False,
+    **options: Any,
+) -> Backend:
     """Open an exported model with the backend that fits its file type and this machine.
 
     ``.onnx`` -> ONNX Runtime (TensorRT EP, CUDA EP when available, else CPU); ``.engine``/``.plan`` ->
@@ -92,6 +103,8 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
     TensorRT (torch is imported only then; ``weights=`` where the export's are not on this machine).
     ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
     ``threads``, ``optimize``, ``cache_dir``, ``io_binding`` for ONNX Runtime).
+    ``allow_engine_host_code``: a version-compatible TensorRT engine (which runs host code stored in the
+    file) is loaded only with it; a manifest's word is not enough (see ``backends.tensorrt``).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
@@ -107,7 +120,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
 
         return TorchCudaBackend.from_export(folder, **options)
     if path.is_dir():
-        return _open_folder(path, backend, options)
+        return _open_folder(path, backend, options, allow_engine_host_code)
     suffix = path.suffix.lower()
     if suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
@@ -117,7 +130,7 @@ def open_backend(model_path: str | os.PathLike[str], backend: str = "auto", **op
             )
         from virchow_rt.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(path, **options)
+        return TensorRTBackend(path, allow_engine_host_code=allow_engine_host_code, **options)
     if suffix == ".onnx":
         if backend == "tensorrt":
             raise InputError(

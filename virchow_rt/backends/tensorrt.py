@@ -2,7 +2,10 @@
 
 Loading: the engine's ``manifest.json`` entry must match the file (sha256) and this machine (TensorRT
 version, GPU compute capability: :func:`~virchow_rt.backends.engine_cache.runtime_problems`); if not,
-the error says why and how to rebuild. Only the name-based tensor API is used
+the error says why and how to rebuild. A version-compatible engine carries native host code that runs
+when it is deserialized; it is loaded only with ``allow_engine_host_code=True`` (the CLI's
+``--allow-engine-host-code``), never because its manifest says so: whoever can write the engine can write
+the manifest beside it. Only the name-based tensor API is used
 (``num_io_tensors``, ``get_tensor_name/mode/dtype/shape``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``), as in NVIDIA's TensorRT 10/11 Python samples.
 
@@ -76,6 +79,21 @@ class _Context:
             self.graph = None
 
 
+def check_host_code(version_compatible: bool, runtime_module: str, allowed: bool, what: str) -> None:
+    """Refuse to load an engine whose deserialization runs host code stored in it, unless ``allowed``.
+
+    A version-compatible plan carries the lean runtime's native code (the ``tensorrt_lean`` runtime needs
+    none of it). TensorRT leaves host code off unless asked, and NVIDIA says to deserialize only trusted
+    engines; a sha256 in the manifest beside the engine proves it is unchanged, not who wrote it."""
+    if version_compatible and runtime_module != "tensorrt_lean" and not allowed:
+        raise ModelFileError(
+            f"{what} is a version-compatible TensorRT engine: loading it runs native code stored in the "
+            "engine file, which virchow-rt does only when asked. If you built it, or trust whoever wrote "
+            "it, pass --allow-engine-host-code (allow_engine_host_code=True in Python); else rebuild it "
+            "without --version-compatible on this machine"
+        )
+
+
 def read_io(engine: trt.ICudaEngine) -> dict[str, TensorSpec]:
     """The engine's I/O tensors by name, batch axis as in the engine (-1 for a dynamic batch)."""
     specs = {}
@@ -96,6 +114,7 @@ class TensorRTExecutor(Executor):
 
     ``lean_library``: path of the lean runtime library (``libnvinfer_lean.so.X``) to load with
     ``IRuntime.load_runtime`` for a version-compatible engine built with the lean runtime excluded.
+    ``allow_host_code``: let a version-compatible plan run its host code (see :func:`check_host_code`).
     """
 
     def __init__(
@@ -107,7 +126,9 @@ class TensorRTExecutor(Executor):
         graphs: bool = False,
         version_compatible: bool = False,
         lean_library: str | None = None,
+        allow_host_code: bool = False,
     ) -> None:
+        check_host_code(version_compatible, trt_module.__name__, allow_host_code, "this engine")
         self._use_graphs = graphs
         self._contexts: list[_Context] = []
         self._scratch: cuda.DeviceBuffer | None = None
@@ -124,8 +145,7 @@ class TensorRTExecutor(Executor):
                 )
             runtime = loaded
         if version_compatible and trt_module.__name__ != "tensorrt_lean":
-            # a version-compatible plan carries the lean runtime's host code; it is trusted because its
-            # sha256 was checked against the manifest (or it was just built in this process)
+            # the caller allowed it explicitly (checked above): a manifest's word is not enough
             runtime.engine_host_code_allowed = True
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
@@ -205,7 +225,9 @@ class TensorRTBackend(PipelinedBackend):
     ``slots`` (2-3): batches in flight. ``cuda_graphs``: replay full batches from a CUDA graph
     captured per slot (ragged batches run normally). ``runtime_module``: "auto", "tensorrt",
     "tensorrt_lean" or "tensorrt_dispatch" (the latter two run version-compatible engines only).
-    ``lean_library``: see :class:`TensorRTExecutor`. Not thread-safe: use one backend per thread.
+    ``lean_library``: see :class:`TensorRTExecutor`. ``allow_engine_host_code``: load a
+    version-compatible engine, which runs host code stored in the engine file (only for engines you built
+    or trust; see :func:`check_host_code`). Not thread-safe: use one backend per thread.
     Free it with :meth:`close` or ``with``.
     """
 
@@ -220,10 +242,13 @@ class TensorRTBackend(PipelinedBackend):
         cuda_graphs: bool = False,
         runtime_module: str = "auto",
         lean_library: str | None = None,
+        allow_engine_host_code: bool = False,
     ) -> None:
         path = Path(engine_path)
         manifest, artifact, plan = read_plan(path)
         trt_module = import_tensorrt(runtime_module)
+        vc = bool(artifact.get("version_compatible"))
+        check_host_code(vc, trt_module.__name__, allow_engine_host_code, path.name)  # before any GPU work
         check_version(trt_module.__version__)
         cuda.set_device(device)
         gpu = cuda.device_info(device)
@@ -246,10 +271,10 @@ class TensorRTBackend(PipelinedBackend):
         info = model_info(manifest, artifact)
         if info.random_weights:
             warn_random_weights(f"{path.name} was built from random weights")
-        vc = bool(artifact.get("version_compatible"))
         executor = TensorRTExecutor(
-            trt_module, plan, info, graphs=cuda_graphs, version_compatible=vc, lean_library=lean_library
-        )
+            trt_module, plan, info, graphs=cuda_graphs, version_compatible=vc, lean_library=lean_library,
+            allow_host_code=allow_engine_host_code,
+        )  # fmt: skip
         self._start(executor, info, device, slots)
 
     @classmethod
@@ -262,13 +287,17 @@ class TensorRTBackend(PipelinedBackend):
         slots: int = 3,
         cuda_graphs: bool = False,
         version_compatible: bool = False,
+        allow_engine_host_code: bool = False,
     ) -> TensorRTBackend:
-        """A backend over an engine held in memory (the builder's parity check, before the file exists)."""
+        """A backend over an engine held in memory (the builder's parity check, before the file exists).
+
+        ``allow_engine_host_code``: as for the constructor (the builder allows the plan it just built)."""
         self = cls.__new__(cls)
         cuda.set_device(device)
         trt_module = import_tensorrt("tensorrt")
         executor = TensorRTExecutor(
-            trt_module, plan, info, graphs=cuda_graphs, version_compatible=version_compatible
-        )
+            trt_module, plan, info, graphs=cuda_graphs, version_compatible=version_compatible,
+            allow_host_code=allow_engine_host_code,
+        )  # fmt: skip
         self._start(executor, info, device, slots)
         return self

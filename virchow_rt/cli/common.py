@@ -43,3 +43,14 @@ def add_weights(p: argparse.ArgumentParser) -> None:
 
 def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", metavar="BACKEND", help=f"one of: {', '.join(BACKENDS)}")
+
+
+def add_engine_host_code(p: argparse.ArgumentParser) -> None:
+    """``--allow-engine-host-code``: the one way to load a version-compatible TensorRT engine."""
+    p.add_argument(
+        "--allow-engine-host-code",
+        action="store_true",
+        help="load version-compatible TensorRT engines, which run native code stored in the engine file: "
+        "only for engines you built or trust (a manifest's sha256 proves the file unchanged, not who wrote "
+        "it)",
+    )

@@ -8,25 +8,34 @@ from virchow_rt.cli.common import Help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from virchow_rt.serve.triton import PLATFORMS
+    from virchow_rt.serve.triton import INSTANCE_KINDS, PLATFORMS
 
     p = sub.add_parser(
         "triton",
         formatter_class=Help,
         help="an export -> a Triton Inference Server model repository entry (config.pbtxt + model)",
     )
-    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a folder written by `virchow-rt export`")
+    p.add_argument(
+        "export_dir",
+        metavar="EXPORT",
+        help="a folder written by `virchow-rt export`, or one .onnx/.engine file of it (that one is placed)",
+    )
     p.add_argument("repo", metavar="REPO", help="the model repository; REPO/<name> is written")
     p.add_argument("--name", default=None, help="the model's name in Triton (default: the variant)")
     p.add_argument(
         "--platform",
         choices=PLATFORMS,
         default="auto",
-        help="auto: the TensorRT engines when the export has any, else the ONNX model",
+        help="auto: the TensorRT engines when the export has any (and no --precision is given), else ONNX",
     )
-    p.add_argument("--precision", default="fp32", help="which ONNX model (fp32, fp16, int8)")
+    p.add_argument("--precision", default=None, help="which ONNX model: fp32 (the default), fp16 or int8")
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
-    p.add_argument("--instance-kind", choices=("gpu", "cpu"), default="gpu", help="where instances run")
+    p.add_argument(
+        "--instance-kind",
+        choices=INSTANCE_KINDS,
+        default="auto",
+        help="where instances run; auto: the GPU, except for the int8 ONNX model (made for the CPU)",
+    )
     p.add_argument(
         "--max-queue-delay-us",
         type=int,
@@ -50,4 +59,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
     )
     print(f"Triton model: {target} (serve with: tritonserver --model-repository {target.parent})")
+    print(
+        f"Triton takes tiles of exactly the export's size (tile_size in {target / 'config.pbtxt'}): "
+        "its graph does not resize; `virchow-rt serve` does"
+    )
     return 0

@@ -250,9 +250,10 @@ def build_engine(
     finally:
         if ref_backend is not reference:  # one opened here (a session, a model on the GPU): free it now
             ref_backend.close()
-    with TensorRTBackend.from_serialized(
-        plan, info, device=device, version_compatible=version_compatible
-    ) as engine:
+    with TensorRTBackend.from_serialized(  # the plan this process just built: its host code is ours
+        plan, info, device=device, version_compatible=version_compatible,
+        allow_engine_host_code=version_compatible,
+    ) as engine:  # fmt: skip
         got = engine.run(inputs)
     result = compare(got, expected, variant.tolerance.fp16_min_cosine)
     name = engine_name(variant)

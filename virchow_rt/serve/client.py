@@ -2,12 +2,16 @@
 
 ``embed(url, tiles)`` sends uint8 tiles with KServe v2's binary-data extension over plain HTTP (the
 standard library only) and returns the embeddings; ``tritonclient.http`` works against the same server.
+It reads the model's batch limit from the server (``virchow-rt serve``'s metadata, or Triton's model
+configuration) and sends larger batches in chunks; ``token=`` sends ``Authorization: Bearer <token>``; a
+503 (the server holds all the requests it may) is retried after the server's ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -24,15 +28,30 @@ class ServerError(VirchowError):
     """The server refused the request or could not be reached."""
 
 
-def embed(url: str, tiles: np.ndarray, model: str | None = None, timeout: float = 300.0) -> np.ndarray:
+def embed(
+    url: str,
+    tiles: np.ndarray,
+    model: str | None = None,
+    timeout: float = 300.0,
+    token: str | None = None,
+) -> np.ndarray:
     """uint8 tiles (N, H, W, 3) -> float32 embeddings (N, E) from the server at ``url`` (``http://host:port``).
 
-    ``model`` defaults to the one the server serves."""
+    ``model`` defaults to the one the server serves. More tiles than the model takes in one request are
+    sent in chunks of its limit, in order. ``token``: the server's bearer token (``--token-file``)."""
     tiles = np.ascontiguousarray(tiles)
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
         raise InputError(f"tiles of {tiles.dtype} {tiles.shape}: give uint8 (N, H, W, 3) RGB tiles")
     url = url.rstrip("/") if "://" in url else f"http://{url.rstrip('/')}"
-    model = model or _served_model(url, timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    model = model or _served_model(url, timeout, headers)
+    limit = _batch_limit(url, model, tiles.shape, timeout, headers)
+    parts = [_infer(url, model, tiles[i : i + limit], timeout, headers) for i in range(0, len(tiles), limit)]
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+def _infer(url: str, model: str, tiles: np.ndarray, timeout: float, headers: dict[str, str]) -> np.ndarray:
+    """One KServe v2 binary request -> its embeddings."""
     raw = tiles.tobytes()
     head = json.dumps(
         {
@@ -46,11 +65,11 @@ def embed(url: str, tiles: np.ndarray, model: str | None = None, timeout: float 
     request = urllib.request.Request(
         f"{url}/v2/models/{model}/infer",
         data=head + raw,
-        headers={INFERENCE_HEADER: str(len(head)), "Content-Type": "application/octet-stream"},
+        headers={**headers, INFERENCE_HEADER: str(len(head)), "Content-Type": "application/octet-stream"},
         method="POST",
     )
-    reply, headers = _call(request, timeout)
-    size = int(headers.get(INFERENCE_HEADER) or len(reply))
+    reply, answer_headers = _call(request, timeout)
+    size = int(answer_headers.get(INFERENCE_HEADER) or len(reply))
     answer = json.loads(reply[:size])
     (out,) = answer["outputs"]
     if "data" in out:
@@ -58,29 +77,67 @@ def embed(url: str, tiles: np.ndarray, model: str | None = None, timeout: float 
     return np.frombuffer(reply[size:], "<f4").reshape(out["shape"]).astype(np.float32)
 
 
-def _served_model(url: str, timeout: float) -> str:
+def _get(url: str, timeout: float, headers: dict[str, str]) -> Any:
+    reply, _ = _call(urllib.request.Request(url, headers=headers), timeout)
+    return json.loads(reply)
+
+
+def _batch_limit(
+    url: str, model: str, shape: tuple[int, ...], timeout: float, headers: dict[str, str]
+) -> int:
+    """Tiles one request may carry: ``virchow-rt serve``'s ``max_batch`` parameter, else Triton's
+    ``max_batch_size``. Tiles of another size than a fixed-size model's (Triton serves the graph as
+    exported, without resizing) are refused here, with the fix."""
+    meta = _get(f"{url}/v2/models/{model}", timeout, headers)
+    dims = next((i.get("shape") for i in meta.get("inputs", []) if i.get("name") == "tiles"), None)
+    if isinstance(dims, list) and len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:3]):
+        if list(shape[1:3]) != dims[1:3]:
+            raise InputError(
+                f"{model} at {url} takes {dims[1]}x{dims[2]} tiles and these are {shape[1]}x{shape[2]} (a "
+                "Triton model does not resize): resize them first as the model's transform does, "
+                f"virchow_rt.kernels.resize_tiles(tiles, {dims[1]}, crop_pct, interpolation) with the values "
+                "in its config's parameters, or serve it with `virchow-rt serve`, which resizes"
+            )
+    limit = (meta.get("parameters") or {}).get("max_batch")
+    if not isinstance(limit, int):
+        limit = _get(f"{url}/v2/models/{model}/config", timeout, headers).get("max_batch_size")
+    return limit if isinstance(limit, int) and limit > 0 else max(1, shape[0])
+
+
+def _served_model(url: str, timeout: float, headers: dict[str, str]) -> str:
     """The model the server serves, from its repository index (Triton's ``POST /v2/repository/index``)."""
-    reply, _ = _call(urllib.request.Request(f"{url}/v2/repository/index", data=b"{}", method="POST"), timeout)
+    request = urllib.request.Request(f"{url}/v2/repository/index", data=b"{}", headers=headers, method="POST")
+    reply, _ = _call(request, timeout)
     names = [entry["name"] for entry in json.loads(reply)]
     if len(names) != 1:
         raise ServerError(f"{url} serves {len(names)} models ({', '.join(names)}); give model=")
     return str(names[0])
 
 
-def _call(request: urllib.request.Request, timeout: float) -> tuple[bytes, Any]:
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.read(), reply.headers  # looked up case-insensitively
-    except urllib.error.HTTPError as err:
-        body = err.read()
+def _call(request: urllib.request.Request, timeout: float, busy_retries: int = 5) -> tuple[bytes, Any]:
+    """The reply's (body, headers); a 503 (the server is full) is retried after its ``Retry-After``."""
+    for attempt in range(busy_retries + 1):
         try:
-            reason = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = body[:200].decode(errors="replace")
-        raise ServerError(f"{request.full_url}: HTTP {err.code}: {reason}") from None
-    except urllib.error.URLError as err:
-        raise ServerError(
-            f"cannot reach {request.full_url} ({err.reason}); is `virchow-rt serve` running?"
-        ) from None
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as err:  # mid-request
-        raise ServerError(f"{request.full_url}: the connection failed mid-request ({err!r}); retry") from None
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.read(), reply.headers  # looked up case-insensitively
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            wait = err.headers.get("Retry-After", "")
+            if err.code == 503 and wait.isdigit() and attempt < busy_retries:
+                time.sleep(min(int(wait), 30))
+                continue
+            try:
+                reason = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                reason = body[:200].decode(errors="replace")
+            hint = "; give token= (the server's --token-file)" if err.code == 401 else ""
+            raise ServerError(f"{request.full_url}: HTTP {err.code}: {reason}{hint}") from None
+        except urllib.error.URLError as err:
+            raise ServerError(
+                f"cannot reach {request.full_url} ({err.reason}); is `virchow-rt serve` running?"
+            ) from None
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as err:  # mid-request
+            raise ServerError(
+                f"{request.full_url}: the connection failed mid-request ({err!r}); retry"
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")

@@ -1,34 +1,48 @@
-"""``virchow-rt serve``: tile embeddings over HTTP on Ray Serve, with dynamic batching.
+"""``virchow-rt serve``'s application: tile embeddings over HTTP on Ray Serve, with dynamic batching.
 
 Each replica (one per GPU by default) opens the model once as an :class:`~virchow_rt.embed.Embedder`;
-``serve.batch`` merges concurrent requests into one model batch (up to ``--max-batch`` requests or
-``--max-wait-ms``). The protocol is KServe v2, as Triton speaks it, so ``tritonclient.http`` works:
+``serve.batch`` merges concurrent requests into one model batch (up to ``max_batch`` tiles or
+``max_wait_ms``). The protocol is KServe v2, as Triton speaks it, so ``tritonclient.http`` works:
 
-- ``GET /v2/health/ready``, ``GET /v2/models/<name>`` (metadata, with the variant, pooling, precision and
-  random-weights flag as parameters), ``GET /v2/models/<name>/stats`` (batch sizes served);
-- ``POST /v2/models/<name>/infer``: input ``tiles``, ``UINT8`` ``[N, H, W, 3]`` (resized as the model
-  wants when not S×S), as JSON ``data`` or with the binary-data extension; output ``embedding`` ``FP32``.
-- ``POST /embed``: a ``.npy`` batch or a PNG/JPEG tile as the body, for ``curl``; JSON back, or ``.npy``
-  with ``Accept: application/x-npy``.
+- ``GET /v2`` (server metadata), ``GET /v2/health/ready`` and ``/live``, ``POST /v2/repository/index``;
+- ``GET /v2/models/<name>`` (metadata, with the variant, pooling, precision, random-weights flag, tile size
+  and max batch as parameters), ``GET /v2/models/<name>/config`` (Triton's model configuration, as JSON),
+  ``GET /v2/models/<name>/ready``, ``GET /v2/models/<name>/stats`` (batch sizes served, bytes pending);
+- ``POST /v2/models/<name>/infer``: input ``tiles``, ``UINT8`` ``[N, H, W, 3]`` of any tile size (resized as
+  the model wants), as JSON ``data`` or with the binary-data extension; output ``embedding`` ``FP32``, and
+  the response's ``parameters`` say ``random_weights``;
+- ``POST /embed``: a ``.npy`` batch or one PNG/JPEG/TIFF tile as the body (``curl --data-binary``); JSON
+  back (with ``random_weights``), or ``.npy`` with ``Accept: application/x-npy`` (header
+  ``Virchow-Random-Weights``).
 
-A bad request gets a 4xx with ``{"error": "<one line>"}`` and the replica keeps serving.
+Every refusal is a 4xx (503 with ``Retry-After`` when the replica holds ``max_pending_mb`` of request data)
+with ``{"error": "<one line>"}``, unknown routes included, and the replica keeps serving. With a token
+(``--token-file``), every route but the two health checks needs ``Authorization: Bearer <token>``; the
+replicas hold only its sha256. FastAPI's ``/docs`` and ``/openapi.json`` are off unless ``docs=True``.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (fastapi.Request)
-import asyncio
+import hashlib
+import hmac
 import io
 import json
-from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
+from virchow_rt._version import __version__
+from virchow_rt.errors import InputError, MissingDependency
 from virchow_rt.serve.client import INFERENCE_HEADER
+from virchow_rt.serve.replica import Ticket, TileEmbedderServer
+from virchow_rt.serve.requests import BadRequest, parse_infer, parse_upload
 
 #: a body over this many bytes per byte of the allowed S×S tiles is refused (413): room for tiles of twice
 #: the side as raw bytes, or S×S tiles as JSON text (up to 4 characters a value)
 _BODY_BYTES_PER_TILE_BYTE = 16
+#: routes answered without a token: what load balancers and orchestrators probe
+OPEN_ROUTES = ("/v2/health/ready", "/v2/health/live")
+#: the ``.npy`` answer's label (JSON answers carry ``random_weights`` in their body)
+RANDOM_WEIGHTS_HEADER = "Virchow-Random-Weights"
 
 
 def _serve_modules() -> tuple[Any, Any]:
@@ -40,153 +54,9 @@ def _serve_modules() -> tuple[Any, Any]:
     return serve, fastapi
 
 
-class BadRequest(InputError):
-    """A request the server refuses, with its HTTP status."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def parse_infer(
-    body: bytes, header_length: int | None, tile_size: int, max_tiles: int
-) -> tuple[np.ndarray, bool]:
-    """A KServe v2 infer request -> (uint8 tiles, whether the answer should be binary)."""
-    try:
-        head = json.loads(body[:header_length] if header_length is not None else body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the request is not KServe v2 JSON ({err})") from None
-    inputs = head.get("inputs") if isinstance(head, dict) else None
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest('give exactly one input, "tiles": UINT8 [N, H, W, 3]')
-    spec = inputs[0]
-    shape, dtype = spec.get("shape"), spec.get("datatype")
-    if dtype != "UINT8":
-        raise BadRequest(f"input datatype {dtype}: tiles are UINT8 [N, H, W, 3] (RGB bytes)")
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 4
-        and shape[3] == 3
-        and all(isinstance(v, int) for v in shape)
-    ):
-        raise BadRequest(f"input shape {shape}: tiles are [N, H, W, 3]")
-    count = shape[0]
-    if count < 1 or count > max_tiles:
-        raise BadRequest(f"{count} tiles in one request: send 1 to {max_tiles} (the server's --max-batch)")
-    if min(shape[1:3]) < 1:
-        raise BadRequest(f"input shape {shape}: tiles have no pixels")
-    size = int(np.prod(shape))
-    binary = _params(spec).get("binary_data_size")
-    if binary is not None:
-        if header_length is None:
-            raise BadRequest(f"binary_data_size without the {INFERENCE_HEADER} header")
-        raw = body[header_length:]
-        if len(raw) != binary or binary != size:
-            raise BadRequest(f"binary input of {len(raw)} bytes for shape {shape} ({size} bytes expected)")
-        tiles = np.frombuffer(raw, np.uint8).reshape(shape)
-    else:
-        data = spec.get("data")
-        try:
-            tiles = np.asarray(data, dtype=np.int64).reshape(shape)
-        except (TypeError, ValueError):
-            raise BadRequest(f"input data does not hold {size} integers for shape {shape}") from None
-        if tiles.size and (tiles.min() < 0 or tiles.max() > 255):
-            raise BadRequest("input data out of the UINT8 range 0..255")
-        tiles = tiles.astype(np.uint8)
-    outputs = head.get("outputs") if isinstance(head.get("outputs"), list) else []
-    binary_out = bool(_params(head).get("binary_data_output")) or any(
-        _params(o).get("binary_data") for o in outputs if isinstance(o, dict)
-    )
-    return np.ascontiguousarray(tiles), binary_out
-
-
-def _params(part: dict[str, Any]) -> dict[str, Any]:
-    """A request part's ``parameters`` (an empty dict when missing or not an object)."""
-    params = part.get("parameters")
-    return params if isinstance(params, dict) else {}
-
-
-def parse_upload(body: bytes) -> np.ndarray:
-    """The ``/embed`` body: a ``.npy`` uint8 batch (N, H, W, 3) or one image file -> uint8 tiles."""
-    if body.startswith(b"\x93NUMPY"):
-        try:
-            tiles = np.load(io.BytesIO(body), allow_pickle=False)
-        except ValueError as err:
-            raise BadRequest(f"the .npy body cannot be read ({err})") from None
-        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
-            raise BadRequest(f".npy of {tiles.dtype} {tiles.shape}: send uint8 (N, H, W, 3) RGB tiles")
-        return np.ascontiguousarray(tiles)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            return np.asarray(image.convert("RGB"))[None]
-    except Image.DecompressionBombError as err:
-        raise BadRequest(f"the image is too large to be a tile ({err})", 413) from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise BadRequest(f"the body is neither a .npy batch nor an image file ({err})") from None
-
-
-class TileEmbedderServer:
-    """One replica: the model opened once; requests merged into batches by ``serve.batch``."""
-
-    def __init__(self, model: str, backend: str, name: str, max_batch: int, max_wait_s: float):
-        from virchow_rt.embed import Embedder
-
-        self.embedder = Embedder(model, backend=backend)
-        self.info = self.embedder.info
-        self.name = name
-        self.max_batch = max_batch
-        self.batches: Counter[int] = Counter()  # tiles per model call -> how many calls
-
-    def metadata(self) -> dict[str, Any]:
-        info = self.info
-        s = info.tile_size
-        return {
-            "name": self.name,
-            "versions": ["1"],
-            "platform": f"virchow-rt/{self.embedder.backend.name}",
-            "inputs": [{"name": "tiles", "datatype": "UINT8", "shape": [-1, s, s, 3]}],
-            "outputs": [
-                {"name": "embedding", "datatype": "FP32", "shape": [-1, self.embedder.embedding_dim()]}
-            ],
-            "parameters": {
-                "variant": info.variant,
-                "pooling": info.pooling,
-                "precision": info.precision,
-                "random_weights": bool(info.random_weights),
-                "max_batch": self.max_batch,
-            },
-        }
-
-    async def embed(self, tiles: np.ndarray) -> np.ndarray:
-        answer = await self._embed_batch(tiles)
-        if isinstance(answer, Exception):  # this request's own failure, not its batch-mates'
-            raise answer
-        return answer  # type: ignore[no-any-return]
-
-    async def _embed_batch(self, requests: list[np.ndarray]) -> list[np.ndarray | Exception]:
-        """Requests of one tile size go through the model together; the answer is split back.
-
-        A group that fails answers each of its requests with the exception (``serve.batch`` would fail
-        every request of the batch with one raised here)."""
-        answers: list[np.ndarray | Exception | None] = [None] * len(requests)
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for i, tiles in enumerate(requests):
-            by_size.setdefault(tiles.shape[1:], []).append(i)
-        for members in by_size.values():
-            merged = np.concatenate([requests[i] for i in members])
-            self.batches[len(merged)] += 1
-            try:
-                out = await asyncio.to_thread(self.embedder.embed, merged)
-            except Exception as err:  # noqa: BLE001 - handed to each request of the group
-                for i in members:
-                    answers[i] = err
-                continue
-            bounds = np.cumsum([0] + [len(requests[i]) for i in members])
-            for k, i in enumerate(members):
-                answers[i] = out[bounds[k] : bounds[k + 1]]
-        return answers  # type: ignore[return-value]
+def token_digest(token: str) -> str:
+    """The sha256 of a bearer token: what replicas hold and compare (in constant time)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def build_app(
@@ -198,38 +68,74 @@ def build_app(
     max_wait_ms: float = 5.0,
     replicas: int | None = None,
     gpus_per_replica: float | None = None,
+    max_pending_mb: float = 1024.0,
+    token_sha256: str | None = None,
+    docs: bool = False,
+    allow_engine_host_code: bool = False,
 ) -> Any:
-    """The Ray Serve application (``serve.run(build_app(...))``)."""
+    """The Ray Serve application (``serve.run(build_app(...))``).
+
+    ``token_sha256``: :func:`token_digest` of the bearer token every route but health needs (None: no
+    token). ``max_pending_mb``: request data one replica holds before it answers 503."""
     serve, fastapi = _serve_modules()
     import ray
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     name = name or _model_name(model, _manifest(model))
-    app = fastapi.FastAPI(title="virchow-rt")
+    off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = fastapi.FastAPI(title="virchow-rt", **({} if docs else off))
 
     def refuse(err: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": str(err)}, status_code=err.status)
+        return JSONResponse({"error": str(err)}, status_code=err.status, headers=err.headers)
 
-    async def read_body(request: Any, per_tile: int) -> bytes:
+    @app.exception_handler(HTTPException)  # unknown routes and methods: {"error"}, not FastAPI's {"detail"}
+    async def http_error(request: fastapi.Request, exc: HTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        hint = {404: "no such route", 405: "method not allowed here"}.get(exc.status_code, exc.detail)
+        return JSONResponse(
+            {"error": f"{where}: {hint}; routes: GET /v2, /v2/models/{name}[/config|/ready|/stats], "
+             f"POST /v2/models/{name}/infer, POST /embed"},
+            status_code=exc.status_code, headers=getattr(exc, "headers", None),
+        )  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: fastapi.Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": f"{request.method} {request.url.path}: invalid request"}, status_code=400
+        )
+
+    if token_sha256 is not None:
+        app.add_middleware(BearerToken, digest=token_sha256)
+
+    async def read_body(request: Any, per_tile: int, ticket: Ticket) -> bytes:
         limit = max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20)
         too_large = BadRequest(
             f"a request body over {limit} bytes is too large for --max-batch {max_batch}", 413
         )
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise (
-                too_large
-                if declared.isdigit()
-                else BadRequest(f"Content-Length {declared!r} is not a number")
-            )
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest(f"Content-Length {declared[:40]!r} is not a number")
+            if int(declared) > limit:
+                raise too_large
+            ticket.take(int(declared))  # held from now: bodies in flight count
         body = bytearray()
         async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
             body += chunk
             if len(body) > limit:
                 raise too_large
+            if len(body) > ticket.taken:
+                ticket.take(len(body) - ticket.taken)
         return bytes(body)
 
     class Ingress(TileEmbedderServer):
+        @app.get("/v2")
+        def server_metadata(self) -> dict[str, Any]:
+            return {"name": "virchow-rt", "version": __version__, "extensions": ["binary_tensor_data"]}
+
         @app.get("/v2/health/ready")
         def ready(self) -> dict[str, bool]:
             return {"ready": True}
@@ -246,6 +152,10 @@ def build_app(
         def model_metadata(self, model: str) -> Any:
             return self.metadata() if model == self.name else _unknown(model, self.name)
 
+        @app.get("/v2/models/{model}/config")
+        def model_config(self, model: str) -> Any:
+            return self.config() if model == self.name else _unknown(model, self.name)
+
         @app.get("/v2/models/{model}/ready")
         def model_ready(self, model: str) -> Any:
             return {"ready": True} if model == self.name else _unknown(model, self.name)
@@ -255,26 +165,35 @@ def build_app(
             if model != self.name:
                 return _unknown(model, self.name)
             sizes = [{"batch_size": size, "count": count} for size, count in sorted(self.batches.items())]
-            return {"name": self.name, "batch_stats": sizes}
+            return {"name": self.name, "batch_stats": sizes, "pending_bytes": self.pending.held}
 
         @app.post("/v2/models/{model}/infer")
         async def infer(self, model: str, request: fastapi.Request) -> Any:
             if model != self.name:
                 return _unknown(model, self.name)
             s = self.info.tile_size
+            ticket = Ticket(self.pending)
             try:
-                body = await read_body(request, s * s * 3)
+                body = await read_body(request, s * s * 3, ticket)
                 header = request.headers.get(INFERENCE_HEADER)
                 if header is not None and not header.isdigit():
-                    raise BadRequest(f"{INFERENCE_HEADER} {header!r} is not a number")
-                tiles, binary = parse_infer(body, int(header) if header else None, s, self.max_batch)
+                    raise BadRequest(f"{INFERENCE_HEADER} {header[:40]!r} is not a number")
+                tiles, binary = parse_infer(body, int(header) if header else None, self.max_batch)
+                ticket.take(tiles.nbytes)
                 embeddings = await self.embed(tiles)
             except BadRequest as err:
                 return refuse(err)
             except InputError as err:  # the embedder's own refusal of these tiles
                 return refuse(BadRequest(str(err)))
+            except ClientDisconnect:
+                return refuse(BadRequest("the client left before sending the whole body"))
+            finally:
+                ticket.release()
             out: dict[str, Any] = {"name": "embedding", "datatype": "FP32", "shape": list(embeddings.shape)}
-            reply: dict[str, Any] = {"model_name": self.name, "model_version": "1", "outputs": [out]}
+            reply: dict[str, Any] = {
+                "model_name": self.name, "model_version": "1", "outputs": [out],
+                "parameters": {"random_weights": bool(self.info.random_weights)},
+            }  # fmt: skip
             if not binary:
                 out["data"] = embeddings.ravel().tolist()
                 return reply
@@ -288,22 +207,30 @@ def build_app(
         @app.post("/embed")
         async def upload(self, request: fastapi.Request) -> Any:
             s = self.info.tile_size
+            ticket = Ticket(self.pending)
             try:
-                tiles = parse_upload(await read_body(request, s * s * 3))
-                if len(tiles) > self.max_batch:
-                    raise BadRequest(f"{len(tiles)} tiles in one request: send 1 to {self.max_batch}")
-                if len(tiles) == 0:
-                    raise BadRequest("0 tiles in the .npy: send 1 or more")
+                body = await read_body(request, s * s * 3, ticket)
+                tiles = parse_upload(body, request.headers.get("content-type", ""), self.max_batch)
+                ticket.take(tiles.nbytes)
                 embeddings = await self.embed(tiles)
             except BadRequest as err:
                 return refuse(err)
             except InputError as err:
                 return refuse(BadRequest(str(err)))
+            except ClientDisconnect:
+                return refuse(BadRequest("the client left before sending the whole body"))
+            finally:
+                ticket.release()
+            random = bool(self.info.random_weights)
             if "application/x-npy" in request.headers.get("accept", ""):
                 buffer = io.BytesIO()
                 np.save(buffer, embeddings)
-                return Response(buffer.getvalue(), media_type="application/x-npy")
-            return {"model": self.name, "shape": list(embeddings.shape), "embeddings": embeddings.tolist()}
+                label = {RANDOM_WEIGHTS_HEADER: str(random).lower()}
+                return Response(buffer.getvalue(), media_type="application/x-npy", headers=label)
+            return {
+                "model": self.name, "random_weights": random, "shape": list(embeddings.shape),
+                "embeddings": embeddings.tolist(),
+            }  # fmt: skip
 
     Ingress._embed_batch = serve.batch(
         max_batch_size=max_batch,
@@ -314,18 +241,55 @@ def build_app(
     )
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0.0
+    ongoing = max(16, 2 * max_batch)
     deployment = serve.deployment(
         num_replicas=replicas or 1,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 1},
-        max_ongoing_requests=max(16, 2 * max_batch),
+        max_ongoing_requests=ongoing,
+        max_queued_requests=4 * ongoing,  # beyond it Ray Serve answers 503 itself: no unbounded queue
     )(serve.ingress(app)(Ingress))
-    return deployment.bind(model, backend, name, max_batch, max_wait_ms / 1000)
+    pending_bytes = int(max_pending_mb * (1 << 20))
+    return deployment.bind(
+        model, backend, name, max_batch, max_wait_ms / 1000, pending_bytes, allow_engine_host_code
+    )
+
+
+class BearerToken:
+    """ASGI middleware: every route but :data:`OPEN_ROUTES` needs ``Authorization: Bearer <token>``.
+
+    Holds only the token's sha256 and compares digests in constant time (``hmac.compare_digest``)."""
+
+    def __init__(self, app: Any, digest: str) -> None:
+        self.app, self.digest = app, digest
+
+    def allowed(self, scope: dict[str, Any]) -> bool:
+        if scope["path"] in OPEN_ROUTES:
+            return True
+        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, credential = given.partition(" ")
+        presented = token_digest(credential.strip()) if scheme.lower() == "bearer" else ""
+        return hmac.compare_digest(presented.encode(), self.digest.encode())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        refused = JSONResponse(
+            {"error": "this server needs a token: send the header 'Authorization: Bearer <token>'"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await refused(scope, receive, send)
 
 
 def _unknown(model: str, served: str) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": f"no model {model!r} here; this server serves {served!r}"}, status_code=404)
+    return JSONResponse(
+        {"error": f"no model {model[:80]!r} here; this server serves {served!r}"}, status_code=404
+    )
 
 
 def _manifest(model: str) -> dict[str, Any] | None:
@@ -346,59 +310,3 @@ def _model_name(model: str, manifest: dict[str, Any] | None) -> str:
     from pathlib import Path
 
     return Path(model).name.split(".")[0]
-
-
-def run_server(
-    model: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    name: str | None = None,
-    max_batch: int = 64,
-    max_wait_ms: float = 5.0,
-    replicas: int | None = None,
-    backend: str = "auto",
-) -> int:
-    """``virchow-rt serve``: start Ray here, serve until Ctrl-C or SIGTERM, then drain and stop."""
-    import signal
-    import threading
-    from pathlib import Path
-
-    serve, _ = _serve_modules()
-    import ray
-
-    if max_batch < 1 or max_wait_ms < 0:
-        raise InputError(
-            f"--max-batch {max_batch} --max-wait-ms {max_wait_ms}: give 1 or more, and 0 or more"
-        )
-    if not Path(model).exists():
-        raise InputError(f"{model} does not exist; give an export folder, an .onnx or an .engine")
-    manifest = _manifest(str(model))
-    name = name or _model_name(str(model), manifest)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    stop = threading.Event()
-    try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        serve.start(http_options={"host": host, "port": port})
-        app = build_app(
-            str(model), name=name, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms,
-            replicas=replicas or max(1, gpus),
-        )  # fmt: skip
-        serve.run(app, name="virchow-rt", route_prefix="/")
-        # the replicas' own warnings are not shown on this console
-        if manifest is not None and manifest.get("weights", {}).get("random"):
-            warn_random_weights(
-                f"{manifest['variant']} has random weights; every answer is labelled random_weights"
-            )
-        print(f"serving {name} at http://{host}:{port}/v2/models/{name} (and POST /embed); Ctrl-C stops")
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1.0):
-                pass
-        except KeyboardInterrupt:
-            pass
-        print("stopping: finishing the requests in flight", flush=True)
-    finally:
-        serve.shutdown()  # replicas finish their ongoing requests first (graceful shutdown)
-        ray.shutdown()
-    return 0

@@ -3,30 +3,42 @@
 Writes ``REPO/<name>/config.pbtxt`` and ``REPO/<name>/1/``: ``model.onnx`` (platform ``onnxruntime_onnx``,
 its external data file beside it under the name the graph records) or the TensorRT engines (platform
 ``tensorrt_plan``: ``model.plan``, or one ``model_sm<CC>.plan`` per compute capability listed in
-``cc_model_filenames``). The input is the export's uint8 tile batch ``[S, S, 3]`` (resizing and
-normalisation are inside the graph), the output the float embedding ``[E]``; ``max_batch_size`` is the
-export's batch profile, with dynamic batching and an instance group, and the manifest's facts (variant,
-pooling, precision, random weights, parity) are the model's parameters.
+``cc_model_filenames``). The source is an export folder, or one model file of it (``.onnx``, ``.engine``).
 
-The configuration is built with Triton's own schema (``model_config_pb2`` from ``tritonclient[grpc]``)
-and written as protobuf text, so a field Triton does not know cannot be written. The repository entry is
-assembled in a temporary folder and renamed into place: an interrupted run leaves no half-made model.
+The input is the export's uint8 tile batch, fixed at ``[S, S, 3]`` (S = 224 for most variants): the
+normalisation is inside the graph, **the resize is not**, so a Triton client must send S×S tiles (``virchow-rt
+serve`` resizes any size; ``virchow_rt.kernels.resize_tiles`` does it on the client). The output is the float
+embedding ``[E]``; ``max_batch_size`` is the export's batch profile, with dynamic batching and an instance
+group (GPU, except for the int8 ONNX model, which is made for the CPU), and the manifest's facts (variant,
+pooling, precision, random weights, parity, tile size) are the model's parameters.
+
+Nothing a manifest says is trusted: every path it lists must stay inside the export folder, the model's
+name must be a plain folder name, and each file is copied (never hard-linked: writing the repository's copy
+must not change the export) and checked against the manifest's sha256 as it is copied. The configuration
+is built with Triton's own schema (``model_config_pb2`` from ``tritonclient[grpc]``) and written as protobuf
+text, so a field Triton does not know cannot be written. The entry is assembled in a temporary folder and
+renamed into place: an interrupted or refused run leaves no half-made model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.errors import InputError, MissingDependency, OutputError
-from virchow_rt.manifest import current_umask, read_manifest
+from virchow_rt.errors import InputError, MissingDependency, ModelFileError, OutputError
+from virchow_rt.manifest import MANIFEST_NAME, current_umask, find_artifact, read_manifest
+from virchow_rt.paths import check_name, inside_folder
 
 #: numpy dtype names of the manifest -> Triton's data types
 _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 PLATFORMS = ("auto", "onnx", "tensorrt")
+INSTANCE_KINDS = ("auto", "gpu", "cpu")
+_FORMATS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 
 def _schema() -> Any:
@@ -39,17 +51,44 @@ def _schema() -> Any:
     return model_config_pb2
 
 
-def _pick(manifest: dict[str, Any], platform: str, precision: str) -> tuple[str, list[dict[str, Any]]]:
-    """The platform and its artifacts: every TensorRT engine, or the ONNX file of ``precision``."""
+def _source(export: Path) -> tuple[Path, str | None]:
+    """(the export folder, the one model file asked for or None) from a folder or a model file of it."""
+    if export.is_dir():
+        return export, None
+    if not export.exists():
+        raise InputError(f"{export} does not exist; give an export folder (virchow-rt export ... --out DIR)")
+    if export.suffix.lower() not in (".onnx", ".engine", ".plan"):
+        raise InputError(f"{export} is not an export folder or a model file of one (.onnx, .engine, .plan)")
+    return export.parent, export.name
+
+
+def _pick(
+    manifest: dict[str, Any], platform: str, precision: str | None, chosen: str | None
+) -> tuple[str, list[dict[str, Any]]]:
+    """The platform and its artifacts: the file asked for, else every TensorRT engine, else the ONNX file
+    of ``precision`` (fp32 when not given)."""
+    if chosen is not None:
+        artifact = find_artifact(manifest, chosen)
+        kind = _FORMATS.get(artifact.get("format", "")) if artifact else None
+        if artifact is None or kind is None:
+            raise ModelFileError(f"its {MANIFEST_NAME} lists no ONNX model or TensorRT engine named {chosen}")
+        wanted = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(platform, kind)
+        if wanted != kind or precision not in (None, artifact.get("precision")):
+            raise InputError(
+                f"{chosen} is the {artifact.get('precision')} {artifact['format']} model: drop --platform "
+                "and --precision, or give the export folder"
+            )
+        return kind, [artifact]
     artifacts = manifest["artifacts"]
     engines = [a for a in artifacts if a["format"] == "tensorrt"]
-    if platform == "tensorrt" or (platform == "auto" and engines):
+    if platform == "tensorrt" or (platform == "auto" and engines and precision is None):
         if not engines:
             raise InputError(
                 "this export has no TensorRT engine; build one with `virchow-rt export --tensorrt`, "
                 "or give --platform onnx"
             )
         return "tensorrt_plan", engines
+    precision = precision or "fp32"
     onnx = [a for a in artifacts if a["format"] == "onnx" and a["precision"] == precision]
     if not onnx:
         have = sorted({a["precision"] for a in artifacts if a["format"] == "onnx"})
@@ -60,12 +99,48 @@ def _pick(manifest: dict[str, Any], platform: str, precision: str) -> tuple[str,
     return "onnxruntime_onnx", onnx[:1]
 
 
-def _place(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to ``src`` where the filesystem allows (engines and weights are large)."""
+def _copy_checked(folder: Path, relative: Any, sha256: Any, dst: Path, what: str) -> None:
+    """Copy ``folder/relative`` (refused unless inside ``folder``) to ``dst``, hashing as it goes; refuse a
+    file that does not match the manifest's ``sha256``. A copy, never a link: the export stays untouched."""
+    src = inside_folder(folder, relative, what)
+    if not isinstance(sha256, str) or not sha256:
+        raise ModelFileError(
+            f"{folder / MANIFEST_NAME} records no sha256 for {relative}; re-export the model"
+        )
+    digest = hashlib.sha256()
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            while block := fin.read(1 << 22):
+                digest.update(block)
+                fout.write(block)
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"{src} is missing (its {MANIFEST_NAME} lists it); re-export the model"
+        ) from None
+    if digest.hexdigest() != sha256:
+        raise ModelFileError(
+            f"{src} does not match the sha256 in its {MANIFEST_NAME} (changed since it was exported); "
+            "nothing was written: re-export the model"
+        )
+
+
+def _instance_kind(requested: str, kind: str, precision: str) -> str:
+    """``auto``: GPU, except for the int8 ONNX model (ONNX Runtime's dynamic quantization is for the CPU)."""
+    if requested not in INSTANCE_KINDS:
+        raise InputError(f"--instance-kind {requested}: give one of {', '.join(INSTANCE_KINDS)}")
+    int8 = kind == "onnxruntime_onnx" and precision == "int8"
+    if requested == "auto":
+        return "cpu" if int8 else "gpu"
+    if requested == "gpu" and int8:
+        warnings.warn(
+            "the int8 ONNX model is made for the CPU (dynamic quantization); on a GPU instance ONNX Runtime "
+            "runs most of it on the CPU anyway: give --instance-kind cpu, or serve the fp16 model on the GPU",
+            stacklevel=3,
+        )
+    if kind == "tensorrt_plan" and requested == "cpu":
+        raise InputError("TensorRT engines run on a GPU: give --instance-kind gpu, or --platform onnx")
+    return requested
 
 
 def write_triton_repository(
@@ -74,36 +149,36 @@ def write_triton_repository(
     *,
     name: str | None = None,
     platform: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
     instances: int = 1,
-    instance_kind: str = "gpu",
+    instance_kind: str = "auto",
     max_queue_delay_us: int = 2000,
 ) -> Path:
     """Write ``repo/<name>`` (default name: the variant) for Triton from ``export_dir``; returns its folder.
 
-    ``platform``: ``auto`` (the TensorRT engines when the export has any, else ONNX), ``onnx`` or
-    ``tensorrt``. ``precision`` picks the ONNX model. ``instance_kind``: ``gpu`` or ``cpu``.
+    ``export_dir``: an export folder, or one ``.onnx``/``.engine`` file of it (that model is placed).
+    ``platform``: ``auto`` (the TensorRT engines when the export has any and no ``precision`` is asked,
+    else ONNX), ``onnx`` or ``tensorrt``. ``precision`` picks the ONNX model (default fp32).
+    ``instance_kind``: ``auto`` (GPU; CPU for the int8 model), ``gpu`` or ``cpu``.
     """
     pb = _schema()
     from google.protobuf import text_format
 
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
+    folder, chosen = _source(Path(export_dir))
+    manifest = read_manifest(folder)
     if platform not in PLATFORMS:
         raise InputError(f"--platform {platform}: give one of {', '.join(PLATFORMS)}")
-    if instance_kind not in ("gpu", "cpu") or instances < 1:
-        raise InputError(
-            f"--instances {instances} --instance-kind {instance_kind}: give 1 or more, gpu or cpu"
-        )
-    kind, artifacts = _pick(manifest, platform, precision)
-    name = name or manifest["variant"]
+    if instances < 1:
+        raise InputError(f"--instances {instances}: give 1 or more")
+    kind, artifacts = _pick(manifest, platform, precision, chosen)
+    name = check_name(
+        manifest.get("variant") if name is None else name, "--name" if name else "the variant (give --name)"
+    )
     target = Path(repo) / name
     if target.exists():
         raise OutputError(f"{target} exists; remove it first, or give another --name")
-
-    if kind == "tensorrt_plan" and instance_kind == "cpu":
-        raise InputError("TensorRT engines run on a GPU: give --instance-kind gpu, or --platform onnx")
     first = artifacts[0]
+    group = _instance_kind(instance_kind, kind, first.get("precision", ""))
     # by name: an export with --outputs embedding,patch_tokens has more; Triton serves the embedding
     tile = next(t for t in first["inputs"] if t["name"] == "tiles")
     embedding = next(t for t in first["outputs"] if t["name"] == "embedding")
@@ -119,8 +194,9 @@ def write_triton_repository(
     opt = first["profile"]["opt"] if kind == "tensorrt_plan" else manifest["batch"]["opt"]
     config.dynamic_batching.preferred_batch_size.append(min(opt, max_batch))
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    group_kind = pb.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    group_kind = pb.ModelInstanceGroup.KIND_GPU if group == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=instances, kind=group_kind)
+    side = tile["shape"][1]
     facts = {
         "variant": manifest["variant"],
         "pooling": manifest["embedding"]["pooling"],
@@ -128,6 +204,10 @@ def write_triton_repository(
         "random_weights": str(bool(manifest["weights"]["random"])).lower(),
         "weights_sha256": manifest["weights"]["sha256"],
         "parity": first.get("parity", {}).get("summary", "not measured"),
+        "tile_size": f"{side} (send {side}x{side} tiles: the graph normalises but does not resize)",
+        # how to resize on the client as the model's transform does: kernels.resize_tiles(tiles, S, these)
+        "crop_pct": manifest.get("preprocess", {}).get("crop_pct", 1.0),
+        "interpolation": manifest.get("preprocess", {}).get("interpolation", "bicubic"),
     }
     for key, value in facts.items():
         config.parameters[key].string_value = str(value)
@@ -138,19 +218,21 @@ def write_triton_repository(
         version = staging / "1"
         version.mkdir()
         if kind == "onnxruntime_onnx":
-            _place(export_dir / first["path"], version / "model.onnx")
-            if first.get("external_data"):  # the graph refers to it by its own name
-                data = export_dir / first["external_data"]
-                _place(data, version / data.name)
+            _copy_checked(folder, first["path"], first.get("sha256"), version / "model.onnx", "model")
+            data = first.get("external_data")
+            if data:  # the graph refers to it by the relative name it was saved under
+                _copy_checked(
+                    folder, data, first.get("external_data_sha256"), version / data, "external data"
+                )
         elif len(artifacts) == 1:
-            _place(export_dir / first["path"], version / "model.plan")
+            _copy_checked(folder, first["path"], first.get("sha256"), version / "model.plan", "engine")
         else:
             for engine in artifacts:
-                cc = engine["compute_capability"]
-                filename = f"model_sm{cc.replace('.', '')}.plan"
-                if filename in os.listdir(version):
+                cc = str(engine["compute_capability"])
+                filename = check_name(f"model_sm{cc.replace('.', '')}.plan", "an engine's compute capability")
+                if (version / filename).exists():
                     raise InputError(f"two engines for compute capability {cc} ({engine['path']}); keep one")
-                _place(export_dir / engine["path"], version / filename)
+                _copy_checked(folder, engine["path"], engine.get("sha256"), version / filename, "engine")
                 config.cc_model_filenames[cc] = filename
         (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it owner-only
