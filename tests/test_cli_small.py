@@ -59,3 +59,25 @@ def test_counts_are_words(tmp_path):
         open_tiles(tmp_path)
     assert "(not tiles: 1 entry)" in str(error.value)
     assert (plural(1, "file"), plural(2, "file"), plural(2, "entry")) == ("1 file", "2 files", "2 entries")
+
+
+def test_engine_host_code_is_asked_for_on_embed_and_slides(tmp_path, monkeypatch):
+    """--allow-engine-host-code reaches open_backend from embed and slides (and nowhere by default)."""
+    import numpy as np
+
+    from virchow_rt.cli import embed as embed_cli
+    from virchow_rt.errors import BackendError
+
+    seen = []
+
+    def fake_open_backend(model, backend="auto", **options):
+        seen.append(options.get("allow_engine_host_code", False))
+        raise BackendError("stop here")
+
+    monkeypatch.setattr(embed_cli, "open_backend", fake_open_backend)
+    np.save(tmp_path / "t.npy", np.zeros((1, 224, 224, 3), np.uint8))
+    base = ["embed", "m.engine", str(tmp_path / "t.npy"), "--out", str(tmp_path / "e.npy")]
+    assert cli.main(base) != 0 and cli.main([*base, "--allow-engine-host-code"]) != 0
+    assert seen == [False, True]
+    ray = ["slides", str(tmp_path), "--model", "m", "--out", str(tmp_path / "o"), "--ray"]
+    assert cli.main([*ray, "--allow-engine-host-code"]) == InputError("").exit_code  # refused, one line

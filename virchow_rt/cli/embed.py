@@ -19,7 +19,7 @@ import numpy as np
 from virchow_rt._version import __version__
 from virchow_rt.backends import open_backend
 from virchow_rt.backends.capabilities import package_version
-from virchow_rt.cli.common import Help, add_backend
+from virchow_rt.cli.common import Help, add_backend, add_engine_host_code
 from virchow_rt.embed import open_tiles
 from virchow_rt.embed.embedder import Embedder
 from virchow_rt.embed.tiles import plural
@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cls_mean: class ‖ patch mean; cls: class token (default: the model's own: virchow-rt list)",
     )
     add_backend(p)
+    add_engine_host_code(p)
     p.add_argument(
         "--weights",
         default=None,
@@ -88,6 +89,8 @@ def embed_command(args: argparse.Namespace) -> int:
                 f"{args.backend} runs the exported file as it is: drop --weights"
             )
         options["weights"] = args.weights
+    if args.allow_engine_host_code:
+        options["allow_engine_host_code"] = True
     with open_backend(args.model, args.backend, **options) as backend:
         embedder = Embedder(backend, batch_size=args.batch, progress=sys.stderr.isatty(), resize=args.resize)
         info = embedder.info

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.cli.common import Help, add_backend, csv_ints
+from virchow_rt.cli.common import Help, add_backend, add_engine_host_code, csv_ints
 from virchow_rt.slides.settings import SlideSettings
 
 #: argparse types of the settings' annotations (a bool is a switch)
@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_settings(p, target)
     add_backend(p)
+    add_engine_host_code(p)
     p.add_argument(
         "--clear-stale-locks",
         action="store_true",
@@ -92,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``virchow-rt slides``: returns 0 when every slide is done or skipped, 1 when any failed."""
+    from virchow_rt.errors import InputError
     from virchow_rt.slides import locks, process_slides, process_slides_ray
     from virchow_rt.slides.grid import magnification_to_mpp
     from virchow_rt.slides.summary import SUMMARY_NAME
@@ -99,6 +101,11 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = SlideSettings.from_options(vars(args))
     if args.mag is not None:
         settings = dataclasses.replace(settings, mpp=magnification_to_mpp(args.mag))
+    if args.ray and args.allow_engine_host_code:
+        raise InputError(
+            "--allow-engine-host-code is not passed on to Ray workers; run without --ray, or build the "
+            "engine without --version-compatible (it then needs no host code)"
+        )
     if args.clear_stale_locks and Path(args.out).is_dir():
         removed, kept = locks.clear_stale_locks(Path(args.out), settings.lock_lease)
         for path, _, why in removed:
@@ -121,6 +128,11 @@ def run_cli(args: argparse.Namespace) -> int:
                     gpus_per_worker=args.gpus_per_worker,
                     backend=args.backend,
                 )
+            elif args.allow_engine_host_code:  # opened here, the one way such an engine is allowed
+                from virchow_rt.backends import open_backend
+
+                with open_backend(args.model, args.backend, allow_engine_host_code=True) as backend:
+                    summary = process_slides(args.slides, backend, args.out, settings)
             else:
                 summary = process_slides(args.slides, args.model, args.out, settings, backend=args.backend)
     except KeyboardInterrupt:
