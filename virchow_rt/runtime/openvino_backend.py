@@ -112,6 +112,7 @@ class OpenVinoBackend(Backend):
             raise InputError(f"gate_tiles is {gate_tiles}; the bf16 gate needs at least 2 tiles (default 32)")
         self.path = Path(model_path)
         check_model_file(self.path)
+        self._sha256: str | None = None
         ov = _ov()
         self._ov_version = ov.get_version()
         self._cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -163,9 +164,12 @@ class OpenVinoBackend(Backend):
         inputs = {i.get_any_name(): i for i in model.inputs}
         outputs = {o.get_any_name(): o for o in model.outputs}
         tiles = inputs.get(INPUT)
-        rank_ok = tiles is not None and tiles.get_partial_shape().rank.get_length() == 4
+        rank = tiles.get_partial_shape().rank if tiles is not None else None
+        rank_ok = rank is not None and rank.is_static and rank.get_length() == 4
         if not rank_ok or tiles.get_element_type().get_type_name() != "u8" or OUTPUT not in outputs:
-            found = ", ".join(f"{n} {i.get_element_type()} {i.get_partial_shape()}" for n, i in inputs.items())
+            found = ", ".join(
+                f"{name} {i.get_element_type()} {i.get_partial_shape()}" for name, i in inputs.items()
+            )
             raise ModelFileError(
                 f"{self.path} is not a virchow-rt export: expected input '{INPUT}' uint8 (batch, S, S, 3) "
                 f"and output '{OUTPUT}', found inputs [{found}] and outputs {sorted(outputs)}"
@@ -178,6 +182,13 @@ class OpenVinoBackend(Backend):
             return [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
 
         return model_info(meta, dims(tiles), dims(outputs[OUTPUT]), self.path)
+
+    @property
+    def model_sha256(self) -> str:
+        """Hex SHA-256 of the ``.onnx`` file (computed once)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
 
     def _compile(self, model: Any, precision: str) -> Any:
         config = {
@@ -195,14 +206,14 @@ class OpenVinoBackend(Backend):
 
     # --- the bf16 gate -----------------------------------------------------------------------
     def _choose_bf16(self, model: Any, info: Any, precision: str, gate_tiles: int) -> str:
-        """"bf16" when the CPU has bf16 units and the gate passed (compiling it), else "fp32" (auto) or
+        """Returns "bf16" when the CPU has bf16 units and the gate passed (compiling it), else "fp32" (auto) or
         an error naming why (precision "bf16")."""
         if not cpu_has_bf16(self._core):
             self.gate = f"not considered: this CPU ({cpu_model()}) has no bf16 units (AMX / AVX-512 BF16)"
             if precision == "bf16":
                 raise BackendError(f"bf16 asked for, but {self.gate[len('not considered: ') :]}; use fp32")
             return "fp32"
-        verdict = self._cached_verdict()
+        verdict = self._cached_verdict(*bf16_tolerance(info.variant))
         if verdict is None:
             self._compiled = self._compile(model, "bf16")
             verdict = self._measure(info, gate_tiles)
@@ -215,7 +226,7 @@ class OpenVinoBackend(Backend):
                 self._compiled = self._compile(model, "bf16")
             return "bf16"
         self._compiled = None
-        message = f"OpenVINO bf16 of {self.path.name} failed its parity gate against {GATE_REFERENCE}: {verdict}"
+        message = f"OpenVINO bf16 of {self.path.name} failed its parity gate ({GATE_REFERENCE}): {verdict}"
         if precision == "bf16":
             raise ParityError(f"{message}; run it in fp32 (--backend openvino-fp32 or onnxruntime-cpu)")
         warnings.warn(f"{message}; running fp32 instead", stacklevel=3)
@@ -226,15 +237,17 @@ class OpenVinoBackend(Backend):
         # external data enters the key by size and mtime (hashing GBs costs seconds), as ONNX Runtime's cache
         stamp = f"-{data.stat().st_size}-{data.stat().st_mtime_ns}" if data.exists() else ""
         cpu = "".join(c if c.isalnum() else "_" for c in cpu_model())[:40]
-        key = f"{sha256_file(self.path)[:32]}{stamp}-ov{self._ov_version.split('-')[0]}-{cpu}-g{GATE_VERSION}"
+        key = f"{self.model_sha256[:32]}{stamp}-ov{self._ov_version.split('-')[0]}-{cpu}-g{GATE_VERSION}"
         return self._cache / "openvino-gate" / f"{key}.json"
 
-    def _cached_verdict(self) -> Comparison | None:
+    def _cached_verdict(self, min_cosine: float, min_knn10: float) -> Comparison | None:
+        """The cached measurement, judged by today's tolerances (None: not measured yet)."""
         path = self._verdict_file()
         try:
             entry = json.loads(path.read_text())
             fields = {f.name for f in dataclasses.fields(Comparison)}
-            return Comparison(**{k: v for k, v in entry["comparison"].items() if k in fields})
+            measured = {k: v for k, v in entry["comparison"].items() if k in fields}
+            return Comparison(**{**measured, "tolerance": min_cosine, "knn10_tolerance": min_knn10})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged entry is measured again
