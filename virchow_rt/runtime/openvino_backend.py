@@ -206,8 +206,8 @@ class OpenVinoBackend(Backend):
 
     # --- the bf16 gate -----------------------------------------------------------------------
     def _choose_bf16(self, model: Any, info: Any, precision: str, gate_tiles: int) -> str:
-        """Returns "bf16" when the CPU has bf16 units and the gate passed (compiling it), else "fp32" (auto) or
-        an error naming why (precision "bf16")."""
+        """The precision to run: bf16 when the CPU has bf16 units and the gate passed (compiled here),
+        else fp32 (``precision`` "auto") or an error that says why (``precision`` "bf16")."""
         if not cpu_has_bf16(self._core):
             self.gate = f"not considered: this CPU ({cpu_model()}) has no bf16 units (AMX / AVX-512 BF16)"
             if precision == "bf16":
