@@ -147,6 +147,15 @@ class OpenVinoBackend(Backend):
         self.requests = self._request_count(self._compiled)
         #: per stream a batch of 8 keeps the activations in cache (as ONNX Runtime's CPU plateau)
         self.preferred_batch: int | None = 8
+        #: what the compile chose, for reports (the benchmark records it as the row's backend details)
+        self.optimization: dict[str, Any] = {
+            "inference_precision": str(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "streams": int(self._compiled.get_property("NUM_STREAMS")),
+            "requests": self.requests,
+            "bf16_gate": self.gate,
+            "bf16_parity": str(self.parity) if self.parity is not None else None,
+            "openvino": self._ov_version,
+        }
 
     # --- loading -----------------------------------------------------------------------------
     def _read(self, core: Any) -> Any:
