@@ -148,8 +148,9 @@ class OpenVinoBackend(Backend):
         #: per stream a batch of 8 keeps the activations in cache (as ONNX Runtime's CPU plateau)
         self.preferred_batch: int | None = 8
         #: what the compile chose, for reports (the benchmark records it as the row's backend details)
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")  # an element type: "bf16", "f32"
         self.optimization: dict[str, Any] = {
-            "inference_precision": str(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "inference_precision": hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint),
             "streams": int(self._compiled.get_property("NUM_STREAMS")),
             "requests": self.requests,
             "bf16_gate": self.gate,
