@@ -107,6 +107,21 @@ def test_a_failing_gate_falls_back_to_fp32_or_refuses_with_its_numbers(models, t
     assert OpenVinoBackend(model, "bf16").gate == "cached"
 
 
+@needs_bf16
+def test_bf16_is_never_run_unchecked(models, tmp_path, monkeypatch):
+    import virchow_rt.tissue
+
+    def no_skimage(*args: object, **kwargs: object) -> None:
+        raise MissingDependency("scikit-image is needed for the bundled real-tissue tiles: pip install ...")
+
+    monkeypatch.setattr(virchow_rt.tissue, "tissue_tiles", no_skimage)
+    model = shutil.copy(models["fp32"], tmp_path / "unchecked.fp32.onnx")
+    with pytest.warns(UserWarning, match="not run unchecked: scikit-image"):
+        assert OpenVinoBackend(model).name == "openvino-cpu-fp32"
+    with pytest.raises(MissingDependency, match="scikit-image"):
+        OpenVinoBackend(model, "bf16")
+
+
 def test_no_bf16_units_means_fp32_or_a_refusal(models, monkeypatch):
     monkeypatch.setattr(openvino_backend, "cpu_has_bf16", lambda core=None: False)
     backend = OpenVinoBackend(models["fp32"])
