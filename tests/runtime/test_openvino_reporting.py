@@ -51,5 +51,9 @@ def test_bench_rows_for_openvino():
     assert "no bf16 dot-product instructions" in unavailable_reason(bf16, avx2)
     missing = Machine(has_cuda=False, cpu_flags=("avx512_bf16",), importable=())
     assert "pip install 'virchow-rt[openvino]'" in unavailable_reason(f32, missing)
-    runnable, _ = plan(["openvino-cpu"], BF16_CPU)
-    assert {r.key for r in runnable} >= {"openvino-cpu/fp32", "openvino-cpu/bf16"}
+    both = {"openvino-cpu/fp32", "openvino-cpu/bf16"}
+    cases = {"openvino": both, "openvino-cpu": both, "openvino-bf16": {"openvino-cpu/bf16"},
+             "openvino-fp32": {"openvino-cpu/fp32"}, "openvino-cpu/bf16": {"openvino-cpu/bf16"}}  # fmt: skip
+    for name, keys in cases.items():
+        runnable, _ = plan([name], BF16_CPU)  # the names `embed --backend` takes, and the row keys
+        assert {r.key for r in runnable} - {"torch-eager/fp32"} == keys, name

@@ -264,6 +264,9 @@ def select_rows(requested: Sequence[str] | None, machine: Machine) -> tuple[list
             matches = [r for r in ROWS if r.key == name or r.backend == name]
             if name == "onnxruntime":
                 matches = [r for r in ROWS if r.backend.startswith("onnxruntime-")]
+            if name.startswith("openvino") and "/" not in name:  # openvino: both rows; openvino-bf16: one
+                precision = name.removeprefix("openvino").lstrip("-")
+                matches = [r for r in ROWS if r.kind == "openvino" and precision in ("", "cpu", r.precision)]
             if not matches:
                 known = ", ".join(sorted({r.backend for r in ROWS} | set(ROWS_BY_KEY)))
                 raise InputError(
