@@ -95,16 +95,18 @@ def test_a_failing_gate_falls_back_to_fp32_or_refuses_with_its_numbers(models, t
     real_tolerance = openvino_backend.bf16_tolerance
     _fail_the_gate(monkeypatch)
     model = shutil.copy(models["fp32"], tmp_path / "gate.fp32.onnx")
+    cache = tmp_path / "cache"  # its own: measured here, whatever other tests cached
     with pytest.warns(UserWarning, match=r"failed its parity gate.*FAIL: min cosine 0\.99.*tolerance 1\.5"):
-        backend = OpenVinoBackend(model, "auto")
+        backend = OpenVinoBackend(model, "auto", cache_dir=cache)
+    assert backend.gate == "measured"
     assert backend.name == "openvino-cpu-fp32" and backend.info.precision == "fp32"
     assert backend.parity is not None and not backend.parity
     np.testing.assert_allclose(backend.run(tissue[:4]), expected_embedding(tissue[:4]), atol=1e-5)
     with pytest.raises(ParityError, match=r"FAIL: min cosine .* over 32 tiles.*openvino-fp32"):
-        OpenVinoBackend(model, "bf16")  # the cached failing verdict: refused without a remeasure
+        OpenVinoBackend(model, "bf16", cache_dir=cache)  # the cached failing verdict, not remeasured
     # the cached measurement is judged by today's tolerance: with the real one it passes, unmeasured
     monkeypatch.setattr(openvino_backend, "bf16_tolerance", real_tolerance)
-    assert OpenVinoBackend(model, "bf16").gate == "cached"
+    assert OpenVinoBackend(model, "bf16", cache_dir=cache).gate == "cached"
 
 
 @needs_bf16
@@ -116,10 +118,11 @@ def test_bf16_is_never_run_unchecked(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(virchow_rt.tissue, "tissue_tiles", no_skimage)
     model = shutil.copy(models["fp32"], tmp_path / "unchecked.fp32.onnx")
+    cache = tmp_path / "cache"  # its own: the other tests' verdicts for this model are cached elsewhere
     with pytest.warns(UserWarning, match="not run unchecked: scikit-image"):
-        assert OpenVinoBackend(model).name == "openvino-cpu-fp32"
+        assert OpenVinoBackend(model, cache_dir=cache).name == "openvino-cpu-fp32"
     with pytest.raises(MissingDependency, match="scikit-image"):
-        OpenVinoBackend(model, "bf16")
+        OpenVinoBackend(model, "bf16", cache_dir=cache)
 
 
 def test_no_bf16_units_means_fp32_or_a_refusal(models, monkeypatch):
