@@ -16,6 +16,7 @@ _KNOWN = {
     "safetensors": ("safetensors", "export"),
     "huggingface_hub": ("huggingface_hub", "export"),
     "onnxruntime": ("ONNX Runtime", "all"),
+    "openvino": ("OpenVINO", "openvino"),
     "tensorrt": ("TensorRT", "tensorrt"),
     "cuda": ("cuda-python", "cuda"),
     "skimage": ("scikit-image", "tissue"),

@@ -1,4 +1,5 @@
-"""What this machine can run (``virchow-rt info``): CPU, GPU, ONNX Runtime providers, TensorRT, CUDA.
+"""What this machine can run (``virchow-rt info``): CPU (and its bf16 units), GPU, ONNX Runtime providers,
+OpenVINO, TensorRT, CUDA.
 
 Nothing here imports torch: its presence and version come from the installed package metadata.
 Every probe is guarded, so a broken optional install shows up as a value, never as a crash.
@@ -79,6 +80,25 @@ def cpu_model() -> str:
     return names[0] if names else (platform.processor() or platform.machine())
 
 
+#: /proc/cpuinfo flags that decide the CPU's fast matmul paths (bf16 and int8 dot products, vector width)
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`MATMUL_FLAGS` the CPU has ([] where /proc/cpuinfo is unreadable)."""
+    blocks = _cpuinfo()
+    flags = set(blocks[0].get("flags", "").split()) if blocks else set()
+    return [f for f in MATMUL_FLAGS if f in flags]
+
+
+def cpu_bf16(flags: list[str] | None = None) -> str:
+    """The CPU's bf16 matmul units: "AMX-BF16", "AVX-512 BF16", or "none" (bf16 then runs emulated)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    return "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+
+
 def _memory_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -150,6 +170,8 @@ def runnable_backends() -> list[str]:
         )
         if provider in providers
     ]
+    if package_version("openvino") != NOT_INSTALLED:  # bf16 only where the CPU has the units for it
+        names += ["openvino", "openvino-fp32"] + (["openvino-bf16"] if cpu_bf16() != "none" else [])
     if tensorrt_version() != NOT_INSTALLED and package_version("cuda-python") != NOT_INSTALLED:
         names.append("tensorrt")
     return names
@@ -179,6 +201,8 @@ def capabilities() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_physical_cores": physical_cores(),
         "cpu_logical_cpus": usable_cpus(),
+        "cpu_flags": cpu_flags(),
+        "cpu_bf16": cpu_bf16(),
         "memory_gib": _memory_gib(),
         "gpus": gpu_list or "none visible",
         "onnxruntime": next(
@@ -186,6 +210,7 @@ def capabilities() -> dict[str, Any]:
             NOT_INSTALLED,
         ),
         "onnxruntime_providers": onnxruntime_providers(),
+        "openvino": package_version("openvino"),
         "tensorrt": tensorrt_version(),
         "cuda_python": package_version("cuda-python"),
         "cuda_core": package_version("cuda-core"),  # reads DLPack GPU arrays

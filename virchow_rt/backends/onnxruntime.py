@@ -159,10 +159,15 @@ def _profile(manifest: dict[str, Any]) -> tuple[int, int, int]:
 
 def _read_info(session: Any, path: Path) -> ModelInfo:
     """ModelInfo from the ONNX metadata_props, else the manifest beside the file, else the graph's shapes."""
+    outputs = session.get_outputs()
+    out_dims = next((o.shape for o in outputs if o.name == OUTPUT), outputs[0].shape)
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    dims = list(inputs[0].shape)
-    out_dims = list(next((o.shape for o in outputs if o.name == OUTPUT), outputs[0].shape))
+    return model_info(meta, list(session.get_inputs()[0].shape), list(out_dims), path)
+
+
+def model_info(meta: dict[str, str], dims: list[Any], out_dims: list[Any], path: Path) -> ModelInfo:
+    """ModelInfo from a graph's metadata_props ``meta``, else the manifest beside ``path``, else the shapes
+    of the tiles input ``dims`` and embedding output ``out_dims`` (ints, or names for dynamic axes)."""
     graph_size = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else 224
     graph_dim = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else 0
     manifest, artifact = _manifest(path) if "virchow_rt.variant" not in meta else ({}, {})

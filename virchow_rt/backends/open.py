@@ -1,8 +1,8 @@
 """The one backend factory: :func:`open_backend` opens a model file or an export folder with the backend
 that fits it and this machine.
 
-This module never imports torch. ONNX Runtime, TensorRT, cuda-python and (for ``torch-cuda``) torch load
-lazily, when a backend that needs them is opened.
+This module never imports torch. ONNX Runtime, OpenVINO, TensorRT, cuda-python and (for ``torch-cuda``)
+torch load lazily, when a backend that needs them is opened.
 """
 
 from __future__ import annotations
@@ -10,21 +10,23 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import is_importable
 from virchow_rt.backends.base import Backend
-from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
+from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError, ParityError
 from virchow_rt.manifest import read_manifest
 from virchow_rt.paths import inside_folder
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
-            "tensorrt", "torch-cuda")  # fmt: skip
+            "openvino", "openvino-bf16", "openvino-fp32", "tensorrt", "torch-cuda")  # fmt: skip
 ENGINE_SUFFIXES = (".engine", ".plan")
 _ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu",
                   "onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "tensorrt"}  # fmt: skip
+_OPENVINO = {"openvino": "auto", "openvino-bf16": "bf16", "openvino-fp32": "fp32"}  # backend -> precision
 
 
 def _ort_has_gpu() -> bool:
@@ -47,8 +49,10 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     onnx = [a for a in artifacts if a.get("format") == "onnx" and at(a).exists()]
     if engines and built and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
         return at(built[0])
-    # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32)
-    first = "fp16" if backend != "onnxruntime-cpu" and _ort_has_gpu() else "fp32"
+    # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32; OpenVINO
+    # compiles the fp32 graph to bf16 itself)
+    cpu_only = backend == "onnxruntime-cpu" or backend in _OPENVINO
+    first = "fp16" if not cpu_only and _ort_has_gpu() else "fp32"
     onnx.sort(key=lambda a: a.get("precision") != first)
     if not onnx:
         raise ModelFileError(
@@ -58,9 +62,33 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     return at(onnx[0])
 
 
+def _openvino_bf16(path: Path, options: dict[str, Any]) -> Backend | None:
+    """OpenVINO bf16 for an fp32 ONNX when OpenVINO is installed, the CPU has bf16 units (AMX / AVX-512
+    BF16) and the bf16 parity gate passed; else None: ONNX Runtime runs it, as before OpenVINO (on an
+    AVX2-only CPU it stays the default, so the default is never slower there than it was)."""
+    if not is_importable("openvino"):
+        return None
+    from virchow_rt.backends.openvino import OpenVinoBackend, cpu_has_bf16
+
+    if not cpu_has_bf16():
+        return None
+    accepted = inspect.signature(OpenVinoBackend).parameters
+    try:
+        return OpenVinoBackend(path, "bf16", **{k: v for k, v in options.items() if k in accepted})
+    except ParityError as err:
+        warnings.warn(f"{err}; running ONNX Runtime fp32 instead", stacklevel=4)
+    except (BackendError, ModelFileError, MissingDependency) as err:  # e.g. no scikit-image for the gate
+        log.warning("not running %s with OpenVINO bf16 (%s); running ONNX Runtime instead", path, err)
+    return None
+
+
 def _open_folder(folder: Path, backend: str, options: dict[str, Any], host_code: bool) -> Backend:
     """The backend for an export folder's best artifact here (see :func:`open_backend`)."""
     path = _pick_from_folder(folder, backend)
+    if backend == "auto" and path.suffix.lower() == ".onnx" and not _ort_has_gpu():
+        opened_ov = _openvino_bf16(path, options)
+        if opened_ov is not None:
+            return opened_ov
     if backend == "auto" and path.suffix.lower() in ENGINE_SUFFIXES:
         from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
         from virchow_rt.backends.tensorrt import TensorRTBackend
@@ -98,7 +126,10 @@ def open_backend(
     ``.onnx`` -> ONNX Runtime (TensorRT EP, CUDA EP when available, else CPU); ``.engine``/``.plan`` ->
     native TensorRT; an export folder -> the artifact its manifest lists: an engine for "auto" when
     TensorRT is importable (falling back to the ONNX, with a warning, when this machine refuses the
-    engine), else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32 one.
+    engine), else the fp16 ONNX where ONNX Runtime has a GPU provider, else the fp32 one: on a CPU run
+    by OpenVINO in bf16 when it is installed, the CPU has bf16 units and the bf16 gate passed, else by
+    ONNX Runtime. "openvino" runs an fp32 ONNX with OpenVINO on the CPU (bf16 where gated, else fp32;
+    "openvino-bf16" refuses rather than fall back, "openvino-fp32" never tries bf16).
     "torch-cuda" -> the export's PyTorch module in fp16 on a GPU, run by the same CUDA pipeline as
     TensorRT (torch is imported only then; ``weights=`` where the export's are not on this machine).
     ``backend``: one of :data:`BACKENDS`. ``options`` go to the backend's constructor (e.g.
@@ -131,6 +162,10 @@ def open_backend(
         from virchow_rt.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(path, allow_engine_host_code=allow_engine_host_code, **options)
+    if suffix == ".onnx" and backend in _OPENVINO:
+        from virchow_rt.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, _OPENVINO[backend], **options)
     if suffix == ".onnx":
         if backend == "tensorrt":
             raise InputError(

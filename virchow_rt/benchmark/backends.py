@@ -1,7 +1,7 @@
 """Open the :class:`~virchow_rt.backends.base.Backend` behind one benchmark row, and time its compute alone.
 
 The benchmark talks to every backend through the Backend interface only: the PyTorch reference
-(``virchow_rt.backends.torch_reference.TorchBackend``), ONNX Runtime and TensorRT
+(``virchow_rt.backends.torch_reference.TorchBackend``), ONNX Runtime, OpenVINO and TensorRT
 (``virchow_rt.backends.open_backend``).
 Compute-only timing (device work alone, CUDA events) uses an optional ``time_compute`` method a GPU
 backend may offer; on a CPU there is no device apart from the host, so the figure is null with a reason.
@@ -133,6 +133,8 @@ def open_row_backend(
         )
     from virchow_rt.backends import open_backend
 
+    if spec.kind == "openvino":  # "openvino-bf16" refuses (with the gate's numbers) rather than fall back
+        return open_backend(path, backend=f"openvino-{spec.precision}")
     return open_backend(path, backend=spec.backend)
 
 

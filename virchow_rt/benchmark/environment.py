@@ -29,6 +29,8 @@ PACKAGES = (
     "onnx",
     "onnxruntime",
     "onnxruntime-gpu",
+    "openvino",
+    "nncf",
     "tensorrt",
     "tensorrt-cu12",
     "tensorrt-cu13",
@@ -55,6 +57,7 @@ CPU_FLAGS = (
     "avx512_fp16",
     "avx512_vnni",
     "amx_bf16",
+    "amx_int8",
     "amx_tile",
 )
 

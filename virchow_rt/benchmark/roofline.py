@@ -22,7 +22,14 @@ from virchow_rt.errors import InputError
 #: fp16 matmul units worth the name (ONNX Runtime's fp16 kernels on x86 widen to fp32), so CPU fp16
 #: rows are judged against the fp32 peak; bf16 autocast against the bf16 peak.
 PEAK_CLASS = {
-    "cpu": {"fp32": "fp32", "fp16": "fp32", "fp16-autocast": "fp32", "bf16-autocast": "bf16", "int8": "int8"},
+    "cpu": {
+        "fp32": "fp32",
+        "fp16": "fp32",
+        "fp16-autocast": "fp32",
+        "bf16": "bf16",
+        "bf16-autocast": "bf16",
+        "int8": "int8",
+    },
     "cuda": {
         "fp32": "fp32",
         "fp16": "fp16",

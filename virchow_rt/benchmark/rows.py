@@ -23,9 +23,10 @@ class RowSpec:
     """One backend at one precision.
 
     ``kind``: "torch" (the PyTorch reference model), "onnx" (an exported ``<variant>.<artifact>.onnx``
-    through ``open_backend``), "tensorrt" (a ``<variant>.fp16.engine``) or "torch-cuda" (the reference
-    model in fp16 run by virchow-rt's CUDA pipeline). ``device``: "cpu", "cuda", or
-    "auto" (the GPU when there is one, else the CPU). ``artifact``: the export's precision it runs.
+    through ``open_backend``), "openvino" (that file through OpenVINO at ``precision``), "tensorrt" (a
+    ``<variant>.fp16.engine``) or "torch-cuda" (the reference model in fp16 run by virchow-rt's CUDA
+    pipeline). ``device``: "cpu", "cuda", or "auto" (the GPU when there is one, else the CPU).
+    ``artifact``: the export's precision it runs.
     """
 
     backend: str
@@ -103,6 +104,25 @@ ROWS: tuple[RowSpec, ...] = (
         artifact="int8",
         note="dynamic int8 weight MatMuls (its own parity gate: cosine 0.995, 10-NN 0.90)",
     ),
+    RowSpec(
+        "openvino-cpu",
+        "fp32",
+        "openvino",
+        "cpu",
+        ("openvino",),
+        artifact="fp32",
+        note="the fp32 ONNX in OpenVINO, f32 inference precision, throughput hint + async requests",
+    ),
+    RowSpec(
+        "openvino-cpu",
+        "bf16",
+        "openvino",
+        "cpu",
+        ("openvino", "cpu_bf16"),
+        artifact="fp32",
+        note="the fp32 ONNX compiled with bf16 inference precision (its open-time gate passed); "
+        "the default of an export folder on such a CPU",
+    ),
     RowSpec("onnxruntime-cuda", "fp32", "onnx", "cuda", ("cuda", "ort_cuda"), artifact="fp32"),
     RowSpec("onnxruntime-cuda", "fp16", "onnx", "cuda", ("cuda", "ort_cuda"), artifact="fp16"),
     RowSpec("onnxruntime-tensorrt", "fp32", "onnx", "cuda", ("cuda", "ort_tensorrt"), artifact="fp32"),
@@ -125,7 +145,7 @@ class Machine:
     def probe(cls) -> Machine:
         from virchow_rt.benchmark.environment import cpu_info
 
-        probed = ("torch", "timm", "onnxruntime", "tensorrt", "cuda.bindings.runtime")
+        probed = ("torch", "timm", "onnxruntime", "openvino", "tensorrt", "cuda.bindings.runtime")
         importable = tuple(m for m in probed if is_importable(m))
         providers: tuple[str, ...] = ()
         if "onnxruntime" in importable:
@@ -175,6 +195,11 @@ CHECKS: dict[str, Callable[[Machine, str], str | None]] = {
         else "PyTorch and timm are needed for the reference rows: pip install 'virchow-rt[export]'"
     ),
     "onnxruntime": lambda m, d: None if "onnxruntime" in m.importable else "onnxruntime is not importable",
+    "openvino": lambda m, d: (
+        None
+        if "openvino" in m.importable
+        else "OpenVINO is not importable: pip install 'virchow-rt[openvino]'"
+    ),
     "tensorrt": lambda m, d: (
         None
         if "tensorrt" in m.importable
@@ -239,6 +264,9 @@ def select_rows(requested: Sequence[str] | None, machine: Machine) -> tuple[list
             matches = [r for r in ROWS if r.key == name or r.backend == name]
             if name == "onnxruntime":
                 matches = [r for r in ROWS if r.backend.startswith("onnxruntime-")]
+            if name.startswith("openvino") and "/" not in name:  # openvino: both rows; openvino-bf16: one
+                precision = name.removeprefix("openvino").lstrip("-")
+                matches = [r for r in ROWS if r.kind == "openvino" and precision in ("", "cpu", r.precision)]
             if not matches:
                 known = ", ".join(sorted({r.backend for r in ROWS} | set(ROWS_BY_KEY)))
                 raise InputError(

@@ -134,6 +134,7 @@ def embed_command(args: argparse.Namespace) -> int:
             "virchow_rt": __version__,
             "python": platform.python_version(),
             "onnxruntime": package_version("onnxruntime"),
+            **({"openvino": package_version("openvino")} if backend.name.startswith("openvino") else {}),
             "numpy": np.__version__,
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
