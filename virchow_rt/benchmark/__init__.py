@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from virchow_rt.benchmark.backends import artifact_path
 from virchow_rt.benchmark.environment import collect_environment, load_average
 from virchow_rt.benchmark.report import SCHEMA_VERSION, validate_report, write_report
-from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, plan
+from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, plan, row_stub
 from virchow_rt.benchmark.runner import BenchmarkRun, cleanup_export
 from virchow_rt.benchmark.source import Settings, reference_weights, resolve_settings, resolve_source
-from virchow_rt.benchmark.targets import evaluate_targets, format_target
+from virchow_rt.benchmark.targets import evaluate_targets, target_lines
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats, percentile, time_calls
 from virchow_rt.errors import warn_random_weights
 
@@ -65,6 +66,8 @@ def _command(
         str(s.tiles),
         "--repeats",
         str(s.repeats),
+        "--warmup",
+        str(s.warmup),
     ]
     parts += ["--out", str(out)]
     return shlex.join(parts)
@@ -142,6 +145,12 @@ def run_benchmark(
     settings = resolve_settings(machine.device, source.variant, batch_sizes, tiles, repeats, warmup, seed)
     ref_weights, ref_random = reference_weights(source, weights, random_weights)
     specs, stubs = plan(backends, machine)
+    if source.folder is not None:  # a given export: a row whose model it does not hold is not run, not failed
+        folder, variant = source.folder, source.variant
+        missing = [s for s in specs if s.artifact and not artifact_path(folder, variant, s).exists()]
+        specs = [s for s in specs if s not in missing]
+        stubs += [row_stub(s, "not available", f"the export {source.folder} has no {s.artifact} model")
+                  for s in missing]  # fmt: skip
     if ref_random:
         warn_random_weights(f"benchmarking {source.variant.name} with random weights")
     progress = sys.stderr.isatty() if progress is None else progress
@@ -164,6 +173,7 @@ def run_benchmark(
         "schema_version": SCHEMA_VERSION,
         "kind": "virchow-rt-benchmark",
         "environment": env,
+        "device": machine.device,  # "cpu" or "cuda": which targets apply
         "variant": run.variant.name,
         "variant_config": {**dict(run.variant.model_args), "mlp": run.variant.mlp},
         "weights": "random" if random else sha,
@@ -226,8 +236,8 @@ def print_summary(report: dict[str, Any], out: Path, echo: Callable[[str], None]
         if r["status"] != "ok":
             echo(f"  {r['backend'] + '/' + r['precision']:<32} {r['reason']}")
     echo("targets:")
-    for t in report["targets"]:
-        echo(f"  {format_target(t)}")
+    for line in target_lines(report["targets"], report["device"]):
+        echo(f"  {line}")
     echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")
 
 

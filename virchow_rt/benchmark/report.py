@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, format_target
+from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, target_lines
 from virchow_rt.manifest import atomic_path, write_json
 
 SCHEMA_VERSION = 1
@@ -245,12 +245,15 @@ def _export(report: dict[str, Any]) -> list[str]:
     export = report.get("export") or {}
     lines = []
     if export.get("artifacts"):
-        took = _fmt(export.get("export_s"), ".1f")
+        took = export.get("export_s")
+        timing = (
+            "an existing export" if took is None else f"the export and its own parity check took {took:.1f} s"
+        )
         lines += [
             "",
             "## Export / build",
             "",
-            f"{export['source']}; the export and its own parity check took {took} s.",
+            f"{export['source']}; {timing}.",
             "",
         ]
         rows = [
@@ -293,7 +296,8 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
     header = ["backend", "precision", "batch", "min cos", "mean cos", "p01 cos", "max abs", "rel L2", "10-NN"]
     lines += _table([*header, "parity"], _parity_rows(report["results"]))
     lines += _missing(report["results"])
-    lines += ["", "## Targets", ""] + [f"- {format_target(t)}" for t in report["targets"]]
+    device = report.get("device") or ("cuda" if report["environment"].get("gpu") else "cpu")
+    lines += ["", "## Targets", ""] + [f"- {line}" for line in target_lines(report["targets"], device)]
     lines += _export(report)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]

@@ -105,6 +105,11 @@ def _throughput(family: str) -> Measure:
     return measure
 
 
+#: PyTorch's best CPU paths: a comparison with "the best PyTorch path" needs one of them measured, unless
+#: this CPU cannot run them (no bf16 units): then eager fp32 is the best PyTorch can do here
+BEST_TORCH_CPU = frozenset({"torch-eager/bf16-autocast", "torch-compile/bf16-autocast"})
+
+
 def _int8_over_pytorch(rows: Rows) -> tuple[float | None, str]:
     int8 = _fastest([r for r in rows if _passed(r) and r["precision"] == "int8"])
     torch_rows = [r for r in rows if _passed(r) and r["backend"].startswith("torch-")]
@@ -112,6 +117,14 @@ def _int8_over_pytorch(rows: Rows) -> tuple[float | None, str]:
     if int8 is None or best_torch is None:
         missing = "an int8 row" if int8 is None else "a PyTorch row"
         return None, f"no measured {missing} with parity passed"
+    best_measured = BEST_TORCH_CPU & {_key(r) for r in _ok(torch_rows)}
+    cannot_run = any(_key(r) in BEST_TORCH_CPU and r.get("status") == "not available" for r in rows)
+    if not best_measured and not cannot_run:
+        measured = ", ".join(sorted({_key(r) for r in _ok(torch_rows)}))
+        return None, (
+            f"only {measured} measured, not PyTorch's best CPU path; add --backends "
+            + ",".join(sorted(BEST_TORCH_CPU))
+        )
     return int8["tiles_per_s"] / best_torch["tiles_per_s"], f"{_describe(int8)} vs {_describe(best_torch)}"
 
 
@@ -245,3 +258,14 @@ def format_target(result: dict[str, Any]) -> str:
     goal = f">= {_show(result['threshold'], unit)}"
     where = f"{result['device'].upper()}, set for {result['set_for']}"
     return f"[{verdict}] {result['name']} ({where}): {shown} (goal {goal}) — {result['detail']}"
+
+
+def target_lines(targets: Sequence[dict[str, Any]], device: str) -> list[str]:
+    """The verdict of every target for this kind of machine, then one line counting the other kind's
+    (a CPU run lists no GPU goal as "[n/a]" one by one)."""
+    lines = [format_target(t) for t in targets if t["device"] == device]
+    others = [t for t in targets if t["device"] != device]
+    if others:
+        kind = others[0]["device"].upper()
+        lines.append(f"({len(others)} {kind} targets apply to another kind of machine)")
+    return lines

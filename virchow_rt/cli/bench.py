@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from virchow_rt.benchmark.source import DEFAULTS
 from virchow_rt.cli.common import Help, add_weights, csv, csv_ints
 
 
@@ -23,10 +24,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "torch-cuda, ...; torch-eager and torch-compile for the PyTorch reference) or backend/precision "
         "(default: every row this machine can run)",
     )
-    p.add_argument("--batch-sizes", type=csv_ints, default=None, help="comma-separated batch sizes")
-    p.add_argument("--tiles", type=int, default=None, help="tiles per timed run")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up batches per row")
+    cpu, gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
+
+    def default(field: str) -> str:
+        show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+        return f"default: {show(getattr(cpu, field))} on a CPU, {show(getattr(gpu, field))} on a GPU"
+
+    p.add_argument(
+        "--batch-sizes",
+        type=csv_ints,
+        default=None,
+        help=f"comma-separated batch sizes ({default('batch_sizes')})",
+    )
+    p.add_argument("--tiles", type=int, default=None, help=f"tiles per timed run ({default('tiles')})")
+    p.add_argument("--repeats", type=int, default=None, help=f"timed repeats per row ({default('repeats')})")
+    p.add_argument("--warmup", type=int, default=None, help=f"warm-up batches per row ({default('warmup')})")
     p.add_argument("--machine", default=None, metavar="TEXT", help="machine name for the report")
     p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and plots go here")
     p.set_defaults(handler=run)
