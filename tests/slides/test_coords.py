@@ -172,6 +172,11 @@ BAD = {
         "ExternalLink",
     ),
     "a group": (lambda f: f.create_group("coords"), "not a dataset"),
+    "a null dataspace": (lambda f: f.create_dataset("coords", data=h5py.Empty("<i8")), "shape"),
+    "compressed": (  # a few bytes on disk may expand ~1000x: compression is refused before reading
+        lambda f: f.create_dataset("coords", data=[[0, 0], [224, 0]], compression="gzip"),
+        "compressed",
+    ),
 }
 
 
@@ -249,3 +254,30 @@ def test_a_tile_too_large_to_read_is_refused(make_slide, tmp_path, monkeypatch):
         assert given.patch_size_level0 == 448 and given.level == 0
         with pytest.raises(InputError, match="span 448 px at level 0 .more than 300.; not a tile size"):
             coords_grid(slide, given)
+
+
+def test_a_gzip_chunk_bomb_is_refused_before_it_is_read(make_slide, tmp_path):
+    """One declared 64-byte chunk whose stored data inflates to megabytes: refused from its filters."""
+    import zlib
+
+    path = tmp_path / "bomb.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("coords", shape=(4, 2), dtype="<i8", chunks=(4, 2), compression="gzip")
+        ds.id.write_direct_chunk((0, 0), zlib.compress(bytes(1 << 22), 9))
+        ds.attrs.update({"patch_size": 224, "patch_size_level0": 224})
+    with open_slide(make_slide().path) as slide, pytest.raises(InputError, match="compressed"):
+        read_coords(path, slide)
+
+
+def test_tiles_too_small_for_their_side_are_refused(make_slide, tmp_path):
+    path = _bad(tmp_path, lambda f: f.create_dataset("coords", data=[[0, 0], [1, 0]]),
+                patch_size=224, patch_size_level0=1)  # fmt: skip
+    with open_slide(make_slide().path) as slide, pytest.raises(InputError, match="upsampled"):
+        read_coords(path, slide)
+
+
+def test_a_name_that_is_not_one_name_is_refused(make_slide, tmp_path):
+    path = _bad(tmp_path, lambda f: f.create_dataset("coords", data=[[0, 0]]),
+                patch_size=224, patch_size_level0=224, name=np.array(["a", "b"]).astype("S"))  # fmt: skip
+    with open_slide(make_slide().path) as slide, pytest.raises(InputError, match="must be one slide name"):
+        read_coords(path, slide)

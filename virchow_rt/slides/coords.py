@@ -45,6 +45,8 @@ from virchow_rt.slides.reader import Slide
 MAX_TILE_SIDE = 4096
 #: rows a coordinates file may hold, whatever the slide (16 M rows: 256 MB of coordinates)
 MAX_ROWS = 1 << 24
+#: a tile read from fewer level-0 px than its side / this would be upsampled beyond any use
+MAX_UPSAMPLE = 8
 #: a tiling without a recorded step (CLAM) may overlap up to 3/4 of a tile: 16 tiles per tile area
 _UNRECORDED_STEP = 4
 #: attributes read from ``coords`` (nothing else is); each holds at most this many values
@@ -155,6 +157,10 @@ def _positive(attrs: dict[str, Any], key: str, where: str, integral: bool = Fals
 def _check_made_for(attrs: dict[str, Any], slide: Slide, level: int | None, where: str) -> None:
     """Refuse a file whose ``name`` or recorded size says it was made for another slide."""
     name = attrs.get("name")
+    if isinstance(name, bytes | np.bytes_):
+        name = name.decode("utf-8", "replace")
+    if name is not None and not isinstance(name, str | np.str_):  # an array of names would skip the check
+        raise InputError(f"{where}: attribute name = {str(name)[:100]!r} must be one slide name")
     if isinstance(name, str | np.str_) and name and str(name) not in source_names(slide.name):
         raise InputError(
             f"{where} is the tiling of slide {str(name)[:200]!r}, not of {slide.name!r}; give each slide its "
@@ -274,7 +280,7 @@ def _max_rows(slide: Slide, size0: int, overlap0: int | None) -> int:
 
 def _values(ds: Any, slide: Slide, max_rows: int, where: str) -> np.ndarray:
     """(N, 2) int64 from a checked (N, 2) integer or integral float dataset, every corner inside the slide."""
-    if len(ds.shape) != 2 or ds.shape[1] != 2:
+    if ds.shape is None or len(ds.shape) != 2 or ds.shape[1] != 2:  # None: an empty (null) dataspace
         raise InputError(f"{where}: coords has shape {ds.shape}; an (N, 2) array of x, y is needed")
     if ds.dtype.kind not in "iuf":
         raise InputError(f"{where}: coords holds {ds.dtype}, not integers or floats")
@@ -283,12 +289,20 @@ def _values(ds: Any, slide: Slide, max_rows: int, where: str) -> np.ndarray:
         raise InputError(
             f"{where}: coords has {rows} rows; {slide.name} holds at most {max_rows} tiles of this size"
         )
+    if ds.id.get_create_plist().get_nfilters():  # a compressed chunk can expand ~1000x past its bound
+        raise InputError(
+            f"{where}: coords is compressed (TRIDENT and CLAM write it uncompressed); rewrite it without "
+            "compression"
+        )
     chunk_bytes = math.prod(ds.chunks) * ds.dtype.itemsize if ds.chunks else 0
     if chunk_bytes > max(1 << 20, 2 * rows * ds.dtype.itemsize):
         raise InputError(
             f"{where}: coords is stored in {chunk_bytes}-byte chunks for {rows} rows; rewrite it"
         )
-    values = ds[()]  # (N, 2): bounded by the checks above
+    try:
+        values = ds[()]  # (N, 2): bounded by the checks above
+    except (OSError, ValueError, TypeError) as err:  # a damaged chunk, an unreadable dataspace
+        raise InputError(f"{where}: its coords cannot be read ({err}); the file is damaged") from err
     if values.dtype.kind == "f":
         if not np.isfinite(values).all() or (values != np.round(values)).any():
             raise InputError(f"{where}: coords holds non-integral or non-finite values; pixels are integers")
@@ -321,6 +335,11 @@ def read_coords(path: str | Path, slide: Slide) -> CoordsFile:
         if not 1 <= size0 <= max(w, h):
             raise InputError(
                 f"{where}: a level-0 tile side of {size0} px is not a tile of a {w}x{h}-px slide"
+            )
+        if size0 * MAX_UPSAMPLE < described["patch_size"]:  # e.g. millions of 1-px tiles
+            raise InputError(
+                f"{where}: tiles of {size0} level-0 px would each be upsampled over {MAX_UPSAMPLE}x to "
+                f"{described['patch_size']:g} px; these are not this slide's coordinates"
             )
         overlap0 = round(described["overlap"] * size0 / described["patch_size"])
         has_step = "overlap" in attrs or "level0_magnification" in attrs  # TRIDENT records its step
