@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeights
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
