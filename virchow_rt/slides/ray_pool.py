@@ -80,8 +80,9 @@ class SlideQueue:
         return None
 
     def later(self, slide: QueuedSlide, at: float) -> None:
-        """Hand ``slide`` out again, not before ``at``."""
+        """``slide`` came back untried (a lost worker's lock): not an attempt; hand it out again at ``at``."""
         slide.not_before = at
+        slide.attempts -= 1
         self._items.append(slide)
 
     def next_at(self) -> float | None:
