@@ -233,7 +233,8 @@ def _run_job(
         pool.close()
         records = list(pool.records.values())
         hosts = sorted({r.host for r in records if r.host})
-        extra = {"ray": {"workers": len(handles), "hosts": hosts, "lost_workers": pool.lost}}
+        extra = {"ray": {"workers": len(handles), "workers_left": pool.live(), "hosts": hosts,
+                         "lost_workers": pool.lost}}  # fmt: skip
         summary = write_summary(
             out_dir, records, first["settings"], first["model"], started, time.perf_counter() - wall0, extra
         )

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from virchow_rt.errors import VirchowError
-from virchow_rt.slides.summary import SlideRecord
+from virchow_rt.slides.summary import SlideRecord, now
 
 #: different workers lost while running one slide before it fails (it may be what kills them)
 SLIDE_ATTEMPTS = 3
@@ -286,7 +286,7 @@ class RayPool:
         worker.probing = worker.lost = True
         worker.probe_at = 0.0  # ask at once: Ray answers when it has restarted it
         self._lost_ids.add((worker.host, worker.pid))
-        self.lost.append({"worker": worker.name, "node": worker.node, "ip": worker.ip,
+        self.lost.append({"worker": worker.name, "node": worker.node, "ip": worker.ip, "at": now(),
                           "slide": slide.path.name, "error": type(err).__name__})  # fmt: skip
         loss = self._reports.setdefault(worker.node, _Loss(worker.ip, first=time.monotonic()))
         loss.workers.append(worker.name)

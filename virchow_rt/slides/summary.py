@@ -12,7 +12,7 @@ the slide. ``summary.json`` is rebuilt from the states at the end of every run, 
     failures    the folder's slides whose state is failed, with their reasons
     totals      this run's counts, tiles and timings
     model, settings, started, finished, runs (how many runs wrote it)
-    ray         a --ray job's workers, their hosts, and the workers it lost (``lost_workers``)
+    ray         a --ray job's workers (and those left at the end), their hosts, the workers it lost
 
 State files and the summary are written durably: a temporary file, fsynced, renamed, then the folder fsynced,
 so a power cut leaves the old version or the new one, never an empty file.
