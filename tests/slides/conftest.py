@@ -64,3 +64,15 @@ def make_slide(tmp_path: Path, _slide_cache: dict) -> Callable[..., SyntheticSli
 @pytest.fixture
 def fake_backend() -> FakeBackend:
     return FakeBackend()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny encoder exported to an fp32 ONNX file with random weights (once per session)."""
+    export = pytest.importorskip("virchow_rt.export.pipeline")
+    out = tmp_path_factory.mktemp("tiny-model")
+    manifest = export.export_model(
+        "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32"], parity_tiles=2
+    )
+    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
+    return out / onnx[0]["path"]

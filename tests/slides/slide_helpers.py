@@ -1,6 +1,7 @@
 """Helpers of the slide tests (imported by name: every test folder has its own conftest).
 
-A fake backend that is cheap yet sensitive to tile content, cosine per row, timm-like square resize.
+A fake backend that is cheap yet sensitive to tile content, cosine per row, timm-like square resize, and the
+check that two runs wrote the same ``.h5``.
 """
 
 from __future__ import annotations
@@ -62,3 +63,16 @@ def resize_square(tile: np.ndarray, size: int) -> np.ndarray:
 
 #: a 1792 × 1344 slide at 0.5 µm/px (8 × 6 tiles of 224 px) with two tissue pieces off the tile grid
 STANDARD_PATCHES = ((250, 200, 900, 700), (1230, 760, 450, 430))
+
+
+def same_outputs(a, b) -> None:
+    """Assert the ``.h5`` files ``a`` and ``b`` hold the same coords, features (to 1e-5) and attributes."""
+    from virchow_rt.slides import read_features
+
+    x, y = read_features(a), read_features(b)
+    np.testing.assert_array_equal(x["coords"], y["coords"])
+    np.testing.assert_allclose(x["features"], y["features"], rtol=0, atol=1e-5)
+    skip = {"created", "model_file", "timings"}
+    assert {k: v for k, v in x["attrs"].items() if k not in skip} == {
+        k: v for k, v in y["attrs"].items() if k not in skip
+    }

@@ -248,3 +248,27 @@ def test_the_slides_flags_are_the_settings_fields() -> None:
     settings = SlideSettings.from_options(vars(args))
     assert (settings.lock_lease, settings.regions, settings.read_processes, settings.qc) == (
         30.0, (5, 10, 20), False, True)  # fmt: skip
+
+
+def test_the_run_taking_over_the_lease_of_a_host_gone_removes_its_partial_file(
+    make_slide, tmp_path: Path
+) -> None:
+    """A worker on a node that went away left its lock and its ``.partial``: neither outlives the takeover."""
+    slide = make_slide("s0.tif").path
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = locks.lock_path(out / "s0.h5")
+    gone = {"host": "node-17", "pid": 4242, "started": time.time(), "lease_s": 3, "run": "r", "token": "t1",
+            "boot_id": "another-kernel", "pid_ns": "pid:[1]"}  # fmt: skip
+    lock.write_text(json.dumps(gone))
+    (out / ".s0.h5.t1.partial").write_bytes(b"half of a file")
+    assert 2 < locks.lease_left(out / "s0.h5") <= 3  # its own lease, not ours
+    summary = process_slides([slide], FakeBackend(), out, SlideSettings(lock_lease=3), **QUIET)
+    assert summary["this_run"][0]["status"] == "locked" and (out / ".s0.h5.t1.partial").exists()
+    old = time.time() - 4
+    os.utime(lock, (old, old))  # its lease ran out: nobody renews it
+    assert locks.lease_left(out / "s0.h5") == 0.0
+    summary = process_slides([slide], FakeBackend(), out, SlideSettings(lock_lease=3), **QUIET)
+    assert summary["this_run"][0]["status"] == "done" and read_features(out / "s0.h5")["attrs"]["complete"]
+    assert not list(out.glob(".*"))  # its lock and its temporary file are gone
+    assert locks.lease_left(out / "s0.h5") is None

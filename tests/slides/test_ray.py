@@ -12,8 +12,8 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
+from slide_helpers import same_outputs
 
 from virchow_rt.cli import main as cli
 from virchow_rt.slides import SlideSettings, process_slides, read_features
@@ -26,30 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeights
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory):
-    export = pytest.importorskip("virchow_rt.export.pipeline")
-    out = tmp_path_factory.mktemp("tiny-model")
-    manifest = export.export_model(
-        "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32"], parity_tiles=2
-    )
-    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
-    return out / onnx[0]["path"]
-
-
-def _same_outputs(a, b):
-    x, y = read_features(a), read_features(b)
-    np.testing.assert_array_equal(x["coords"], y["coords"])
-    np.testing.assert_allclose(x["features"], y["features"], rtol=0, atol=1e-5)
-    skip = {"created", "model_file", "timings"}
-    assert {k: v for k, v in x["attrs"].items() if k not in skip} == {
-        k: v for k, v in y["attrs"].items() if k not in skip
-    }
 
 
 def test_ray_matches_a_local_run_and_a_corrupt_slide_fails_alone(
@@ -64,7 +43,7 @@ def test_ray_matches_a_local_run_and_a_corrupt_slide_fails_alone(
     err = capsys.readouterr().err
     assert "broken.svs: FAILED" in err and err.count("FAILED") == 1
     for slide in slides:
-        _same_outputs(local / f"{slide.stem}.h5", remote / f"{slide.stem}.h5")
+        same_outputs(local / f"{slide.stem}.h5", remote / f"{slide.stem}.h5")
     summary = json.loads((remote / "summary.json").read_text())
     status = {r["name"]: r["status"] for r in summary["slides"]}
     assert status == {"a": "done", "b": "done", "c": "done", "broken": "failed"}

@@ -7,8 +7,9 @@ settings (pooling resolved to the model's own) and the root attributes a complet
 file is complete and valid for this run, left to another run that holds its lock, failed alone (a bad slide
 never stops the others), or embedded into a temporary file under the lock's lease and renamed into place
 only while the lease is still this run's. The lock holder records the outcome in the slide's state file.
-The only files removed are this run's own temporary file and that of a run whose process ended on this
-machine holding the slide; a file another run made (an older ``.h5`` included) is never deleted.
+The only files removed are this run's own temporary file and that of the lease this run took over (its
+holder ended, or was stopped past its lease: it can no longer rename that file into place, and removes its
+own temporary files when it learns so); a file another run made (an older ``.h5`` included) is never deleted.
 """
 
 from __future__ import annotations
@@ -107,9 +108,20 @@ class SlideJob:
     def output(self, path: Path) -> Path:
         return self.out_dir / f"{path.stem}.h5"
 
-    def run(self, path: Path, prefix: str, log: Log, warn: Log, worker: str | None = None) -> SlideRecord:
-        """One slide under its lock; the record says how it went (done, skipped, failed or locked)."""
-        record = SlideRecord.for_slide(path, host=socket.gethostname(), worker=worker)
+    def run(
+        self,
+        path: Path,
+        prefix: str,
+        log: Log,
+        warn: Log,
+        worker: str | None = None,
+        attempts: int | None = None,
+    ) -> SlideRecord:
+        """One slide under its lock; the record says how it went (done, skipped, failed or locked).
+
+        ``worker`` and ``attempts`` (a ``--ray`` run: which worker, and how many times the slide was handed
+        to one) are recorded as given."""
+        record = SlideRecord.for_slide(path, host=socket.gethostname(), worker=worker, attempts=attempts)
         slide = _Attempt(path, self.output(path), record, prefix, log, warn)
         try:  # the file size tells another slide of the same name apart (its .h5 would be taken)
             wanted = {**self.expected, "slide_size_bytes": path.stat().st_size}
@@ -139,8 +151,9 @@ class SlideJob:
 
     def _under_lock(self, slide: _Attempt, wanted: dict[str, Any]) -> None:
         lease, record, out = slide.held, slide.record, slide.out
-        if lease.replaced_gone and lease.replaced is not None and lease.replaced.token:
-            # the temporary file of the run whose process ended here holding this slide: nobody's now
+        if lease.replaced is not None and lease.replaced.token:
+            # the temporary file of the lease taken over (its holder ended here, or its host went away, or it
+            # was stopped past its lease): it can never be renamed into place, so it is nobody's now
             _partial(out, lease.replaced.token).unlink(missing_ok=True)
         if self._skip_complete(slide, wanted):
             self._write_pt(out)

@@ -138,6 +138,21 @@ def stale_reason(path: Path, lease_s: float = DEFAULT_LEASE_S) -> str | None:
     return verdict[1][0] if verdict is not None and verdict[1] is not None else None
 
 
+def lease_left(out: Path, lease_s: float = DEFAULT_LEASE_S) -> float | None:
+    """Seconds until the lock of ``out`` is stale by its lease on any host (0: it is now); None: no lock."""
+    verdict = _verdict(lock_path(out), lease_s)
+    if verdict is None:
+        return None
+    holder, stale = verdict
+    if stale is not None:
+        return 0.0
+    try:
+        age = time.time() - lock_path(out).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return max(0.0, (holder.lease_s or lease_s) - age)
+
+
 def _verdict(path: Path, lease_s: float) -> tuple[Holder, tuple[str, bool] | None] | None:
     holder = Holder.read(path)
     try:

@@ -2,20 +2,33 @@
 
 Each worker is a Ray Core actor that opens the backend once (engine load, compilation, warm-up) and runs
 the single-node slide pipeline (parallel reading ahead of pipelined batches) on one slide at a time,
-writing the same ``<slide>.h5`` files as a local run. Actors rather than Ray Data: a slide's result is a
-file on a shared folder, not rows to collect, and what needs handling is per slide, which actors give
-directly:
+writing the same ``<slide>.h5`` files as a local run. The driver keeps the queue
+(:mod:`virchow_rt.slides.ray_pool`) and hands each live worker one slide at a time.
 
-- retries: an actor is created with ``max_restarts`` and ``max_task_retries``; when its process dies
-  (killed, out of memory, node lost) Ray starts it again and gives it the same slide again;
-- backpressure: the driver hands each worker one slide at a time, so no slide waits behind a slow one;
+Why actors with a driver-side queue, and not Ray's own retries. Opening the model is the expensive part
+(an engine load, a compilation), so it must stay open across slides: an actor keeps it; a plain task would
+reopen it per slide or need a per-process cache Ray does not promise to keep. Ray Data would give rows to
+collect, but a slide's result is a file on a shared folder. And the unit of retry must be the slide, not
+the worker: Ray's ``max_task_retries`` gives a failed slide back to the *same* actor, which waits for that
+actor's restart, never coming when its node is gone and no node has room; a task's ``max_retries`` cannot
+tell a node that went away from a slide that kills every worker it runs on. So:
+
+- actors are created with ``max_restarts=-1`` (Ray restarts a lost one wherever it fits, e.g. on a node
+  that joins, and it opens the model there) and ``max_task_retries=0`` (a slide on a lost actor comes
+  back to the driver at once, as ``ActorUnavailableError`` / ``ActorDiedError``);
+- the driver puts that slide back at the front of the queue for the workers left (the pool shrinks to the
+  live ones), asks the lost actor again every few seconds and gives it slides once Ray has restarted it
+  (the pool grows back); a slide fails only for its own reasons, or once
+  :data:`~virchow_rt.slides.ray_pool.SLIDE_ATTEMPTS` different workers were lost while running it;
 - exactly once: each worker runs the same :class:`~virchow_rt.slides.job.SlideJob` as a local run, whose
   per-slide lock (``O_EXCL``, a lease renewed while held) and atomic rename hold across processes and hosts.
-  A worker that dies mid-slide leaves only its ``.partial`` file and its lock; a retry on the same host
-  finds the lock stale at once (its process is gone), takes it over and redoes the slide. A lock left by a
-  node that is gone is stale once its lease (``--lock-lease``) runs out; until then a retry elsewhere
-  records the slide as ``locked``.
+  A lost worker leaves its lock and its ``.partial`` file. The worker that takes the slide over takes the
+  lock over (at once when the holder's process is gone on its own machine, else once the lease,
+  ``--lock-lease``, has run out: until then the driver holds the slide back and retries it) and removes the
+  ``.partial`` file of the lease it took over.
 
+The console says once per node that workers were lost and how many slides moved; the summary lists the
+lost workers (``ray.lost_workers``) and each slide's final ``host`` / ``worker`` and its ``attempts``.
 Slide paths and ``--out`` must be local to a single machine or on a filesystem every node mounts.
 """
 
@@ -26,26 +39,20 @@ import os
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from virchow_rt.errors import InputError, MissingDependency, VirchowError, warn_random_weights
 from virchow_rt.manifest import check_output
-from virchow_rt.slides import folder
+from virchow_rt.slides import folder, locks
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
+from virchow_rt.slides.ray_pool import RayPool
 from virchow_rt.slides.reader import find_slides
 from virchow_rt.slides.settings import SlideSettings
-from virchow_rt.slides.summary import SlideRecord, now, write_summary
+from virchow_rt.slides.summary import now, write_summary
 
-#: attempts of one slide whose worker dies (Ray restarts the worker in between)
-SLIDE_ATTEMPTS = 3
-#: restarts of one worker (its process died) before Ray gives it up
-MAX_RESTARTS = 2 * SLIDE_ATTEMPTS
 #: on a cluster without GPUs, one worker per this many CPUs
 CPUS_PER_CPU_WORKER = 8
 
@@ -69,14 +76,23 @@ class SlideWorker:
         except VirchowError as err:  # kept for describe(): Ray reports a constructor's error as a death
             self._error = err
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self._name = f"{socket.gethostname()}:{os.getpid()}" + (f" gpu {gpus}" if gpus else "")
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self._name = f"{self._host}:{self._pid}" + (f" gpu {gpus}" if gpus else "")
 
     def describe(self) -> dict[str, Any]:
-        """What the driver needs once: the model entry, the resolved settings, the folder's config."""
+        """Who this worker is and where (asked again after a loss), and what the driver needs once: the
+        model entry, the resolved settings, the folder's config."""
         if self._error is not None:
             raise self._error
+        import ray  # this runs in a Ray worker
+
         info = self._job.embedder.info
         return {
+            "worker": self._name,
+            "host": self._host,
+            "pid": self._pid,
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
             "model": self._job.model_entry,
             "settings": self._job.settings,
             "config": self._job.config,
@@ -84,8 +100,11 @@ class SlideWorker:
             "variant": info.variant,
         }
 
-    def run(self, path: str, prefix: str) -> tuple[dict[str, Any], list[tuple[bool, str]]]:
-        """Embed one slide (or skip it); returns its summary record and its lines (True: a warning)."""
+    def run(
+        self, path: str, prefix: str, attempts: int
+    ) -> tuple[dict[str, Any], list[tuple[bool, str]], dict[str, Any] | None]:
+        """Embed one slide (or skip it): its summary record, its lines (True: a warning) and, when another
+        holds its lock, who and for how long yet (the driver waits out the lease of a worker it lost)."""
         if self._error is not None:
             raise self._error
         lines: list[tuple[bool, str]] = []
@@ -95,8 +114,16 @@ class SlideWorker:
             lambda line: lines.append((False, line)),
             lambda line: lines.append((True, line)),
             worker=self._name,
+            attempts=attempts,
         )
-        return record.to_dict(), lines
+        held = None
+        if record.status == "locked":
+            out, lease = self._job.output(Path(path)), self._job.settings.lock_lease
+            holder = locks.Holder.read(locks.lock_path(out))
+            left = locks.lease_left(out, lease)
+            held = {"host": holder.host, "pid": holder.pid, "lease_s": holder.lease_s or lease,
+                    "left_s": left or 0.0}  # fmt: skip
+        return record.to_dict(), lines, held
 
 
 def _connect(ray: Any, address: str) -> bool:
@@ -105,10 +132,8 @@ def _connect(ray: Any, address: str) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
     try:
-        if address == "local":
-            ray.init(**kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        # "local" is said to Ray too: with no address, Ray joins a cluster already running on this machine
+        ray.init(address=address, **kwargs)
     except ConnectionError as err:
         raise InputError(
             f"--ray {address}: no Ray cluster found"
@@ -169,15 +194,13 @@ def process_slides_ray(
             gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
         count = workers or _default_workers(ray, gpus_per_worker)
         _check_fits(ray, count, gpus_per_worker)
-        actor = ray.remote(
-            num_cpus=1,
-            num_gpus=gpus_per_worker,
-            max_restarts=MAX_RESTARTS,
-            max_task_retries=SLIDE_ATTEMPTS - 1,
-        )(SlideWorker)
+        # restarted wherever it fits, forever; a slide on a lost worker comes back to the driver at once
+        actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=0)(
+            SlideWorker
+        )
         model = str(Path(model).resolve())
-        pool = [actor.remote(model, str(out_dir.resolve()), settings, backend) for _ in range(count)]
-        return _run_job(ray, pool, paths, out_dir, log, warn)
+        handles = [actor.remote(model, str(out_dir.resolve()), settings, backend) for _ in range(count)]
+        return _run_job(ray, handles, paths, out_dir, log, warn)
     finally:
         if started_ray:
             ray.shutdown()
@@ -185,67 +208,34 @@ def process_slides_ray(
 
 def _run_job(
     ray: Any,
-    pool: list[Any],
+    handles: list[Any],
     paths: list[Path],
     out_dir: Path,
     log: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     started, wall0 = now(), time.perf_counter()
+    pool = RayPool(ray, handles, paths, log, warn)
     try:
-        first = ray.get([worker.describe.remote() for worker in pool])[0]  # each opened the model
-    except ray.exceptions.RayTaskError as err:
-        raise err.cause from None  # the worker could not open the model: its own one-line error
+        first = pool.start()  # the first worker has opened the model (or its error is raised)
+    except BaseException:
+        pool.close()
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     folder.claim(out_dir, first["config"])
     if first["random_weights"]:
         warn_random_weights(
             f"{first['variant']} has random weights; every output is labelled random_weights=true"
         )
-    records = {str(p): SlideRecord.for_slide(p, status="not started") for p in paths}
-    queue = deque(enumerate(paths, 1))
-    idle, running = list(pool), {}
-    failed = embedded = 0
-    bar = tqdm(total=len(paths), unit="slide", desc="slides", disable=None, file=sys.stderr)
     try:
-        while queue or running:
-            while idle and queue:
-                i, path = queue.popleft()
-                worker = idle.pop()
-                ref = worker.run.remote(str(path), f"[{i}/{len(paths)}] {path.name}")
-                running[ref] = (worker, path)
-                records[str(path)].status = "pending"
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            worker, path = running.pop(ref)
-            idle.append(worker)
-            record = records[str(path)]
-            try:
-                data, lines = ray.get(ref)
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, VirchowError):  # a missing package, a full disk: the job stops
-                    raise err.cause from None  # with its own one-line error (each slide would fail so)
-                raise
-            except ray.exceptions.RayActorError as err:
-                record.status = "failed"
-                record.reason = (
-                    f"its worker died {SLIDE_ATTEMPTS} times on it ({type(err).__name__}); rerun to retry it"
-                )
-                warn(f"{path.name}: FAILED: {record.reason}")
-            else:
-                record = records[str(path)] = SlideRecord.from_dict(data)
-                for is_warning, line in lines:
-                    (warn if is_warning else log)(line)
-            failed += record.status == "failed"
-            embedded += record.embedded_tiles if record.status == "done" else 0
-            bar.update()
-            bar.set_postfix_str(f"{embedded / (time.perf_counter() - wall0):.1f} tiles/s, {failed} failed")
+        pool.run()
     finally:
-        bar.close()
-        for worker in pool:
-            ray.kill(worker)
-        hosts = sorted({r.host for r in records.values() if r.host})
+        pool.close()
+        records = list(pool.records.values())
+        hosts = sorted({r.host for r in records if r.host})
+        extra = {"ray": {"workers": len(handles), "workers_left": pool.live(), "hosts": hosts,
+                         "lost_workers": pool.lost}}  # fmt: skip
         summary = write_summary(
-            out_dir, list(records.values()), first["settings"], first["model"], started,
-            time.perf_counter() - wall0, extra={"ray": {"workers": len(pool), "hosts": hosts}},
-        )  # fmt: skip
+            out_dir, records, first["settings"], first["model"], started, time.perf_counter() - wall0, extra
+        )
     return summary

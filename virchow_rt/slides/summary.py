@@ -11,7 +11,8 @@ the slide. ``summary.json`` is rebuilt from the states at the end of every run, 
     this_run    this run's outcome per slide given: name, path, status, reason
     failures    the folder's slides whose state is failed, with their reasons
     totals      this run's counts, tiles and timings
-    model, settings, started, finished, runs (how many runs wrote it), ray (a --ray job's workers and hosts)
+    model, settings, started, finished, runs (how many runs wrote it)
+    ray         a --ray job's workers (and those left at the end), their hosts, the workers it lost
 
 State files and the summary are written durably: a temporary file, fsynced, renamed, then the folder fsynced,
 so a power cut leaves the old version or the new one, never an empty file.
@@ -65,6 +66,7 @@ class SlideRecord:
     skipped_tile_errors: list[dict] = field(default_factory=list)
     host: str | None = None
     worker: str | None = None  # a --ray run: the Ray worker (and its GPUs) that embedded it
+    attempts: int | None = None  # a --ray run: times it was handed to a worker (a lost worker's goes on)
     reader: str | None = None
     level0_mpp: float | None = None
     read_level: int | None = None
