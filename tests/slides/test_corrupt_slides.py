@@ -54,7 +54,7 @@ def test_slides_left_in_sub_folders_are_mentioned(make_slide, tmp_path):
     (top / "case2").mkdir()
     (top / "case2" / "deep.tif").write_bytes(make_slide("other.tif").path.read_bytes())
     (top / "other.tif").unlink()
-    with pytest.warns(UserWarning, match=r"sub-folders of .* hold more slides, not included; pass --recursive"):
+    with pytest.warns(UserWarning, match=r"sub-folders of .* hold more slides, not included; pass --recurs"):
         assert [p.name for p in find_slides([top])] == ["top.tif"]
     assert sorted(p.name for p in find_slides([top], recursive=True)) == ["deep.tif", "top.tif"]
 
