@@ -54,6 +54,28 @@ def test_slides_left_in_sub_folders_are_mentioned(make_slide, tmp_path):
     (top / "case2").mkdir()
     (top / "case2" / "deep.tif").write_bytes(make_slide("other.tif").path.read_bytes())
     (top / "other.tif").unlink()
-    with pytest.warns(UserWarning, match=r"1 more slide in sub-folders of .* not included; pass --recursive"):
+    with pytest.warns(UserWarning, match=r"sub-folders of .* hold more slides, not included; pass --recurs"):
         assert [p.name for p in find_slides([top])] == ["top.tif"]
     assert sorted(p.name for p in find_slides([top], recursive=True)) == ["deep.tif", "top.tif"]
+
+
+def test_the_sub_folder_hint_stops_at_the_first_slide_found(make_slide, tmp_path, monkeypatch):
+    """A GDC download holds thousands of case folders: one slide found in them is enough for the hint."""
+    from virchow_rt.slides.reader import find_slides
+
+    top = make_slide("top.tif").path.parent
+    for case in ("case1", "case2", "case3"):
+        (top / case).mkdir()
+        (top / case / f"{case}.svs").write_bytes(b"")
+    walked: list[Path] = []
+    real = Path.rglob
+
+    def rglob(self, pattern):  # noqa: ANN001, ANN202 - Path.rglob's signature
+        for found in real(self, pattern):
+            walked.append(found)
+            yield found
+
+    monkeypatch.setattr(Path, "rglob", rglob)
+    with pytest.warns(UserWarning, match="hold more slides"):
+        assert [p.name for p in find_slides([top])] == ["top.tif"]
+    assert len(walked) == 1

@@ -1,8 +1,8 @@
 """Runs that share an output folder, runs that are killed or stopped, and a full disk: nothing is lost.
 
 The runs are real processes (``subprocess``) where it matters: two at once on one folder, SIGKILL at
-random points followed by a resume, SIGTERM. The model is the deterministic FakeBackend, slowed down so
-that a signal lands in the middle of a slide.
+moments followed by a resume, SIGTERM. The model is the deterministic FakeBackend, slowed down so that a
+signal sent once a slide's temporary file appears lands in the middle of that slide.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def start(out: Path, slides: list[Path]) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for_partial(run: subprocess.Popen[str], out: Path, names: list[str]) -> None:
+    """Wait until the temporary file of one of the slides ``names`` appears (the run is mid-slide)."""
+    deadline = time.monotonic() + 120
+    while not any(next(out.glob(f".{name}.h5.*.partial"), None) for name in names):
+        assert run.poll() is None, f"the run ended before {names} began: {run.communicate()[0]}"
+        assert time.monotonic() < deadline, f"timed out waiting for the temporary file of {names}"
+        time.sleep(0.005)
+
+
 def settings() -> SlideSettings:
     return SlideSettings(batch_size=4)
 
@@ -91,23 +100,25 @@ def test_a_lock_is_taken_refused_released_and_taken_over_when_stale(tmp_path: Pa
     assert taken and holder is None and locks.Holder.read(locks.lock_path(out)).pid == os.getpid()
     again, holder = locks.acquire(out, warned.append)  # held by a live process (this one)
     assert not again and holder is not None and holder.host == socket.gethostname()
-    locks.release(out)
+    taken.release()
     assert not locks.lock_path(out).exists()
 
     dead = die_holding(out)  # on this machine, in this PID namespace: its pid can be asked
     assert locks.Holder.read(locks.lock_path(out)).pid == dead
     taken, _ = locks.acquire(out, warned.append)
-    assert taken and "its process is gone" in warned[-1]
-    locks.release(out)
+    assert taken and "its process is gone" in warned[-1] and ".partial" in warned[-1]
+    assert not list(tmp_path.glob("*.partial"))  # the dead holder's temporary file went with its lock
+    taken.release()
 
     elsewhere = {"host": "node-17", "pid": 1, "started": time.time(), "run": "old"}  # no lease recorded
     locks.lock_path(out).write_text(json.dumps(elsewhere))
     assert not locks.acquire(out, warned.append)[0]  # another host, recent: it may be running
     old = time.time() - 25 * 3600
     os.utime(locks.lock_path(out), (old, old))
-    assert locks.acquire(out, warned.append)[0] and "not renewed for 25.0 h" in warned[-1]
-    locks.lock_path(out).write_text(json.dumps(elsewhere))
-    locks.release(out)  # never removes another run's lock
+    taken, _ = locks.acquire(out, warned.append)
+    assert taken and "not renewed for 25.0 h" in warned[-1]
+    locks.lock_path(out).write_text(json.dumps(elsewhere))  # another run's lock now
+    taken.release()  # never removes another run's lock
     assert locks.lock_path(out).exists()
     removed, kept = locks.clear_stale_locks(tmp_path)  # a live lock is kept
     assert removed == [] and [p.name for p, _ in kept] == [".a.h5.lock"]
@@ -143,17 +154,18 @@ def test_two_runs_at_once_write_each_slide_exactly_once(slides: list[Path], tmp_
     assert not list(out.glob(".*"))  # no lock or temporary file left
 
 
-@pytest.mark.parametrize("delay", [0.4, 1.0, 1.8])
+@pytest.mark.parametrize("slide", ["s0", "s1", "s2"])
 def test_sigkill_at_any_moment_then_a_resume_equals_an_uninterrupted_run(
-    slides: list[Path], tmp_path: Path, delay: float
+    slides: list[Path], tmp_path: Path, slide: str
 ) -> None:
     want = tmp_path / "uninterrupted"
     process_slides(slides, FakeBackend(), want, settings(), log=lambda s: None)
     out = tmp_path / "out"
     run = start(out, slides)
-    time.sleep(delay)
+    wait_for_partial(run, out, [slide])  # in the middle of that slide, the ones before it finished
     run.kill()
     run.wait()
+    assert next(out.glob(f".{slide}.h5.*.partial"), None) and locks.lock_path(out / f"{slide}.h5").exists()
     for h5 in out.glob("*.h5"):  # whatever looks like an output is a complete one
         assert check_complete(h5, {}) is None
     summary = process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
@@ -165,7 +177,7 @@ def test_sigkill_at_any_moment_then_a_resume_equals_an_uninterrupted_run(
 def test_sigterm_stops_cleanly_and_says_how_to_resume(slides: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = start(out, slides)
-    time.sleep(1.2)
+    wait_for_partial(run, out, ["s0", "s1"])  # the handler is in place; s2 at least is not done
     run.send_signal(signal.SIGTERM)
     log = run.communicate(timeout=60)[0]
     assert run.returncode == 130 and "rerun the same command to resume" in log, log

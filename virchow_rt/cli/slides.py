@@ -107,9 +107,11 @@ def run_cli(args: argparse.Namespace) -> int:
             "engine without --version-compatible (it then needs no host code)"
         )
     if args.clear_stale_locks and Path(args.out).is_dir():
+        settings.check()  # a lease that makes no sense must not judge anyone's lock
         removed, kept = locks.clear_stale_locks(Path(args.out), settings.lock_lease)
         for path, _, why in removed:
-            print(f"virchow-rt slides: removed lock {path.name} ({why})", file=sys.stderr)
+            what = "lock" if path.name.endswith(".lock") else "file"
+            print(f"virchow-rt slides: removed {what} {path.name} ({why})", file=sys.stderr)
         for path, holder in kept:
             print(
                 f"virchow-rt slides: kept lock {path.name}: its run is live ({holder.describe()})",

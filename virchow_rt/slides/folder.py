@@ -12,11 +12,13 @@ given, not which file.
 from __future__ import annotations
 
 import json
+import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from virchow_rt.errors import OutputError
-from virchow_rt.manifest import write_json
 
 CONFIG_NAME = "run_config.json"
 #: compared by kind only (given or not): each slide may bring its own coordinates file
@@ -28,17 +30,15 @@ def _same(key: str, recorded: Any, wanted: Any) -> bool:
 
 
 def claim(out_dir: Path, config: dict[str, Any]) -> None:
-    """Record ``config`` for ``out_dir``, or check it against the recorded one (else :class:`OutputError`)."""
+    """Record ``config`` for ``out_dir``, or check it against the recorded one (else :class:`OutputError`).
+
+    Of runs claiming one folder at once, exactly one records its configuration (the file is created
+    exclusively); the others compare theirs with it.
+    """
     path = out_dir / CONFIG_NAME
-    if not path.exists():
-        write_json(path, config)
+    if _create(path, json.dumps(config, indent=2) + "\n"):
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise OutputError(
-            f"{path} cannot be read ({err}); remove it if the folder is yours to reuse"
-        ) from err
+    recorded = _read(path)
     changed = [
         f"{key} {recorded.get(key)!r} -> {config[key]!r}"
         for key in config
@@ -49,6 +49,48 @@ def claim(out_dir: Path, config: dict[str, Any]) -> None:
             f"--out {out_dir} holds features of another configuration ({'; '.join(changed)}); one folder "
             "holds one configuration: give this run another --out (or empty the folder to start over)"
         )
+
+
+def _create(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` unless a file is there (then False); the file appears complete, at once."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # unlike a rename, fails when another run's file is there
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this filesystem: create exclusively, write at once
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The recorded configuration; one being written by another run (no hard links) is read again."""
+    for attempt in range(6):
+        try:
+            recorded = json.loads(path.read_text())
+            if isinstance(recorded, dict):
+                return recorded
+            err: Exception = ValueError("not a JSON object")
+        except ValueError as error:  # empty or half-written for a moment where it could not be linked
+            err = error
+        except OSError as error:
+            raise OutputError(
+                f"{path} cannot be read ({error}); remove it if the folder is yours to reuse"
+            ) from error
+        time.sleep(0.02 * 2**attempt)
+    raise OutputError(f"{path} cannot be read ({err}); remove it if the folder is yours to reuse") from err
 
 
 def write_pt(out_dir: Path, h5: Path) -> Path:

@@ -1,23 +1,26 @@
 """Per-slide locks with leases, so that runs sharing one output folder never write the same slide.
 
 ``<out>/.<slide>.h5.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on local disks and on NFSv3+, unlike
-``flock``, which network filesystems may not honour). It records who took it (host, pid, the machine's boot
-id and the PID namespace, start time), its lease and a token unique to this taking. The holder renews the
-lease from a thread, touching the file every third of the lease (:class:`Lease`); a lock not renewed within
-its lease is stale, whatever host judges it. A lock taken on this machine, in this PID namespace, whose
-process is gone is stale at once (a container sharing the host name but not the PID namespace cannot ask).
+``flock``). It records who took it (host, pid, boot id, PID namespace, start time), its lease and a token
+unique to this taking; the holder touches it every third of the lease (:class:`Lease`). A lock not renewed
+within its lease is stale, whatever host judges it; one of this host and kernel, in this PID namespace, whose
+process is gone is stale at once. A lock that cannot be read now (NFS's EIO, ESTALE) says nothing of its
+holder: only its lease makes it stale, and its own holder looks again at the next renewal.
 
-A stale lock is taken over in three steps: renamed aside (atomic: of two runs taking it over, one wins),
-verified to be the very lock that was judged stale (another run may have replaced it in between; if so it
-is put back and the slide left to that run), then created anew. A holder whose lock was taken over while it
-was stopped learns it at its next renewal or :meth:`Lease.check`, and abandons the slide without touching
-the other run's files. No run removes a lock it did not judge stale or take itself.
+A stale lock is taken over in three steps: renamed aside (of two runs taking it over, one wins), verified
+to be the very lock judged stale (else put back: another run replaced it meanwhile), then created anew.
+Where a third run created a lock before the put-back, the set-aside file is kept: its holder learns from
+it why it lost the slide, and removes it. A holder taken over while it was stopped learns it at its next
+renewal or :meth:`Lease.check` and abandons the slide, touching nothing of the other run's. No run removes
+a lock it did not judge stale or take itself; the temporary files of holders judged stale (``.partial``,
+set-aside locks) are removed by whoever takes their slide over and by :func:`clear_stale_locks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import os
 import socket
@@ -27,26 +30,35 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from virchow_rt.errors import VirchowError
 
 #: seconds a lock lasts without renewal (``--lock-lease``)
 DEFAULT_LEASE_S = 300.0
+#: bounds of ``--lock-lease``: shorter spins and risks takeovers of busy runs; longer leaves a dead host's
+#: slides unreachable for over a day
+MIN_LEASE_S, MAX_LEASE_S = 2.0, 86400.0
 #: a lock that cannot be read (its taker died between creating and writing it) is stale after this long
 UNREADABLE_AFTER_S = 60.0
 RUN_ID = uuid.uuid4().hex  # this process's runs, shown in lock files
 _MAX_LOCK_BYTES = 4096
-_HELD: dict[str, Lease] = {}  # lock path -> this process's lease on it
+_ASIDE = (".stale-", ".release-")  # a lock renamed aside: by a run taking it over, by its holder releasing it
+_READ_TRIES = 5  # reads of its own lock that a holder makes over ~1.5 s while it cannot be read
 
 
 class LeaseLost(VirchowError):
-    """Another run took this run's slide over (its lease ran out while this run was stopped)."""
+    """Another run took this run's slide over (or this run cannot confirm its lock is still its own)."""
 
 
 def lock_path(out: Path) -> Path:
     """The lock file of output ``out`` (``<dir>/.<name>.lock``)."""
     return out.with_name(f".{out.name}.lock")
+
+
+def partial_path(out: Path, token: str) -> Path:
+    """The temporary file of ``out`` written under the lease ``token`` (only that lease's run makes it)."""
+    return out.with_name(f".{out.name}.{token}.partial")
 
 
 @functools.cache
@@ -80,10 +92,20 @@ class Holder:
 
     @classmethod
     def read(cls, path: Path) -> Holder:
+        """The holder the file at ``path`` names; every field None when it cannot be read now."""
         try:
-            with open(path, "rb") as fh:
-                data: Any = json.loads(fh.read(_MAX_LOCK_BYTES))
-        except (OSError, ValueError):
+            return cls.parse(path)
+        except OSError:
+            return cls()
+
+    @classmethod
+    def parse(cls, path: Path) -> Holder:
+        """Like :meth:`read`, but raises the ``OSError`` of a file that cannot be read (gone, I/O error)."""
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_LOCK_BYTES)
+        try:
+            data: Any = json.loads(raw)
+        except ValueError:  # half-written
             return cls()
         if not isinstance(data, dict):
             return cls()
@@ -94,8 +116,9 @@ class Holder:
         )
 
     def on_this_machine(self) -> bool:
-        """True when the holder ran on this machine's kernel in this PID namespace: its pid can be asked."""
-        return self.boot_id is not None and self.boot_id == _boot_id() and self.pid_ns == _pid_namespace()
+        """True when the holder ran on this host and kernel, in this PID namespace: its pid can be asked."""
+        kernel = self.boot_id is not None and self.boot_id == _boot_id() and self.pid_ns == _pid_namespace()
+        return kernel and self.host == socket.gethostname()  # a cloned VM shares the boot id, not the host
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)) if self.started else "?"
@@ -120,22 +143,12 @@ def _judge(holder: Holder, age: float, lease_s: float) -> tuple[str, bool] | Non
         limit = min(UNREADABLE_AFTER_S, lease_s)
         return (f"it is unreadable and {age:.0f} s old", False) if age > limit else None
     lease = holder.lease_s or lease_s  # its holder's promise; a lock of an older version: ours
-    if age > lease:
-        return (
-            f"it was not renewed for {_duration(age)}, past its {lease:g} s lease ({holder.describe()})",
-            False,
-        )
-    return None
+    why = f"it was not renewed for {_duration(age)}, past its {lease:g} s lease ({holder.describe()})"
+    return (why, False) if age > lease else None
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
-
-
-def stale_reason(path: Path, lease_s: float = DEFAULT_LEASE_S) -> str | None:
-    """Why the lock at ``path`` is stale, or None while its holder may still be writing (or it is gone)."""
-    verdict = _verdict(path, lease_s)
-    return verdict[1][0] if verdict is not None and verdict[1] is not None else None
 
 
 def lease_left(out: Path, lease_s: float = DEFAULT_LEASE_S) -> float | None:
@@ -154,19 +167,29 @@ def lease_left(out: Path, lease_s: float = DEFAULT_LEASE_S) -> float | None:
 
 
 def _verdict(path: Path, lease_s: float) -> tuple[Holder, tuple[str, bool] | None] | None:
-    holder = Holder.read(path)
+    """(the holder, :func:`_judge`'s verdict) of the lock at ``path``, or None when it is gone."""
     try:
-        age = time.time() - path.stat().st_mtime
+        holder, error = Holder.parse(path), None
     except FileNotFoundError:
         return None  # released meanwhile
-    return holder, _judge(holder, age, lease_s)
+    except OSError as err:
+        holder, error = Holder(), err
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError as err:  # gone meanwhile; else nothing can be judged now: it may be writing
+        return None if isinstance(err, FileNotFoundError) else (holder, None)
+    if error is None:
+        return holder, _judge(holder, age, lease_s)
+    # a read error says nothing of the holder (a live one may be renewing it): only the lease can
+    why = f"it cannot be read ({error.strerror or error}) and was not renewed for {_duration(age)}"
+    return holder, ((f"{why}, past the {lease_s:g} s lease", False) if age > lease_s else None)
 
 
 class Lease:
     """A lock this run holds, renewed every ``lease_s / 3`` seconds from a thread until :meth:`release`.
 
-    ``replaced``: the stale lock this one took over (None if there was none) and ``replaced_gone``: whether
-    that holder is certainly gone (its process ended on this machine), so its temporary files are garbage.
+    ``replaced``: the stale lock this one took over (None if none) and ``replaced_gone``: whether that holder
+    is certainly gone (its process ended on this machine); :func:`acquire` removed its temporary file.
     """
 
     def __init__(self, out: Path, token: str, lease_s: float, replaced: Holder | None, gone: bool) -> None:
@@ -176,33 +199,52 @@ class Lease:
         self._thread = threading.Thread(target=self._renew, name="virchow-rt-lease", daemon=True)
         self._thread.start()
 
-    def _ours(self) -> bool:
-        return Holder.read(self.path).token == self.token
+    def _state(self) -> Literal["ours", "theirs", "unknown"]:
+        """Whose the lock is, read again while it cannot be read: gone for a moment (another run renamed it
+        aside to check it) or an I/O error. Gone all along: a run judged it stale; an I/O error: unknown."""
+        state: Literal["theirs", "unknown"] = "unknown"
+        for attempt in range(_READ_TRIES):
+            try:
+                holder = Holder.parse(self.path)
+            except OSError as err:
+                state = "theirs" if isinstance(err, FileNotFoundError) else "unknown"
+            else:
+                return "ours" if holder.token == self.token else "theirs"
+            if self._stop.wait(0.05 * 2**attempt):
+                break
+        return state
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            if not self._ours():
+            state = self._state()
+            if state == "theirs":
                 self._lost.set()
                 return
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                self._lost.set()
-                return
-            except OSError:
-                continue  # a network filesystem's hiccup: try again at the next renewal
+            if state == "ours":
+                with contextlib.suppress(OSError):  # a network filesystem's hiccup: at the next renewal
+                    os.utime(self.path)
 
     @property
     def lost(self) -> bool:
         """True once this run knows another run took the slide over."""
         return self._lost.is_set()
 
+    def _own_asides(self) -> list[Path]:
+        """This lease's lock where another run set it aside and could not put it back."""
+        return [p for p in _asides(self.path) if Holder.read(p).token == self.token]
+
     def _error(self) -> LeaseLost:
         other = Holder.read(self.path)
         now = f"now {other.describe()}" if other.token else "since released"
+        if self._own_asides():
+            why = (
+                "another run set its lock aside (checking the stale lock it had replaced) and a third run "
+                "took the slide before it was put back"
+            )
+        else:
+            why = f"this run was stopped, or could not renew its lock, past its {self.lease_s:g} s lease"
         return LeaseLost(
-            f"lost its lock on {self.out.name} to another run ({now}): this run was stopped past its "
-            f"{self.lease_s:g} s lease; the slide is left to that run"
+            f"lost its lock on {self.out.name} to another run ({now}): {why}; the slide is left to that run"
         )
 
     def raise_if_lost(self) -> None:
@@ -212,16 +254,24 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless the lock file is still this lease's (reads it)."""
-        if self._lost.is_set() or not self._ours():
+        state = "theirs" if self._lost.is_set() else self._state()
+        if state == "ours":
+            return
+        if state == "theirs":
             self._lost.set()
             raise self._error()
+        raise LeaseLost(  # not lost: release() still removes the lock if it is ours
+            f"cannot read the lock {self.path} to confirm that it is still this run's; the slide is left "
+            "unwritten: rerun to resume it"
+        )
 
     def release(self) -> None:
         """Stop renewing and remove the lock if it is still ours (never another run's). Safe to call twice."""
         self._stop.set()
         self._thread.join()
-        _HELD.pop(str(self.path), None)
-        if self._lost.is_set():
+        if self._lost.is_set():  # ours no more; what is left of it is a set-aside copy nobody else uses
+            for aside in self._own_asides():
+                aside.unlink(missing_ok=True)
             return
         aside = self.path.with_name(f"{self.path.name}.release-{self.token}")
         try:
@@ -232,6 +282,12 @@ class Lease:
             aside.unlink(missing_ok=True)
         else:
             _put_back(aside, self.path)
+
+
+def _asides(lock: Path) -> list[Path]:
+    """The set-aside copies of ``lock`` (``<lock>.stale-*``, ``<lock>.release-*``)."""
+    name = glob.escape(lock.name)
+    return sorted(p for kind in _ASIDE for p in lock.parent.glob(f"{name}{kind}*"))
 
 
 def _create(path: Path, token: str, lease_s: float) -> bool:
@@ -247,17 +303,21 @@ def _create(path: Path, token: str, lease_s: float) -> bool:
     return True
 
 
-def _put_back(aside: Path, path: Path) -> None:
-    """Return a lock renamed aside by mistake to ``path``, unless a new lock is there by now."""
+def _put_back(aside: Path, path: Path) -> bool:
+    """Return a lock renamed aside by mistake to ``path``; True once it is back. Where a new lock is there by
+    now, the aside file is kept: its holder finds it at its next renewal, stops, and removes it."""
     try:
         os.link(aside, path)  # fails rather than replace a lock created meanwhile
-    except FileExistsError:
-        pass  # its holder finds a lock that is not its own at its next renewal, and stops
+    except (FileExistsError, FileNotFoundError):  # a new lock there / the aside judged stale and removed
+        return False
     except OSError:  # no hard links on this filesystem
-        if not path.exists():
-            os.replace(aside, path)
-            return
+        with contextlib.suppress(FileNotFoundError):
+            if not path.exists():
+                os.replace(aside, path)
+                return True
+        return False
     aside.unlink(missing_ok=True)
+    return True
 
 
 def _take_aside(path: Path, judged: Holder, lease_s: float) -> bool:
@@ -275,6 +335,27 @@ def _take_aside(path: Path, judged: Holder, lease_s: float) -> bool:
     return False
 
 
+def _remove_leftovers(out: Path, gone: Holder, lease_s: float) -> list[tuple[Path, Holder]]:
+    """Remove the files of ``out``'s lock holders proven gone: ``gone``'s ``.partial`` (its lock was judged
+    stale and removed), set-aside locks stale themselves and their ``.partial``. Returns (path, holder)s."""
+    removed: list[tuple[Path, Holder]] = []
+    current = Holder.read(lock_path(out)).token
+    doomed = [gone] if gone.token else []
+    for aside in _asides(lock_path(out)):
+        verdict = _verdict(aside, lease_s)
+        if verdict is not None and verdict[1] is not None:  # its holder stopped renewing it long ago
+            aside.unlink(missing_ok=True)
+            removed.append((aside, verdict[0]))
+            doomed.append(verdict[0])
+    for holder in doomed:
+        if holder.token and holder.token != current:  # never the file of the lock's holder now
+            partial = partial_path(out, holder.token)
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+                removed.append((partial, holder))
+    return removed
+
+
 def acquire(
     out: Path, warn: Callable[[str], None], lease_s: float = DEFAULT_LEASE_S
 ) -> tuple[Lease | None, Holder | None]:
@@ -284,8 +365,7 @@ def acquire(
     for _ in range(3):  # a lock released or taken over by another run between our steps: look again
         token = uuid.uuid4().hex
         if _create(path, token, lease_s):
-            lease = _HELD[str(path)] = Lease(out, token, lease_s, replaced, gone)
-            return lease, None
+            return Lease(out, token, lease_s, replaced, gone), None
         verdict = _verdict(path, lease_s)
         if verdict is None:
             continue
@@ -293,16 +373,11 @@ def acquire(
         if stale is None:
             return None, holder
         if _take_aside(path, holder, lease_s):
-            warn(f"taking over the lock of {out.name}: {stale[0]}")
+            files = _remove_leftovers(out, holder, lease_s)
+            also = f"; removed {', '.join(p.name for p, _ in files)}" if files else ""
+            warn(f"taking over the lock of {out.name}: {stale[0]}{also}")
             replaced, gone = holder, stale[1]
     return None, Holder.read(path)
-
-
-def release(out: Path) -> None:
-    """Release this process's lock of ``out``, if it holds one (never another run's)."""
-    lease = _HELD.get(str(lock_path(out)))
-    if lease is not None:
-        lease.release()
 
 
 @contextlib.contextmanager
@@ -320,18 +395,30 @@ def held(
 
 
 def clear_stale_locks(out_dir: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[list, list]:
-    """Remove the slide locks in ``out_dir`` whose holders are gone (``--clear-stale-locks``).
-
-    Returns (removed, kept): (path, holder, why) of each lock removed, (path, holder) of each live one kept.
-    """
+    """Remove the slide locks in ``out_dir`` whose holders are gone, and their temporary files
+    (``--clear-stale-locks``). Returns (removed, kept): (path, holder, why) of each lock or file removed,
+    (path, holder) of each live lock kept."""
     removed, kept = [], []
-    for path in sorted(out_dir.glob(".*.lock")):
+    for out in _locked_outputs(out_dir):
+        path, gone = lock_path(out), Holder()
         verdict = _verdict(path, lease_s)
-        if verdict is None:
-            continue
-        holder, stale = verdict
-        if stale is not None and _take_aside(path, holder, lease_s):
-            removed.append((path, holder, stale[0]))
-        elif stale is None:
-            kept.append((path, holder))
+        if verdict is not None:
+            holder, stale = verdict
+            if stale is None:
+                kept.append((path, holder))
+            elif _take_aside(path, holder, lease_s):
+                removed.append((path, holder, stale[0]))
+                gone = holder
+        for file, owner in _remove_leftovers(out, gone, lease_s):
+            removed.append((file, owner, f"left by a run whose lock is stale ({owner.describe()})"))
     return removed, kept
+
+
+def _locked_outputs(out_dir: Path) -> list[Path]:
+    """The outputs in ``out_dir`` with a lock or a set-aside lock (``.<out>.lock``, ``.<out>.lock.*``)."""
+    names = set()
+    for path in out_dir.glob(".*.lock*"):
+        name, _, kind = path.name[1:].rpartition(".lock")
+        if name and (not kind or kind.startswith(_ASIDE)):
+            names.add(name)
+    return [out_dir / name for name in sorted(names)]

@@ -292,11 +292,11 @@ def find_slides(inputs: Sequence[str | Path], recursive: bool = False) -> list[P
             files = p.rglob("*") if recursive else p.iterdir()
             found.extend(sorted(f for f in files if _is_slide(f)))
             folders = [] if recursive else [d for d in p.iterdir() if d.is_dir()]
-            nested = sum(_is_slide(f) for d in folders for f in d.rglob("*"))
-            if nested and found:  # none at all is the error below, with the same hint
+            # the first slide found says enough: a GDC download's tree is not walked just for a warning
+            nested = bool(found) and any(_is_slide(f) for d in folders for f in d.rglob("*"))
+            if nested:  # none at all is the error below, with the same hint
                 warnings.warn(
-                    f"{nested} more slide{'s' if nested > 1 else ''} in sub-folders of {p} not included; "
-                    "pass --recursive to include them",
+                    f"sub-folders of {p} hold more slides, not included; pass --recursive to include them",
                     stacklevel=2,
                 )
         elif p.exists():

@@ -8,6 +8,7 @@ one field here and its use where slides are processed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,11 @@ from virchow_rt.slides.grid import (
     check_tile_settings,
     magnification_to_mpp,
 )
+from virchow_rt.slides.locks import DEFAULT_LEASE_S, MAX_LEASE_S, MIN_LEASE_S
 from virchow_rt.slides.regions import parse_magnifications
 
 #: how long a slide's lock lasts without renewal before another run may take the slide over (seconds)
-DEFAULT_LOCK_LEASE_S = 300.0
+DEFAULT_LOCK_LEASE_S = DEFAULT_LEASE_S
 READERS = ("auto", "openslide", "tiffslide")
 
 
@@ -110,8 +112,8 @@ class SlideSettings:
     lock_lease: float = option(
         DEFAULT_LOCK_LEASE_S,
         "--lock-lease",
-        "seconds a slide's lock lasts unless renewed (its holder renews it every third of that); a run "
-        "stopped or a host lost for longer has its slides taken over by other runs, on any host",
+        "seconds a slide's lock lasts unless renewed (its holder renews it every third of that; 10 to "
+        "86400); a run stopped or a host lost for longer has its slides taken over by other runs on any host",
         metavar="SECONDS",
     )
     prefetch_batches: int = 2
@@ -134,8 +136,11 @@ class SlideSettings:
             raise InputError(f"--grid {self.grid!r} is not one of: {', '.join(GRID_RULES)}")
         if self.pooling is not None:
             check_pooling(self.pooling)
-        if not self.lock_lease > 0:
-            raise InputError(f"--lock-lease {self.lock_lease}: give a number of seconds above 0, e.g. 300")
+        if not (math.isfinite(self.lock_lease) and MIN_LEASE_S <= self.lock_lease <= MAX_LEASE_S):
+            raise InputError(
+                f"--lock-lease {self.lock_lease:g}: give a number of seconds from {MIN_LEASE_S:g} to "
+                f"{MAX_LEASE_S:g} (one day), e.g. {DEFAULT_LEASE_S:g}"
+            )
         if self.regions:
             mags = parse_magnifications(self.regions)
             if not any(np.isclose(magnification_to_mpp(m), mpp) for m in mags):
