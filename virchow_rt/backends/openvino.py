@@ -136,7 +136,7 @@ class OpenVinoBackend(Backend):
         if requests is not None and requests < 1:
             raise InputError(f"requests is {requests}; use at least 1 (default: OpenVINO's optimal number)")
         self._requests = requests
-        self._queues: list[Any] = []  # idle AsyncInferQueues of the compiled model, reused by each call
+        self._queues: list[list[Any]] = []  # idle sets of infer requests of the compiled model, reused
         self._lock = threading.Lock()
         self._compiled: Any = None
         self.name = "openvino-cpu"
@@ -326,59 +326,50 @@ class OpenVinoBackend(Backend):
         return self._submit(self.check_tiles(b) for b in batches)
 
     def _submit(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Start each batch on the next idle request; yield the outputs in submission order."""
+        """Start each batch on the next request, round robin; yield the outputs in submission order.
+
+        No Python callback runs on OpenVINO's threads: a callback needs the GIL, and a compiled model
+        destroyed from Python (holding the GIL) joins those threads, which deadlocked (seen here, in
+        ``CPUStreamsExecutor``'s destructor). Each request is waited for from this thread instead;
+        ``wait`` releases the GIL."""
         compiled = self._compiled
         if compiled is None:
             raise BackendError(f"{self.name} backend for {self.path} is closed; open a new one")
         with self._lock:
-            queue = self._queues.pop() if self._queues else self._new_queue(compiled)
-        done: dict[int, np.ndarray] = {}
-        failed: list[BaseException] = []
-
-        def finished(request: Any, index: int) -> None:  # runs on an OpenVINO thread
-            try:
-                done[index] = request.get_tensor(OUTPUT).data.astype(np.float32, copy=True)  # (B, E)
-            except Exception as err:  # noqa: BLE001 - re-raised in the caller's thread
-                failed.append(err)
-
-        queue.set_callback(finished)
-        submitted = yielded = 0
+            requests = self._queues.pop() if self._queues else self._new_queue(compiled)
+        pending: list[Any] = []  # requests started and not yet read, oldest first
         clean = False
         try:
-            for batch in batches:
-                queue.start_async({INPUT: batch}, submitted)  # blocks until a request is idle; copies
-                submitted += 1
-                while yielded in done:
-                    yield done.pop(yielded)
-                    yielded += 1
-            queue.wait_all()
-            self._raise(failed, submitted)
-            while yielded < submitted:
-                yield done.pop(yielded)
-                yielded += 1
+            for k, batch in enumerate(batches):
+                if len(pending) == len(requests):  # every request busy: read the oldest, requests[k % n]
+                    yield self._output(pending.pop(0))
+                request = requests[k % len(requests)]
+                request.start_async({INPUT: batch}, share_inputs=False)  # copies: the caller may reuse it
+                pending.append(request)
+            while pending:
+                yield self._output(pending.pop(0))
             clean = True
         except VirchowError:
             raise
         except Exception as err:  # noqa: BLE001 - OpenVINO's runtime errors become one BackendError
             raise BackendError(f"{self.name} failed on {self.path.name}: {err}") from err
         finally:
-            queue.wait_all()  # also when the consumer stopped early: no request may outlive its inputs
-            if clean or not failed:
+            for request in pending:  # also when the consumer stopped early: no request outlives its inputs
+                request.wait()
+            if clean:
                 with self._lock:
-                    self._queues.append(queue)
+                    self._queues.append(requests)
+
+    @staticmethod
+    def _output(request: Any) -> np.ndarray:
+        request.wait()
+        return request.get_tensor(OUTPUT).data.astype(np.float32, copy=True)  # (B, E)
 
     def _request_count(self, compiled: Any) -> int:
         return int(self._requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
-    def _new_queue(self, compiled: Any) -> Any:
-        return _ov().AsyncInferQueue(compiled, self._request_count(compiled))
-
-    def _raise(self, failed: list[BaseException], submitted: int) -> None:
-        if failed:
-            raise BackendError(
-                f"{self.name} could not read an output of {self.path.name} ({failed[0]}); "
-                f"{len(failed)} of {submitted} batches failed"
-            ) from failed[0]
+    def _new_queue(self, compiled: Any) -> list[Any]:
+        return [compiled.create_infer_request() for _ in range(self._request_count(compiled))]
 
     def close(self) -> None:
         self._compiled = None
