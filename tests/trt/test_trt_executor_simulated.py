@@ -1,10 +1,11 @@
 """The TensorRT backend's pipelined executor, with the CUDA layer and the engine replaced by numpy stand-ins.
 
-SIMULATION, not TensorRT: buffers are numpy byte arrays at fake addresses, copies happen at once,
-and the "engine" is a known numpy function of each tile. This checks only the data flow of
-:meth:`TensorRTBackend.pipeline` (each batch through the right slot, results in order, ragged and
-empty batches, GPU arrays read in place, per-slot CUDA graphs, events recorded before they are
-waited on). TensorRT's own results are checked in ``test_trt_engine_real.py`` on a GPU.
+SIMULATION, not TensorRT: buffers are numpy byte arrays at fake addresses, work on a stream runs only
+when a synchronize or a wait forces it (``sim_cuda``), and the "engine" is a known numpy function of
+each tile. This checks the data flow and the ordering of :meth:`TensorRTBackend.pipeline` (each batch
+through the right slot, results in order, ragged and empty batches, GPU arrays read in place, per-slot
+CUDA graphs, every wait in its place: a missing one gives wrong numbers). TensorRT's own results are
+checked in ``test_trt_engine_real.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         assert self.scratch is not None, "context ran without its scratch memory"
+        # TensorRT reads the addresses and shape when the work is queued; it runs when the stream gets there
+        addr, shape = dict(self.addr), self.shape
         if self.capture.get("on"):  # recorded into the graph, not run
-            self.capture["captured"] = (self, dict(self.addr), self.shape)
+            self.capture["captured"] = (self, addr, shape)
             return True
-        self.log.append(("execute", self.shape[0]))
-        self.compute(self.addr, self.shape)
+
+        def run() -> None:
+            self.log.append(("execute", shape[0]))
+            self.compute(addr, shape)
+
+        self.mem.stream(stream).enqueue(run)
         return True
 
 
@@ -309,6 +316,15 @@ def test_misaligned_gpu_arrays_are_copied_into_the_slot_on_the_gpu(sim: Any) -> 
     aligned = gpu_array(sim, x)
     np.testing.assert_array_equal(backend.run(aligned), expected(x))
     assert len([e for e in sim.log if e[:2] == ("copy", "d2d")]) == 1  # an aligned array is read in place
+
+
+@pytest.mark.parametrize("offset", [0, 48], ids=["in-place", "misaligned"])
+def test_a_producers_queued_writes_land_before_the_engine_reads(sim: Any, offset: int) -> None:
+    x = tiles(5)
+    ptr = sim.mem.alloc(x.nbytes + offset) + offset
+    producer = sim.mem.producer(ptr, x)  # the tiles are written only when something waits for this stream
+    out = sim.make().run(DeviceArray(ptr, x.shape, x.dtype, producer, x))
+    np.testing.assert_array_equal(out, expected(x))
 
 
 def test_an_address_tensorrt_refuses_is_an_error(sim: Any) -> None:
