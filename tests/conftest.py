@@ -1,35 +1,57 @@
-"""Shared test settings: markers that skip with a reason where hardware or a library is missing."""
+"""Shared test settings: the ``slow``, ``gpu`` and ``tensorrt`` markers skip, with the reason, where the
+hardware or library is missing.
+
+Only real markers count (``item.get_closest_marker``), never keywords: a test's keywords include the
+names of its folders, so a folder named like a marker would skip everything in it. TensorRT counts only
+when the real package imports (:func:`is_real_tensorrt`), not a folder or stubs that happen to share its
+name (``tests/`` and its folders are on ``sys.path``; ``tests/test_layout.py`` checks that none of their
+names shadows a package).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from virchow_rt._deps import is_importable
+from virchow_rt.backends.cuda.api import device_count
+from virchow_rt.backends.tensorrt_module import is_real_tensorrt
+
+pytest_plugins = ("pytester",)  # tests/test_layout.py runs this file's skips on planted test folders
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow (full-size models)")
 
 
-def _cuda_visible() -> bool:
-    if not is_importable("cuda.bindings.runtime"):
-        return False
-    from cuda.bindings import runtime as cudart
-
-    err, count = cudart.cudaGetDeviceCount()
-    return int(err) == 0 and count > 0
+def _skip_reasons(config: pytest.Config) -> dict[str, Callable[[], str | None]]:
+    """marker -> what says why its tests cannot run here (None: they can); asked only if a test has it."""
+    return {
+        "slow": lambda: (
+            None
+            if config.getoption("--runslow")
+            else "slow (full-size model or torch.compile): run with --runslow"
+        ),
+        "tensorrt": lambda: (
+            None
+            if is_real_tensorrt()
+            else "TensorRT is not importable on this machine (at most its type stubs are)"
+        ),
+        "gpu": lambda: (
+            None if device_count() > 0 else "no CUDA GPU visible (cuda-python missing or no device)"
+        ),
+    }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skips = {
-        "slow": None
-        if config.getoption("--runslow")
-        else "slow (full-size model or torch.compile): run with --runslow",
-        "tensorrt": None if is_importable("tensorrt") else "TensorRT is not importable on this machine",
-    }
-    if any("gpu" in item.keywords for item in items):
-        skips["gpu"] = None if _cuda_visible() else "no CUDA GPU visible (cuda-python missing or no device)"
+    probes = _skip_reasons(config)
+    reasons: dict[str, str | None] = {}
     for item in items:
-        for marker, reason in skips.items():
-            if reason and marker in item.keywords:
+        for marker, probe in probes.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in reasons:
+                reasons[marker] = probe()
+            reason = reasons[marker]
+            if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))

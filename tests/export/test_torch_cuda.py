@@ -5,13 +5,18 @@ Its GPU run (the CUDA pipeline with torch's kernels) is in ``test_torch_cuda_gpu
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from sim_cuda import Memory
 
 from virchow_rt.backends.torch_cuda import load_export_model
 from virchow_rt.compare import compare
@@ -125,16 +130,63 @@ def test_torch_cuda_needs_an_export_folder(tmp_path: Path) -> None:
         open_backend(tmp_path, "torch")
 
 
+class SimulatedTorch:
+    """``torch`` as :mod:`virchow_rt.backends.torch_cuda` sees it, over simulated CUDA (``sim_cuda``).
+
+    ``as_tensor`` reads a ``__cuda_array_interface__`` as torch does (address, shape, typestr, strides)
+    and gives a CPU tensor over the fake memory at that address, so the executor's own mapping from the
+    pipeline's pointers to tensors runs. torch computes at once on the CPU, so entering
+    ``torch.cuda.stream(s)`` first runs everything queued on ``s`` (its waits included): the compute
+    stream running as early as it may. Everything else is the real torch.
+    """
+
+    def __init__(self, mem: Memory, device: int) -> None:
+        self._mem, self._device = mem, ("cuda", device)
+        self.cuda = types.SimpleNamespace(
+            ExternalStream=self._external_stream,
+            device=lambda d: contextlib.nullcontext(),
+            stream=self._stream,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def device(self, kind: str, index: int) -> tuple[str, int]:
+        return (kind, index)
+
+    def _external_stream(self, ptr: int, device: Any) -> Any:
+        assert device == self._device, f"stream on {device}, the executor runs on {self._device}"
+        return self._mem.stream(ptr)
+
+    @contextlib.contextmanager
+    def _stream(self, stream: Any) -> Iterator[None]:
+        stream.synchronize()
+        yield
+
+    def as_tensor(self, data: Any, device: Any = None) -> torch.Tensor:
+        assert device == self._device, f"a tensor on {device}, the executor runs on {self._device}"
+        iface = data.__cuda_array_interface__
+        ptr, _ = iface["data"]
+        shape, dtype = tuple(iface["shape"]), np.dtype(iface["typestr"])
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        strides = iface.get("strides")
+        if strides is not None:
+            nbytes = sum((n - 1) * st for n, st in zip(shape, strides, strict=True)) + dtype.itemsize
+        raw = self._mem.at(ptr, nbytes).view(dtype)
+        if strides is None:
+            return torch.from_numpy(raw.reshape(shape))
+        return torch.from_numpy(np.lib.stride_tricks.as_strided(raw, shape, strides))
+
+
 def test_torch_executor_in_the_pipeline_on_simulated_cuda(tiny_random: tuple, monkeypatch) -> None:
     """The torch executor inside the CUDA pipeline, with CUDA simulated on the CPU (numpy at fake addresses).
 
-    SIMULATION: torch runs on the CPU over views of the fake memory; this checks the data flow (the
-    executor reads each slot's input and writes its output, in order, ragged batches too), not CUDA.
+    SIMULATION: torch runs on the CPU over tensors the executor makes from the pipeline's (fake) device
+    pointers; copies run only when a wait or synchronize forces them. This checks the data flow (each
+    slot's input read, its output written, in order, ragged batches too) and that the compute stream
+    waits for each batch's copy in, not CUDA or CUDA graphs (the ``gpu`` tier does).
     """
-    import contextlib
-    import types
-
-    from sim_cuda import Memory, fake_cuda
+    from sim_cuda import fake_cuda
 
     from virchow_rt.backends import torch_cuda
     from virchow_rt.backends.cuda import pipeline as cuda_pipeline
@@ -142,28 +194,12 @@ def test_torch_executor_in_the_pipeline_on_simulated_cuda(tiny_random: tuple, mo
 
     mem, log = Memory(), []
     monkeypatch.setattr(cuda_pipeline, "cuda", fake_cuda(mem, log, {}))
-    fake = types.SimpleNamespace(
-        ExternalStream=lambda ptr, device: ptr,
-        device=lambda d: contextlib.nullcontext(),
-        stream=lambda s: contextlib.nullcontext(),
-    )
-    monkeypatch.setattr(torch_cuda.torch, "cuda", fake)
-
-    def view(self, name: str, ptr: int, rows: int) -> torch.Tensor:
-        spec = self.specs[name]
-        shape = (rows, *spec.shape[1:])
-        return torch.from_numpy(
-            mem.at(ptr, int(np.prod(shape)) * spec.dtype.itemsize).view(spec.dtype).reshape(shape)
-        )
-
-    monkeypatch.setattr(torch_cuda.TorchExecutor, "_view", view)
+    monkeypatch.setattr(torch_cuda, "torch", SimulatedTorch(mem, 0))
     model, variant, info = tiny_random
     module = ExportWrapper(copy.deepcopy(model), variant).eval()
     meta = ModelInfo(variant.name, variant.embedding_dim(), variant.width, 224, "fp32", True, "random")
-    executor = torch_cuda.TorchExecutor.__new__(torch_cuda.TorchExecutor)
-    monkeypatch.setattr(torch_cuda.torch, "device", lambda *a: "cpu")
-    torch_cuda.TorchExecutor.__init__(executor, module, meta, 0, 8, graphs=False)
-    backend = torch_cuda.TorchCudaBackend.__new__(torch_cuda.TorchCudaBackend)
+    executor = torch_cuda.TorchExecutor(module, meta, 0, 8, graphs=False)
+    backend = torch_cuda.TorchCudaBackend.__new__(torch_cuda.TorchCudaBackend)  # its __init__ needs a GPU
     backend._start(executor, meta, 0, 3)
     batches = [tissue_tiles(n, 224, seed=i) for i, n in enumerate([8, 3, 8, 8, 1])]
     with torch.inference_mode():

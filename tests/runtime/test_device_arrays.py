@@ -1,6 +1,6 @@
 """GPU arrays from other libraries: ``__cuda_array_interface__`` read directly, DLPack on the host as numpy.
 
-Real DLPack GPU arrays (torch, CuPy) are read in ``tests/tensorrt/test_cuda_gpu.py`` on a GPU.
+Real DLPack GPU arrays (torch, CuPy) are read in ``tests/trt/test_cuda_gpu.py`` on a GPU.
 """
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 from virchow_rt.backends.capabilities import (
     NOT_INSTALLED,
@@ -16,6 +20,8 @@ from virchow_rt.backends.capabilities import (
     tensorrt_version,
     usable_cpus,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_capabilities_are_json_and_sane():
@@ -50,10 +56,28 @@ def test_gpu_resize_says_what_is_missing(monkeypatch):
 
 
 def test_versions_come_from_metadata_not_imports():
-    torch_loaded = "torch" in sys.modules
+    """In a fresh process (this one has imported torch long ago): versions and the whole report leave
+    torch, onnxruntime and timm unimported."""
+    probe = (
+        "import json, sys\n"
+        "from virchow_rt.backends.capabilities import capabilities, package_version\n"
+        "version = package_version('torch')\n"
+        "caps = capabilities()\n"
+        "print(json.dumps([version, caps['torch'], [m for m in ('torch', 'timm') if m in sys.modules]]))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    version, reported, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        installed = NOT_INSTALLED
+    assert version == reported == installed
+    assert imported == []
     assert package_version("definitely-not-a-package-xyz") == NOT_INSTALLED
-    package_version("torch")
-    assert ("torch" in sys.modules) == torch_loaded
 
 
 def test_tensorrt_stubs_namespace_is_not_tensorrt(monkeypatch):

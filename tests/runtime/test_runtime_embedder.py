@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,16 +16,17 @@ from virchow_rt.embed import Embedder, StreamStats, open_tiles
 from virchow_rt.embed.embedder import Prefetcher, default_batch_size
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.kernels.resize import resize_tiles
+from virchow_rt.registry import VARIANTS
 
 
 class FakeBackend(Backend):
-    """Embeds a tile as its mean RGB twice (E = 6, width 3); can sleep or fail on a given batch."""
+    """Embeds a tile as its mean RGB twice (E = 6, width 3); can fail on a given batch."""
 
     name = "fake"
 
-    def __init__(self, delay: float = 0.0, fail_on: int | None = None, max_batch: int | None = None) -> None:
+    def __init__(self, fail_on: int | None = None, max_batch: int | None = None) -> None:
         self.info = ModelInfo("unknown-variant", 6, 3, 224, "fp32", True, "random")
-        self.delay, self.fail_on, self.max_batch = delay, fail_on, max_batch
+        self.fail_on, self.max_batch = fail_on, max_batch
         self.sizes: list[int] = []
         self.closed = False
 
@@ -33,7 +34,6 @@ class FakeBackend(Backend):
         if self.fail_on is not None and len(self.sizes) == self.fail_on:
             raise BackendError("fake failure")
         self.sizes.append(len(tiles))
-        time.sleep(self.delay)
         mean = tiles.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)  # (B, 3)
         return np.concatenate([mean, mean + 1000], axis=1)  # (B, 6)
 
@@ -103,21 +103,28 @@ def test_bad_inputs(tiles, pooling, match):
 
 
 def test_reading_overlaps_inference():
-    """4 batches, 0.15 s to read and 0.15 s to run each: ~0.75 s overlapped vs 1.2 s one after another."""
+    """The backend's run of batch k waits until batch k+1 has been read: only a reader running ahead of
+    the backend (in another thread) lets the embedder finish; run one after the other, it would fail."""
+    read = [threading.Event() for _ in range(4)]
     read_threads: set[int] = set()
 
-    def slow_batches():
-        for _ in range(4):
+    def batches():
+        for k in range(4):
             read_threads.add(threading.get_ident())
-            time.sleep(0.15)
-            yield np.zeros((2, 224, 224, 3), np.uint8)
+            read[k].set()
+            yield np.full((2, 224, 224, 3), k, np.uint8)
 
-    embedder = Embedder(FakeBackend(delay=0.15))
-    start = time.perf_counter()
-    outs = list(embedder.embed_batches(slow_batches()))
-    elapsed = time.perf_counter() - start
-    assert len(outs) == 4 and read_threads and threading.get_ident() not in read_threads
-    assert elapsed < 1.05, f"no overlap: {elapsed:.2f} s"
+    class WaitsForTheNextRead(FakeBackend):
+        def run(self, tiles: np.ndarray) -> np.ndarray:
+            k = len(self.sizes)
+            assert read[k].is_set()
+            if k + 1 < len(read):
+                assert read[k + 1].wait(timeout=60), f"batch {k + 1} was not read while batch {k} ran"
+            return super().run(tiles)
+
+    outs = list(Embedder(WaitsForTheNextRead()).embed_batches(batches()))
+    assert [o[0, 0] for o in outs] == [0, 1, 2, 3]
+    assert read_threads and threading.get_ident() not in read_threads
 
 
 def test_reader_error_propagates_and_thread_is_joined(tissue):
@@ -246,8 +253,14 @@ def test_default_batch_prefers_the_backends_measured_batch(models):
         default_batch_size(backend, 0)
 
 
+def gpu_pixels(tiles: np.ndarray, size: int) -> np.ndarray:
+    """What the stand-in GPU resizer gives: the CPU reference with red and blue swapped, so that a test
+    sees which resizer's pixels reached the model (the real kernel's pixels are checked on a GPU)."""
+    return np.ascontiguousarray(resize_tiles(tiles, size)[..., ::-1])
+
+
 class FakeResizer:
-    """Stands in for CudaResizer (no GPU here): records its calls, resizes with the CPU reference."""
+    """Stands in for CudaResizer (no GPU here): records its calls, returns :func:`gpu_pixels`."""
 
     made: list[FakeResizer] = []
 
@@ -257,7 +270,7 @@ class FakeResizer:
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         self.calls += 1
-        return resize_tiles(tiles, self.size)
+        return gpu_pixels(tiles, self.size)
 
     def close(self) -> None:
         self.closed = True
@@ -282,9 +295,43 @@ def test_resize_on_the_gpu_is_chosen_for_gpu_backends(tissue, monkeypatch):
     assert resizer.closed and not gpu.closed  # the embedder frees its resizer, not a backend it was given
     with pytest.raises(BackendError, match="Embedder was closed"):
         embedder.embed(big)
+    np.testing.assert_allclose(out[:, :3], gpu_pixels(big, 224).mean(axis=(1, 2)), rtol=1e-5)  # its pixels
     with Embedder(FakeBackend(), batch_size=4) as cpu:
         assert cpu.resize == "cpu"
-        np.testing.assert_array_equal(out, cpu.embed(big))  # same pixels either way
+        np.testing.assert_allclose(cpu.embed(big)[:, :3], resize_tiles(big, 224).mean(axis=(1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [v for v in VARIANTS.values() if (v.preprocess.crop_pct, v.preprocess.interpolation) != (1.0, "bicubic")],
+    ids=lambda v: f"{v.name}-{v.preprocess.interpolation}-crop{v.preprocess.crop_pct}",
+)
+def test_encoders_the_gpu_kernel_does_not_fit_resize_on_the_cpu(variant, monkeypatch):
+    """The kernel does timm's bicubic with crop_pct 1: a bilinear or crop_pct 0.875 encoder on a GPU
+    backend resizes on the CPU under "auto" (its own filter and crop) and refuses "gpu"."""
+    from virchow_rt.kernels import cuda_resize
+
+    monkeypatch.setattr(cuda_resize, "CudaResizer", FakeResizer)
+    pre = variant.preprocess
+    gpu = FakeBackend()
+    gpu.gpu = 0
+    gpu.info = dataclasses.replace(
+        gpu.info, variant=variant.name, crop_pct=pre.crop_pct, interpolation=pre.interpolation
+    )
+    big = np.random.default_rng(2).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    made = len(FakeResizer.made)
+    with Embedder(gpu, batch_size=2) as embedder:
+        assert embedder.resize == "cpu"
+        out = embedder.embed(big)
+    assert len(FakeResizer.made) == made  # no GPU resizer was made
+    want = resize_tiles(big, 224, pre.crop_pct, pre.interpolation).mean(axis=(1, 2))
+    np.testing.assert_allclose(out[:, :3], want, rtol=1e-5)
+    match = (
+        rf"resize='gpu' does bicubic with crop_pct 1.0; {variant.name} preprocesses with "
+        rf"{pre.interpolation}, crop_pct {pre.crop_pct}: use resize='cpu'"
+    )
+    with pytest.raises(InputError, match=match):
+        Embedder(gpu, resize="gpu")
 
 
 def test_resize_choice_errors_and_fallback(monkeypatch, caplog):

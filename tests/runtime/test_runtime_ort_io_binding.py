@@ -38,7 +38,7 @@ def test_dlpack_host_arrays_run(models, tissue):
             return tissue.__dlpack_device__()
 
     backend = OnnxRuntimeBackend(models["fp32"], "cpu")
-    np.testing.assert_array_equal(backend.run(HostDlpack()), backend.run(tissue[:3]))
+    np.testing.assert_allclose(backend.run(HostDlpack()), expected_embedding(tissue[:3]), atol=1e-5)
 
 
 def test_gpu_arrays_on_a_cpu_session_say_how_to_fix(models):
@@ -60,7 +60,7 @@ def test_cuda_session_reads_gpu_arrays_in_place(models, tissue):
     backend = OnnxRuntimeBackend(models["fp32"], "cuda")
     assert (backend.name, backend.gpu, backend.io_binding) == ("onnxruntime-cuda", 0, True)
     gpu = torch.from_numpy(tissue[:6]).cuda()
-    np.testing.assert_allclose(backend.run(gpu), backend.run(tissue[:6]), atol=1e-5)  # same session and math
     # the CUDA provider may run fp32 MatMuls in TF32 (10-bit mantissa): ~1e-3 relative, not 1e-4 absolute
-    result = compare(backend.run(tissue[:6]), expected_embedding(tissue[:6]), 0.9999)
-    assert result, str(result)
+    for tiles in (gpu, tissue[:6]):  # read in place, and copied in from the host
+        result = compare(backend.run(tiles), expected_embedding(tissue[:6]), 0.9999)
+        assert result, str(result)

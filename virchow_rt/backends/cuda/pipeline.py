@@ -253,8 +253,10 @@ class PipelinedBackend(Backend):
         streams: list[cuda.Stream] = []
         slots: list[_Slot] = []
         try:
-            streams += [cuda.Stream() for _ in range(3)]  # H2D, compute, D2H
-            slots += [_Slot(self._specs, self._max) for _ in range(self._num_slots)]
+            for _ in range(3):  # H2D, compute, D2H; one at a time: a failure frees the ones made before it
+                streams.append(cuda.Stream())
+            for _ in range(self._num_slots):
+                slots.append(_Slot(self._specs, self._max))
             executor.open(self._num_slots)
         except BaseException:
             executor.close()

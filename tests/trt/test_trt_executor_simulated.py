@@ -1,10 +1,11 @@
 """The TensorRT backend's pipelined executor, with the CUDA layer and the engine replaced by numpy stand-ins.
 
-SIMULATION, not TensorRT: buffers are numpy byte arrays at fake addresses, copies happen at once,
-and the "engine" is a known numpy function of each tile. This checks only the data flow of
-:meth:`TensorRTBackend.pipeline` (each batch through the right slot, results in order, ragged and
-empty batches, GPU arrays read in place, per-slot CUDA graphs, events recorded before they are
-waited on). TensorRT's own results are checked in ``test_trt_engine_real.py`` on a GPU.
+SIMULATION, not TensorRT: buffers are numpy byte arrays at fake addresses, work on a stream runs only
+when a synchronize or a wait forces it (``sim_cuda``), and the "engine" is a known numpy function of
+each tile. This checks the data flow and the ordering of :meth:`TensorRTBackend.pipeline` (each batch
+through the right slot, results in order, ragged and empty batches, GPU arrays read in place, per-slot
+CUDA graphs, every wait in its place: a missing one gives wrong numbers). TensorRT's own results are
+checked in ``test_trt_engine_real.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -65,11 +66,17 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         assert self.scratch is not None, "context ran without its scratch memory"
+        # TensorRT reads the addresses and shape when the work is queued; it runs when the stream gets there
+        addr, shape = dict(self.addr), self.shape
         if self.capture.get("on"):  # recorded into the graph, not run
-            self.capture["captured"] = (self, dict(self.addr), self.shape)
+            self.capture["captured"] = (self, addr, shape)
             return True
-        self.log.append(("execute", self.shape[0]))
-        self.compute(self.addr, self.shape)
+
+        def run() -> None:
+            self.log.append(("execute", shape[0]))
+            self.compute(addr, shape)
+
+        self.mem.stream(stream).enqueue(run)
         return True
 
 
@@ -184,25 +191,39 @@ def test_batches_below_the_profile_min_run_padded(sim: Any) -> None:
         list(backend.pipeline([small]))
 
 
-def test_gpu_arrays_below_the_profile_min_are_read_with_an_overlap(sim: Any) -> None:
-    x = tiles(10)  # max 8, min 4: pieces [0, 8) and [6, 10), the repeated rows 6-7 dropped
+@pytest.mark.parametrize(("n", "runs"), [(10, [8, 4]), (18, [8, 8, 4])])
+def test_gpu_arrays_below_the_profile_min_are_read_with_an_overlap(sim: Any, n: int, runs: list[int]) -> None:
+    x = tiles(n)  # max 8, min 4: 10 -> [0, 8) and [6, 10), the repeated rows 6-7 dropped; 18 -> ... [14, 18)
     ptr = sim.mem.alloc(x.nbytes)
     sim.mem.at(ptr, x.nbytes)[:] = x.ravel()
     out = sim.make(min_batch=4).run(DeviceArray(ptr, x.shape, x.dtype, None, x))
     np.testing.assert_array_equal(out, expected(x))
-    assert [e[1] for e in sim.log if e[0] == "execute"] == [8, 4]
+    assert [e[1] for e in sim.log if e[0] == "execute"] == runs
+
+
+def test_zero_tiles_give_an_empty_float32_array(sim: Any) -> None:
+    out = sim.make().run(tiles(0))
+    assert out.shape == (0, E) and out.dtype == np.float32 and not sim.log
 
 
 def test_time_compute_runs_the_engine_alone(sim: Any) -> None:
     backend = sim.make(min_batch=4)
     samples = backend.time_compute(tiles(3), repeats=3, warmup=2)
     assert samples == [1e-3] * 3
-    # one copy in, then 2 + 3 runs of the engine alone (3 tiles padded to the min of 4), nothing copied out
-    assert [e[:2] for e in sim.log if e[0] != "timed"] == [("copy", "h2d")] + [("execute", 4)] * 5
-    assert len([e for e in sim.log if e[0] == "timed"]) == 5  # every run bracketed by the timer
+    # one copy in, then 2 + 3 runs of the engine alone (3 tiles padded to the min of 4), each inside its
+    # timer on the compute stream (the first waits for the copy), nothing copied out
+    runs = [("timed",), ("execute", 4)]
+    assert [e[:2] for e in sim.log] == [("timed",), ("copy", "h2d"), ("execute", 4)] + runs * 4
     np.testing.assert_array_equal(backend.run(tiles(2)), expected(tiles(2)))  # the backend is free again
-    with pytest.raises(InputError, match="repeats 0"):
-        backend.time_compute(tiles(1), repeats=0)
+    sim.log.clear()
+    assert backend.time_compute(tiles(8)) == [1e-3] * 10  # defaults: 10 timed after 2 warm-up runs
+    assert [e for e in sim.log if e[0] == "execute"] == [("execute", 8)] * 12
+    assert backend.time_compute(tiles(1), repeats=1, warmup=0) == [1e-3]
+    for bad, match in [({"repeats": 0}, "repeats 0"), ({"warmup": -1}, "warmup -1 >= 0")]:
+        with pytest.raises(InputError, match=match):
+            backend.time_compute(tiles(1), **bad)
+    with pytest.raises(InputError, match="^time_compute needs at least one tile$"):
+        backend.time_compute(tiles(0))
 
 
 def test_results_are_fresh_arrays(sim: Any) -> None:
@@ -315,6 +336,15 @@ def test_misaligned_gpu_arrays_are_copied_into_the_slot_on_the_gpu(sim: Any) -> 
     aligned = gpu_array(sim, x)
     np.testing.assert_array_equal(backend.run(aligned), expected(x))
     assert len([e for e in sim.log if e[:2] == ("copy", "d2d")]) == 1  # an aligned array is read in place
+
+
+@pytest.mark.parametrize("offset", [0, 48], ids=["in-place", "misaligned"])
+def test_a_producers_queued_writes_land_before_the_engine_reads(sim: Any, offset: int) -> None:
+    x = tiles(5)
+    ptr = sim.mem.alloc(x.nbytes + offset) + offset
+    producer = sim.mem.producer(ptr, x)  # the tiles are written only when something waits for this stream
+    out = sim.make().run(DeviceArray(ptr, x.shape, x.dtype, producer, x))
+    np.testing.assert_array_equal(out, expected(x))
 
 
 def test_an_address_tensorrt_refuses_is_an_error(sim: Any) -> None:

@@ -189,8 +189,16 @@ def test_buffer_sizing() -> None:
         buffer_nbytes((-1, -1, 3), 4, 1)
 
 
-def test_check_io_accepts_the_export_contract() -> None:
-    check_io(_specs(), _info())
+@pytest.mark.parametrize(("size", "dim"), [(224, 2560), (448, 768)])
+def test_check_io_accepts_the_export_contract(size: int, dim: int) -> None:
+    """uint8 tiles (B, S, S, 3) in, float32 (B, E) out, for the model's own S and E; outputs besides the
+    embedding (patch tokens) are allowed; the same engine for another S or E is not."""
+    specs = _specs(size, dim)
+    assert "patch_tokens" in specs and check_io(specs, _info(tile_size=size, embedding_dim=dim)) is None
+    with pytest.raises(ModelFileError, match=f"expected uint8 \\(batch, {size + 1}, {size + 1}, 3\\)"):
+        check_io(specs, _info(tile_size=size + 1, embedding_dim=dim))
+    with pytest.raises(ModelFileError, match=f"expected float32 \\(batch, {dim * 2}\\)"):
+        check_io(specs, _info(tile_size=size, embedding_dim=dim * 2))
 
 
 @pytest.mark.parametrize(
