@@ -37,7 +37,7 @@ def _add_settings(p: argparse.ArgumentParser, target: Any) -> None:
         if kind == "bool":
             kwargs.setdefault("action", "store_true")
         elif "action" not in kwargs:
-            kwargs["type"] = _TYPES[kind]
+            kwargs.setdefault("type", _TYPES[kind])
         (target if f.name == "mpp" else p).add_argument(flag, **kwargs)
 
 

@@ -28,6 +28,22 @@ from virchow_rt.slides.regions import parse_magnifications
 #: how long a slide's lock lasts without renewal before another run may take the slide over (seconds)
 DEFAULT_LOCK_LEASE_S = 300.0
 READERS = ("auto", "openslide", "tiffslide")
+#: most slides prepared ahead of the one in the model (each holds its read-ahead batches and open handles)
+MAX_PREFETCH_SLIDES = 8
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``20G``, ``512M``, ``1.5T`` or a plain number (binary units: 1K = 1024)."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise InputError(f"--cache-size {text!r} is not a size; give bytes or e.g. 20G, 512M") from None
+    if not number > 0 or number == float("inf"):
+        raise InputError(f"--cache-size {text!r} must be above 0, e.g. 20G")
+    return int(number * _SIZE_UNITS[unit])
 
 
 def option(default: Any, flag: str | None = None, help: str = "", **cli: Any) -> Any:
@@ -114,6 +130,29 @@ class SlideSettings:
         "stopped or a host lost for longer has its slides taken over by other runs, on any host",
         metavar="SECONDS",
     )
+    prefetch_slides: int = option(
+        1,
+        "--prefetch-slides",
+        "slides opened, masked, gridded and read ahead while the model runs the current one, so that it "
+        "never waits between slides (0: one slide after another)",
+        metavar="N",
+    )
+    cache_dir: str | None = option(
+        None,
+        "--cache-dir",
+        "copy the next slides to this local folder ahead of use and read the copies (slides on network "
+        "storage); each copy is removed once its slide is done or failed, and on Ctrl-C. A copy that fails "
+        "or finds no room falls back to reading in place, with one warning",
+        metavar="DIR",
+    )
+    cache_size: int | None = option(
+        None,
+        "--cache-size",
+        "most bytes of slide copies in --cache-dir at once, e.g. 20G (default: what its disk has free, less "
+        "1 GiB); a slide larger than this is read in place",
+        metavar="SIZE",
+        type=parse_size,
+    )
     prefetch_batches: int = 2
     #: tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
     progress: bool | None = None
@@ -136,6 +175,15 @@ class SlideSettings:
             check_pooling(self.pooling)
         if not self.lock_lease > 0:
             raise InputError(f"--lock-lease {self.lock_lease}: give a number of seconds above 0, e.g. 300")
+        if not (isinstance(self.prefetch_slides, int) and 0 <= self.prefetch_slides <= MAX_PREFETCH_SLIDES):
+            raise InputError(
+                f"--prefetch-slides {self.prefetch_slides!r}: give 0 (one slide after another) to "
+                f"{MAX_PREFETCH_SLIDES}; 1 keeps the model busy"
+            )
+        if self.cache_size is not None:
+            if self.cache_dir is None:
+                raise InputError("--cache-size needs --cache-dir (the local folder the slides are copied to)")
+            parse_size(self.cache_size)
         if self.regions:
             mags = parse_magnifications(self.regions)
             if not any(np.isclose(magnification_to_mpp(m), mpp) for m in mags):
