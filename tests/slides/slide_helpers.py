@@ -5,6 +5,9 @@ A fake backend that is cheap yet sensitive to tile content, cosine per row, timm
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -62,3 +65,15 @@ def resize_square(tile: np.ndarray, size: int) -> np.ndarray:
 
 #: a 1792 × 1344 slide at 0.5 µm/px (8 × 6 tiles of 224 px) with two tissue pieces off the tile grid
 STANDARD_PATCHES = ((250, 200, 900, 700), (1230, 760, 450, 430))
+
+
+def crashing_read(source, rows, size, skip_errors, fill=255):  # noqa: ANN001, ANN201 - tiles' signature
+    """``tiles._read_in_process`` in a reading process, except that a slide named ``crash*`` kills the process
+    (as a decoder crash does), leaving ``<slide>.crashed`` beside the slide first."""
+    from virchow_rt.slides import tiles
+
+    path = Path(source[0])
+    if path.stem.startswith("crash"):
+        path.with_suffix(".crashed").touch()
+        os._exit(1)
+    return tiles._read_in_process(source, rows, size, skip_errors, fill)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slide_helpers import FakeBackend
+from slide_helpers import FakeBackend, crashing_read
 
 from virchow_rt.errors import InputError
 from virchow_rt.slides import SlideSettings, process_slides, read_features
@@ -175,11 +175,43 @@ def test_a_corrupt_slide_next_to_good_ones_fails_alone(cohort, tmp_path, monkeyp
     assert sorted(p.name for p in out.glob("*.h5")) == ["s0.h5", "s3.h5"] and not list(out.glob(".*"))
 
 
+class FileGate:
+    """A gate that opens once ``path`` exists (written by another process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+
+def test_a_slide_that_kills_its_reading_process_fails_alone(cohort, tmp_path, monkeypatch):
+    """Slides read at once share the reading processes: the one whose tiles kill a worker fails, the slide
+    in the model whose tiles were lost with that worker reads them again and is done."""
+    run([cohort[0], cohort[2]], tmp_path / "clean", prefetch_slides=0)
+    crash = cohort[1].rename(cohort[1].with_name("crash1.tif"))
+    monkeypatch.setattr(tiles_module, "_read_in_process", crashing_read)  # pickled by name for the workers
+    backend = GatedBackend()
+    backend.gate = FileGate(crash.with_suffix(".crashed"))  # s0's first batch waits until crash1 killed one
+    out = tmp_path / "out"
+    summary, lines = run([cohort[0], crash, cohort[2]], out, backend, workers=2, read_processes=True)
+    assert backend.gate_opened
+    assert [s["status"] for s in summary["slides"]] == ["done", "failed", "done"], lines
+    assert "crash1.tif: a tile-reading process died" in summary["slides"][1]["reason"]
+    assert_same(out, tmp_path / "clean", ["s0", "s2"])
+    assert not list(out.glob(".*"))
+
+
 SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    from slide_helpers import FakeBackend
+    from slide_helpers import FakeBackend, crashing_read
     from virchow_rt.cli.main import build_parser
     from virchow_rt.cli.slides import run_cli
 
@@ -360,6 +392,13 @@ def test_multi_file_formats_are_copied_whole(tmp_path):
     assert not (tmp_path / "cache").exists()
     assert listing(tmp_path / "net")  # the sources are untouched
     assert (mrxs.parent / "a" / "Data0000.dat").exists() and (series / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(("cpus", "processes", "threads"), [(1, 1, 1), (2, 2, 2), (16, 15, 8), (64, 63, 8)])
+def test_reading_workers_follow_the_usable_cpus(monkeypatch, cpus, processes, threads):
+    monkeypatch.setattr(tiles_module.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert tiles_module.default_workers(processes=True) == processes
+    assert tiles_module.default_workers(processes=False) == threads
 
 
 def test_lines_of_a_later_slide_wait_for_the_slides_before_it():

@@ -99,7 +99,12 @@ class SlideSettings:
     batch_size: int | None = option(
         None, "--batch", "tiles per batch (default: the backend's fastest)", metavar="BATCH"
     )
-    workers: int | None = option(None, "--workers", "tile-reading workers (default: one per core, at most 8)")
+    workers: int | None = option(
+        None,
+        "--workers",
+        "tile-reading workers (default, from the CPUs this run may use: reading processes one per CPU, less "
+        "one above 2 CPUs; reading threads one per CPU, at most 8)",
+    )
     #: None: the model's own (ModelInfo.pooling)
     pooling: str | None = option(
         None, "--pooling", "default: the model's own (see `virchow-rt list`)", choices=POOLINGS
