@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.benchmark.cohort import StandInBackend, cohort_timing, stand_in_info, write_cohort
+from virchow_rt.benchmark.cohort import (
+    StandInBackend,
+    cohort_timing,
+    reading_cost,
+    stand_in_info,
+    workers_needed,
+    write_cohort,
+)
 from virchow_rt.benchmark.environment import collect_environment, load_average
 from virchow_rt.benchmark.timing import time_calls
 from virchow_rt.embed.embedder import default_batch_size
@@ -40,6 +47,8 @@ from virchow_rt.slides.tiles import default_workers, usable_cpus
 
 #: the issue's targets
 BUSY_AT = {0.5: 0.95, 0.8: 0.90}
+#: the models' goals on a GPU (tiles/s) the reading workers must feed
+GOALS = {"virchow2": 1600, "virchow2g-mini": 10000}
 GAP_MS = 50.0
 CACHE_EXTRA = 0.05  # "no extra wall time", within this run-to-run noise
 
@@ -54,12 +63,14 @@ def reader_sweep(path: Path, batch: int, repeats: int) -> list[dict[str, Any]]:
         plan = grid.plan.resized(224)
         for workers in counts:
             reader = TileReader(slide, workers=workers, processes=True)
+            cpu0 = time.process_time()  # this process: the tiles' unpickling and batching, not the workers
             stats = time_calls(lambda r=reader: list(r.batches(plan, batch)), repeats=repeats, warmup=1)
+            parent_ms = 1e3 * (time.process_time() - cpu0) / ((repeats + 1) * len(plan))
             read_px = round(grid.patch_size_level0 / slide.level_downsamples[grid.level])
             rate = len(plan) / stats.median
             rows.append(
                 {"workers": workers, "tiles_per_s": rate, "rel_spread": stats.rel_spread, "tiles": len(plan),
-                 "read_level": grid.level, "read_px": read_px}
+                 "read_level": grid.level, "read_px": read_px, "main_process_cpu_ms_per_tile": parent_ms}
             )  # fmt: skip
             print(f"  {path.name}: {workers} reading processes: {rate:7.1f} tiles/s ({len(plan)} tiles, "
                   f"{read_px} px read at level {grid.level})", flush=True)  # fmt: skip
@@ -115,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print("reader alone (reading processes, 20x tiles):", flush=True)
         twenty = write_cohort(args.out / "slides-20x", 0, 1, scan_mpp=0.5)[0]
         resection = next(p for p in paths if "resection" in p.name)
-        sweep = {"40x_scan": reader_sweep(resection, batch, 3), "20x_scan": reader_sweep(twenty, batch, 3)}
+        sweep = {}
+        for scan, path in (("40x_scan", resection), ("20x_scan", twenty)):
+            cost = reading_cost(path)
+            ms = cost["cpu_ms_per_tile"]
+            needed = {f"{v} at {r} tiles/s": workers_needed(r, ms) for v, r in GOALS.items()}
+            decode = cost["decode_cpu_ms_per_tile"]
+            print(f"  {scan}: {ms:.2f} CPU ms per tile on one worker (decode {decode:.2f}), so busy workers "
+                  f"needed: {needed}", flush=True)  # fmt: skip
+            sweep[scan] = {"cost": cost, "workers_needed_at_this_cpu_speed": needed,
+                           "sweep": reader_sweep(path, batch, 3)}  # fmt: skip
 
     common = {"batch_size": batch, "workers": workers}
 

@@ -6,11 +6,13 @@ ended. Run a cohort through the real :func:`~virchow_rt.slides.process_slides` w
 :func:`cohort_timing` turns those notes and the summary into the model-busy fraction (model time / wall
 time), slides per hour and the gaps between one slide's last batch and the next slide's first.
 :func:`write_cohort` writes a cohort of synthetic slides of mixed sizes (many small biopsies, a few large
-resections) once.
+resections) once. :func:`reading_cost` is the CPU time one reading worker spends per tile, the figure that
+says how many workers a faster model needs (:func:`workers_needed`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -160,3 +162,36 @@ def write_cohort(folder: Path, biopsies: int, resections: int, *, scan_mpp: floa
                                   seed=i, layout="svs", downsamples=(4, 16))  # fmt: skip
         paths.append(path)
     return paths
+
+
+def reading_cost(path: Path, tiles: int = 200, mpp: float = 0.5, size: int = 224) -> dict[str, Any]:
+    """CPU time (ms, this thread's, so other load on the machine barely counts) per tile of reading the
+    slide's first ``tiles`` tissue tiles at ``mpp``, out ``size`` px: decoding alone and decoding + resizing
+    (what one reading worker does per tile)."""
+    from virchow_rt.slides import open_slide, read_tile, tile_grid
+
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, mpp=mpp)
+        plan = grid.plan.resized(size)
+        rows = [(int(x), int(y), int(s0), int(lv)) for (x, y), s0, lv in
+                zip(plan.coords[:tiles], plan.size0[:tiles], plan.level[:tiles], strict=True)]  # fmt: skip
+        if not rows:
+            raise InputError(f"{path.name} has no tissue tiles at {mpp} µm/px to time")
+        side = round(grid.patch_size_level0 / slide.level_downsamples[grid.level])
+        read_tile(slide, *rows[0], size)  # warm: the first read opens the level's index
+        t0 = time.thread_time()
+        for x, y, _, level in rows:
+            slide.read(x, y, level, side, side)
+        decode = time.thread_time() - t0
+        t0 = time.thread_time()
+        for x, y, s0, level in rows:
+            read_tile(slide, x, y, s0, level, size)
+        total = time.thread_time() - t0
+    n = len(rows)
+    return {"tiles": n, "read_px": side, "read_level": grid.level,
+            "decode_cpu_ms_per_tile": 1e3 * decode / n, "cpu_ms_per_tile": 1e3 * total / n}  # fmt: skip
+
+
+def workers_needed(rate: float, cpu_ms_per_tile: float) -> int:
+    """Reading workers (one busy core each) that deliver ``rate`` tiles/s at ``cpu_ms_per_tile`` each."""
+    return max(1, math.ceil(rate * cpu_ms_per_tile / 1e3))
