@@ -422,3 +422,27 @@ def test_lines_of_a_later_slide_wait_for_the_slides_before_it():
     lines.close()  # s3's turn never came: its lines are dropped, as the slide is "not started"
     log3("s3 more")
     assert out == ["s0 done", "! s1 opened", "s1 done", "s2 opened", "s2 stopped"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--cache-size", "0"], "argument --cache-size: --cache-size '0' must be above 0, e.g. 20G"),
+        (["--cache-size", "20G"], "--cache-size needs --cache-dir"),
+        (["--prefetch-slides", "99"], "--prefetch-slides 99: give 0 (one slide after another) to 8"),
+        (["--ray", "--cache-dir", "scratch"], "--cache-dir is not used by Ray workers"),
+    ],
+)
+def test_bad_cohort_flags_are_one_line_errors(tmp_path, capsys, flags, says):
+    from virchow_rt.cli import main as cli
+
+    argv = ["slides", str(tmp_path / "x.tif"), "--model", "m", "--out", str(tmp_path / "out"), *flags]
+    if flags[:2] == ["--cache-size", "0"]:  # refused by the parser itself
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(argv)
+        assert stopped.value.code == 2
+    else:
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
