@@ -6,6 +6,9 @@ check that two runs wrote the same ``.h5``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -76,3 +79,15 @@ def same_outputs(a, b) -> None:
     assert {k: v for k, v in x["attrs"].items() if k not in skip} == {
         k: v for k, v in y["attrs"].items() if k not in skip
     }
+
+
+def crashing_read(source, rows, size, skip_errors, fill=255):  # noqa: ANN001, ANN201 - tiles' signature
+    """``tiles._read_in_process`` in a reading process, except that a slide named ``crash*`` kills the process
+    (as a decoder crash does), leaving ``<slide>.crashed`` beside the slide first."""
+    from virchow_rt.slides import tiles
+
+    path = Path(source[0])
+    if path.stem.startswith("crash"):
+        path.with_suffix(".crashed").touch()
+        os._exit(1)
+    return tiles._read_in_process(source, rows, size, skip_errors, fill)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,22 @@ def _add_settings(p: argparse.ArgumentParser, target: Any) -> None:
         if kind == "bool":
             kwargs.setdefault("action", "store_true")
         elif "action" not in kwargs:
-            kwargs["type"] = _TYPES[kind]
+            kwargs["type"] = _argument_type(kwargs.get("type", _TYPES[kind]))
         (target if f.name == "mpp" else p).add_argument(flag, **kwargs)
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its :class:`InputError` becomes argparse's one-line usage error."""
+    from virchow_rt.errors import InputError
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its own errors
+    return convert
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,6 +115,11 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = SlideSettings.from_options(vars(args))
     if args.mag is not None:
         settings = dataclasses.replace(settings, mpp=magnification_to_mpp(args.mag))
+    if args.ray and settings.cache_dir:
+        raise InputError(
+            "--cache-dir is not used by Ray workers (each reads its slides in place); run without --ray, or "
+            "without --cache-dir"
+        )
     if args.ray and args.allow_engine_host_code:
         raise InputError(
             "--allow-engine-host-code is not passed on to Ray workers; run without --ray, or build the "

@@ -25,6 +25,7 @@ from virchow_rt.backends.base import Backend
 from virchow_rt.backends.open import open_backend
 from virchow_rt.contract import ModelInfo
 from virchow_rt.embed import Embedder, StreamStats
+from virchow_rt.embed.embedder import Prefetcher
 from virchow_rt.slides.grid import TileGrid, TilePlan, tile_grid
 from virchow_rt.slides.reader import Slide, open_slide
 from virchow_rt.slides.regions import RegionGrid, region_grid
@@ -63,7 +64,8 @@ class EmbeddingStream:
     :class:`~virchow_rt.embed.Embedder` pulls their batches in its reader thread (resizing by the model's
     geometry where that changes them) while the model runs. Tiles that fail with ``skip_errors`` are missing
     from the indices (see ``read_stats.errors``). ``embed_s``: time in the model, waits for tiles excluded;
-    ``wait_s``: the model's wait for tiles.
+    ``wait_s``: the model's wait for tiles. :meth:`start` begins reading before the model is free (the next
+    slide of a cohort); :meth:`close` stops a stream that was started but not iterated to its end.
     """
 
     def __init__(
@@ -87,6 +89,27 @@ class EmbeddingStream:
             slide, workers=workers, prefetch_batches=prefetch_batches, processes=processes
         )
         self.stats = StreamStats()
+        self._prefetch_batches = prefetch_batches
+        self._batches: Iterator[TileBatch] | None = None  # the reader's batches, once started
+        self._ahead: Prefetcher | None = None  # the thread reading them ahead, once started
+
+    def start(self) -> EmbeddingStream:
+        """Begin reading now: a background thread pulls the first batches (at most ``prefetch_batches``
+        of them, on top of the reader's own window) before the model asks for them. Returns ``self``."""
+        if self._batches is None:
+            self._batches = self.reader.batches(self.plan, self.embedder.batch_size, self.skip_errors)
+            self._ahead = Prefetcher(self._batches, depth=self._prefetch_batches)
+        return self
+
+    def close(self) -> None:
+        """Stop reading ahead and the reader's workers (a stream started but not iterated to its end).
+        Safe to call twice."""
+        if self._ahead is not None:
+            self._ahead.close()  # joins its thread: then nothing runs the reader's generator
+            self._ahead = None
+        if self._batches is not None:
+            self._batches.close()  # cancels the reader's pending work, stops its thread pool
+            self._batches = None
 
     @property
     def read_stats(self) -> ReadStats:
@@ -102,10 +125,12 @@ class EmbeddingStream:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         indices: deque[np.ndarray] = deque()  # appended in the embedder's reader thread, in order
-        batches = self.reader.batches(self.plan, self.embedder.batch_size, self.skip_errors)
+        if self._ahead is None:  # not started: read as the model asks, without another thread
+            self._batches = self.reader.batches(self.plan, self.embedder.batch_size, self.skip_errors)
+        source: Iterable[TileBatch] = self._ahead if self._ahead is not None else self._batches
 
         def tiles() -> Iterator[np.ndarray]:
-            for batch in batches:
+            for batch in source:
                 indices.append(batch.indices)
                 yield batch.tiles  # (B, S, S, 3)
 
@@ -117,7 +142,7 @@ class EmbeddingStream:
         finally:
             outputs.close()  # joins the embedder's reader thread first: then nothing runs the tile reader
             feed.close()
-            batches.close()  # stops the tile reader's workers
+            self.close()  # stops the read-ahead thread, then the tile reader's workers
 
 
 def complete_groups(

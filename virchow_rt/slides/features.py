@@ -1,6 +1,11 @@
 """One open slide through the model into a new ``.h5``: its tile grid (or another tool's tiles), the regions
 with ``--regions``, the QC picture with ``--qc``, and every root attribute of the file's layout
 (:mod:`virchow_rt.slides.writer`). The tile grid never depends on ``--regions``.
+
+:class:`SlideFeatures` does it in three steps that a cohort runs on different threads, so that the model
+never waits between slides: making it lays out the tiles, writes the QC picture and (``read_ahead``) starts
+reading the first batches; :meth:`~SlideFeatures.embed` runs the model into the temporary file;
+:meth:`~SlideFeatures.finish` writes the attributes that mark the file complete.
 """
 
 from __future__ import annotations
@@ -50,77 +55,106 @@ class ModelIdentity:
         return cls("", "backend:" + hashlib.sha256(info).hexdigest())
 
 
-def embed_to_file(
-    slide: Slide,
-    embedder: Embedder,
-    settings: SlideSettings,
-    model: ModelIdentity,
-    tmp: Path,
-    record: SlideRecord,
-    *,
-    qc: Path | None = None,
-    check: Callable[[], None] = lambda: None,
-    progress: bool = False,
-) -> None:
-    """Embed ``slide`` into the new file ``tmp`` and fill ``record`` (counts, timings, read level).
+class SlideFeatures:
+    """One open slide's features into a new ``.h5``: tiling (at construction), :meth:`embed`, :meth:`finish`.
 
-    ``settings.pooling`` must be resolved; ``check`` is called before each write and raises to abandon
-    the slide (a lost lease); ``qc``: where the QC picture goes (written before the model runs).
+    ``settings.pooling`` must be resolved; ``check`` is called before each write and raises to abandon the
+    slide (a lost lease); ``qc``: where the QC picture goes (written before the model runs); ``source``: the
+    slide as the file records it (path and size) when ``slide`` reads a local copy of it; ``read_ahead``:
+    start reading the first batches now, before :meth:`embed` is called. ``record`` gets the counts, timings
+    and read level. :meth:`close` stops reading and closes the file (safe at any step, and twice).
     """
-    s = settings
-    t0 = time.perf_counter()
-    if s.coords:  # TRIDENT's or CLAM's tiles, tile for tile, read as that tool reads them
-        tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp)
-    else:
-        tiles = tile_grid(slide, s.grid_mpp, s.tile_size, s.min_tissue, rule=s.grid, edge_tiles=s.edge_tiles)
-    grid = (
-        region_grid(slide, s.regions, tile_size=s.tile_size, min_tissue=s.min_tissue) if s.regions else None
-    )
-    layout = grid.layout if grid is not None else None
-    record.timings["mask_s"] = time.perf_counter() - t0
-    if qc is not None:  # before the model runs: the tiling can be checked while it does
-        check()
-        picture = qc_picture(slide, tiles.mask, tiles.coords, tiles.patch_size_level0)
-        with atomic_path(qc) as tmp_png:
-            Image.fromarray(picture).save(tmp_png, format="PNG")
-    dim = embedder.embedding_dim(s.pooling)
-    writer = FeatureWriter(tmp, dim, layout)
-    streams: list[EmbeddingStream] = []
-    write_s = 0.0
 
-    def embed(plan: TilePlan, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        stream = EmbeddingStream(slide, embedder, plan, pooling=s.pooling, workers=s.workers,
+    def __init__(
+        self,
+        slide: Slide,
+        embedder: Embedder,
+        settings: SlideSettings,
+        model: ModelIdentity,
+        record: SlideRecord,
+        *,
+        qc: Path | None = None,
+        check: Callable[[], None] = lambda: None,
+        progress: bool = False,
+        source: Path | None = None,
+        read_ahead: bool = False,
+    ) -> None:
+        s = self.settings = settings
+        self.slide, self.embedder, self.model, self.record = slide, embedder, model, record
+        self.source = source or slide.path
+        self.check, self.progress = check, progress
+        self.writer: FeatureWriter | None = None
+        self.streams: list[EmbeddingStream] = []
+        self.write_s = 0.0
+        t0 = time.perf_counter()
+        if s.coords:  # TRIDENT's or CLAM's tiles, tile for tile, read as that tool reads them
+            self.tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp)
+        else:
+            self.tiles = tile_grid(slide, s.grid_mpp, s.tile_size, s.min_tissue, rule=s.grid,
+                                   edge_tiles=s.edge_tiles)  # fmt: skip
+        self.grid = (
+            region_grid(slide, s.regions, tile_size=s.tile_size, min_tissue=s.min_tissue)
+            if s.regions
+            else None
+        )
+        self.layout = self.grid.layout if self.grid is not None else None
+        record.timings["mask_s"] = time.perf_counter() - t0
+        if qc is not None:  # before the model runs: the tiling can be checked while it does
+            check()
+            picture = qc_picture(slide, self.tiles.mask, self.tiles.coords, self.tiles.patch_size_level0)
+            with atomic_path(qc) as tmp_png:
+                Image.fromarray(picture).save(tmp_png, format="PNG")
+        self.dim = embedder.embedding_dim(s.pooling)
+        self._first = self._stream(self.tiles.plan)
+        if read_ahead:
+            self._first.start()
+
+    def _stream(self, plan: TilePlan) -> EmbeddingStream:
+        s = self.settings
+        stream = EmbeddingStream(self.slide, self.embedder, plan, pooling=s.pooling, workers=s.workers,
                                  skip_errors=s.skip_errors, prefetch_batches=s.prefetch_batches,
                                  processes=s.read_processes)  # fmt: skip
-        streams.append(stream)
-        with tqdm(total=len(plan), unit="tile", desc=slide.name, disable=not progress, leave=False,
-                  dynamic_ncols=True) as bar:  # fmt: skip
+        self.streams.append(stream)
+        return stream
+
+    def _embed(self, stream: EmbeddingStream, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with tqdm(total=len(stream.plan), unit="tile", desc=self.slide.name, disable=not self.progress,
+                  leave=False, dynamic_ncols=True) as bar:  # fmt: skip
             for ids, features in complete_groups(stream, group):  # features (G, group, E)
                 bar.update(features.shape[0] * features.shape[1])
-                check()
+                self.check()
                 yield ids, features
 
-    try:
-        for ids, features in embed(tiles.plan, 1):
+    def embed(self, tmp: Path) -> None:
+        """Run the slide's tiles (then its regions) through the model into the new file ``tmp``."""
+        writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
+        for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()
-            writer.append(tiles.coords[ids], features[:, 0])
-            write_s += time.perf_counter() - t1
-        if grid is not None and layout is not None:
-            region_coords = grid.tile_coords()
-            for ids, features in embed(grid.plan(slide), layout.tiles_per_region):
+            writer.append(self.tiles.coords[ids], features[:, 0])
+            self.write_s += time.perf_counter() - t1
+        if self.grid is not None and self.layout is not None:
+            region_coords = self.grid.tile_coords()
+            stream = self._stream(self.grid.plan(self.slide))
+            for ids, features in self._embed(stream, self.layout.tiles_per_region):
                 t1 = time.perf_counter()
                 writer.append_regions(region_coords[ids], features)  # (G, T, 2), (G, T, E)
-                write_s += time.perf_counter() - t1
+                self.write_s += time.perf_counter() - t1
+
+    def finish(self) -> None:
+        """Write every attribute and mark the file complete (after :meth:`embed`); fill the record."""
+        assert self.writer is not None, "finish() before embed()"
+        s, tiles, writer, record = self.settings, self.tiles, self.writer, self.record
+        streams, layout = self.streams, self.layout
         failed = sum(st.read_stats.failed for st in streams)
         record.tiles = writer.num_tiles
         record.embedded_tiles = sum(st.read_stats.tiles for st in streams)
         record.regions = writer.num_regions if layout is not None else None
-        width, height = slide.dimensions
-        info = embedder.info
+        width, height = self.slide.dimensions
+        info = self.embedder.info
         size0 = tiles.patch_size_level0
         writer.finish(
             {
-                "name": slide.name,
+                "name": self.slide.name,
                 "patch_size": s.tile_size,
                 "patch_size_level0": size0,
                 "level0_magnification": tiles.level0_magnification,
@@ -130,20 +164,20 @@ def embed_to_file(
                 "level0_height": height,
                 "encoder": info.variant,
                 "pooling": s.pooling,
-                "embedding_dim": dim,
-                "model_sha256": model.sha256,
-                "model_file": Path(model.file).name,
+                "embedding_dim": self.dim,
+                "model_sha256": self.model.sha256,
+                "model_file": Path(self.model.file).name,
                 "weights_sha256": info.weights_sha256,
                 "precision": info.precision,
                 "random_weights": bool(info.random_weights),
-                "backend": embedder.backend.name,
-                "reader": slide.reader,
-                "slide_path": str(slide.path),
-                "slide_size_bytes": slide.path.stat().st_size,
-                "level0_mpp": slide.mpp,
-                "mpp_source": slide.mpp_source,
+                "backend": self.embedder.backend.name,
+                "reader": self.slide.reader,
+                "slide_path": str(self.source),
+                "slide_size_bytes": self.source.stat().st_size,
+                "level0_mpp": self.slide.mpp,
+                "mpp_source": self.slide.mpp_source,
                 "target_mpp": float(tiles.mpp),
-                "effective_mpp": size0 * slide.mpp / s.tile_size,
+                "effective_mpp": size0 * self.slide.mpp / s.tile_size,
                 "read_level": tiles.level,
                 "min_tissue": float(s.min_tissue),
                 "tissue_threshold": tiles.mask.threshold,
@@ -158,14 +192,40 @@ def embed_to_file(
             },
             coords_attrs=tiles.coords_attrs(),
         )
+        record.skipped_tiles = failed
+        record.skipped_tile_errors = [e for st in streams for e in st.read_stats.errors][:MAX_LISTED_ERRORS]
+        record.read_level = tiles.level
+        record.timings.update(
+            read_s=sum(st.read_stats.read_s for st in streams),
+            read_wait_s=sum(st.wait_s for st in streams),
+            embed_s=sum(st.embed_s for st in streams),
+            write_s=self.write_s,
+        )
+
+    def close(self) -> None:
+        """Stop reading and close the file (an unfinished one stays incomplete). Safe to call twice."""
+        for stream in self.streams:
+            stream.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def embed_to_file(
+    slide: Slide,
+    embedder: Embedder,
+    settings: SlideSettings,
+    model: ModelIdentity,
+    tmp: Path,
+    record: SlideRecord,
+    *,
+    qc: Path | None = None,
+    check: Callable[[], None] = lambda: None,
+    progress: bool = False,
+) -> None:
+    """Embed ``slide`` into the new file ``tmp`` and fill ``record`` (the steps of :class:`SlideFeatures`)."""
+    features = SlideFeatures(slide, embedder, settings, model, record, qc=qc, check=check, progress=progress)
+    try:
+        features.embed(tmp)
+        features.finish()
     finally:
-        writer.close()
-    record.skipped_tiles = failed
-    record.skipped_tile_errors = [e for st in streams for e in st.read_stats.errors][:MAX_LISTED_ERRORS]
-    record.read_level = tiles.level
-    record.timings.update(
-        read_s=sum(st.read_stats.read_s for st in streams),
-        read_wait_s=sum(st.wait_s for st in streams),
-        embed_s=sum(st.embed_s for st in streams),
-        write_s=write_s,
-    )
+        features.close()

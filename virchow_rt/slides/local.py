@@ -3,12 +3,15 @@
 A rerun skips every slide whose ``.h5`` is complete and valid for this model and these settings (checked,
 not just present) and redoes the rest. A slide that cannot be read is reported with its reason, leaves no
 file, and does not stop the others; the exit code is then 1. Each slide is one
-:meth:`SlideJob.run <virchow_rt.slides.job.SlideJob.run>`; the run ends by rebuilding ``summary.json``
-(:mod:`virchow_rt.slides.summary`).
+:class:`~virchow_rt.slides.task.SlideTask` of the run's :class:`~virchow_rt.slides.job.SlideJob`, the next
+slides prepared while the model runs one (:func:`~virchow_rt.slides.cohort.embed_cohort`), read from local
+copies with ``cache_dir`` (:class:`~virchow_rt.slides.cache.SlideCache`); the run ends by rebuilding
+``summary.json`` (:mod:`virchow_rt.slides.summary`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +22,8 @@ from virchow_rt.backends.base import Backend
 from virchow_rt.errors import warn_random_weights
 from virchow_rt.manifest import check_output
 from virchow_rt.slides import folder
+from virchow_rt.slides.cache import SlideCache
+from virchow_rt.slides.cohort import embed_cohort
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
 from virchow_rt.slides.reader import find_slides
@@ -59,9 +64,14 @@ def process_slides(
                 f"{info.variant} has random weights; every output is labelled random_weights=true"
             )
         try:
-            for i, path in enumerate(paths, 1):
-                records.append(SlideRecord.for_slide(path))  # pending: interrupted if the run stops here
-                records[-1] = job.run(path, f"[{i}/{len(paths)}] {path.name}", log, warn)
+            with contextlib.ExitStack() as stack:
+                cache = None
+                if settings.cache_dir:  # copies ahead of the slides prepared ahead, and of the one in use
+                    ahead = settings.prefetch_slides + 2
+                    made = SlideCache(settings.cache_dir, paths, size=settings.cache_size, ahead=ahead,
+                                      skip=job.is_complete)  # fmt: skip
+                    cache = stack.enter_context(made)
+                embed_cohort(job, paths, records, log, warn, cache)
         finally:
             # also after an interrupt: the summary lists every slide given, what was done and what was not
             records += [SlideRecord.for_slide(p, status="not started") for p in paths[len(records) :]]

@@ -30,6 +30,22 @@ from virchow_rt.slides.regions import parse_magnifications
 #: how long a slide's lock lasts without renewal before another run may take the slide over (seconds)
 DEFAULT_LOCK_LEASE_S = DEFAULT_LEASE_S
 READERS = ("auto", "openslide", "tiffslide")
+#: most slides prepared ahead of the one in the model (each holds its read-ahead batches and open handles)
+MAX_PREFETCH_SLIDES = 8
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``20G``, ``512M``, ``1.5T`` or a plain number (binary units: 1K = 1024)."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise InputError(f"--cache-size {text!r} is not a size; give bytes or e.g. 20G, 512M") from None
+    if not number > 0 or number == float("inf"):
+        raise InputError(f"--cache-size {text!r} must be above 0, e.g. 20G")
+    return int(number * _SIZE_UNITS[unit])
 
 
 def option(default: Any, flag: str | None = None, help: str = "", **cli: Any) -> Any:
@@ -85,7 +101,12 @@ class SlideSettings:
     batch_size: int | None = option(
         None, "--batch", "tiles per batch (default: the backend's fastest)", metavar="BATCH"
     )
-    workers: int | None = option(None, "--workers", "tile-reading workers (default: one per core, at most 8)")
+    workers: int | None = option(
+        None,
+        "--workers",
+        "tile-reading workers (default, from the CPUs this run may use: reading processes one per CPU, less "
+        "one above 2 CPUs; reading threads one per CPU, at most 8)",
+    )
     #: None: the model's own (ModelInfo.pooling)
     pooling: str | None = option(
         None, "--pooling", "default: the model's own (see `virchow-rt list`)", choices=POOLINGS
@@ -112,9 +133,32 @@ class SlideSettings:
     lock_lease: float = option(
         DEFAULT_LOCK_LEASE_S,
         "--lock-lease",
-        "seconds a slide's lock lasts unless renewed (its holder renews it every third of that; 10 to "
+        "seconds a slide's lock lasts unless renewed (its holder renews it every third of that; 2 to "
         "86400); a run stopped or a host lost for longer has its slides taken over by other runs on any host",
         metavar="SECONDS",
+    )
+    prefetch_slides: int = option(
+        1,
+        "--prefetch-slides",
+        "slides opened, masked, gridded and read ahead while the model runs the current one, so that it "
+        "never waits between slides (0: one slide after another)",
+        metavar="N",
+    )
+    cache_dir: str | None = option(
+        None,
+        "--cache-dir",
+        "copy the next slides to this local folder ahead of use and read the copies (slides on network "
+        "storage); each copy is removed once its slide is done or failed, and on Ctrl-C. A copy that fails "
+        "or finds no room falls back to reading in place, with one warning",
+        metavar="DIR",
+    )
+    cache_size: int | None = option(
+        None,
+        "--cache-size",
+        "most bytes of slide copies in --cache-dir at once, e.g. 20G (default: what its disk has free, less "
+        "1 GiB); a slide larger than this is read in place",
+        metavar="SIZE",
+        type=parse_size,
     )
     prefetch_batches: int = 2
     #: tiles done / total, tiles/s and ETA inside each slide (None: on a terminal)
@@ -141,6 +185,15 @@ class SlideSettings:
                 f"--lock-lease {self.lock_lease:g}: give a number of seconds from {MIN_LEASE_S:g} to "
                 f"{MAX_LEASE_S:g} (one day), e.g. {DEFAULT_LEASE_S:g}"
             )
+        if not (isinstance(self.prefetch_slides, int) and 0 <= self.prefetch_slides <= MAX_PREFETCH_SLIDES):
+            raise InputError(
+                f"--prefetch-slides {self.prefetch_slides!r}: give 0 (one slide after another) to "
+                f"{MAX_PREFETCH_SLIDES}; 1 keeps the model busy"
+            )
+        if self.cache_size is not None:
+            if self.cache_dir is None:
+                raise InputError("--cache-size needs --cache-dir (the local folder the slides are copied to)")
+            parse_size(self.cache_size)
         if self.regions:
             mags = parse_magnifications(self.regions)
             if not any(np.isclose(magnification_to_mpp(m), mpp) for m in mags):

@@ -9,18 +9,17 @@ beside threads), which imports the caller's main script again in every worker, s
 this without an ``if __name__ == "__main__":`` guard would run its own top-level code once per worker;
 pass ``processes=True`` (``SlideSettings(read_processes=True)``) from a guarded script. The process
 pool lives as long as the Python process, and each worker keeps its slide handles open between jobs;
-tiles come back pickled (about 150 KB each). At most
+tiles come back pickled (about 150 KB each); the pool's lifetime and the workers' signals are
+:mod:`virchow_rt.slides.read_pool`'s, and a worker that dies fails only the slide whose tiles killed it.
+At most
 ``prefetch_batches`` batches of tiles are in flight (bounded memory), in chunks so that every worker
 stays busy; batches come out in plan order whatever order the chunks finish in.
 """
 
 from __future__ import annotations
 
-import atexit
 import math
-import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections import deque
@@ -35,71 +34,38 @@ import numpy as np
 from PIL import Image
 
 from virchow_rt.errors import InputError, VirchowError
+from virchow_rt.slides import read_pool
 from virchow_rt.slides.grid import TilePlan
 from virchow_rt.slides.reader import Slide, open_handle
+
+Submit = Callable[[list], Future]
+Close = Callable[[], None]
+Again = Callable[[list], Any]
 
 #: tiles per job handed to a worker (small: the order-preserving window stays short)
 MAX_CHUNK = 16
 #: read with processes when there are several workers and the caller does not say (module docstring)
 PROCESSES_BY_DEFAULT = False
-_POOLS: dict[int, ProcessPoolExecutor] = {}  # worker count -> the process pool, made on first need
 _HANDLES: dict[tuple[str, str], Slide] = {}  # in a worker process: (path, reader) -> its open slide
+#: reading threads beyond this rarely help (OpenSlide holds the GIL for part of each tile)
+MAX_THREADS = 8
 
 
-def default_workers() -> int:
-    """Reading threads when none are asked for: one per core, at most 8 (decoding rarely scales further)."""
-    return max(1, min(8, os.cpu_count() or 1))
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or a scheduler's share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ProcessPoolExecutor(
-            workers, multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
-        )
-        _start_workers(pool, workers)
-    return pool
-
-
-def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
-    """Start every worker now, with SIGINT blocked from its first instruction: a thread's signal mask is
-    inherited by the processes it starts, across exec. A Ctrl-C reaching a worker that is still importing
-    would otherwise print a traceback before :func:`_worker_init` ignores it. Blocking in this thread
-    only leaves the main thread to receive the Ctrl-C meant for the run."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        for _ in range(workers):  # each submit before a worker is up starts one more process
-            pool.submit(os.getpid)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-#: how often a reading worker checks that the process that started it is still alive (seconds)
-PARENT_CHECK_S = 0.5
-
-
-def _worker_init(parent: int) -> None:
-    """In each reading worker: ignore Ctrl-C (the parent stops the pool, so a terminal shows one line, not
-    a traceback per worker) and exit as soon as the parent is gone. A parent killed with SIGKILL (the OOM
-    killer, a scheduler) never shuts its pool down; without this its workers would live on with PPID 1.
-    A polling thread, not PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends,
-    and the pool outlives the thread that first used it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending from startup is now ignored
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-@atexit.register
-def _close_pools() -> None:
-    for pool in _POOLS.values():
-        pool.shutdown(wait=False, cancel_futures=True)
-    _POOLS.clear()
+def default_workers(processes: bool = False) -> int:
+    """Reading workers when none are asked for, from the usable CPUs. Processes: one per CPU, less one
+    above 2 CPUs (the model's loop, the writer and the tiles' unpickling run in the main process); threads:
+    one per CPU, at most :data:`MAX_THREADS`."""
+    cpus = usable_cpus()
+    if processes:
+        return cpus - 1 if cpus > 2 else cpus
+    return max(1, min(MAX_THREADS, cpus))
 
 
 def _read_chunk(
@@ -147,6 +113,8 @@ def _read_in_process(
 def _handle(path: str, reader: str, mpp: float, mpp_source: str) -> Slide:
     slide = _HANDLES.get((path, reader))
     if slide is None:
+        for key in [k for k in _HANDLES if not os.path.exists(k[0])]:  # a local copy removed: free its disk
+            _HANDLES.pop(key).close()
         if len(_HANDLES) >= 4:  # a worker moves on through slides: keep the few latest open
             _HANDLES.pop(next(iter(_HANDLES))).close()
         slide = _HANDLES[(path, reader)] = Slide(Path(path), reader, open_handle(reader, Path(path)), mpp,
@@ -223,7 +191,7 @@ class TileReader:
         if prefetch_batches < 1:
             raise InputError(f"prefetch_batches {prefetch_batches} must be at least 1")
         self.slide = slide
-        self.workers = workers or default_workers()
+        self.workers = workers or default_workers(PROCESSES_BY_DEFAULT if processes is None else processes)
         self.prefetch_batches = prefetch_batches
         self.processes = PROCESSES_BY_DEFAULT and self.workers > 1 if processes is None else processes
         self.stats = ReadStats()
@@ -249,7 +217,7 @@ class TileReader:
                 (int(x), int(y), int(s), int(lv)) for (x, y), s, lv in zip(coords, size0, level, strict=True)
             ]
 
-        submit, close = (
+        submit, close, again = (
             self._processes(size, skip_errors, plan.fill)
             if self.processes
             else self._threads(size, skip_errors, plan.fill)
@@ -270,12 +238,10 @@ class TileReader:
                 t0 = time.perf_counter()
                 try:
                     tiles, ok, errors, seconds = future.result()
-                except BrokenProcessPool as err:
-                    _POOLS.pop(self.workers, None)  # the next slide gets a fresh pool
-                    raise InputError(
-                        f"{self.slide.path.name}: a tile-reading process died ({err}); the slide may crash "
-                        "its reader: try --workers 1, or --reader tiffslide"
-                    ) from err
+                except BrokenProcessPool:  # a worker died, maybe over another slide's tiles: find out
+                    if again is None:
+                        raise
+                    tiles, ok, errors, seconds = again(rows(start))
                 self.stats.wait_s += time.perf_counter() - t0
                 fill()
                 self.stats.read_s += seconds
@@ -296,22 +262,41 @@ class TileReader:
                 future.cancel()
             close()
 
-    def _processes(
-        self, size: int, skip_errors: bool, fill: int
-    ) -> tuple[Callable[[list], Future], Callable[[], None]]:
-        """Jobs for the shared process pool: each worker opens the slide once and keeps it."""
+    def _processes(self, size: int, skip_errors: bool, fill: int) -> tuple[Submit, Close, Again]:
+        """Jobs for the shared process pool: each worker opens the slide once and keeps it. A job lost to a
+        worker that died (the whole pool breaks) is read again in a process of this reader's own: if that
+        one dies too, this slide crashes its reader and fails; else another slide did, and this one goes on
+        (later jobs go to a fresh shared pool)."""
         s = self.slide
         source = (str(s.path), s.reader, s.mpp, s.mpp_source)
-        pool = _process_pool(self.workers)
+        own: list[ProcessPoolExecutor] = []
 
         def submit(rows: list) -> Future:
-            return pool.submit(_read_in_process, source, rows, size, skip_errors, fill)
+            pool = read_pool.shared_pool(self.workers)
+            try:
+                return pool.submit(_read_in_process, source, rows, size, skip_errors, fill)
+            except BrokenProcessPool:  # broken since this reader last used it
+                pool = read_pool.shared_pool(self.workers, broken=pool)
+                return pool.submit(_read_in_process, source, rows, size, skip_errors, fill)
 
-        return submit, lambda: None  # the pool outlives this slide; pending jobs were cancelled
+        def again(rows: list) -> Any:
+            if not own:
+                own.append(read_pool.private_pool())
+            try:
+                return own[0].submit(_read_in_process, source, rows, size, skip_errors, fill).result()
+            except BrokenProcessPool as err:
+                raise InputError(
+                    f"{s.path.name}: a tile-reading process died reading its tiles ({err}); the slide may "
+                    "crash its reader: try --reader tiffslide"
+                ) from err
 
-    def _threads(
-        self, size: int, skip_errors: bool, fill: int
-    ) -> tuple[Callable[[list], Future], Callable[[], None]]:
+        def close() -> None:  # the shared pool outlives this slide; pending jobs were cancelled
+            for pool in own:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+        return submit, close, again
+
+    def _threads(self, size: int, skip_errors: bool, fill: int) -> tuple[Submit, Close, None]:
         """Jobs for a thread pool of this slide's, each thread with its own handle."""
         local = threading.local()
         handles: list[Slide] = []
@@ -339,7 +324,7 @@ class TileReader:
             for slide in handles:
                 slide.close()
 
-        return submit, close
+        return submit, close, None
 
 
 def _take(
