@@ -84,7 +84,11 @@ def test_an_output_other_than_the_embedding_is_refused():
         parse_infer(json.dumps(body).encode(), None, 4)
 
 
-@pytest.mark.parametrize("value", ["²", "9" * 5000, "1e3", " 12", "-1", "1" * 13])
+@pytest.mark.parametrize(
+    "value",
+    ["²", "9" * 5000, "1e3", " 12", "-1", "1" * 13],
+    ids=["superscript-2", "5000-digits", "exponent", "space", "negative", "13-digits"],
+)
 def test_length_headers_are_ascii_digits_only(value):
     with pytest.raises(BadRequest, match="is not a byte count") as caught:
         length_header(value, "Inference-Header-Content-Length")
