@@ -403,3 +403,14 @@ def test_stalled_bodies_freeze_nothing_hold_only_what_came_and_get_408(server):
             stalled.close()
     _wait_for(lambda: _stats(server["url"])["pending_bytes"] == 0, "the stalls' bytes were never given back")
     assert _stats(server["url"])["requests_in_flight"] == 0
+
+
+def test_rays_own_queue_is_bounded_and_says_when_to_retry(server):
+    """Past the replicas' slots and Ray Serve's queue, Ray answers 503 itself: with Retry-After (the client
+    waits for it), from a queue far larger than a model batch."""
+    from virchow_rt.serve.http import max_ongoing
+
+    deployment = build_app(str(server["model"]), max_batch=16)._bound_deployment  # Ray has no public getter
+    assert deployment.max_ongoing_requests == max_ongoing(16) >= 16 * 8
+    assert deployment.max_queued_requests == 4 * max_ongoing(16)
+    assert deployment.backpressure_config.retry_after_s == 1
