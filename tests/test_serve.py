@@ -194,41 +194,13 @@ _MULTIPART = {"Content-Type": "multipart/form-data; boundary=xyz"}
 
 
 _CASE_IDS = [
-    "fp32",
-    "input-name",
-    "0-px-side",
-    "bool-value",
-    "2**64-1",
-    "binary-size-string",
-    "header-superscript-2",
-    "header-5000-digits",
-    "header-over-64KiB",
-    "npy-bool-shape",
-    "npy-1x4096-tiles",
-    "three-dims",
-    "no-tiles",
-    "over-max-batch",
-    "too-few-values",
-    "over-255",
-    "float-value",
-    "not-json",
-    "1e400",
-    "10**30",
-    "nested-100000-deep",
-    "overflowing-shape",
-    "2**63-tiles",
-    "bool-in-shape",
-    "npy-1.5TB-header",
-    "npy-short-data",
-    "npy-no-tiles",
-    "png-13000px",
-    "empty-body",
-    "multipart",
-    "gif",
-    "png-no-pixels",
-    "unknown-route",
-    "wrong-method",
-]
+    "fp32", "input-name", "0-px-side", "bool-value", "2**64-1", "binary-size-string",
+    "header-superscript-2", "header-5000-digits", "header-over-64KiB", "npy-bool-shape",
+    "npy-1x4096-tiles", "three-dims", "no-tiles", "over-max-batch", "too-few-values", "over-255",
+    "float-value", "not-json", "1e400", "10**30", "nested-100000-deep", "overflowing-shape", "2**63-tiles",
+    "bool-in-shape", "npy-1.5TB-header", "npy-short-data", "npy-no-tiles", "png-13000px", "empty-body",
+    "multipart", "gif", "png-no-pixels", "unknown-route", "wrong-method",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
