@@ -164,14 +164,17 @@ def build_app(
         if declared is not None and declared > limit:
             raise too_large
         body = bytearray()
+
+        async def arrive() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_large
+                ticket.take(len(chunk))
+
         try:
-            async with asyncio.timeout(body_timeout_s):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        raise too_large
-                    ticket.take(len(chunk))
-        except TimeoutError:
+            await asyncio.wait_for(arrive(), body_timeout_s)  # not asyncio.timeout: Python 3.10 has none
+        except asyncio.TimeoutError:
             raise BadRequest(
                 f"the body did not arrive within {body_timeout_s:g} s ({len(body)} bytes came); send it "
                 "whole, without pauses",
