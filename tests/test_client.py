@@ -1,6 +1,6 @@
 """virchow_rt.serve.client against small stand-in KServe v2 servers (standard library, no Ray): chunks of the
-server's batch limit, Triton's fixed tile size, the bearer token, 503 retries; bad tiles and an unreachable
-server are one-line errors."""
+server's batch limit, Triton's fixed tile size, the bearer token, 503 retries (with or without Retry-After);
+bad tiles, zero tiles, an unreachable server and answers that do not fit what was sent are one-line errors."""
 
 import json
 import socket
@@ -21,10 +21,13 @@ def stand_in(tiles: np.ndarray) -> np.ndarray:
 
 class StandIn:
     """A KServe v2 server: ``meta`` and ``config`` are what it says about model "m"; ``seen`` the tiles
-    per infer request; ``token`` the bearer token it wants; ``busy`` how many 503s it answers first."""
+    per infer request; ``token`` the bearer token it wants; ``busy`` how many 503s it answers first (with
+    ``retry_after``, or no such header when None); ``short`` rows it leaves out of each answer; ``garbled``
+    answers that are not JSON."""
 
-    def __init__(self, meta, config=None, token=None, busy=0):
+    def __init__(self, meta, config=None, token=None, busy=0, retry_after="0", short=0, garbled=False):
         self.meta, self.config, self.token, self.busy, self.seen = meta, config or {}, token, busy, []
+        self.retry_after, self.short, self.garbled = retry_after, short, garbled
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,14 +65,18 @@ class StandIn:
                     return self.answer(200, [{"name": "m", "version": "1", "state": "READY"}])
                 if owner.busy:
                     owner.busy -= 1
-                    return self.answer(503, {"error": "busy"}, {"Retry-After": "0"})
+                    wait = {} if owner.retry_after is None else {"Retry-After": owner.retry_after}
+                    return self.answer(503, b"Request dropped due to backpressure", wait)  # as Ray's queue
                 size = int(self.headers[client.INFERENCE_HEADER])
                 (spec,) = json.loads(body[:size])["inputs"]
                 tiles = np.frombuffer(body[size:], np.uint8).reshape(spec["shape"])
                 owner.seen.append(len(tiles))
-                raw = stand_in(tiles).astype("<f4").tobytes()
+                if owner.garbled:
+                    return self.answer(200, b"<html>proxy error</html>")
+                rows = len(tiles) - owner.short
+                raw = stand_in(tiles[:rows]).astype("<f4").tobytes()
                 head = json.dumps(
-                    {"outputs": [{"name": "embedding", "shape": [len(tiles), 4], "datatype": "FP32",
+                    {"outputs": [{"name": "embedding", "shape": [rows, 4], "datatype": "FP32",
                                   "parameters": {"binary_data_size": len(raw)}}]}
                 ).encode()  # fmt: skip
                 self.answer(200, head + raw, {client.INFERENCE_HEADER: str(len(head))})
@@ -120,11 +127,33 @@ def test_the_token_is_sent_when_given_and_its_absence_is_named():
     np.testing.assert_array_equal(got, stand_in(tiles))
 
 
-def test_a_busy_server_is_asked_again_after_its_retry_after():
+@pytest.mark.parametrize("retry_after", ["0", None], ids=["retry-after-0", "no-retry-after"])
+def test_a_busy_server_is_asked_again_after_its_retry_after(retry_after):
     meta = {"inputs": [], "parameters": {"max_batch": 8}}
-    with StandIn(meta, busy=2) as server:
+    with StandIn(meta, busy=2, retry_after=retry_after) as server:  # no header: Ray's own queue, 1 s
         assert client.embed(server.url, _tiles(2)).shape == (2, 4)
     assert server.busy == 0 and server.seen == [2]
+
+
+def test_zero_tiles_are_one_line_before_any_request():
+    meta = {"inputs": [], "parameters": {"max_batch": 8}}
+    with StandIn(meta) as server:
+        with pytest.raises(InputError, match=r"no tiles to embed \(shape \(0, 8, 8, 3\)\)"):
+            client.embed(server.url, np.zeros((0, 8, 8, 3), np.uint8))
+    assert server.seen == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [({"short": 1}, r"3 tiles sent, embeddings of shape \(2, 4\) returned"),
+     ({"garbled": True}, "the answer is not one KServe v2 embedding output")],
+    ids=["a-row-short", "not-json"],
+)  # fmt: skip
+def test_an_answer_that_does_not_fit_what_was_sent_is_a_server_error(fault, reason):
+    meta = {"inputs": [], "parameters": {"max_batch": 8}}
+    with StandIn(meta, **fault) as server:
+        with pytest.raises(client.ServerError, match=reason):
+            client.embed(server.url, _tiles(3))
 
 
 def test_bad_tiles_and_no_server_are_one_line_errors():

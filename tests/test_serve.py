@@ -1,9 +1,10 @@
 """``virchow-rt serve``: the real Ray Serve server on localhost (CPU, ONNX Runtime), queried by tritonclient.
 
-One server for the module (Ray Serve starts in seconds): embeddings equal the in-process Embedder's,
-tritonclient's own calls work, concurrent requests are merged, answers say random_weights, and every bad
-request (unknown routes, bodies that would cost memory or raise inside the server) gets its 4xx with
-{"error": ...} while the server keeps serving.
+One server for the module (Ray Serve starts in seconds, on a Ray instance of its own: never one already
+running here): embeddings equal the in-process Embedder's, tritonclient's own calls work (with and without
+the model version), concurrent requests are merged, answers say random_weights, every bad request (unknown
+routes, bodies that would cost memory or raise inside the server) gets its 4xx with {"error": ...} while
+the server keeps serving, and clients that stall their bodies neither freeze it nor hold memory.
 """
 
 import io
@@ -12,6 +13,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -30,6 +32,7 @@ from virchow_rt.serve.http import build_app  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 NAME = "virchow2g-mini-tiny"
+BODY_TIMEOUT_S = 20.0  # the stall test waits this long; long enough for a slow machine
 
 
 def _free_port() -> int:
@@ -44,9 +47,10 @@ def server(tmp_path_factory):
     out = tmp_path_factory.mktemp("served-model")
     export.export_model(NAME, out, random_weights=True, precisions=["fp32"], parity_tiles=2)
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # ours, not one here
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(out), max_batch=16, max_wait_ms=50), name="virchow-rt", route_prefix="/")
+    app = build_app(str(out), max_batch=16, max_wait_ms=50, body_timeout_s=BODY_TIMEOUT_S)
+    serve.run(app, name="virchow-rt", route_prefix="/")
     yield {"url": f"127.0.0.1:{port}", "model": out}
     serve.delete("virchow-rt")  # then Ray stops everything (serve.shutdown() logs a raylet error)
     ray.shutdown()
@@ -170,51 +174,63 @@ def _npy_header(shape, data=b""):
 
 
 INFER = f"/v2/models/{NAME}/infer"
+_BINARY_SIZE_STRING = (
+    json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "tiles",
+                    "shape": [1, 1, 1, 3],
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": "3"},
+                }
+            ]
+        }
+    ).encode()
+    + b"abc"
+)
 _ONE = '{"inputs": [{"name": "tiles", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [%s, 0, 0]}]}'
 _MULTIPART = {"Content-Type": "multipart/form-data; boundary=xyz"}
 
 
 _CASE_IDS = [
-    "fp32",
-    "three-dims",
-    "no-tiles",
-    "over-max-batch",
-    "too-few-values",
-    "over-255",
-    "float-value",
-    "not-json",
-    "1e400",
-    "10**30",
-    "nested-100000-deep",
-    "overflowing-shape",
-    "2**63-tiles",
-    "bool-in-shape",
-    "npy-1.5TB-header",
-    "npy-short-data",
-    "npy-no-tiles",
-    "png-13000px",
-    "empty-body",
-    "multipart",
-    "gif",
-    "png-no-pixels",
-    "unknown-route",
-    "wrong-method",
-]
+    "fp32", "input-name", "0-px-side", "bool-value", "2**64-1", "binary-size-string",
+    "header-superscript-2", "header-5000-digits", "header-over-64KiB", "npy-bool-shape",
+    "npy-1x4096-tiles", "three-dims", "no-tiles", "over-max-batch", "too-few-values", "over-255",
+    "float-value", "not-json", "1e400", "10**30", "nested-100000-deep", "overflowing-shape", "2**63-tiles",
+    "bool-in-shape", "npy-1.5TB-header", "npy-short-data", "npy-no-tiles", "png-13000px", "empty-body",
+    "multipart", "gif", "png-no-pixels", "unknown-route", "wrong-method",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("route", "body", "headers", "status", "reason"),
     [
         (INFER, _request([1, 4, 4, 3], "FP32", [0.0] * 48), {}, 400, "UINT8"),
+        (INFER, {"inputs": [{"name": "x", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [0, 1, 2]}]},
+         {}, 400, 'input \'x\': .*one input is "tiles"'),
+        (INFER, _request([1, 0, 8, 3], "UINT8", []), {}, 400, "0x8 px tile .*at least 1 px a side"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [True, 1, 2]), {}, 400, r"value True \(bool\)"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [2**64 - 1, 1, 2]), {}, 400, r"18446744073709551615 \(int\)"),
+        (INFER, _BINARY_SIZE_STRING, {"Inference-Header-Content-Length": str(len(_BINARY_SIZE_STRING) - 3)},
+         400, "binary_data_size '3' is not an integer"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1, 2]), {"Inference-Header-Content-Length": "²"}, 400,
+         "Inference-Header-Content-Length '²' is not a byte count"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1, 2]), {"Inference-Header-Content-Length": "9" * 5000},
+         400, "is not a byte count"),
+        (INFER, b"{}" + b" " * 70_000, {"Inference-Header-Content-Length": "70002"}, 400,
+         "JSON part of a binary request is 1 to 65536 bytes"),
+        ("/embed", _npy_header((True, 1, 1, 3), b"\0" * 3), {}, 400, r"\.npy of uint8 \(True, 1, 1, 3\)"),
+        ("/embed", _npy_header((8, 1, 4096, 3), b"\0" * 98_304), {}, 400, "1x4096 px tile .*at most 4x"),
         (INFER, _request([1, 4, 4], "UINT8", [0] * 16), {}, 400, "shape"),
         (INFER, _request([0, 4, 4, 3], "UINT8", []), {}, 400, "0 tiles"),
         (INFER, _request([17, 1, 1, 3], "UINT8", [0] * 51), {}, 400, "--max-batch"),
-        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1]), {}, 400, "holds 2 integers"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1]), {}, 400, "holds 2 values"),
         (INFER, _request([1, 1, 1, 3], "UINT8", [0, 1, 300]), {}, 400, "0..255"),
-        (INFER, _request([1, 1, 1, 3], "UINT8", [0.5, 1, 2]), {}, 400, "float64 values"),
+        (INFER, _request([1, 1, 1, 3], "UINT8", [0.5, 1, 2]), {}, 400, r"value 0\.5 \(float\)"),
         (INFER, b"{not json", {}, 400, "not KServe v2 JSON"),
-        (INFER, (_ONE % "1e400").encode(), {}, 400, "float64 values"),  # inf
-        (INFER, (_ONE % str(10**30)).encode(), {}, 400, "object values"),
+        (INFER, (_ONE % "1e400").encode(), {}, 400, r"value inf \(float\)"),
+        (INFER, (_ONE % str(10**30)).encode(), {}, 400, r"value 10{30} \(int\)"),
         (INFER, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "not KServe v2 JSON"),
         (INFER, _request([1, 2**40, 2**40, 3], "UINT8", []), {}, 413, "a tile is 1 to 4096 px"),
         (INFER, _request([2**63, 1, 1, 3], "UINT8", []), {}, 400, "send 1 to 16"),
@@ -276,3 +292,97 @@ def test_plain_route_refuses_what_is_not_tiles(server):
     reply = connection.getresponse()
     assert reply.status == 413 and "too large" in json.loads(reply.read())["error"]
     connection.close()
+
+
+def test_a_json_body_is_capped_far_below_a_binary_one(server):
+    """Parsed JSON costs ~25x its bytes: a JSON-data request over 8 MiB is refused from its declared length
+    (a binary one of that size is fine), naming the binary-data extension."""
+    import http.client
+
+    host, port = server["url"].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", INFER)
+    connection.putheader("Content-Length", str(9 << 20))
+    connection.endheaders()
+    reply = connection.getresponse()
+    error = json.loads(reply.read())["error"]
+    assert reply.status == 413 and "for JSON data" in error and "binary_data=True" in error, error
+    connection.close()
+
+
+def test_the_one_version_has_the_versioned_routes(server):
+    client = httpclient.InferenceServerClient(server["url"])
+    assert client.get_model_metadata(NAME, model_version="1")["name"] == NAME
+    assert client.is_model_ready(NAME, model_version="1")
+    assert client.get_model_config(NAME, model_version="1")["max_batch_size"] == 16
+    given = httpclient.InferInput("tiles", [1, 224, 224, 3], "UINT8")
+    given.set_data_from_numpy(_tiles(1), binary_data=True)
+    assert client.infer(NAME, [given], model_version="1").as_numpy("embedding").shape == (1, 192)
+    for route in (f"/v2/models/{NAME}/versions/2", f"/v2/models/{NAME}/versions/2/ready"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://{server['url']}{route}", timeout=60)
+        assert (
+            caught.value.code == 404 and "its one version is '1'" in json.loads(caught.value.read())["error"]
+        )
+
+
+def _stats(url):
+    with urllib.request.urlopen(f"http://{url}/v2/models/{NAME}/stats", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def _wait_for(condition, what, seconds=90):
+    deadline = time.monotonic() + seconds
+    while not condition():  # synchronised on what the server reports (its stats)
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _reply_status(stalled):
+    """The status and JSON body the server sends on a stalled connection (read as its Content-Length says)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += stalled.recv(65536) or pytest.fail(f"the connection closed without an answer: {data!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *([0-9]+)", head).group(1))
+    while len(body) < length:
+        body += stalled.recv(65536) or pytest.fail(f"the answer was cut: {data!r}")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_stalled_bodies_freeze_nothing_hold_only_what_came_and_get_408(server):
+    """2x max-batch clients each declare a 1 MB body, send 6 bytes and stall: they all reach the replica
+    (its stats say so), which still answers health, stats and an inference, counts only the 6 bytes each
+    sent (not the 1 MB declared), and answers each 408 once its body deadline passes."""
+    host, port = server["url"].split(":")
+    stalls = []
+    for _ in range(2 * 16):
+        stalled = socket.create_connection((host, int(port)), timeout=BODY_TIMEOUT_S + 60)
+        stalled.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n\x93NUMPY")
+        stalls.append(stalled)
+    try:
+        _wait_for(lambda: _stats(server["url"])["requests_in_flight"] == 32, "the stalls never all arrived")
+        with urllib.request.urlopen(f"http://{server['url']}/v2/health/ready", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"ready": True}
+        # what arrived, not the 32 MB declared
+        _wait_for(lambda: _stats(server["url"])["pending_bytes"] == 32 * 6, "not the bytes that came")
+        assert _infer(httpclient.InferenceServerClient(server["url"]), _tiles(1)).shape == (1, 192)
+        for stalled in stalls:
+            status, body = _reply_status(stalled)
+            assert status == 408 and f"did not arrive within {BODY_TIMEOUT_S:g} s" in body["error"], body
+    finally:
+        for stalled in stalls:
+            stalled.close()
+    _wait_for(lambda: _stats(server["url"])["pending_bytes"] == 0, "the stalls' bytes were never given back")
+    assert _stats(server["url"])["requests_in_flight"] == 0
+
+
+def test_rays_own_queue_is_bounded_and_says_when_to_retry(server):
+    """Past the replicas' slots and Ray Serve's queue, Ray answers 503 itself: with Retry-After (the client
+    waits for it), from a queue far larger than a model batch."""
+    from virchow_rt.serve.http import max_ongoing
+
+    deployment = build_app(str(server["model"]), max_batch=16)._bound_deployment  # Ray has no public getter
+    assert deployment.max_ongoing_requests == max_ongoing(16) >= 16 * 8
+    assert deployment.max_queued_requests == 4 * max_ongoing(16)
+    assert deployment.backpressure_config.retry_after_s == 1

@@ -1,7 +1,8 @@
 """``virchow-rt serve`` as a user starts it: what is refused in one line before Ray starts (a busy port, a
-bad host, a bad token file), one real server from the command line (a subprocess) with a bearer token and
-a small --max-pending-mb: 401 without the token, 503 + Retry-After when full, a clean console, a clean
-stop on SIGTERM; and a model the replicas cannot open, said in one line."""
+bad host, a bad token file, limits it cannot run with), a Ray of its own (never one already running here),
+one real server from the command line (a subprocess) with a bearer token and a small --max-pending-mb: 401
+without the token, 503 + Retry-After when full, a JSON body counted at what parsing it costs, a clean
+console, a clean stop on SIGTERM; and a model the replicas cannot open, said in one line."""
 
 import json
 import os
@@ -61,16 +62,69 @@ def _free_port():
         (["--host", "256.1.1.1"], "--host 256.1.1.1: not an address"),
         (["--port", "70000"], "--port 70000: give a port from 1 to 65535"),
         (["--token-file", "MISSING"], "--token-file .*MISSING: cannot read it"),
-        (["--token-file", "SHORT"], "give one line of at least 16 printable characters"),
+        (["--token-file", "SHORT"], "give one line of at least 16 printable ASCII characters"),
+        (["--token-file", "NONASCII"], "at least 16 printable ASCII characters"),  # never matches a header
         (["--name", "../x"], "--name '../x' cannot be used as a name"),
+        (["--replicas", "-1"], "--replicas -1: give 1 or more"),
+        (["--max-pending-mb", "inf"], "--max-pending-mb inf: give a finite number above 0"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms nan: give a finite number, 0 or more"),
+        (["--body-timeout-s", "0"], "--body-timeout-s 0.0: give a finite number above 0"),
     ],
 )
 def test_bad_options_are_one_line_before_ray_starts(tmp_path, capsys, extra, reason):
     (tmp_path / "SHORT").write_text("short\n")
-    extra = [str(tmp_path / a) if a in ("MISSING", "SHORT") else a for a in extra]
+    (tmp_path / "NONASCII").write_text("schlüssel-" * 4 + "\n")
+    (tmp_path / "NONASCII").chmod(0o600)
+    extra = [str(tmp_path / a) if a in ("MISSING", "SHORT", "NONASCII") else a for a in extra]
     port = [] if "--port" in extra else ["--port", str(_free_port())]
     err = _refused([str(tmp_path), *port, *extra], capsys)
     assert re.search(reason, err), err
+
+
+def test_serve_starts_a_ray_of_its_own_unless_ray_address_names_one(tmp_path, monkeypatch):
+    """ray.init() with no address joins the cluster `ray start --head` left on this machine (its Serve, its
+    port, its apps); serve asks for a new local instance, unless RAY_ADDRESS says which cluster to join."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    from virchow_rt.errors import BackendError
+
+    asked = []
+
+    def init(**kwargs):
+        asked.append(kwargs.get("address", "none given"))
+        raise BackendError("stopped where Ray would start")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["serve", str(tmp_path), "--port", str(_free_port())]
+    assert (
+        cli.main(argv) == BackendError.exit_code
+    )  # not capsys: ray.serve, imported here, keeps the stderr it found
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert cli.main(argv) == BackendError.exit_code
+    assert asked == ["local", None]  # None: ray.init reads RAY_ADDRESS itself
+
+
+def test_when_the_replicas_fail_for_no_reason_found_here_the_logs_are_this_rays(monkeypatch):
+    ray = pytest.importorskip("ray")
+    import virchow_rt.backends as backends
+    from virchow_rt.serve.launch import _why_replicas_failed
+
+    class Opened:
+        def close(self):
+            pass
+
+    class Context:
+        def get_temp_dir(self):
+            return "/scratch/ray"
+
+        def get_session_name(self):
+            return "session_ours"
+
+    monkeypatch.setattr(backends, "open_backend", lambda *args, **kwargs: Opened())
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    err = _why_replicas_failed("model", "auto", False, RuntimeError("Failed to update the deployments"))
+    assert "Ray's logs: /scratch/ray/session_ours/logs/serve/" in str(err), err  # not session_latest
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +224,14 @@ def _wait_for(condition, what, seconds=60):
 
 
 def test_a_full_server_answers_503_with_retry_after_and_keeps_serving(cli_server):
-    """A body that stalls holds 10 MB of the 12 MB allowed; a 4.8 MB request then gets 503, and once the
-    stalled client leaves, the same request is served."""
+    """A body that stalls after 10 MB holds 10 MB of the 12 MB allowed; a 4.8 MB request then gets 503, and
+    once the stalled client leaves, the same request is served."""
     url = cli_server["url"]
     port = int(url.rsplit(":", 1)[1])
     stalled = socket.create_connection(("127.0.0.1", port))
-    head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-            "Content-Length: 10000000\r\n\r\n")  # fmt: skip
-    stalled.sendall(head.encode() + b"{" * 1000)
+    head = (f"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Length: 10500000\r\n\r\n")  # fmt: skip
+    stalled.sendall(head.encode() + b"\x93NUMPY" + b"\0" * (10_000_000 - 6))  # sent, then nothing more
     _wait_for(lambda: _pending(url) >= 10_000_000, "the stalled body was never counted")
     request = _infer_request(url, np.zeros((4, 448, 448, 3), np.uint8))  # 2.4 MB body + 2.4 MB tiles
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -188,6 +242,23 @@ def test_a_full_server_answers_503_with_retry_after_and_keeps_serving(cli_server
     _wait_for(lambda: _pending(url) == 0, "the stalled request's bytes were never given back")
     with urllib.request.urlopen(request, timeout=60) as reply:
         assert reply.status == 200
+
+
+def test_a_json_body_is_counted_at_what_parsing_it_costs(cli_server):
+    """750 KB of JSON data (one 224 px tile as "255, " values) fits the 12 MB --max-pending-mb as bytes,
+    but parsing it costs ~25x: refused (413) before it is parsed, naming why."""
+    tile = {"name": "tiles", "shape": [1, 224, 224, 3], "datatype": "UINT8", "data": [255] * (224 * 224 * 3)}
+    body = json.dumps({"inputs": [tile]}).encode()
+    assert 700_000 < len(body) < 12 << 20
+    request = urllib.request.Request(
+        f"{cli_server['url']}/v2/models/{NAME}/infer", data=body, method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    error = json.loads(caught.value.read())["error"]
+    assert caught.value.code == 413 and f"parsing its {len(body)} bytes of JSON takes about 25x" in error
+    assert _pending(cli_server["url"]) == 0
 
 
 def test_sigterm_stops_it_cleanly_and_the_console_holds_no_ray_noise(cli_server):

@@ -69,7 +69,8 @@ def test_onnx_entry_parses_with_tritons_schema_and_runs(tiny_export, tmp_path, c
     assert params["variant"] == "virchow2g-mini-tiny" and params["random_weights"] == "true"
     assert params["pooling"] == "cls_mean" and params["precision"] == "fp32"
     assert params["parity"].startswith("PASS")
-    assert params["tile_size"].startswith("224 ") and "does not resize" in params["tile_size"]
+    assert params["tile_size"] == "224" and "does not resize" in params["resize"]  # a number, as serve's
+    assert params["version_compatible"] == "false"
     assert (params["crop_pct"], params["interpolation"]) == ("1.0", "bicubic")  # to resize on the client
     placed = model / "1" / "model.onnx"
     assert sha256_file(placed) == onnx["sha256"]
@@ -130,6 +131,46 @@ def test_tensorrt_engines_for_two_gpus_become_cc_model_filenames(tiny_export, tm
     assert config.parameters["precision"].string_value == "fp16"
     with pytest.raises(InputError, match="TensorRT engines run on a GPU"):
         triton.write_triton_repository(export, tmp_path / "repo", name="cpu", instance_kind="cpu")
+
+
+def _with_engine(tmp_path, tiny_export, **facts):
+    """A copy of the export with one simulated TensorRT engine entry carrying ``facts``."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    (export / "model.engine").write_bytes(b"a version-compatible plan")
+    manifest["artifacts"].append(
+        {**manifest["artifacts"][0], "path": "model.engine", "format": "tensorrt", "precision": "fp16",
+         "sha256": sha256_file(export / "model.engine"), "compute_capability": "9.0",
+         "profile": {"min": 1, "opt": 8, "max": 16}, **facts}
+    )  # fmt: skip
+    (export / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return export
+
+
+def test_version_compatible_engines_need_the_host_code_flag_and_triton_is_told(tiny_export, tmp_path, capsys):
+    """Triton loads them only with --backend-config=tensorrt,version-compatible=true, which runs the native
+    code stored in every engine of the repository: refused without --allow-engine-host-code; with it, the
+    flag is printed and recorded."""
+    export = _with_engine(tmp_path, tiny_export, version_compatible=True, lean_runtime="embedded")
+    repo = tmp_path / "repo"
+    with pytest.raises(
+        InputError, match="version-compatible engine: it runs native code .*--allow-engine-host"
+    ):
+        triton.write_triton_repository(export, repo)
+    assert cli.main(["triton", str(export), str(repo)]) == 2
+    assert triton.HOST_CODE_FLAG in capsys.readouterr().err
+    assert cli.main(["triton", str(export), str(repo), "--allow-engine-host-code"]) == 0
+    out = capsys.readouterr().out
+    assert f"tritonserver --model-repository {repo} {triton.HOST_CODE_FLAG}" in out and "you trust" in out
+    target = repo / "virchow2g-mini-tiny"
+    assert triton.needs_host_code(target) and _config(target).platform == "tensorrt_plan"
+    assert _config(target).parameters["version_compatible"].string_value == "true"
+    excluded = _with_engine(tmp_path / "lean", tiny_export, version_compatible=True, lean_runtime="excluded")
+    with pytest.raises(InputError, match="lean runtime excluded, which Triton cannot supply"):
+        triton.write_triton_repository(excluded, tmp_path / "repo2", allow_engine_host_code=True)
+    plain = _with_engine(tmp_path / "plain", tiny_export, version_compatible=False)
+    assert not triton.needs_host_code(triton.write_triton_repository(plain, tmp_path / "repo3"))
 
 
 def test_an_export_with_patch_tokens_serves_the_embedding(tiny_export, tmp_path):
@@ -223,10 +264,15 @@ def _fp32(manifest):
         (lambda m: _fp32(m).update(path="link.onnx"), ModelFileError, "through a symlink"),
         (lambda m: _fp32(m).update(external_data="../outside/model.onnx", external_data_sha256="0"),
          ModelFileError, "climbs out with '..'"),
+        (lambda m: _fp32(m).update(external_data="model.onnx", external_data_sha256="0"), ModelFileError,
+         "external data 'model.onnx', a name Triton reserves"),
+        (lambda m: _fp32(m).update(external_data="./config.pbtxt", external_data_sha256="0"), ModelFileError,
+         "a name Triton reserves"),
         (lambda m: m.update(variant="./../escaped"), InputError, "the variant .*cannot be used as a name"),
         (lambda m: _fp32(m).update(sha256="0" * 64), ModelFileError, "does not match the sha256"),
     ],
-    ids=["dotdot", "absolute", "symlink-out", "external-data", "variant", "tampered"],
+    ids=["dotdot", "absolute", "symlink-out", "external-data", "data-model.onnx", "data-config.pbtxt",
+         "variant", "tampered"],
 )  # fmt: skip
 def test_nothing_a_manifest_says_takes_the_repository_outside(tiny_export, tmp_path, change, error, reason):
     outside = tmp_path / "outside"

@@ -12,7 +12,10 @@ POST /v2/models/NAME/infer (KServe v2: tritonclient.http or virchow_rt.serve.cli
 size, resized here); POST /embed: a .npy batch or one PNG/JPEG tile as the body
 (curl --data-binary @tile.png URL/embed), JSON back, or .npy with 'Accept: application/x-npy'.
 Security: the server has no TLS. Keep the default --host 127.0.0.1, or bind a private network's address
-and put a TLS proxy in front; with --host 0.0.0.0 give --token-file.
+and put a TLS proxy in front; with --host 0.0.0.0 give --token-file. --host is the HTTP port's only: Ray's
+own ports listen on every interface (see the README's security notes).
+Ray: a new local Ray instance is started (never one already running here is joined); set RAY_ADDRESS to
+serve on a Ray cluster.
 """
 
 
@@ -53,6 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="request data (bodies, decoded tiles) one replica holds at once; beyond it: 503 + Retry-After",
     )
     p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=60.0,
+        help="seconds a client has to send a request's whole body; then 408 and its slot is freed",
+    )
+    p.add_argument(
         "--token-file",
         metavar="FILE",
         default=None,
@@ -83,4 +92,5 @@ def run(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         docs=args.docs,
         allow_engine_host_code=args.allow_engine_host_code,
+        body_timeout_s=args.body_timeout_s,
     )

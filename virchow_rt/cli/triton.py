@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from virchow_rt.cli.common import Help
+from virchow_rt.cli.common import Help, add_engine_host_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,11 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=2000,
         help="dynamic batching: how long a request may wait for others to fill a batch",
     )
+    add_engine_host_code(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from virchow_rt.serve.triton import write_triton_repository
+    from virchow_rt.serve.triton import HOST_CODE_FLAG, needs_host_code, write_triton_repository
 
     target = write_triton_repository(
         args.export_dir,
@@ -57,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
         instances=args.instances,
         instance_kind=args.instance_kind,
         max_queue_delay_us=args.max_queue_delay_us,
+        allow_engine_host_code=args.allow_engine_host_code,
     )
-    print(f"Triton model: {target} (serve with: tritonserver --model-repository {target.parent})")
+    flag = f" {HOST_CODE_FLAG}" if needs_host_code(target) else ""
+    print(f"Triton model: {target} (serve with: tritonserver --model-repository {target.parent}{flag})")
+    if flag:
+        print(
+            f"its engines are version-compatible: Triton loads them only with{flag}, which lets every engine "
+            "in that repository run the native code stored in it; keep only engines you trust there"
+        )
     print(
         f"Triton takes tiles of exactly the export's size (tile_size in {target / 'config.pbtxt'}): "
         "its graph does not resize; `virchow-rt serve` does"

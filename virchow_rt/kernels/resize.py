@@ -23,6 +23,9 @@ from virchow_rt.errors import InputError
 
 #: timm interpolation names -> PIL filters (both antialiased when downscaling, as torchvision on PIL)
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+#: a tile's long side is at most this many times its short side: the resize makes the short side S, so a
+#: 1x4096 strip would become a 917,504x224 px intermediate (about 600 MB) for one centre crop
+MAX_ASPECT = 4
 
 
 def scale_size(size: int, crop_pct: float = 1.0) -> int:
@@ -37,15 +40,27 @@ def needs_resize(height: int, width: int, size: int, crop_pct: float = 1.0) -> b
     return not (height == width == size and scale_size(size, crop_pct) == size)
 
 
+def check_aspect(height: int, width: int, what: str = "tile") -> None:
+    """Raise a one-line :class:`InputError` for a tile of under 1 px a side or one whose long side is over
+    :data:`MAX_ASPECT` times its short side (its resize would cost far more memory than the tile)."""
+    if height < 1 or width < 1:
+        raise InputError(f"a {height}x{width} px {what}: a tile is at least 1 px a side")
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise InputError(
+            f"a {height}x{width} px {what}: a tile's long side is at most {MAX_ASPECT}x its short side (the "
+            "model sees only its centre square); cut the image into square tiles first"
+        )
+
+
 def resize_geometry(height: int, width: int, size: int, crop_pct: float = 1.0) -> tuple[int, int, int, int]:
     """(resized_h, resized_w, crop_top, crop_left) of timm's Resize(floor(size / crop_pct)), CenterCrop(size).
 
-    Same integer arithmetic as torchvision's ``_compute_resized_output_size`` and ``center_crop``.
+    Same integer arithmetic as torchvision's ``_compute_resized_output_size`` and ``center_crop``. Tiles
+    that :func:`check_aspect` refuses raise :class:`InputError`.
     """
-    if height < 1 or width < 1 or size < 1:
-        raise InputError(
-            f"cannot resize a {height}x{width} tile to {size} px; tiles and size must be >= 1 px"
-        )
+    if size < 1:
+        raise InputError(f"cannot resize tiles to {size} px; give a size of 1 px or more")
+    check_aspect(height, width)
     scale = scale_size(size, crop_pct)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = scale, int(scale * long / short)

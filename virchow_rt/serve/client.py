@@ -4,13 +4,15 @@
 standard library only) and returns the embeddings; ``tritonclient.http`` works against the same server.
 It reads the model's batch limit from the server (``virchow-rt serve``'s metadata, or Triton's model
 configuration) and sends larger batches in chunks; ``token=`` sends ``Authorization: Bearer <token>``; a
-503 (the server holds all the requests it may) is retried after the server's ``Retry-After``.
+503 (the server holds all the requests it may) is retried after the server's ``Retry-After`` (1 s when it
+gives none). Each answer is checked: one embedding row per tile sent, or :class:`ServerError`.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +44,8 @@ def embed(
     tiles = np.ascontiguousarray(tiles)
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
         raise InputError(f"tiles of {tiles.dtype} {tiles.shape}: give uint8 (N, H, W, 3) RGB tiles")
+    if len(tiles) == 0:
+        raise InputError(f"no tiles to embed (shape {tiles.shape}): give at least one uint8 (H, W, 3) tile")
     url = url.rstrip("/") if "://" in url else f"http://{url.rstrip('/')}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     model = model or _served_model(url, timeout, headers)
@@ -69,12 +73,23 @@ def _infer(url: str, model: str, tiles: np.ndarray, timeout: float, headers: dic
         method="POST",
     )
     reply, answer_headers = _call(request, timeout)
-    size = int(answer_headers.get(INFERENCE_HEADER) or len(reply))
-    answer = json.loads(reply[:size])
-    (out,) = answer["outputs"]
-    if "data" in out:
-        return np.asarray(out["data"], np.float32).reshape(out["shape"])
-    return np.frombuffer(reply[size:], "<f4").reshape(out["shape"]).astype(np.float32)
+    where = request.full_url
+    try:
+        size = int(answer_headers.get(INFERENCE_HEADER) or len(reply))
+        (out,) = json.loads(reply[:size])["outputs"]
+        shape = out["shape"]
+        if "data" in out:
+            embeddings = np.asarray(out["data"], np.float32).reshape(shape)
+        else:
+            embeddings = np.frombuffer(reply[size:], "<f4").reshape(shape).astype(np.float32)
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, no one output, sizes that do not fit
+        raise ServerError(f"{where}: the answer is not one KServe v2 embedding output ({err})") from None
+    if embeddings.ndim != 2 or len(embeddings) != len(tiles):
+        raise ServerError(
+            f"{where}: {len(tiles)} tiles sent, embeddings of shape {tuple(embeddings.shape)} returned; "
+            "the server should answer one row per tile"
+        )
+    return embeddings
 
 
 def _get(url: str, timeout: float, headers: dict[str, str]) -> Any:
@@ -123,8 +138,8 @@ def _call(request: urllib.request.Request, timeout: float, busy_retries: int = 5
         except urllib.error.HTTPError as err:
             body = err.read()
             wait = err.headers.get("Retry-After", "")
-            if err.code == 503 and wait.isdigit() and attempt < busy_retries:
-                time.sleep(min(int(wait), 30))
+            if err.code == 503 and attempt < busy_retries:  # Ray's own queue may say no Retry-After
+                time.sleep(min(int(wait), 30) if re.fullmatch(r"[0-9]{1,6}", wait) else 1)
                 continue
             try:
                 reason = json.loads(body)["error"]

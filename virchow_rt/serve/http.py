@@ -7,7 +7,8 @@ Each replica (one per GPU by default) opens the model once as an :class:`~vircho
 - ``GET /v2`` (server metadata), ``GET /v2/health/ready`` and ``/live``, ``POST /v2/repository/index``;
 - ``GET /v2/models/<name>`` (metadata, with the variant, pooling, precision, random-weights flag, tile size
   and max batch as parameters), ``GET /v2/models/<name>/config`` (Triton's model configuration, as JSON),
-  ``GET /v2/models/<name>/ready``, ``GET /v2/models/<name>/stats`` (batch sizes served, bytes pending);
+  ``GET /v2/models/<name>/ready``, ``GET /v2/models/<name>/stats`` (batch sizes served, bytes pending,
+  requests in flight); each also as ``/v2/models/<name>/versions/1/...`` (the one version);
 - ``POST /v2/models/<name>/infer``: input ``tiles``, ``UINT8`` ``[N, H, W, 3]`` of any tile size (resized as
   the model wants), as JSON ``data`` or with the binary-data extension; output ``embedding`` ``FP32``, and
   the response's ``parameters`` say ``random_weights``;
@@ -15,17 +16,20 @@ Each replica (one per GPU by default) opens the model once as an :class:`~vircho
   back (with ``random_weights``), or ``.npy`` with ``Accept: application/x-npy`` (header
   ``Virchow-Random-Weights``).
 
-Every refusal is a 4xx (503 with ``Retry-After`` when the replica holds ``max_pending_mb`` of request data)
-with ``{"error": "<one line>"}``, unknown routes included, and the replica keeps serving. With a token
+Every refusal is a 4xx (503 with ``Retry-After`` when the replica holds ``max_pending_mb`` of request data;
+408 when a body has not arrived within ``body_timeout_s``) with ``{"error": "<one line>"}``, unknown routes
+included, and the replica keeps serving; a fault of the server itself is a 500 with ``{"error"}`` too. A
+replica takes many requests at once (:func:`max_ongoing`), far more than one model batch, so that clients
+that stall their bodies cannot hold every slot (health checks included) until their deadline. With a token
 (``--token-file``), every route but the two health checks needs ``Authorization: Bearer <token>``; the
 replicas hold only its sha256. FastAPI's ``/docs`` and ``/openapi.json`` are off unless ``docs=True``.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (fastapi.Request)
-import hashlib
-import hmac
+import asyncio
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -33,16 +37,30 @@ import numpy as np
 from virchow_rt._version import __version__
 from virchow_rt.errors import InputError, MissingDependency
 from virchow_rt.serve.client import INFERENCE_HEADER
+from virchow_rt.serve.guards import OPEN_ROUTES, BearerToken, CatchAll, token_digest
 from virchow_rt.serve.replica import Ticket, TileEmbedderServer
-from virchow_rt.serve.requests import BadRequest, parse_infer, parse_upload
+from virchow_rt.serve.requests import (
+    JSON_BODY_LIMIT,
+    JSON_COST,
+    MAX_JSON_HEADER,
+    BadRequest,
+    decode_cost,
+    length_header,
+    parse_infer,
+    parse_upload,
+)
+
+#: re-exported: the guards live in serve/guards.py
+__all__ = ["OPEN_ROUTES", "BearerToken", "CatchAll", "build_app", "check_limits", "token_digest"]
 
 #: a body over this many bytes per byte of the allowed S×S tiles is refused (413): room for tiles of twice
 #: the side as raw bytes, or S×S tiles as JSON text (up to 4 characters a value)
 _BODY_BYTES_PER_TILE_BYTE = 16
-#: routes answered without a token: what load balancers and orchestrators probe
-OPEN_ROUTES = ("/v2/health/ready", "/v2/health/live")
 #: the ``.npy`` answer's label (JSON answers carry ``random_weights`` in their body)
 RANDOM_WEIGHTS_HEADER = "Virchow-Random-Weights"
+#: the end-to-end limit Ray's proxy puts on a request (408): a backstop only, since a client may lift it with
+#: Ray's ``x-request-timeout-seconds`` header; the body's own deadline (``body_timeout_s``) is the replica's
+REQUEST_TIMEOUT_S = 600.0
 
 
 def _serve_modules() -> tuple[Any, Any]:
@@ -54,9 +72,32 @@ def _serve_modules() -> tuple[Any, Any]:
     return serve, fastapi
 
 
-def token_digest(token: str) -> str:
-    """The sha256 of a bearer token: what replicas hold and compare (in constant time)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+def max_ongoing(max_batch: int) -> int:
+    """Requests one replica takes at once (Ray Serve's ``max_ongoing_requests``): well above a model batch,
+    since a request costs the replica little until its bytes arrive (and those are bounded by
+    ``max_pending_mb``), and a request that stalls its body holds a slot until ``body_timeout_s``."""
+    return max(256, 8 * max_batch)
+
+
+def check_limits(
+    max_batch: int, max_wait_ms: float, max_pending_mb: float, replicas: int | None, body_timeout_s: float
+) -> None:
+    """Raise a one-line :class:`InputError` for a limit the server cannot run with (before Ray starts)."""
+    more = "give a finite number above 0"
+    for flag, value, fine, fix in (
+        ("--max-batch", max_batch, max_batch >= 1, "give 1 or more"),
+        ("--replicas", replicas, replicas is None or replicas >= 1, "give 1 or more (default: one per GPU)"),
+        (
+            "--max-wait-ms",
+            max_wait_ms,
+            math.isfinite(max_wait_ms) and max_wait_ms >= 0,
+            "give a finite number, 0 or more",
+        ),
+        ("--max-pending-mb", max_pending_mb, math.isfinite(max_pending_mb) and max_pending_mb > 0, more),
+        ("--body-timeout-s", body_timeout_s, math.isfinite(body_timeout_s) and body_timeout_s > 0, more),
+    ):
+        if not fine:
+            raise InputError(f"{flag} {value}: {fix}")
 
 
 def build_app(
@@ -72,11 +113,14 @@ def build_app(
     token_sha256: str | None = None,
     docs: bool = False,
     allow_engine_host_code: bool = False,
+    body_timeout_s: float = 60.0,
 ) -> Any:
     """The Ray Serve application (``serve.run(build_app(...))``).
 
     ``token_sha256``: :func:`token_digest` of the bearer token every route but health needs (None: no
-    token). ``max_pending_mb``: request data one replica holds before it answers 503."""
+    token). ``max_pending_mb``: request data one replica holds before it answers 503. ``body_timeout_s``:
+    how long a client may take to send its whole body (408 after it)."""
+    check_limits(max_batch, max_wait_ms, max_pending_mb, replicas, body_timeout_s)
     serve, fastapi = _serve_modules()
     import ray
     from fastapi.exceptions import RequestValidationError
@@ -96,8 +140,8 @@ def build_app(
         where = f"{request.method} {request.url.path}"
         hint = {404: "no such route", 405: "method not allowed here"}.get(exc.status_code, exc.detail)
         return JSONResponse(
-            {"error": f"{where}: {hint}; routes: GET /v2, /v2/models/{name}[/config|/ready|/stats], "
-             f"POST /v2/models/{name}/infer, POST /embed"},
+            {"error": f"{where}: {hint}; routes: GET /v2, /v2/models/{name}[/versions/1][/config|/ready|"
+             f"/stats], POST /v2/models/{name}[/versions/1]/infer, POST /embed"},
             status_code=exc.status_code, headers=getattr(exc, "headers", None),
         )  # fmt: skip
 
@@ -109,29 +153,71 @@ def build_app(
 
     if token_sha256 is not None:
         app.add_middleware(BearerToken, digest=token_sha256)
+    app.add_middleware(CatchAll)  # the outermost: whatever else fails is a JSON 500, not Ray's traceback
 
-    async def read_body(request: Any, per_tile: int, ticket: Ticket) -> bytes:
-        limit = max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20)
-        too_large = BadRequest(
-            f"a request body over {limit} bytes is too large for --max-batch {max_batch}", 413
-        )
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise BadRequest(f"Content-Length {declared[:40]!r} is not a number")
-            if int(declared) > limit:
-                raise too_large
-            ticket.take(int(declared))  # held from now: bodies in flight count
+    async def read_body(request: Any, limit: int, ticket: Ticket, why: str) -> bytearray:
+        """The body, refused (413) over ``limit``, counted in ``ticket`` as it arrives (not as declared: a
+        declared length costs nothing until its bytes come), and refused (408) when it has not all come
+        within ``body_timeout_s``. The bytearray itself is returned: a copy would double it uncounted."""
+        too_large = BadRequest(f"a request body over {limit} bytes is too large{why}", 413)
+        declared = length_header(request.headers.get("content-length"), "Content-Length")
+        if declared is not None and declared > limit:
+            raise too_large
         body = bytearray()
-        async for chunk in request.stream():  # a chunked body has no Content-Length: count as it comes
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-            if len(body) > ticket.taken:
-                ticket.take(len(body) - ticket.taken)
-        return bytes(body)
+
+        async def arrive() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_large
+                ticket.take(len(chunk))
+
+        try:
+            await asyncio.wait_for(arrive(), body_timeout_s)  # not asyncio.timeout: Python 3.10 has none
+        except asyncio.TimeoutError:
+            raise BadRequest(
+                f"the body did not arrive within {body_timeout_s:g} s ({len(body)} bytes came); send it "
+                "whole, without pauses",
+                408,
+            ) from None
+        return body
+
+    def body_limit(per_tile: int) -> int:
+        return max_batch * per_tile * _BODY_BYTES_PER_TILE_BYTE + (1 << 20)
+
+    binary_hint = (
+        " for JSON data; send the tiles with the binary-data extension (tritonclient: binary_data=True; "
+        "virchow_rt.serve.client.embed does)"
+    )
 
     class Ingress(TileEmbedderServer):
+        def refused(self, model: str, version: str) -> JSONResponse | None:
+            """404 unless this is the served model and its one version, "1"."""
+            if model != self.name:
+                return _not_found(f"no model {model[:80]!r} here; this server serves {self.name!r}")
+            if version != "1":
+                return _not_found(f"no version {version[:20]!r} of {self.name!r}; its one version is '1'")
+            return None
+
+        async def answer(self, read: Any) -> Any:
+            """``await read(ticket)`` -> tiles, embedded; a refusal becomes its {"error"} response. What the
+            request holds (body, tiles) is counted in ``ticket`` and given back when it ends."""
+            ticket = Ticket(self.pending)
+            self.in_flight += 1
+            try:
+                tiles = await read(ticket)
+                ticket.take(tiles.nbytes)
+                return await self.embed(tiles)
+            except BadRequest as err:
+                return refuse(err)
+            except InputError as err:  # the embedder's own refusal of these tiles
+                return refuse(BadRequest(str(err)))
+            except ClientDisconnect:
+                return refuse(BadRequest("the client left before sending the whole body"))
+            finally:
+                ticket.release()
+                self.in_flight -= 1
+
         @app.get("/v2")
         def server_metadata(self) -> dict[str, Any]:
             return {"name": "virchow-rt", "version": __version__, "extensions": ["binary_tensor_data"]}
@@ -149,46 +235,54 @@ def build_app(
             return [{"name": self.name, "version": "1", "state": "READY"}]
 
         @app.get("/v2/models/{model}")
-        def model_metadata(self, model: str) -> Any:
-            return self.metadata() if model == self.name else _unknown(model, self.name)
+        @app.get("/v2/models/{model}/versions/{version}")
+        def model_metadata(self, model: str, version: str = "1") -> Any:
+            return self.refused(model, version) or self.metadata()
 
         @app.get("/v2/models/{model}/config")
-        def model_config(self, model: str) -> Any:
-            return self.config() if model == self.name else _unknown(model, self.name)
+        @app.get("/v2/models/{model}/versions/{version}/config")
+        def model_config(self, model: str, version: str = "1") -> Any:
+            return self.refused(model, version) or self.config()
 
         @app.get("/v2/models/{model}/ready")
-        def model_ready(self, model: str) -> Any:
-            return {"ready": True} if model == self.name else _unknown(model, self.name)
+        @app.get("/v2/models/{model}/versions/{version}/ready")
+        def model_ready(self, model: str, version: str = "1") -> Any:
+            return self.refused(model, version) or {"ready": True}
 
         @app.get("/v2/models/{model}/stats")
-        async def stats(self, model: str) -> Any:  # on the event loop, as the batches that update it
-            if model != self.name:
-                return _unknown(model, self.name)
+        @app.get("/v2/models/{model}/versions/{version}/stats")
+        async def stats(self, model: str, version: str = "1") -> Any:  # on the loop, as what updates it
             sizes = [{"batch_size": size, "count": count} for size, count in sorted(self.batches.items())]
-            return {"name": self.name, "batch_stats": sizes, "pending_bytes": self.pending.held}
+            return self.refused(model, version) or {
+                "name": self.name, "batch_stats": sizes, "pending_bytes": self.pending.held,
+                "requests_in_flight": self.in_flight,
+            }  # fmt: skip
 
         @app.post("/v2/models/{model}/infer")
-        async def infer(self, model: str, request: fastapi.Request) -> Any:
-            if model != self.name:
-                return _unknown(model, self.name)
-            s = self.info.tile_size
-            ticket = Ticket(self.pending)
-            try:
-                body = await read_body(request, s * s * 3, ticket)
-                header = request.headers.get(INFERENCE_HEADER)
-                if header is not None and not header.isdigit():
-                    raise BadRequest(f"{INFERENCE_HEADER} {header[:40]!r} is not a number")
-                tiles, binary = parse_infer(body, int(header) if header else None, self.max_batch)
-                ticket.take(tiles.nbytes)
-                embeddings = await self.embed(tiles)
-            except BadRequest as err:
-                return refuse(err)
-            except InputError as err:  # the embedder's own refusal of these tiles
-                return refuse(BadRequest(str(err)))
-            except ClientDisconnect:
-                return refuse(BadRequest("the client left before sending the whole body"))
-            finally:
-                ticket.release()
+        @app.post("/v2/models/{model}/versions/{version}/infer")
+        async def infer(self, model: str, request: fastapi.Request, version: str = "1") -> Any:
+            if (refused := self.refused(model, version)) is not None:
+                return refused
+            binary = False
+
+            async def read(ticket: Ticket) -> np.ndarray:
+                nonlocal binary
+                header = length_header(request.headers.get(INFERENCE_HEADER), INFERENCE_HEADER)
+                limit = body_limit(self.info.tile_size**2 * 3)
+                if header is None:  # all JSON: parsed whole, at up to JSON_COST times its size
+                    body = await read_body(request, min(JSON_BODY_LIMIT, limit), ticket, binary_hint)
+                    cost = JSON_COST * len(body)
+                else:  # parse_infer refuses a JSON part over MAX_JSON_HEADER: counted up to that
+                    body = await read_body(request, limit, ticket, f" for --max-batch {max_batch}")
+                    cost = JSON_COST * min(header, MAX_JSON_HEADER, len(body))
+                ticket.take(cost, f"parsing its {cost // JSON_COST} bytes of JSON takes about {JSON_COST}x")
+                tiles, binary = await asyncio.to_thread(parse_infer, body, header, self.max_batch)
+                ticket.give_back(cost)  # the parsed JSON is gone; the tiles are counted next
+                return tiles
+
+            embeddings = await self.answer(read)
+            if isinstance(embeddings, Response):
+                return embeddings
             out: dict[str, Any] = {"name": "embedding", "datatype": "FP32", "shape": list(embeddings.shape)}
             reply: dict[str, Any] = {
                 "model_name": self.name, "model_version": "1", "outputs": [out],
@@ -206,21 +300,19 @@ def build_app(
 
         @app.post("/embed")
         async def upload(self, request: fastapi.Request) -> Any:
-            s = self.info.tile_size
-            ticket = Ticket(self.pending)
-            try:
-                body = await read_body(request, s * s * 3, ticket)
-                tiles = parse_upload(body, request.headers.get("content-type", ""), self.max_batch)
-                ticket.take(tiles.nbytes)
-                embeddings = await self.embed(tiles)
-            except BadRequest as err:
-                return refuse(err)
-            except InputError as err:
-                return refuse(BadRequest(str(err)))
-            except ClientDisconnect:
-                return refuse(BadRequest("the client left before sending the whole body"))
-            finally:
-                ticket.release()
+            async def read(ticket: Ticket) -> np.ndarray:
+                limit = body_limit(self.info.tile_size**2 * 3)
+                body = await read_body(request, limit, ticket, f" for --max-batch {max_batch}")
+                kind = request.headers.get("content-type", "")
+                cost = await asyncio.to_thread(decode_cost, body, kind)  # an image's, from its header
+                ticket.take(cost, "decoding its image takes that")
+                tiles = await asyncio.to_thread(parse_upload, body, kind, self.max_batch)
+                ticket.give_back(cost)
+                return tiles
+
+            embeddings = await self.answer(read)
+            if isinstance(embeddings, Response):
+                return embeddings
             random = bool(self.info.random_weights)
             if "application/x-npy" in request.headers.get("accept", ""):
                 buffer = io.BytesIO()
@@ -241,12 +333,14 @@ def build_app(
     )
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0.0
-    ongoing = max(16, 2 * max_batch)
+    ongoing = max_ongoing(max_batch)
     deployment = serve.deployment(
         num_replicas=replicas or 1,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 1},
         max_ongoing_requests=ongoing,
-        max_queued_requests=4 * ongoing,  # beyond it Ray Serve answers 503 itself: no unbounded queue
+        # beyond it Ray Serve answers 503 itself (plain text), with the Retry-After clients wait for
+        max_queued_requests=4 * ongoing,
+        backpressure_config={"retry_after_s": 1},
     )(serve.ingress(app)(Ingress))
     pending_bytes = int(max_pending_mb * (1 << 20))
     return deployment.bind(
@@ -254,42 +348,10 @@ def build_app(
     )
 
 
-class BearerToken:
-    """ASGI middleware: every route but :data:`OPEN_ROUTES` needs ``Authorization: Bearer <token>``.
-
-    Holds only the token's sha256 and compares digests in constant time (``hmac.compare_digest``)."""
-
-    def __init__(self, app: Any, digest: str) -> None:
-        self.app, self.digest = app, digest
-
-    def allowed(self, scope: dict[str, Any]) -> bool:
-        if scope["path"] in OPEN_ROUTES:
-            return True
-        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, credential = given.partition(" ")
-        presented = token_digest(credential.strip()) if scheme.lower() == "bearer" else ""
-        return hmac.compare_digest(presented.encode(), self.digest.encode())
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.allowed(scope):
-            await self.app(scope, receive, send)
-            return
-        from fastapi.responses import JSONResponse
-
-        refused = JSONResponse(
-            {"error": "this server needs a token: send the header 'Authorization: Bearer <token>'"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await refused(scope, receive, send)
-
-
-def _unknown(model: str, served: str) -> Any:
+def _not_found(reason: str) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(
-        {"error": f"no model {model[:80]!r} here; this server serves {served!r}"}, status_code=404
-    )
+    return JSONResponse({"error": reason}, status_code=404)
 
 
 def _manifest(model: str) -> dict[str, Any] | None:

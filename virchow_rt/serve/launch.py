@@ -1,5 +1,9 @@
 """``virchow-rt serve``'s body: check what was asked (the port first), start Ray here, serve, stop cleanly.
 
+Ray is started here, as a new local instance (``ray.init(address="local")``), never joined: a cluster
+started on this machine by ``ray start --head`` (or by someone else) would otherwise be joined silently, its
+Serve instance's port and apps used. To serve on a Ray cluster, say so with ``RAY_ADDRESS``.
+
 The port is checked before Ray starts (a busy port is one line, not Ray's traceback). The default port,
 :data:`DEFAULT_PORT`, is not Triton's: Triton listens on 8000 (HTTP), 8001 (gRPC) and 8002 (metrics), and
 Ray Serve's own default is 8000 too, so a host that also runs Triton, or another Ray Serve app, keeps its
@@ -72,9 +76,10 @@ def read_token(path: str | os.PathLike[str]) -> str:
             f"--token-file {path}: cannot read it ({err}); give a file holding one token"
         ) from None
     make = "python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE; chmod 600 FILE"
-    if len(token) < _MIN_TOKEN or any(c.isspace() or not c.isprintable() for c in token):
+    # ASCII only: HTTP headers arrive as latin-1 bytes, so a token of other characters could never match
+    if len(token) < _MIN_TOKEN or any(not (c.isascii() and c.isprintable()) or c.isspace() for c in token):
         raise InputError(
-            f"--token-file {path}: give one line of at least {_MIN_TOKEN} printable characters without "
+            f"--token-file {path}: give one line of at least {_MIN_TOKEN} printable ASCII characters without "
             f"spaces, e.g. {make}"
         )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -92,6 +97,8 @@ class _DropLine(logging.Filter):
 
 def _why_replicas_failed(model: str, backend: str, host_code: bool, err: Exception) -> Exception:
     """The one-line reason the replicas could not start: the model opened here, as a replica opens it."""
+    import ray
+
     from virchow_rt.backends import open_backend
 
     try:
@@ -100,8 +107,22 @@ def _why_replicas_failed(model: str, backend: str, host_code: bool, err: Excepti
             open_backend(model, backend, allow_engine_host_code=host_code).close()
     except VirchowError as cause:
         return cause
-    return BackendError(
-        f"the model's replicas failed to start ({err}); Ray's logs: /tmp/ray/session_latest/logs/serve/"
+    context = ray.get_runtime_context()  # this Ray's session, not /tmp/ray/session_latest (maybe another's)
+    logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs" / "serve"
+    return BackendError(f"the model's replicas failed to start ({err}); Ray's logs: {logs}/")
+
+
+def start_ray() -> None:
+    """A new local Ray instance for this server (never one already running here), unless ``RAY_ADDRESS``
+    names a cluster to join."""
+    import ray
+
+    joined = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=None if joined else "local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
 
 
@@ -119,41 +140,46 @@ def run_server(
     token_file: str | None = None,
     docs: bool = False,
     allow_engine_host_code: bool = False,
+    body_timeout_s: float = 60.0,
 ) -> int:
     """``virchow-rt serve``: start Ray here, serve until Ctrl-C or SIGTERM, then drain and stop."""
     import signal
     import threading
 
-    from virchow_rt.serve.http import _manifest, _model_name, _serve_modules, build_app, token_digest
+    from virchow_rt.serve.http import (
+        REQUEST_TIMEOUT_S,
+        _manifest,
+        _model_name,
+        _serve_modules,
+        build_app,
+        check_limits,
+        token_digest,
+    )
 
-    if max_batch < 1 or max_wait_ms < 0 or max_pending_mb <= 0:
-        raise InputError(
-            f"--max-batch {max_batch} --max-wait-ms {max_wait_ms} --max-pending-mb {max_pending_mb}: "
-            "give 1 or more, 0 or more, and more than 0"
-        )
+    check_limits(max_batch, max_wait_ms, max_pending_mb, replicas, body_timeout_s)
     if not Path(model).exists():
         raise InputError(f"{model} does not exist; give an export folder, an .onnx or an .engine")
     digest = token_digest(read_token(token_file)) if token_file else None
     check_port(host, port)
     manifest = _manifest(str(model))
     name = check_name(name or _model_name(str(model), manifest), "--name")
-    if "RAY_ADDRESS" not in os.environ and "ray" not in sys.modules:
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
         # a new local Ray: token authentication on, as Ray's own default, but said before Ray reads its
         # settings (at import), so that Ray does not warn about it on every start
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     serve, _ = _serve_modules()
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    start_ray()
     logging.getLogger("ray.serve").addFilter(_DropLine())
     stop = threading.Event()
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
         app = build_app(
             str(model), name=name, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms,
             replicas=replicas or max(1, gpus), max_pending_mb=max_pending_mb, token_sha256=digest, docs=docs,
-            allow_engine_host_code=allow_engine_host_code,
+            allow_engine_host_code=allow_engine_host_code, body_timeout_s=body_timeout_s,
         )  # fmt: skip
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")

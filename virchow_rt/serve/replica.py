@@ -24,13 +24,14 @@ class Pending:
     def __init__(self, limit: int) -> None:
         self.limit, self.held = limit, 0
 
-    def take(self, nbytes: int, request_total: int) -> None:
+    def take(self, nbytes: int, request_total: int, why: str = "") -> None:
         """Hold ``nbytes`` more for a request that then holds ``request_total``: 413 if that request alone
-        is over the limit (it never fits), 503 with ``Retry-After`` if the others leave no room now."""
+        is over the limit (it never fits), 503 with ``Retry-After`` if the others leave no room now.
+        ``why``: what the bytes are for, said in the 413."""
         if request_total > self.limit:
             raise BadRequest(
-                f"a request of {request_total} bytes is more than this server holds at once ({self.limit} "
-                "bytes, --max-pending-mb); send fewer or smaller tiles",
+                f"a request of {request_total} bytes{f' ({why})' if why else ''} is more than this server "
+                f"holds at once ({self.limit} bytes, --max-pending-mb); send fewer or smaller tiles",
                 413,
             )
         if self.held + nbytes > self.limit:
@@ -49,9 +50,15 @@ class Ticket:
     def __init__(self, pending: Pending) -> None:
         self.pending, self.taken = pending, 0
 
-    def take(self, nbytes: int) -> None:
-        self.pending.take(nbytes, self.taken + nbytes)
+    def take(self, nbytes: int, why: str = "") -> None:
+        self.pending.take(nbytes, self.taken + nbytes, why)
         self.taken += nbytes
+
+    def give_back(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of what this request holds (memory it no longer uses) before it ends."""
+        nbytes = min(nbytes, self.taken)
+        self.pending.held -= nbytes
+        self.taken -= nbytes
 
     def release(self) -> None:
         self.pending.held -= self.taken
@@ -74,6 +81,7 @@ class TileEmbedderServer:
         self.max_wait_s = max_wait_s
         self.pending = Pending(max_pending_bytes)
         self.batches: Counter[int] = Counter()  # tiles per model call -> how many calls
+        self.in_flight = 0  # infer and embed requests being read, parsed or embedded now
 
     def facts(self) -> dict[str, Any]:
         """What the model is, for metadata, config and every answer's label."""

@@ -18,6 +18,11 @@ must not change the export) and checked against the manifest's sha256 as it is c
 is built with Triton's own schema (``model_config_pb2`` from ``tritonclient[grpc]``) and written as protobuf
 text, so a field Triton does not know cannot be written. The entry is assembled in a temporary folder and
 renamed into place: an interrupted or refused run leaves no half-made model.
+
+A version-compatible TensorRT engine runs native code stored in it when it loads; Triton loads one only
+when started with :data:`HOST_CODE_FLAG`, which lets every engine in the repository do so. Such engines are
+placed only with ``allow_engine_host_code=True`` (``--allow-engine-host-code``), and never one built with
+its lean runtime excluded (Triton cannot supply that runtime).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE
 PLATFORMS = ("auto", "onnx", "tensorrt")
 INSTANCE_KINDS = ("auto", "gpu", "cpu")
 _FORMATS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+#: what Triton needs to load version-compatible engines (``tritonserver ... HOST_CODE_FLAG``)
+HOST_CODE_FLAG = "--backend-config=tensorrt,version-compatible=true"
+#: names Triton gives meaning to in a model's folder: an external data file may not take them
+_RESERVED = ("model.onnx", "config.pbtxt")
 
 
 def _schema() -> Any:
@@ -125,6 +134,36 @@ def _copy_checked(folder: Path, relative: Any, sha256: Any, dst: Path, what: str
         )
 
 
+def _check_host_code(engines: list[dict[str, Any]], allowed: bool) -> bool:
+    """Whether these engines need Triton's :data:`HOST_CODE_FLAG`; refused unless ``allowed``, and an engine
+    whose lean runtime was left out is refused always."""
+    compatible = [e for e in engines if e.get("version_compatible")]
+    for engine in compatible:
+        if engine.get("lean_runtime") == "excluded":
+            raise InputError(
+                f"{engine.get('path')} is version-compatible with its lean runtime excluded, which Triton "
+                "cannot supply: rebuild it without --exclude-lean-runtime, or give --platform onnx"
+            )
+    if compatible and not allowed:
+        raise InputError(
+            f"{compatible[0].get('path')} is a version-compatible engine: it runs native code stored in it "
+            f"when it loads, and Triton loads it only with {HOST_CODE_FLAG}, for every engine of the "
+            "repository; give --allow-engine-host-code only for engines you built or trust, or give "
+            "--platform onnx"
+        )
+    return bool(compatible)
+
+
+def needs_host_code(model: str | os.PathLike) -> bool:
+    """Whether the repository entry ``model`` (a folder this module wrote) holds version-compatible
+    engines, which Triton loads only when started with :data:`HOST_CODE_FLAG`."""
+    from google.protobuf import text_format
+
+    config = _schema().ModelConfig()
+    text_format.Parse((Path(model) / "config.pbtxt").read_text(), config)
+    return config.parameters["version_compatible"].string_value == "true"
+
+
 def _instance_kind(requested: str, kind: str, precision: str) -> str:
     """``auto``: GPU, except for the int8 ONNX model (ONNX Runtime's dynamic quantization is for the CPU)."""
     if requested not in INSTANCE_KINDS:
@@ -153,6 +192,7 @@ def write_triton_repository(
     instances: int = 1,
     instance_kind: str = "auto",
     max_queue_delay_us: int = 2000,
+    allow_engine_host_code: bool = False,
 ) -> Path:
     """Write ``repo/<name>`` (default name: the variant) for Triton from ``export_dir``; returns its folder.
 
@@ -160,6 +200,8 @@ def write_triton_repository(
     ``platform``: ``auto`` (the TensorRT engines when the export has any and no ``precision`` is asked,
     else ONNX), ``onnx`` or ``tensorrt``. ``precision`` picks the ONNX model (default fp32).
     ``instance_kind``: ``auto`` (GPU; CPU for the int8 model), ``gpu`` or ``cpu``.
+    ``allow_engine_host_code``: place version-compatible engines (see the module doc and
+    :func:`needs_host_code`).
     """
     pb = _schema()
     from google.protobuf import text_format
@@ -178,6 +220,7 @@ def write_triton_repository(
     if target.exists():
         raise OutputError(f"{target} exists; remove it first, or give another --name")
     first = artifacts[0]
+    host_code = kind == "tensorrt_plan" and _check_host_code(artifacts, allow_engine_host_code)
     group = _instance_kind(instance_kind, kind, first.get("precision", ""))
     # by name: an export with --outputs embedding,patch_tokens has more; Triton serves the embedding
     tile = next(t for t in first["inputs"] if t["name"] == "tiles")
@@ -204,10 +247,12 @@ def write_triton_repository(
         "random_weights": str(bool(manifest["weights"]["random"])).lower(),
         "weights_sha256": manifest["weights"]["sha256"],
         "parity": first.get("parity", {}).get("summary", "not measured"),
-        "tile_size": f"{side} (send {side}x{side} tiles: the graph normalises but does not resize)",
+        "tile_size": side,  # a number, as virchow-rt serve's metadata gives it
+        "resize": f"send {side}x{side} tiles: the graph normalises but does not resize",
         # how to resize on the client as the model's transform does: kernels.resize_tiles(tiles, S, these)
         "crop_pct": manifest.get("preprocess", {}).get("crop_pct", 1.0),
         "interpolation": manifest.get("preprocess", {}).get("interpolation", "bicubic"),
+        "version_compatible": str(host_code).lower(),  # Triton then needs HOST_CODE_FLAG
     }
     for key, value in facts.items():
         config.parameters[key].string_value = str(value)
@@ -220,6 +265,11 @@ def write_triton_repository(
         if kind == "onnxruntime_onnx":
             _copy_checked(folder, first["path"], first.get("sha256"), version / "model.onnx", "model")
             data = first.get("external_data")
+            if isinstance(data, str) and os.path.normpath(data).lower() in _RESERVED:
+                raise ModelFileError(
+                    f"{folder / MANIFEST_NAME} names the external data {data!r}, a name Triton reserves in a "
+                    "model's folder; re-export the model"
+                )
             if data:  # the graph refers to it by the relative name it was saved under
                 _copy_checked(
                     folder, data, first.get("external_data_sha256"), version / data, "external data"
