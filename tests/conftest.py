@@ -10,7 +10,9 @@ names shadows a package).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import faulthandler
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -55,3 +57,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = reasons[marker]
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+#: seconds one test may take before the run dumps every thread's stack and ends (the slow tier's full-size
+#: exports take minutes; anything far past that is a hang)
+HANG_S = 1800
+# stderr as it is now: pytest captures fd 2 during a test, and a dump written there would be lost
+_STDERR = os.fdopen(os.dup(2), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """A test that hangs in native code holding the GIL (a deadlock in a runtime's threads) cannot be stopped
+    by a Python timer; faulthandler's watchdog thread can: it prints where every thread is and exits, so a
+    hang costs minutes, not the CI's whole time."""
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=_STDERR)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -12,9 +12,10 @@ from virchow_rt.tissue import tissue_tiles
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the ONNX Runtime optimization cache out of the user's ~/.cache during tests."""
-    cache = tmp_path_factory.getbasetemp() / "virchow-rt-cache"
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own cache (ONNX Runtime optimizations, OpenVINO compiles and gate verdicts), out of the
+    user's ~/.cache and out of other tests' way: a verdict one test cached must not decide another's."""
+    cache = tmp_path / "virchow-rt-cache"
     monkeypatch.setenv("VIRCHOW_RT_CACHE", str(cache))
     return cache
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,9 +25,9 @@ class FakeBackend(Backend):
 
     name = "fake"
 
-    def __init__(self, fail_on: int | None = None, max_batch: int | None = None) -> None:
+    def __init__(self, fail_on: int | None = None, max_batch: int | None = None, delay: float = 0.0) -> None:
         self.info = ModelInfo("unknown-variant", 6, 3, 224, "fp32", True, "random")
-        self.fail_on, self.max_batch = fail_on, max_batch
+        self.fail_on, self.max_batch, self.delay = fail_on, max_batch, delay
         self.sizes: list[int] = []
         self.closed = False
 
@@ -34,6 +35,7 @@ class FakeBackend(Backend):
         if self.fail_on is not None and len(self.sizes) == self.fail_on:
             raise BackendError("fake failure")
         self.sizes.append(len(tiles))
+        time.sleep(self.delay)  # a model's compute time, for the stream's statistics
         mean = tiles.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)  # (B, 3)
         return np.concatenate([mean, mean + 1000], axis=1)  # (B, 6)
 

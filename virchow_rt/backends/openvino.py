@@ -18,9 +18,11 @@ Nothing here imports openvino at import time, nor torch ever.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import warnings
@@ -230,7 +232,7 @@ class OpenVinoBackend(Backend):
             if precision == "bf16":
                 raise BackendError(f"bf16 asked for, but {self.gate[len('not considered: ') :]}; use fp32")
             return "fp32"
-        verdict = self._cached_verdict(*bf16_tolerance(info.variant))
+        verdict = self._cached_verdict(*bf16_tolerance(info.variant), gate_tiles)
         if verdict is None:
             self._compiled = self._compile(model, "bf16")
             try:
@@ -264,13 +266,18 @@ class OpenVinoBackend(Backend):
         key = f"{self.model_sha256[:32]}{stamp}-ov{self._ov_version.split('-')[0]}-{cpu}-g{GATE_VERSION}"
         return self._cache / "openvino-gate" / f"{key}.json"
 
-    def _cached_verdict(self, min_cosine: float, min_knn10: float) -> Comparison | None:
+    def _cached_verdict(self, min_cosine: float, min_knn10: float, tiles: int) -> Comparison | None:
         """The cached measurement, judged by today's tolerances (None: not measured yet)."""
         path = self._verdict_file()
         try:
             entry = json.loads(path.read_text())
             fields = {f.name for f in dataclasses.fields(Comparison)}
             measured = {k: v for k, v in entry["comparison"].items() if k in fields}
+            numbers = [v for k, v in measured.items() if k not in ("all_finite", "knn10_tolerance")]
+            if not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
+                raise ValueError("its figures are not all finite numbers")
+            if measured.get("n", 0) < tiles:  # fewer tiles than asked for: not this gate
+                return None
             return Comparison(**{**measured, "tolerance": min_cosine, "knn10_tolerance": min_knn10})
         except FileNotFoundError:
             return None
@@ -355,7 +362,8 @@ class OpenVinoBackend(Backend):
             raise BackendError(f"{self.name} failed on {self.path.name}: {err}") from err
         finally:
             for request in pending:  # also when the consumer stopped early: no request outlives its inputs
-                request.wait()
+                with contextlib.suppress(Exception):  # its error, rethrown by every wait, is told already
+                    request.wait()
             if clean:
                 with self._lock:
                     self._queues.append(requests)
