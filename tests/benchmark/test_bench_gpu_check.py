@@ -33,9 +33,9 @@ from gpu_check_report import (  # noqa: E402
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
 <testcase classname="tests.export.test_torch_cuda_gpu" name="test_matches_the_fp32_reference" time="1.2"/>
-<testcase classname="tests.tensorrt.test_cuda_gpu" name="test_graph_capture_replays_the_work" time="0.1">
+<testcase classname="tests.trt.test_cuda_gpu" name="test_graph_capture_replays_the_work" time="0.1">
   <failure message="AssertionError: graphs differ&#10;second line">trace</failure></testcase>
-<testcase classname="tests.tensorrt.test_trt_engine_real" name="test_open_backend_runs_engines" time="0">
+<testcase classname="tests.trt.test_trt_engine_real" name="test_open_backend_runs_engines" time="0">
   <skipped type="pytest.skip" message="TensorRT is not installed">skip</skipped></testcase>
 <testcase classname="tests.runtime.test_x" name="test_y" time="0"><error message="fixture broke"/></testcase>
 </testsuite></testsuites>
@@ -45,9 +45,9 @@ VERBOSE_LOG = """\
 collecting ... collected 40 items / 36 selected
 tests/export/test_torch_cuda_gpu.py::test_matches_the_fp32_reference PASSED   [  2%]
 tests/export/test_torch_cuda_gpu.py::test_gpu_arrays[a b] SKIPPED (cupy (is) missing) [  5%]
-tests/tensorrt/test_cuda_gpu.py::test_graph_capture_replays_the_work FAILED    [  8%]
-tests/tensorrt/test_cuda_gpu.py::test_streams PASSED                           [ 11%]
-tests/tensorrt/test_cuda_gpu.py::test_streams ERROR                            [ 11%]
+tests/trt/test_cuda_gpu.py::test_graph_capture_replays_the_work FAILED    [  8%]
+tests/trt/test_cuda_gpu.py::test_streams PASSED                           [ 11%]
+tests/trt/test_cuda_gpu.py::test_streams ERROR                            [ 11%]
 tests/bench/test_x.py:12: UserWarning: not a result
 PASSED tests/export/test_torch_cuda_gpu.py::test_matches_the_fp32_reference
 tests/benchmark/test_bench_gpu.py::test_bench_tiny_torch_rows_on_the_gpu \n"""
