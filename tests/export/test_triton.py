@@ -20,14 +20,14 @@ pb = pytest.importorskip(
     reason="the triton extra is not installed: pip install 'virchow-rt[triton]'",
 )
 text_format = pytest.importorskip("google.protobuf.text_format")
-triton = pytest.importorskip("virchow_rt.serve.triton")
+from virchow_rt.serve import triton  # noqa: E402 - a broken product import must fail
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    export = pytest.importorskip("virchow_rt.export.pipeline")
+    from virchow_rt.export import pipeline as export
     out = tmp_path_factory.mktemp("tiny-export")
     export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32", "fp16"], parity_tiles=2

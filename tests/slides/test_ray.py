@@ -19,7 +19,7 @@ from virchow_rt.cli import main as cli
 from virchow_rt.slides import SlideSettings, process_slides, read_features
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'virchow-rt[ray]'")
-distributed = pytest.importorskip("virchow_rt.slides.ray")
+from virchow_rt.slides import ray as distributed  # noqa: E402 - a broken product import must fail
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
 
