@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.errors import InputError
+from virchow_rt.registry import Variant, get_variant
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,24 @@ def check_tile_array(tiles: Any, what: str = "tiles") -> None:
             f"{what}: shape {tuple(tiles.shape)}; expected (N, H, W, 3) uint8 RGB, channels last "
             "(channels-first: x.transpose(0, 2, 3, 1); one tile: x[None]; RGBA: x[..., :3])"
         )
+
+
+def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
+    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
+    base = get_variant(manifest["variant"])
+    pre = manifest.get("preprocess") or {}
+    config: dict[str, Any] = {
+        "model_args": {
+            **manifest.get("model_args", {}),
+            "mlp": manifest.get("mlp", base.mlp),
+            "norm_eps": manifest.get("norm_eps", base.norm_eps),
+        }
+    }
+    if manifest.get("timm_arch"):
+        config["architecture"] = manifest["timm_arch"]
+    if pre:
+        config["pretrained_cfg"] = {
+            "input_size": (3, pre["size"], pre["size"]),
+            **{k: pre[k] for k in pre if k != "size"},
+        }
+    return base.with_config(config)

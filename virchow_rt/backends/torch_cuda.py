@@ -33,12 +33,12 @@ from virchow_rt._deps import optional_import
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.cuda.pipeline import Executor, PipelinedBackend
 from virchow_rt.backends.engine_cache import INPUT, OUTPUT, TensorSpec
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import ModelInfo, variant_from_manifest
 from virchow_rt.errors import BackendError, InputError, WeightsError
 from virchow_rt.manifest import read_manifest
 from virchow_rt.model.vit import ExportWrapper, build_model, model_info
 from virchow_rt.model.weights import WeightsInfo
-from virchow_rt.registry import Variant, variant_from_manifest
+from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:
     import torch

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from virchow_rt.contract import variant_from_manifest
 from virchow_rt.errors import InputError, ModelFileError
 from virchow_rt.manifest import read_manifest
-from virchow_rt.registry import Variant, get_variant, variant_from_manifest
+from virchow_rt.registry import Variant, get_variant
 
 
 @dataclass(frozen=True)

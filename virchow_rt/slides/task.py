@@ -24,19 +24,32 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from virchow_rt.embed import Embedder
 from virchow_rt.errors import MissingDependency, OutputError, VirchowError
 from virchow_rt.manifest import current_umask
 from virchow_rt.slides import folder, locks, summary
-from virchow_rt.slides.features import SlideFeatures
+from virchow_rt.slides.features import ModelIdentity, SlideFeatures
 from virchow_rt.slides.locks import Lease, LeaseLost, partial_path
 from virchow_rt.slides.reader import Slide, open_slide
+from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import SlideRecord
 from virchow_rt.slides.writer import resume_problem, stored_counts
 
-if TYPE_CHECKING:
-    from virchow_rt.slides.job import SlideJob
+
+class SlideJob(Protocol):
+    """What a task reads of its :class:`~virchow_rt.slides.job.SlideJob` (a protocol, so that the job, which
+    makes tasks, and the task do not import each other)."""
+
+    settings: SlideSettings
+    out_dir: Path
+    embedder: Embedder
+    identity: ModelIdentity
+
+    def output(self, path: Path) -> Path: ...
+
+    def wanted(self, path: Path) -> dict[str, Any]: ...
 
 Log = Callable[[str], None]
 
