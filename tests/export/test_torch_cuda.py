@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from virchow_rt.backends.torch_cuda import load_export_model
 from virchow_rt.compare import compare
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.manifest import write_manifest
-from virchow_rt.model.vit import ExportWrapper, build_model
+from virchow_rt.model.vit import ExportWrapper, build_model, load_export_model
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -55,7 +54,7 @@ def _manifest(folder: Path, variant: str, weights: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"variant": v.name, "model_args": dict(v.model_args), "mlp": v.mlp, "weights": weights,
                 "batch": {"min": 1, "opt": 8, "max": 16}, "artifacts": []}  # fmt: skip
-    write_manifest(folder, manifest)
+    Manifest.from_dict(manifest).write(folder)
     return folder
 
 
@@ -71,7 +70,7 @@ def test_random_exports_are_rebuilt_from_the_same_seed(tiny_random: tuple, tmp_p
         warnings.simplefilter("ignore")
         rebuilt, variant, rebuilt_info, manifest = load_export_model(folder)
     assert _same(rebuilt, model) and rebuilt_info.random and variant.name == "virchow2-tiny"
-    assert manifest["batch"]["max"] == 16
+    assert manifest.batch is not None and manifest.batch.max == 16
 
 
 def test_real_weights_come_from_the_recorded_source_and_must_match(

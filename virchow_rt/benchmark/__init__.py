@@ -100,11 +100,7 @@ def _export_section(run: BenchmarkRun) -> dict[str, Any] | None:
     src = run.source
     if src.manifest is None:
         return None
-    keep = ("path", "format", "precision", "size_bytes", "sha256", "seconds")
-    artifacts = [
-        {**{k: a.get(k) for k in keep}, "parity": (a.get("parity") or {}).get("summary")}
-        for a in src.manifest["artifacts"]
-    ]
+    artifacts = [{**a.describe(), "parity": a.parity_summary} for a in src.manifest.artifacts]
     where = (
         "exported during this run (scratch folder, removed afterwards)"
         if src.exported_here

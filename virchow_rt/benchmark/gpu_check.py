@@ -36,7 +36,7 @@ import numpy as np
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.targets import format_target
 from virchow_rt.benchmark.timing import Stats, time_calls
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.registry import get_variant
 
 #: rows every variant is benchmarked with (the reference first; see virchow_rt.benchmark.rows)

@@ -274,21 +274,19 @@ class BenchmarkRun:
             "compute_peak_fraction": compute_tflops / peak_tflops if compute_tflops and peak_tflops else None,
             "artifact": self._artifact(spec),
             # what the backend did to the graph (ONNX Runtime's CPU attention fusion, for instance)
-            "backend_details": getattr(backend, "optimization", None),
+            "backend_details": backend.optimization,
             "note": spec.note or None,
         }
         row.update(self._parity(spec, batch_size, embeddings))
         return row
 
     def _artifact(self, spec: RowSpec) -> dict[str, Any] | None:
-        if not spec.artifact or not self.source.manifest:
+        if not spec.artifact or self.source.manifest is None:
             return None
         suffix = ".engine" if spec.kind == "tensorrt" else ".onnx"
-        for a in self.source.manifest.get("artifacts", []):
-            if a.get("precision") == spec.artifact and a["path"].endswith(suffix):
-                return {
-                    k: a.get(k) for k in ("path", "format", "precision", "size_bytes", "sha256", "seconds")
-                }
+        for a in self.source.manifest.artifacts:
+            if a.precision == spec.artifact and a.path.endswith(suffix):
+                return a.describe()
         return None
 
     def _parity(self, spec: RowSpec, batch_size: int, embeddings: np.ndarray) -> dict[str, Any]:

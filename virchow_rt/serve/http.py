@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import InputError, MissingDependency, warn_random_weights
 from virchow_rt.serve.client import INFERENCE_HEADER
 
@@ -328,21 +329,20 @@ def _unknown(model: str, served: str) -> Any:
     return JSONResponse({"error": f"no model {model!r} here; this server serves {served!r}"}, status_code=404)
 
 
-def _manifest(model: str) -> dict[str, Any] | None:
+def _manifest(model: str) -> Manifest | None:
     """The export's manifest, or None for a model file without one."""
     from virchow_rt.errors import ModelFileError
-    from virchow_rt.manifest import read_manifest
 
     try:
-        return read_manifest(model)
+        return Manifest.read(model)
     except ModelFileError:
         return None
 
 
-def _model_name(model: str, manifest: dict[str, Any] | None) -> str:
+def _model_name(model: str, manifest: Manifest | None) -> str:
     """The variant, or for a bare model file without a manifest its file name."""
-    if manifest is not None and manifest.get("variant"):
-        return str(manifest["variant"])
+    if manifest is not None and manifest.variant:
+        return manifest.variant
     from pathlib import Path
 
     return Path(model).name.split(".")[0]
@@ -386,9 +386,9 @@ def run_server(
         )  # fmt: skip
         serve.run(app, name="virchow-rt", route_prefix="/")
         # the replicas' own warnings are not shown on this console
-        if manifest is not None and manifest.get("weights", {}).get("random"):
+        if manifest is not None and manifest.weights is not None and manifest.weights.random:
             warn_random_weights(
-                f"{manifest['variant']} has random weights; every answer is labelled random_weights"
+                f"{manifest.variant} has random weights; every answer is labelled random_weights"
             )
         print(f"serving {name} at http://{host}:{port}/v2/models/{name} (and POST /embed); Ctrl-C stops")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from virchow_rt.contract import INPUT, OUTPUT, Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import InputError, MissingDependency, OutputError
-from virchow_rt.manifest import current_umask, read_manifest
+from virchow_rt.files import current_umask
+from virchow_rt.registry import BatchProfile
 
 #: numpy dtype names of the manifest -> Triton's data types
 _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
@@ -39,10 +41,9 @@ def _schema() -> Any:
     return model_config_pb2
 
 
-def _pick(manifest: dict[str, Any], platform: str, precision: str) -> tuple[str, list[dict[str, Any]]]:
+def _pick(manifest: Manifest, platform: str, precision: str) -> tuple[str, list[Artifact]]:
     """The platform and its artifacts: every TensorRT engine, or the ONNX file of ``precision``."""
-    artifacts = manifest["artifacts"]
-    engines = [a for a in artifacts if a["format"] == "tensorrt"]
+    engines = manifest.select("tensorrt")
     if platform == "tensorrt" or (platform == "auto" and engines):
         if not engines:
             raise InputError(
@@ -50,9 +51,9 @@ def _pick(manifest: dict[str, Any], platform: str, precision: str) -> tuple[str,
                 "or give --platform onnx"
             )
         return "tensorrt_plan", engines
-    onnx = [a for a in artifacts if a["format"] == "onnx" and a["precision"] == precision]
+    onnx = manifest.select("onnx", precision)
     if not onnx:
-        have = sorted({a["precision"] for a in artifacts if a["format"] == "onnx"})
+        have = sorted({str(a.precision) for a in manifest.select("onnx")})
         raise InputError(
             f"this export has no {precision} ONNX model (it has: {', '.join(have) or 'none'}); "
             f"give --precision {have[0] if have else 'fp32'} or re-export with --precision {precision}"
@@ -88,7 +89,7 @@ def write_triton_repository(
     from google.protobuf import text_format
 
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
+    manifest = Manifest.read(export_dir)
     if platform not in PLATFORMS:
         raise InputError(f"--platform {platform}: give one of {', '.join(PLATFORMS)}")
     if instance_kind not in ("gpu", "cpu") or instances < 1:
@@ -96,7 +97,7 @@ def write_triton_repository(
             f"--instances {instances} --instance-kind {instance_kind}: give 1 or more, gpu or cpu"
         )
     kind, artifacts = _pick(manifest, platform, precision)
-    name = name or manifest["variant"]
+    name = name or manifest.variant or export_dir.name
     target = Path(repo) / name
     if target.exists():
         raise OutputError(f"{target} exists; remove it first, or give another --name")
@@ -105,29 +106,30 @@ def write_triton_repository(
         raise InputError("TensorRT engines run on a GPU: give --instance-kind gpu, or --platform onnx")
     first = artifacts[0]
     # by name: an export with --outputs embedding,patch_tokens has more; Triton serves the embedding
-    tile = next(t for t in first["inputs"] if t["name"] == "tiles")
-    embedding = next(t for t in first["outputs"] if t["name"] == "embedding")
-    if kind == "tensorrt_plan":  # every engine must accept the batch Triton may send
-        max_batch = min(engine["profile"]["max"] for engine in artifacts)
-    else:
-        max_batch = manifest["batch"]["max"]
+    tile = next(t for t in first.inputs or () if t["name"] == INPUT)
+    embedding = next(t for t in first.outputs or () if t["name"] == OUTPUT)
+    batch = manifest.batch or BatchProfile()
+    # an engine's own profile; every engine must accept the batch Triton may send
+    profiles = [engine.profile or batch for engine in artifacts] if kind == "tensorrt_plan" else [batch]
+    max_batch = min(p.max for p in profiles)
     config = pb.ModelConfig(name=name, platform=kind, max_batch_size=max_batch)
     config.input.add(name=tile["name"], data_type=_TRITON_TYPES[tile["dtype"]], dims=tile["shape"][1:])
     config.output.add(
         name=embedding["name"], data_type=_TRITON_TYPES[embedding["dtype"]], dims=embedding["shape"][1:]
     )
-    opt = first["profile"]["opt"] if kind == "tensorrt_plan" else manifest["batch"]["opt"]
+    opt = profiles[0].opt
     config.dynamic_batching.preferred_batch_size.append(min(opt, max_batch))
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     group_kind = pb.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=instances, kind=group_kind)
+    weights = manifest.weights or WeightsInfo()
     facts = {
-        "variant": manifest["variant"],
-        "pooling": manifest["embedding"]["pooling"],
-        "precision": first["precision"],
-        "random_weights": str(bool(manifest["weights"]["random"])).lower(),
-        "weights_sha256": manifest["weights"]["sha256"],
-        "parity": first.get("parity", {}).get("summary", "not measured"),
+        "variant": manifest.variant,
+        "pooling": (manifest.embedding or EmbeddingLayout()).pooling,
+        "precision": first.precision,
+        "random_weights": str(weights.random).lower(),
+        "weights_sha256": weights.sha256,
+        "parity": first.parity_summary or "not measured",
     }
     for key, value in facts.items():
         config.parameters[key].string_value = str(value)
@@ -138,19 +140,19 @@ def write_triton_repository(
         version = staging / "1"
         version.mkdir()
         if kind == "onnxruntime_onnx":
-            _place(export_dir / first["path"], version / "model.onnx")
-            if first.get("external_data"):  # the graph refers to it by its own name
-                data = export_dir / first["external_data"]
+            _place(export_dir / first.path, version / "model.onnx")
+            if first.external_data:  # the graph refers to it by its own name
+                data = export_dir / first.external_data
                 _place(data, version / data.name)
         elif len(artifacts) == 1:
-            _place(export_dir / first["path"], version / "model.plan")
+            _place(export_dir / first.path, version / "model.plan")
         else:
             for engine in artifacts:
-                cc = engine["compute_capability"]
+                cc = str(engine.extra.get("compute_capability"))  # a TensorRT entry's build facts
                 filename = f"model_sm{cc.replace('.', '')}.plan"
                 if filename in os.listdir(version):
-                    raise InputError(f"two engines for compute capability {cc} ({engine['path']}); keep one")
-                _place(export_dir / engine["path"], version / filename)
+                    raise InputError(f"two engines for compute capability {cc} ({engine.path}); keep one")
+                _place(export_dir / engine.path, version / filename)
                 config.cc_model_filenames[cc] = filename
         (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it owner-only

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from virchow_rt.backends.base import Backend
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import ModelInfo, embedding_dim
 from virchow_rt.embed.embedder import default_batch_size
 from virchow_rt.errors import BackendError
 from virchow_rt.kernels.resize import needs_resize, resize_tiles
@@ -59,11 +59,6 @@ def opened_backend(model: str | Path | Backend | Any, backend: str = "auto") -> 
 
     with open_backend(model, backend=backend) as opened:
         yield opened
-
-
-def embedding_dim(info: ModelInfo, pooling: str) -> int:
-    """Columns of the pooled features: class token ‖ patch mean (``cls_mean``) or class token (``cls``)."""
-    return info.embedding_dim if check_pooling(pooling) == "cls_mean" else info.width
 
 
 class EmbeddingStream:

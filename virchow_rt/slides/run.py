@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from virchow_rt.backends.base import Backend
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError, warn_random_weights
-from virchow_rt.manifest import atomic_path, check_output, sha256_file, write_json
+from virchow_rt.files import atomic_path, check_output, sha256_file, write_json
 from virchow_rt.registry import check_pooling
 from virchow_rt.slides import folder, locks
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups, embedding_dim, opened_backend
@@ -112,7 +112,7 @@ class _Model:
     @classmethod
     def identify(cls, model: str | Path | Backend, backend: Backend) -> _Model:
         # the file the backend runs (an export folder resolves to one of its artifacts), else the argument
-        file = getattr(backend, "path", None) or (None if isinstance(model, Backend) else model)
+        file = backend.path or (None if isinstance(model, Backend) else model)
         if file is not None and Path(file).is_file():
             return cls(backend, str(file), sha256_file(file))
         # no file to hash (a Backend object): the model's own description identifies it
