@@ -98,11 +98,19 @@ def _objects(value: Any) -> tuple[dict[str, Any], ...]:
     return tuple(dict(v) for v in value)
 
 
-def _batch(value: Mapping[str, Any]) -> BatchProfile:
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a JSON object, got {value!r}")
+    return dict(value)
+
+
+def _batch(value: Any) -> BatchProfile:
+    value = _object(value)
     return BatchProfile(**{k: int(value[k]) for k in ("min", "opt", "max") if k in value})
 
 
-def _preprocess(value: Mapping[str, Any]) -> Preprocess:
+def _preprocess(value: Any) -> Preprocess:
+    value = _object(value)
     if "size" not in value:
         raise KeyError("preprocess.size")
     known = {f.name for f in dataclasses.fields(Preprocess)}
@@ -154,7 +162,7 @@ class Artifact(_Json):
         "size_bytes": int,
         "inputs": _objects,
         "outputs": _objects,
-        "parity": dict,
+        "parity": _object,
         "profile": _batch,
     }
     _always = ("external_data",)
@@ -209,13 +217,13 @@ class Manifest(_Json):
     warning: str | None = None
     _readers = {
         "schema_version": int,
-        "model_args": dict,
+        "model_args": _object,
         "norm_eps": float,
         "preprocess": _preprocess,
         "batch": _batch,
         "embedding": EmbeddingLayout.from_dict,
         "weights": WeightsInfo.from_dict,
-        "versions": dict,
+        "versions": _object,
         "artifacts": _artifacts,
     }
 

@@ -93,6 +93,26 @@ def test_real_weights_come_from_the_recorded_source_and_must_match(
         load_export_model(other)
 
 
+def test_the_reference_of_an_export_is_the_model_it_was_made_from(tiny_random: tuple, tmp_path: Path) -> None:
+    """One factory opens the export's PyTorch reference (what an engine's parity is measured against)."""
+    from virchow_rt.backends.open import open_reference
+    from virchow_rt.backends.torch_reference import TorchBackend
+    from virchow_rt.export.tensorrt_prep import parity_reference
+
+    model, variant, info = tiny_random
+    folder = _manifest(tmp_path / "export", "virchow2-tiny", info.to_dict())
+    tiles = tissue_tiles(3, 224, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = open_reference(folder, device="cpu")
+        backend, label = parity_reference(Manifest.read(folder), folder, None)
+    assert reference.transforms_tiles and reference.info.random_weights and reference.path is None
+    want = TorchBackend(model, variant).run(tiles)
+    np.testing.assert_allclose(reference.run(tiles), want, rtol=0, atol=1e-6)
+    assert label == "torch-eager-fp32" and backend.transforms_tiles
+    np.testing.assert_allclose(backend.run(tiles), want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
 def test_without_a_gpu_torch_cuda_is_a_one_line_error(tiny_random: tuple, tmp_path: Path, capsys) -> None:
     from virchow_rt.backends import open_backend

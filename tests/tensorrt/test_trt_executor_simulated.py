@@ -360,3 +360,33 @@ def test_a_per_thread_default_producer_stream_is_waited_for_through_the_legacy_s
     x = tiles(3)
     np.testing.assert_array_equal(backend.run(gpu_array(sim, x, stream=2)), expected(x))
     assert backend._slots[0].h2d_done.recorded_on == 1
+
+
+def test_an_engine_file_is_the_backends_identity(sim: Any, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend opened from an engine file says which file it runs and its sha256 (checked at load),
+    as the ONNX Runtime backend does: outputs record them (``embed``'s metadata, ``slides``' .h5)."""
+    import hashlib
+
+    from virchow_rt.contract import Artifact, Manifest
+    from virchow_rt.registry import Preprocess
+
+    sim.make()  # installs the stand-ins
+    module = tb.import_tensorrt("tensorrt")
+    module.__version__ = "10.13.0.35"
+    monkeypatch.setattr(tb, "import_tensorrt", lambda name: module)
+    gpu = types.SimpleNamespace(name="stand-in GPU", compute_capability="8.9")
+    monkeypatch.setattr(tb.cuda, "device_info", lambda index: gpu, raising=False)
+    engine = tmp_path / "stand-in.fp16.engine"
+    engine.write_bytes(b"plan")
+    sha = hashlib.sha256(b"plan").hexdigest()
+    entry = Artifact.from_dict({
+        "path": engine.name, "format": "tensorrt", "precision": "fp16", "sha256": sha,
+        "outputs": [{"name": "embedding", "dtype": "float32", "shape": ["batch", E]}],
+        "tensorrt_version": "10.13.0.35", "gpu": gpu.name, "compute_capability": "8.9",
+    })  # fmt: skip
+    manifest = Manifest(variant="stand-in", model_args={"embed_dim": E // 2}, preprocess=Preprocess(size=S))
+    manifest.with_artifact(entry).write(tmp_path)
+    with tb.TensorRTBackend(engine, slots=2) as backend:
+        assert backend.path == engine and backend.model_sha256 == sha
+        np.testing.assert_allclose(backend.run(tiles(3)), expected(tiles(3)), rtol=1e-6)
+    assert sim.make().path is None and sim.make().model_sha256 is None  # a plan held in memory: no file
