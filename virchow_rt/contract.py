@@ -114,7 +114,7 @@ def _preprocess(value: Any) -> Preprocess:
     if "size" not in value:
         raise KeyError("preprocess.size")
     known = {f.name for f in dataclasses.fields(Preprocess)}
-    read = {k: tuple(v) if k in ("mean", "std") else v for k, v in value.items()}
+    read: dict[str, Any] = {k: tuple(v) if k in ("mean", "std") else v for k, v in value.items()}
     return Preprocess(**{k: v for k, v in read.items() if k in known})
 
 
@@ -157,14 +157,8 @@ class Artifact(_Json):
     outputs: tuple[dict[str, Any], ...] | None = None
     parity: Mapping[str, Any] | None = None  # the check against the reference; "summary": one line
     profile: BatchProfile | None = None  # TensorRT: the engine's batch optimization profile
-    _readers = {
-        "path": _name,
-        "size_bytes": int,
-        "inputs": _objects,
-        "outputs": _objects,
-        "parity": _object,
-        "profile": _batch,
-    }
+    _readers = {"path": _name, "size_bytes": int, "inputs": _objects, "outputs": _objects,
+                "parity": _object, "profile": _batch}  # fmt: skip
     _always = ("external_data",)
 
     def output_dim(self, name: str = OUTPUT) -> int | None:
@@ -179,14 +173,8 @@ class Artifact(_Json):
 
     def describe(self) -> dict[str, Any]:
         """What a report shows of it: path, format, precision, size, sha256 and the seconds it took."""
-        return {
-            "path": self.path,
-            "format": self.format,
-            "precision": self.precision,
-            "size_bytes": self.size_bytes,
-            "sha256": self.sha256,
-            "seconds": self.extra.get("seconds"),
-        }
+        names = ("path", "format", "precision", "size_bytes", "sha256")
+        return {**{k: getattr(self, k) for k in names}, "seconds": self.extra.get("seconds")}
 
 
 def _artifacts(value: Any) -> tuple[Artifact, ...]:
@@ -215,17 +203,9 @@ class Manifest(_Json):
     created: str | None = None
     artifacts: tuple[Artifact, ...] = ()
     warning: str | None = None
-    _readers = {
-        "schema_version": int,
-        "model_args": _object,
-        "norm_eps": float,
-        "preprocess": _preprocess,
-        "batch": _batch,
-        "embedding": EmbeddingLayout.from_dict,
-        "weights": WeightsInfo.from_dict,
-        "versions": _object,
-        "artifacts": _artifacts,
-    }
+    _readers = {"schema_version": int, "model_args": _object, "norm_eps": float, "preprocess": _preprocess,
+                "batch": _batch, "embedding": EmbeddingLayout.from_dict, "weights": WeightsInfo.from_dict,
+                "versions": _object, "artifacts": _artifacts}  # fmt: skip
 
     @classmethod
     def read(cls, folder_or_file: str | os.PathLike[str]) -> Manifest:

@@ -173,6 +173,8 @@ class OnnxRuntimeBackend(Backend):
     run batches through an I/O binding (default: on for GPU sessions, off on the CPU; module doc).
     """
 
+    path: Path  # always a file here
+
     def __init__(
         self,
         model_path: str | os.PathLike[str],

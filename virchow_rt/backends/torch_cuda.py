@@ -32,10 +32,9 @@ import numpy as np
 from virchow_rt._deps import optional_import
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.cuda.pipeline import Executor, PipelinedBackend
-from virchow_rt.contract import INPUT, OUTPUT, ModelInfo, TensorSpec
+from virchow_rt.contract import INPUT, OUTPUT, ModelInfo, TensorSpec, WeightsInfo
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.model.vit import ExportWrapper, load_export_model
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:

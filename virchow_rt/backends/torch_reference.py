@@ -16,10 +16,9 @@ import numpy as np
 
 from virchow_rt._deps import optional_import
 from virchow_rt.backends.base import Backend
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import ModelInfo, WeightsInfo
 from virchow_rt.errors import BackendError, InputError
 from virchow_rt.model.vit import PooledBackbone, timm_transform
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:

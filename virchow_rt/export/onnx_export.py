@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
-from virchow_rt.contract import INPUT, SCHEMA_VERSION, ModelInfo
+from virchow_rt.contract import INPUT, SCHEMA_VERSION, ModelInfo, WeightsInfo
 from virchow_rt.errors import InputError, ModelFileError
 from virchow_rt.model.vit import ExportWrapper, check_outputs
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:

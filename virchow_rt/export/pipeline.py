@@ -25,7 +25,7 @@ from virchow_rt._deps import optional_import
 from virchow_rt._version import __version__
 from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
-from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest
+from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
@@ -33,7 +33,6 @@ from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
 from virchow_rt.files import check_output, sha256_file
 from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.model.vit import build_model
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import BatchProfile, Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 

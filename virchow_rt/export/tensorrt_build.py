@@ -28,8 +28,6 @@ import numpy as np
 from virchow_rt.backends.base import Backend
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.engine_cache import (
-    INPUT,
-    OUTPUT,
     EngineKey,
     check_version,
     lean_runtime,
@@ -37,7 +35,7 @@ from virchow_rt.backends.engine_cache import (
 )
 from virchow_rt.backends.tensorrt import LogBook, TensorRTBackend, import_tensorrt, make_logger
 from virchow_rt.compare import compare
-from virchow_rt.contract import MANIFEST_NAME, Artifact, Manifest, ModelInfo
+from virchow_rt.contract import INPUT, MANIFEST_NAME, OUTPUT, Artifact, Manifest, ModelInfo
 from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError
 from virchow_rt.export.tensorrt_prep import (
     PURPOSE,

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
-from virchow_rt.contract import Manifest
+from virchow_rt.contract import Manifest, WeightsInfo
 from virchow_rt.errors import InputError, WeightsError
-from virchow_rt.model.weights import WeightsInfo, check_state_dict, load_weights, warn_random_weights
+from virchow_rt.model.weights import check_state_dict, load_weights, warn_random_weights
 from virchow_rt.registry import Variant, get_variant
 
 if TYPE_CHECKING:
