@@ -198,27 +198,6 @@ class Variant:
         return dataclasses.replace(self, name=f"{self.name}-tiny", model_args=args, hf_repo=None)
 
 
-def variant_from_manifest(manifest: dict[str, Any]) -> Variant:
-    """The exact variant an export was made from (its model_args and preprocessing beat the registry's)."""
-    base = get_variant(manifest["variant"])
-    pre = manifest.get("preprocess") or {}
-    config: dict[str, Any] = {
-        "model_args": {
-            **manifest.get("model_args", {}),
-            "mlp": manifest.get("mlp", base.mlp),
-            "norm_eps": manifest.get("norm_eps", base.norm_eps),
-        }
-    }
-    if manifest.get("timm_arch"):
-        config["architecture"] = manifest["timm_arch"]
-    if pre:
-        config["pretrained_cfg"] = {
-            "input_size": (3, pre["size"], pre["size"]),
-            **{k: pre[k] for k in pre if k != "size"},
-        }
-    return base.with_config(config)
-
-
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise InputError(f"unknown pooling {pooling!r}; use one of: {', '.join(POOLINGS)}")

@@ -38,8 +38,8 @@ def tiny_onnx(tmp_path_factory):
     manifest = export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32"], parity_tiles=2
     )
-    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
-    return out / onnx[0]["path"]
+    onnx = manifest.select("onnx", "fp32")
+    return out / onnx[0].path
 
 
 def _same_outputs(a, b):
