@@ -41,7 +41,7 @@ from virchow_rt.benchmark.cohort import (
 from virchow_rt.benchmark.environment import collect_environment, load_average
 from virchow_rt.benchmark.timing import time_calls
 from virchow_rt.embed.embedder import default_batch_size
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.slides import SlideSettings, TileReader, open_slide, process_slides, tile_grid
 from virchow_rt.slides.tiles import default_workers, usable_cpus
 

@@ -36,7 +36,7 @@ from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, split_batches
 from virchow_rt.compare import compare
 from virchow_rt.embed import Embedder
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 

@@ -27,7 +27,7 @@ from slides_throughput import _model
 
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.embed import Embedder
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.serve import client
 from virchow_rt.tissue import tissue_tiles
 

@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 
 from virchow_rt.benchmark.environment import collect_environment
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.slides.synthetic import write_large_slide
 
 RUN = textwrap.dedent(

@@ -27,7 +27,7 @@ from typing import Any
 from slides_throughput import _model, _slide
 
 from virchow_rt.benchmark.environment import collect_environment
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.slides import SlideSettings, process_slides, process_slides_ray
 
 

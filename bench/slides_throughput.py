@@ -32,7 +32,7 @@ import numpy as np
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, time_calls
 from virchow_rt.embed.embedder import default_batch_size
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 from virchow_rt.slides import (
     SlideSettings,
     TileReader,
@@ -44,16 +44,15 @@ from virchow_rt.slides import (
 
 
 def _model(variant: str, folder: Path) -> Path:
+    from virchow_rt.contract import MANIFEST_NAME, Manifest
     from virchow_rt.export.pipeline import export_model
-    from virchow_rt.manifest import MANIFEST_NAME, find_artifact, read_manifest
 
     target = folder / f"{variant}.fp32.onnx"
-    if (folder / MANIFEST_NAME).exists() and target.exists() and find_artifact(read_manifest(folder), target):
+    if (folder / MANIFEST_NAME).exists() and target.exists() and Manifest.read(folder).artifact_for(target):
         return target
     print(f"exporting {variant} (RANDOM WEIGHTS, fp32) to {folder}/ ...", flush=True)
     manifest = export_model(variant, folder, random_weights=True, precisions=["fp32"])
-    artifact = next(a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32")
-    return folder / artifact["path"]
+    return folder / manifest.select("onnx", "fp32")[0].path
 
 
 def _slide(path: Path, width: int, height: int, compression: str) -> Path:

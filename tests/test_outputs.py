@@ -9,7 +9,7 @@ import pytest
 
 from virchow_rt.cli.main import main
 from virchow_rt.errors import OutputError
-from virchow_rt.manifest import check_output
+from virchow_rt.files import check_output
 
 UNWRITABLE = Path("/proc/virchow-rt-test")  # /proc takes no new files, even from root
 

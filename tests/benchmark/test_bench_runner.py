@@ -11,6 +11,7 @@ from bench_fakes import FakeBackend
 from virchow_rt.benchmark import run_benchmark, runner
 from virchow_rt.benchmark.report import validate_report
 from virchow_rt.benchmark.rows import Machine
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import RandomWeightsWarning
 
 CPU_ONLY = Machine(
@@ -41,10 +42,14 @@ def fake_run(monkeypatch, tmp_path):
 
     def fake_export(self, specs, out, weights, random_weights):
         self.source.folder, self.source.exported_here, self.source.export_s = tmp_path / "export", False, 0.1
-        self.source.manifest = {
-            "weights": {"random": True, "sha256": "random"},
-            "artifacts": [{"path": "x.fp32.onnx", "precision": "fp32", "format": "onnx", "size_bytes": 10}],
-        }
+        self.source.manifest = Manifest.from_dict(
+            {
+                "weights": {"random": True, "sha256": "random"},
+                "artifacts": [
+                    {"path": "x.fp32.onnx", "precision": "fp32", "format": "onnx", "size_bytes": 10}
+                ],
+            }
+        )
 
     monkeypatch.setattr(Machine, "probe", classmethod(lambda cls: CPU_ONLY))
     monkeypatch.setattr(runner, "open_row_backend", open_fake)

@@ -12,7 +12,6 @@ from virchow_rt.benchmark.source import (
     reference_weights,
     resolve_settings,
     resolve_source,
-    variant_from_manifest,
 )
 from virchow_rt.errors import InputError, ModelFileError
 from virchow_rt.registry import get_variant
@@ -71,7 +70,7 @@ def test_an_export_folder_gives_the_exact_variant_it_was_made_from(tmp_path) -> 
     v = source.variant
     assert v.name == "virchow2-tiny" and v.model_args["depth"] == 3 and v.num_registers == 4
     assert v.preprocess.mean == (0.5, 0.5, 0.5)
-    assert variant_from_manifest(source.manifest) == v
+    assert source.manifest.to_variant() == v
     # the reference is rebuilt with the export's random weights when the caller gives none
     assert reference_weights(source, None, False) == (None, True)
 

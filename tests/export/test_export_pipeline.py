@@ -12,10 +12,11 @@ import onnx
 import pytest
 
 import virchow_rt.export
+from virchow_rt.contract import Artifact, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError, WeightsError
 from virchow_rt.export import onnx_export as onnx_export_module
 from virchow_rt.export.pipeline import export_model
-from virchow_rt.manifest import read_manifest, sha256_file, write_manifest
+from virchow_rt.files import sha256_file
 from virchow_rt.registry import Tolerance, get_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.RandomWeightsWarning")
@@ -26,16 +27,13 @@ def test_real_weights_folder_is_recorded(tmp_path, checkpoint_dir, recwarn):
         "virchow2-tiny", tmp_path, weights=checkpoint_dir, precisions=["fp32"], parity_tiles=4
     )
     sha = sha256_file(checkpoint_dir / "model.safetensors")
-    assert manifest["weights"] == {
-        "random": False,
-        "sha256": sha,
-        "source": str(checkpoint_dir),
-        "file": "model.safetensors",
-    }
-    assert "warning" not in manifest and not [w for w in recwarn if "RANDOM" in str(w.message)]
+    assert manifest.weights == WeightsInfo(
+        random=False, sha256=sha, source=str(checkpoint_dir), file="model.safetensors"
+    )
+    assert manifest.warning is None and not [w for w in recwarn if "RANDOM" in str(w.message)]
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "virchow2-tiny.fp32.onnx")).metadata_props}
     assert props["virchow_rt.random_weights"] == "false" and props["virchow_rt.weights_sha256"] == sha
-    assert [a["path"] for a in manifest["artifacts"]] == ["virchow2-tiny.fp32.onnx"]
+    assert [a.path for a in manifest.artifacts] == ["virchow2-tiny.fp32.onnx"]
 
 
 def test_missing_weights_refused_and_nothing_written(tmp_path):
@@ -57,14 +55,14 @@ def test_failed_parity_leaves_no_artifact_and_keeps_the_previous_export(tmp_path
         and "virchow-tiny.fp16.onnx was not written" in text
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "virchow-tiny.fp32.onnx"]
-    assert sha256_file(tmp_path / "virchow-tiny.fp32.onnx") == fp32_sha and read_manifest(tmp_path) == before
+    assert sha256_file(tmp_path / "virchow-tiny.fp32.onnx") == fp32_sha and Manifest.read(tmp_path) == before
 
 
 def test_fp16_only_export(tmp_path):
     manifest = export_model(
         "virchow2g-mini-tiny", tmp_path, random_weights=True, precisions=["fp16"], parity_tiles=4
     )
-    assert [a["path"] for a in manifest["artifacts"]] == ["virchow2g-mini-tiny.fp16.onnx"]
+    assert [a.path for a in manifest.artifacts] == ["virchow2g-mini-tiny.fp16.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "virchow2g-mini-tiny.fp16.onnx"]
 
 
@@ -72,13 +70,13 @@ def test_external_data_path(tmp_path, monkeypatch):
     """Force the > 2 GB path on a tiny model: weights in one <name>.onnx.data file beside the graph."""
     monkeypatch.setattr(onnx_export_module, "EXTERNAL_DATA_THRESHOLD", 0)
     manifest = export_model("virchow2-tiny", tmp_path, random_weights=True, parity_tiles=4)
-    for artifact in manifest["artifacts"]:
-        data = tmp_path / f"{artifact['path']}.data"
-        assert artifact["external_data"] == data.name and data.stat().st_size > 100_000
-        assert artifact["external_data_sha256"] == sha256_file(data)
-        assert artifact["parity"]["passed"]
-        onnx.checker.check_model(str(tmp_path / artifact["path"]), full_check=True)
-        graph = onnx.load(str(tmp_path / artifact["path"]), load_external_data=False).graph
+    for artifact in manifest.artifacts:
+        data = tmp_path / f"{artifact.path}.data"
+        assert artifact.external_data == data.name and data.stat().st_size > 100_000
+        assert artifact.extra["external_data_sha256"] == sha256_file(data)
+        assert artifact.parity is not None and artifact.parity["passed"]
+        onnx.checker.check_model(str(tmp_path / artifact.path), full_check=True)
+        graph = onnx.load(str(tmp_path / artifact.path), load_external_data=False).graph
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
     assert not list(tmp_path.glob(".*"))
 
@@ -109,11 +107,9 @@ def fake_tensorrt(request, monkeypatch):
         calls.append((onnx_path, out_dir, variant.name, max_batch))
         if max_batch == 13:
             raise BackendError("TensorRT builder failed (fake)")
-        entry = {"path": f"{variant.name}.fp16.engine", "format": "tensorrt", "precision": "fp16"}
+        entry = Artifact(path=f"{variant.name}.fp16.engine", format="tensorrt", precision="fp16")
         if request.param:  # like the real builder: record the engine in manifest.json itself
-            current = read_manifest(out_dir)
-            current.pop("schema_version")
-            write_manifest(out_dir, {**current, "artifacts": [*current["artifacts"], entry]})
+            Manifest.read(out_dir).with_artifact(entry).write(out_dir)
         return entry
 
     module = types.ModuleType("virchow_rt.export.tensorrt_build")
@@ -128,8 +124,8 @@ def test_tensorrt_builder_called_lazily(tmp_path, fake_tensorrt):
         "virchow2-tiny", tmp_path, random_weights=True, tensorrt=True, max_batch=8, parity_tiles=4
     )
     assert fake_tensorrt == [(tmp_path / "virchow2-tiny.fp16.onnx", tmp_path, "virchow2-tiny", 8)]
-    assert manifest == read_manifest(tmp_path) and manifest["batch"]["max"] == 8
-    assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "onnx", "tensorrt"]
+    assert manifest == Manifest.read(tmp_path) and manifest.batch is not None and manifest.batch.max == 8
+    assert [a.format for a in manifest.artifacts] == ["onnx", "onnx", "tensorrt"]
 
 
 def test_tensorrt_errors_propagate_after_onnx_is_saved(tmp_path, fake_tensorrt):
@@ -137,7 +133,7 @@ def test_tensorrt_errors_propagate_after_onnx_is_saved(tmp_path, fake_tensorrt):
         export_model(
             "virchow2-tiny", tmp_path, random_weights=True, tensorrt=True, max_batch=13, parity_tiles=4
         )
-    assert len(read_manifest(tmp_path)["artifacts"]) == 2
+    assert len(Manifest.read(tmp_path).artifacts) == 2
 
 
 def test_progress_bar_only_when_asked(tmp_path, capsys):
@@ -160,10 +156,10 @@ def _full_size(name, tmp_path, parity_tiles):
     manifest = export_model(name, tmp_path, random_weights=True, parity_tiles=parity_tiles)
     seconds = time.perf_counter() - start
     variant = get_variant(name)
-    for artifact in manifest["artifacts"]:
-        assert artifact["parity"]["min_cosine"] >= variant.tolerance.min_cosine(artifact["precision"])
-        assert artifact["outputs"][0]["shape"] == ["batch", variant.embedding_dim()]
-        print(f"{artifact['path']}: {artifact['seconds']} {artifact['parity']['summary']}")
+    for artifact in manifest.artifacts:
+        assert artifact.parity["min_cosine"] >= variant.tolerance.min_cosine(artifact.precision)
+        assert artifact.outputs[0]["shape"] == ["batch", variant.embedding_dim()]
+        print(f"{artifact.path}: {artifact.extra['seconds']} {artifact.parity_summary}")
     print(f"{name}: {seconds:.1f} s total (this 2-core CPU, random weights)")
     return manifest
 
@@ -171,16 +167,16 @@ def _full_size(name, tmp_path, parity_tiles):
 def test_full_size_mini_end_to_end(tmp_path):
     manifest = _full_size("virchow2g-mini", tmp_path, parity_tiles=16)
     assert json.loads((tmp_path / "manifest.json").read_text())["model_args"]["embed_dim"] == 384
-    assert all(a["external_data"] is None for a in manifest["artifacts"])
+    assert all(a.external_data is None for a in manifest.artifacts)
 
 
 @pytest.mark.slow
 def test_full_size_virchow2(tmp_path):
     manifest = _full_size("virchow2", tmp_path, parity_tiles=16)
-    fp32, fp16 = manifest["artifacts"]
-    assert fp32["external_data"] == "virchow2.fp32.onnx.data"  # 2.5 GB: over the protobuf limit
-    assert fp16["external_data"] is None  # 1.3 GB
-    assert fp16["precision_plan"]["verified"]["fp32_nodes"] == {
+    fp32, fp16 = manifest.artifacts
+    assert fp32.external_data == "virchow2.fp32.onnx.data"  # 2.5 GB: over the protobuf limit
+    assert fp16.external_data is None  # 1.3 GB
+    assert fp16.extra["precision_plan"]["verified"]["fp32_nodes"] == {
         "LayerNormalization": 65,
         "Softmax": 32,
         "ReduceMean": 1,
@@ -199,7 +195,7 @@ def test_files_left_by_an_earlier_export_are_named(tmp_path):
         manifest = export_model(
             "virchow2-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4
         )
-    assert [a["path"] for a in manifest["artifacts"]] == ["virchow2-tiny.fp32.onnx"]
+    assert [a.path for a in manifest.artifacts] == ["virchow2-tiny.fp32.onnx"]
 
 
 @pytest.mark.slow
@@ -207,19 +203,18 @@ def test_files_left_by_an_earlier_export_are_named(tmp_path):
 def test_full_size_public_encoders(tmp_path, name, external):
     """UNI (ViT-L/16, 303M) and H-optimus-0 (ViT-g/14 with registers, 1.1B: fp32 over 2 GB)."""
     manifest = _full_size(name, tmp_path, parity_tiles=8)
-    fp32, fp16 = manifest["artifacts"]
-    assert (fp32["external_data"] is not None) == external
-    assert fp32["parity"]["passed"] and fp16["parity"]["passed"]
-    assert manifest["embedding"]["recommended"] == "cls"
-    print(f"{name}: fp32 {fp32['parity']['summary']}; fp16 {fp16['parity']['summary']}")
+    fp32, fp16 = manifest.artifacts
+    assert (fp32.external_data is not None) == external
+    assert fp32.parity["passed"] and fp16.parity["passed"]
+    assert manifest.pooling == "cls"
+    print(f"{name}: fp32 {fp32.parity_summary}; fp16 {fp16.parity_summary}")
 
 
 def test_demo_runs_on_real_weights_when_given(checkpoint_dir, tmp_path, capsys):
     from virchow_rt.cli.main import main
-    from virchow_rt.manifest import read_manifest
 
     args = ["demo", "--variant", "virchow2-tiny", "--out", str(tmp_path / "demo"), "--tiles", "8"]
     assert main([*args, "--weights", str(checkpoint_dir)]) == 0
     out = capsys.readouterr().out
     assert f"with the weights in {checkpoint_dir}" in out and "RANDOM WEIGHTS" not in out
-    assert read_manifest(tmp_path / "demo")["weights"]["random"] is False
+    assert Manifest.read(tmp_path / "demo").weights.random is False

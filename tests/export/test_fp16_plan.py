@@ -72,7 +72,7 @@ def test_fp16_graph_follows_the_plan(tiny_export):
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(scale).ravel(), (1.0 / (255.0 * std)).astype(np.float32)
     )
-    assert manifest["artifacts"][1]["precision_plan"]["fp32_ops"] == list(DEFAULT_PLAN.fp32_ops)
+    assert manifest.artifacts[1].extra["precision_plan"]["fp32_ops"] == list(DEFAULT_PLAN.fp32_ops)
 
 
 def test_plan_verifier_rejects_a_plain_fp16_conversion(tiny_export, tmp_path):

@@ -27,10 +27,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.model.weights.Random
 @pytest.mark.parametrize("name", [f"{n}-tiny" for n in VARIANTS])
 def test_tiny_int8_exports_pass_their_gate(name: str, tmp_path: Path) -> None:
     manifest = export_model(name, tmp_path, random_weights=True, precisions=["fp32", "int8"], parity_tiles=24)
-    int8 = manifest["artifacts"][1]
-    assert int8["precision"] == "int8" and int8["parity"]["passed"]
-    assert int8["parity"]["min_cosine"] >= 0.995 and int8["parity"]["knn10_overlap"] >= 0.90
-    verified = int8["precision_plan"]["verified"]
+    int8 = manifest.artifacts[1]
+    assert int8.precision == "int8" and int8.parity["passed"]
+    assert int8.parity["min_cosine"] >= 0.995 and int8.parity["knn10_overlap"] >= 0.90
+    verified = int8.extra["precision_plan"]["verified"]
     depth = get_variant(name).model_args["depth"]
     assert verified["int8_matmuls"] == 4 * depth  # qkv, proj, fc1, fc2 of every block
     assert (
@@ -42,8 +42,8 @@ def test_tiny_int8_exports_pass_their_gate(name: str, tmp_path: Path) -> None:
 def test_full_size_mini_int8(tmp_path: Path) -> None:
     manifest = export_model("virchow2g-mini", tmp_path, random_weights=True, precisions=["fp32", "int8"],
                             parity_tiles=16)  # fmt: skip
-    fp32, int8 = manifest["artifacts"]
-    assert int8["parity"]["passed"] and int8["size_bytes"] < fp32["size_bytes"] / 3
+    fp32, int8 = manifest.artifacts
+    assert int8.parity["passed"] and int8.size_bytes < fp32.size_bytes / 3
     tiles = tissue_tiles(8, 224, seed=5)
     with open_backend(tmp_path / "virchow2g-mini.int8.onnx") as backend, open_backend(tmp_path) as default:
         assert backend.info.precision == "int8" and backend.optimization == {"skipped": "int8 model"}
@@ -95,7 +95,7 @@ def test_a_massive_activation_channel_is_judged_honestly(tmp_path: Path) -> None
             cosines[label] = float(found[1])
             continue
         # the gate said yes: an independent measurement on the same tiles agrees
-        parity = artifacts[1]["parity"]
+        parity = artifacts[1].parity
         tiles = tissue_tiles(24, 224, seed=PARITY_SEED)
         reference = TorchBackend(model, variant).run(tiles)
         again = compare(run_onnx_cpu(out / "virchow2g-mini-tiny.int8.onnx", tiles), reference, 0.995, 0.90)

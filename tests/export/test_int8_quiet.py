@@ -20,6 +20,6 @@ def test_the_quantizers_advice_is_not_shown(tmp_path: Path, caplog: pytest.LogCa
         manifest = export.export_model(
             "virchow2g-mini-tiny", tmp_path, random_weights=True, precisions=["fp32", "int8"], parity_tiles=2
         )
-    assert manifest["artifacts"][1]["precision"] == "int8"
+    assert manifest.artifacts[1].precision == "int8"
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()], caplog.text
     assert (root.handlers, root.filters) == (handlers, filters)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -89,11 +91,12 @@ def test_dynamic_batch_and_parity_on_fresh_tiles(tiny_export, precision):
 
 
 def test_manifest_records_each_artifact(tiny_export):
-    from virchow_rt.manifest import read_manifest, sha256_file
+    from virchow_rt.contract import Manifest
+    from virchow_rt.files import sha256_file
 
     name, out, returned = tiny_export
-    manifest = read_manifest(out)
-    assert manifest == returned
+    assert Manifest.read(out) == returned
+    manifest = json.loads((out / "manifest.json").read_text())  # the file itself: its format is the contract
     variant = get_variant(name)
     assert manifest["schema_version"] == 1 and manifest["variant"] == name
     assert manifest["model_args"] == dict(variant.model_args) and manifest["mlp"] == variant.mlp

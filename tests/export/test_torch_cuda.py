@@ -18,11 +18,10 @@ import pytest
 import torch
 from sim_cuda import Memory
 
-from virchow_rt.backends.torch_cuda import load_export_model
 from virchow_rt.compare import compare
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.manifest import write_manifest
-from virchow_rt.model.vit import ExportWrapper, build_model
+from virchow_rt.model.vit import ExportWrapper, build_model, load_export_model
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -60,7 +59,7 @@ def _manifest(folder: Path, variant: str, weights: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"variant": v.name, "model_args": dict(v.model_args), "mlp": v.mlp, "weights": weights,
                 "batch": {"min": 1, "opt": 8, "max": 16}, "artifacts": []}  # fmt: skip
-    write_manifest(folder, manifest)
+    Manifest.from_dict(manifest).write(folder)
     return folder
 
 
@@ -76,7 +75,7 @@ def test_random_exports_are_rebuilt_from_the_same_seed(tiny_random: tuple, tmp_p
         warnings.simplefilter("ignore")
         rebuilt, variant, rebuilt_info, manifest = load_export_model(folder)
     assert _same(rebuilt, model) and rebuilt_info.random and variant.name == "virchow2-tiny"
-    assert manifest["batch"]["max"] == 16
+    assert manifest.batch is not None and manifest.batch.max == 16
 
 
 def test_real_weights_come_from_the_recorded_source_and_must_match(
@@ -97,6 +96,26 @@ def test_real_weights_come_from_the_recorded_source_and_must_match(
     other = _manifest(tmp_path / "other", "virchow2-tiny", {**info.to_dict(), "sha256": "f" * 64})
     with pytest.raises(WeightsError, match="are not those .* exported from"):
         load_export_model(other)
+
+
+def test_the_reference_of_an_export_is_the_model_it_was_made_from(tiny_random: tuple, tmp_path: Path) -> None:
+    """One factory opens the export's PyTorch reference (what an engine's parity is measured against)."""
+    from virchow_rt.backends.open import open_reference
+    from virchow_rt.backends.torch_reference import TorchBackend
+    from virchow_rt.export.tensorrt_prep import parity_reference
+
+    model, variant, info = tiny_random
+    folder = _manifest(tmp_path / "export", "virchow2-tiny", info.to_dict())
+    tiles = tissue_tiles(3, 224, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = open_reference(folder, device="cpu")
+        backend, label = parity_reference(Manifest.read(folder), folder, None)
+    assert reference.transforms_tiles and reference.info.random_weights and reference.path is None
+    want = TorchBackend(model, variant).run(tiles)
+    np.testing.assert_allclose(reference.run(tiles), want, rtol=0, atol=1e-6)
+    assert label == "torch-eager-fp32" and backend.transforms_tiles
+    np.testing.assert_allclose(backend.run(tiles), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")

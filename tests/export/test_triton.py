@@ -12,8 +12,9 @@ import pytest
 
 from virchow_rt.backends import open_backend
 from virchow_rt.cli import main as cli
+from virchow_rt.contract import MANIFEST_NAME
 from virchow_rt.errors import InputError, ModelFileError, OutputError
-from virchow_rt.manifest import MANIFEST_NAME, sha256_file
+from virchow_rt.files import sha256_file
 
 pb = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2",

@@ -11,7 +11,7 @@ import torch
 from export_helpers import random_state_dict, write_checkpoint
 
 from virchow_rt.errors import WeightsError
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.model.vit import build_model
 from virchow_rt.model.weights import guess_variant, load_weights, read_state_dict
 from virchow_rt.registry import VARIANTS, get_variant

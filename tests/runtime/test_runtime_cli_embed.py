@@ -12,7 +12,7 @@ from runtime_models import WIDTH, expected_embedding
 
 from virchow_rt.cli.main import main
 from virchow_rt.errors import RandomWeightsWarning
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 
 
 def _folder_of_pngs(folder, tiles):

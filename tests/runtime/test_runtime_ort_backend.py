@@ -18,7 +18,7 @@ from virchow_rt.backends.onnxruntime import OnnxRuntimeBackend
 from virchow_rt.backends.ort_fusion import evict, fuse_attention, read_result
 from virchow_rt.compare import cosine_rows
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 
 
 def test_fp32_runs_and_reads_metadata(models, tissue):

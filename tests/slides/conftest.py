@@ -69,10 +69,10 @@ def fake_backend() -> FakeBackend:
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny encoder exported to an fp32 ONNX file with random weights (once per session)."""
-    export = pytest.importorskip("virchow_rt.export.pipeline")
+    from virchow_rt.export import pipeline as export
+
     out = tmp_path_factory.mktemp("tiny-model")
     manifest = export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32"], parity_tiles=2
     )
-    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
-    return out / onnx[0]["path"]
+    return out / manifest.select("onnx", "fp32")[0].path

@@ -10,7 +10,7 @@ from slide_helpers import cosine_rows
 
 from virchow_rt.cli import main as cli
 from virchow_rt.errors import RandomWeightsWarning
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.slides import embed_slide, read_features
 
 tifffile = pytest.importorskip("tifffile")
@@ -24,8 +24,8 @@ def tiny_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-model")
     manifest = export_model(VARIANT, out, random_weights=True, precisions=["fp32"], parity_tiles=4)
-    onnx = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]
-    return out / onnx[0]["path"]
+    onnx = manifest.select("onnx", "fp32")
+    return out / onnx[0].path
 
 
 def test_cli_slides_with_an_exported_model(make_slide, tmp_path, tiny_model, capsys):

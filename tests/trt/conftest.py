@@ -57,11 +57,11 @@ def tiny_onnx_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Pat
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_onnx_export: tuple[str, Path, dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
-    """(engine path, manifest entry) of a TensorRT engine built from the tiny export (max batch 16)."""
+    """(engine path, its manifest entry as JSON) of an engine built from the tiny export (max batch 16)."""
     from virchow_rt.export.tensorrt_build import build_engine
 
     name, folder, _ = tiny_onnx_export
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         entry = build_engine(folder / f"{name}.fp16.onnx", folder, name, max_batch=16, timing_cache=None)
-    return folder / entry["path"], entry
+    return folder / entry.path, entry.to_dict()

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from virchow_rt.backends.tensorrt import LogBook, is_real_tensorrt
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError
 from virchow_rt.export.tensorrt_build import build_engine
 from virchow_rt.export.tensorrt_prep import default_timing_cache, engine_name, network_flags, resolve_profile
-from virchow_rt.manifest import sha256_file, write_manifest
+from virchow_rt.files import sha256_file
 from virchow_rt.registry import BatchProfile, get_variant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +102,7 @@ def fake_export(tmp_path: Path) -> Path:
     v = get_variant("virchow2-tiny")
     manifest = {"variant": v.name, "model_args": dict(v.model_args), "preprocess": {"size": 224},
                 "weights": {"random": True, "sha256": "random"}, "artifacts": entries}  # fmt: skip
-    write_manifest(tmp_path, manifest)
+    Manifest.from_dict(manifest).write(tmp_path)
     return tmp_path
 
 

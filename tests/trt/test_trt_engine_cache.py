@@ -11,21 +11,26 @@ import pytest
 
 from virchow_rt.backends.engine_cache import (
     EngineKey,
-    TensorSpec,
-    buffer_nbytes,
-    check_batch,
     check_io,
     check_version,
     lean_runtime,
-    model_info,
     parse_version,
     rebuild_command,
     release,
     runtime_problems,
     stale_reasons,
 )
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import Artifact, Manifest, ModelInfo, TensorSpec, buffer_nbytes, check_batch
 from virchow_rt.errors import BackendError, InputError, ModelFileError
+
+
+def _entry(artifact: dict[str, Any]) -> Artifact:
+    """The typed manifest entry of a JSON one, as the runtime reads it."""
+    return Artifact.from_dict(artifact)
+
+
+def _manifest(manifest: dict[str, Any]) -> Manifest:
+    return Manifest.from_dict(manifest)
 
 
 @pytest.mark.parametrize(
@@ -54,23 +59,23 @@ def test_check_version_refuses_old_tensorrt() -> None:
 
 
 def test_engine_key_round_trip(trt_artifact: dict[str, Any]) -> None:
-    key = EngineKey.from_artifact(trt_artifact)
+    key = EngineKey.from_artifact(_entry(trt_artifact))
     assert key.profile == (1, 32, 64)
     assert key.compute_capability == "8.9"
-    assert EngineKey.from_artifact({**trt_artifact, **key.to_dict()}) == key
+    assert EngineKey.from_artifact(_entry({**trt_artifact, **key.to_dict()})) == key
     assert len(key.digest()) == 16
-    assert key.digest() == EngineKey.from_artifact(dict(trt_artifact)).digest()
+    assert key.digest() == EngineKey.from_artifact(_entry(dict(trt_artifact))).digest()
     assert key.digest() != dataclasses.replace(key, profile=(1, 32, 128)).digest()
 
 
 def test_engine_key_from_incomplete_entry_names_what_is_missing(trt_artifact: dict[str, Any]) -> None:
     del trt_artifact["onnx_sha256"]
     with pytest.raises(ModelFileError, match="onnx_sha256.*--tensorrt"):
-        EngineKey.from_artifact(trt_artifact)
+        EngineKey.from_artifact(_entry(trt_artifact))
 
 
 def test_same_key_is_not_stale(trt_artifact: dict[str, Any]) -> None:
-    key = EngineKey.from_artifact(trt_artifact)
+    key = EngineKey.from_artifact(_entry(trt_artifact))
     assert stale_reasons(key, key) == []
     # another build number of the same release builds the same engines
     assert stale_reasons(key, dataclasses.replace(key, tensorrt_version="10.13.0.99")) == []
@@ -89,14 +94,14 @@ def test_same_key_is_not_stale(trt_artifact: dict[str, Any]) -> None:
     ],
 )
 def test_each_change_makes_the_engine_stale(trt_artifact: dict[str, Any], change: dict, reason: str) -> None:
-    built = EngineKey.from_artifact(trt_artifact)
+    built = EngineKey.from_artifact(_entry(trt_artifact))
     reasons = stale_reasons(built, dataclasses.replace(built, **change))
     assert len(reasons) == 1
     assert re.search(reason, reasons[0]), reasons
 
 
 def test_version_compatible_engine_is_reused_by_later_tensorrt_only(trt_artifact: dict[str, Any]) -> None:
-    built = EngineKey.from_artifact({**trt_artifact, "version_compatible": True})
+    built = EngineKey.from_artifact(_entry({**trt_artifact, "version_compatible": True}))
     assert stale_reasons(built, dataclasses.replace(built, tensorrt_version="11.1.0.106")) == []
     older = stale_reasons(built, dataclasses.replace(built, tensorrt_version="10.12.0.36"))
     assert older and "newer than this 10.12.0.36" in older[0]
@@ -104,39 +109,43 @@ def test_version_compatible_engine_is_reused_by_later_tensorrt_only(trt_artifact
 
 def test_lean_runtime_choice_is_part_of_a_version_compatible_key(trt_artifact: dict[str, Any]) -> None:
     assert lean_runtime(False, False) is None and lean_runtime(True, True) == "excluded"
-    built = EngineKey.from_artifact({**trt_artifact, "version_compatible": True, "lean_runtime": "embedded"})
+    built = EngineKey.from_artifact(
+        _entry({**trt_artifact, "version_compatible": True, "lean_runtime": "embedded"})
+    )
     assert built.lean_runtime == "embedded"
     reasons = stale_reasons(built, dataclasses.replace(built, lean_runtime="excluded"))
     assert reasons == ["its lean runtime is embedded, wanted excluded"]
 
 
 def test_runtime_accepts_the_machine_it_was_built_on(trt_artifact: dict[str, Any]) -> None:
-    assert runtime_problems(trt_artifact, "tensorrt", "10.13.0.35", "NVIDIA L4", "8.9") == ([], [])
+    assert runtime_problems(_entry(trt_artifact), "tensorrt", "10.13.0.35", "NVIDIA L4", "8.9") == ([], [])
 
 
 def test_runtime_refuses_another_tensorrt_version(trt_artifact: dict[str, Any]) -> None:
-    errors, _ = runtime_problems(trt_artifact, "tensorrt", "10.14.1.48", "NVIDIA L4", "8.9")
+    errors, _ = runtime_problems(_entry(trt_artifact), "tensorrt", "10.14.1.48", "NVIDIA L4", "8.9")
     assert errors == ["it was built with TensorRT 10.13.0.35 and this runtime is 10.14.1.48"]
 
 
 def test_runtime_refuses_another_compute_capability(trt_artifact: dict[str, Any]) -> None:
-    errors, _ = runtime_problems(trt_artifact, "tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+    errors, _ = runtime_problems(
+        _entry(trt_artifact), "tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0"
+    )
     assert len(errors) == 1
     assert "compute capability 8.9 (NVIDIA L4)" in errors[0] and "NVIDIA H100 80GB HBM3" in errors[0]
 
 
 def test_same_capability_other_gpu_is_a_warning(trt_artifact: dict[str, Any]) -> None:
-    errors, notes = runtime_problems(trt_artifact, "tensorrt", "10.13.0.35", "NVIDIA RTX 4090", "8.9")
+    errors, notes = runtime_problems(_entry(trt_artifact), "tensorrt", "10.13.0.35", "NVIDIA RTX 4090", "8.9")
     assert errors == []
     assert len(notes) == 1 and "tuned on a NVIDIA L4" in notes[0] and "rebuild it here" in notes[0]
 
 
 def test_lean_runtime_needs_a_version_compatible_engine(trt_artifact: dict[str, Any]) -> None:
-    errors, _ = runtime_problems(trt_artifact, "tensorrt_lean", "10.13.0.35", "NVIDIA L4", "8.9")
+    errors, _ = runtime_problems(_entry(trt_artifact), "tensorrt_lean", "10.13.0.35", "NVIDIA L4", "8.9")
     assert any("loads only version-compatible engines" in e for e in errors)
     vc = {**trt_artifact, "version_compatible": True}
-    assert runtime_problems(vc, "tensorrt_lean", "10.14.1.48", "NVIDIA L4", "8.9") == ([], [])
-    errors, _ = runtime_problems(vc, "tensorrt_lean", "10.12.0.36", "NVIDIA L4", "8.9")
+    assert runtime_problems(_entry(vc), "tensorrt_lean", "10.14.1.48", "NVIDIA L4", "8.9") == ([], [])
+    errors, _ = runtime_problems(_entry(vc), "tensorrt_lean", "10.12.0.36", "NVIDIA L4", "8.9")
     assert errors and "only works forwards" in errors[0]
 
 
@@ -145,24 +154,26 @@ def test_excluded_lean_runtime_needs_the_same_version_or_its_library(
     trt_artifact: dict[str, Any], module: str
 ) -> None:
     excluded = {**trt_artifact, "version_compatible": True, "lean_runtime": "excluded"}
-    assert runtime_problems(excluded, module, "10.13.0.35", "NVIDIA L4", "8.9") == ([], [])
-    errors, _ = runtime_problems(excluded, module, "10.14.1.48", "NVIDIA L4", "8.9")
+    assert runtime_problems(_entry(excluded), module, "10.13.0.35", "NVIDIA L4", "8.9") == ([], [])
+    errors, _ = runtime_problems(_entry(excluded), module, "10.14.1.48", "NVIDIA L4", "8.9")
     assert len(errors) == 1 and "lean runtime excluded" in errors[0] and "lean_library=PATH" in errors[0]
     library = "/opt/trt-10.13/libnvinfer_lean.so.10"
-    loaded = runtime_problems(excluded, module, "10.14.1.48", "NVIDIA L4", "8.9", lean_library=library)
+    loaded = runtime_problems(
+        _entry(excluded), module, "10.14.1.48", "NVIDIA L4", "8.9", lean_library=library
+    )
     assert loaded == ([], [])
     embedded = {**excluded, "lean_runtime": "embedded"}
-    assert runtime_problems(embedded, module, "10.14.1.48", "NVIDIA L4", "8.9") == ([], [])
+    assert runtime_problems(_entry(embedded), module, "10.14.1.48", "NVIDIA L4", "8.9") == ([], [])
 
 
 def test_rebuild_command(trt_manifest: dict[str, Any], tmp_path) -> None:
-    cmd = rebuild_command(trt_manifest, tmp_path)
+    cmd = rebuild_command(_manifest(trt_manifest), tmp_path)
     assert cmd.startswith(f"virchow-rt export virchow2 --out {tmp_path} --weights ")
     assert cmd.endswith("--tensorrt")
     trt_manifest["weights"] = {"random": True, "sha256": "random", "source": "timm init"}
-    assert "--random-weights" in rebuild_command(trt_manifest, tmp_path)
+    assert "--random-weights" in rebuild_command(_manifest(trt_manifest), tmp_path)
     trt_manifest["weights"] = {"random": False, "sha256": "x", "source": str(tmp_path)}
-    assert f"--weights {tmp_path} " in rebuild_command(trt_manifest, tmp_path)
+    assert f"--weights {tmp_path} " in rebuild_command(_manifest(trt_manifest), tmp_path)
 
 
 def _specs(size: int = 224, dim: int = 2560) -> dict[str, TensorSpec]:
@@ -228,10 +239,10 @@ def test_check_batch() -> None:
 
 
 def test_model_info_from_manifest(trt_manifest: dict[str, Any], trt_artifact: dict[str, Any]) -> None:
-    info = model_info(trt_manifest, trt_artifact)
+    info = ModelInfo.from_manifest(_manifest(trt_manifest), _entry(trt_artifact))
     assert info == _info()
     trt_manifest["weights"] = {"random": True, "sha256": "random"}
-    assert model_info(trt_manifest, trt_artifact).random_weights
+    assert ModelInfo.from_manifest(_manifest(trt_manifest), _entry(trt_artifact)).random_weights
     del trt_manifest["preprocess"]
     with pytest.raises(ModelFileError, match="preprocess"):
-        model_info(trt_manifest, trt_artifact)
+        ModelInfo.from_manifest(_manifest(trt_manifest), _entry(trt_artifact))

@@ -17,8 +17,9 @@ import pytest
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.tensorrt import TensorRTBackend
 from virchow_rt.compare import compare
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import ModelFileError
-from virchow_rt.manifest import read_manifest, sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.tissue import tissue_tiles
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]  # conftest skips them, with the reason, where missing
@@ -54,8 +55,8 @@ def test_entry_records_what_the_engine_is_tied_to(
     assert entry["onnx_sha256"] == sha256_file(folder / f"{name}.fp16.onnx")
     assert entry["sha256"] == sha256_file(path) and entry["size_bytes"] == path.stat().st_size
     assert entry["parity"]["passed"] and entry["parity"]["min_cosine"] >= 0.999
-    manifest = read_manifest(folder)
-    assert [a["path"] for a in manifest["artifacts"]].count(path.name) == 1
+    manifest = Manifest.read(folder)
+    assert [a.path for a in manifest.artifacts].count(path.name) == 1
 
 
 @pytest.mark.parametrize("slots", [2, 3])
@@ -152,13 +153,11 @@ def test_ensure_engine_rebuilds_only_when_needed(tiny_engine: Any, tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         same = ensure_engine(onnx, folder, "virchow2-tiny", max_batch=16, timing_cache=None)
-        assert (
-            same["sha256"] == tiny_engine[1]["sha256"] and (folder / path.name).stat().st_mtime_ns == before
-        )
+        assert same.sha256 == tiny_engine[1]["sha256"] and (folder / path.name).stat().st_mtime_ns == before
         cache = tmp_path / "timing.cache"
         rebuilt = ensure_engine(onnx, folder, "virchow2-tiny", max_batch=8, timing_cache=cache)
-    assert rebuilt["profile"]["max"] == 8 and cache.stat().st_size > 0
-    assert [a["path"] for a in read_manifest(folder)["artifacts"]].count(path.name) == 1
+    assert rebuilt.profile is not None and rebuilt.profile.max == 8 and cache.stat().st_size > 0
+    assert [a.path for a in Manifest.read(folder).artifacts].count(path.name) == 1
 
 
 def test_version_compatible_engine_runs(tiny_engine: Any, tiny_onnx_export: Any, tmp_path: Path) -> None:
@@ -171,11 +170,11 @@ def test_version_compatible_engine_runs(tiny_engine: Any, tiny_onnx_export: Any,
             folder / "virchow2-tiny.fp16.onnx", folder, "virchow2-tiny", max_batch=16,
             version_compatible=True, timing_cache=None,
         )  # fmt: skip
-    assert entry["version_compatible"] and entry["lean_runtime"] == "embedded"
+    assert entry.extra["version_compatible"] and entry.extra["lean_runtime"] == "embedded"
     tiles = tissue_tiles(9, 224, seed=4)
     with pytest.raises(ModelFileError, match="--allow-engine-host-code"):  # never because a manifest says so
-        open_engine(folder / entry["path"])
-    with open_engine(folder / entry["path"], allow_engine_host_code=True) as engine:
+        open_engine(folder / entry.path)
+    with open_engine(folder / entry.path, allow_engine_host_code=True) as engine:
         assert compare(engine.run(tiles), reference(tiny_onnx_export, tiles), 0.999)
 
 

@@ -24,7 +24,7 @@ from virchow_rt.backends.cuda import pipeline as cuda_pipeline
 from virchow_rt.backends.cuda.device_arrays import DeviceArray
 from virchow_rt.contract import ModelInfo
 from virchow_rt.errors import BackendError, InputError, ModelFileError
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 
 S, E = 4, 6  # tile size and embedding width of the stand-in model
 
@@ -430,3 +430,33 @@ def test_an_engine_file_whose_manifest_says_version_compatible_is_refused_withou
 
     with pytest.raises(ModelFileError, match="--allow-engine-host-code"):
         open_backend(engine)
+
+
+def test_an_engine_file_is_the_backends_identity(sim: Any, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend opened from an engine file says which file it runs and its sha256 (checked at load),
+    as the ONNX Runtime backend does: outputs record them (``embed``'s metadata, ``slides``' .h5)."""
+    import hashlib
+
+    from virchow_rt.contract import Artifact, Manifest
+    from virchow_rt.registry import Preprocess
+
+    sim.make()  # installs the stand-ins
+    module = tb.import_tensorrt("tensorrt")
+    module.__version__ = "10.13.0.35"
+    monkeypatch.setattr(tb, "import_tensorrt", lambda name: module)
+    gpu = types.SimpleNamespace(name="stand-in GPU", compute_capability="8.9")
+    monkeypatch.setattr(tb.cuda, "device_info", lambda index: gpu, raising=False)
+    engine = tmp_path / "stand-in.fp16.engine"
+    engine.write_bytes(b"plan")
+    sha = hashlib.sha256(b"plan").hexdigest()
+    entry = Artifact.from_dict({
+        "path": engine.name, "format": "tensorrt", "precision": "fp16", "sha256": sha,
+        "outputs": [{"name": "embedding", "dtype": "float32", "shape": ["batch", E]}],
+        "tensorrt_version": "10.13.0.35", "gpu": gpu.name, "compute_capability": "8.9",
+    })  # fmt: skip
+    manifest = Manifest(variant="stand-in", model_args={"embed_dim": E // 2}, preprocess=Preprocess(size=S))
+    manifest.with_artifact(entry).write(tmp_path)
+    with tb.TensorRTBackend(engine, slots=2) as backend:
+        assert backend.path == engine and backend.model_sha256 == sha
+        np.testing.assert_allclose(backend.run(tiles(3)), expected(tiles(3)), rtol=1e-6)
+    assert sim.make().path is None and sim.make().model_sha256 is None  # a plan held in memory: no file

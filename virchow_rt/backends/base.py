@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
 from virchow_rt.contract import ModelInfo
+from virchow_rt.files import sha256_file
 
 
 class Backend(abc.ABC):
@@ -27,6 +30,17 @@ class Backend(abc.ABC):
     preferred_batch: int | None = None
     #: index of the CUDA GPU it computes on; None when it runs on the CPU
     gpu: int | None = None
+    #: the model file it runs (an ``.onnx`` or an engine); None for a model held in memory (PyTorch)
+    path: Path | None = None
+    #: what opening the model did to its graph (ONNX Runtime's CPU attention fusion:
+    #: ``{"fused_attention": n, "cache": folder}`` or ``{"skipped": reason}``); None: nothing to say
+    optimization: dict[str, Any] | None = None
+    #: whether :meth:`run` takes tiles of any size and applies the model's own transform itself (the
+    #: PyTorch reference); else tiles must already be S×S (``info.tile_size``)
+    transforms_tiles: bool = False
+    #: slots :meth:`pipeline` takes in turn from the first in every pass, each of which a warm-up must
+    #: reach (torch-cuda captures a slot's CUDA graph on its first full batch); 0 where none need it
+    slots: int = 0
 
     @abc.abstractmethod
     def run(self, tiles: np.ndarray) -> np.ndarray:
@@ -43,6 +57,23 @@ class Backend(abc.ABC):
         """
         for batch in batches:
             yield self.run(batch)
+
+    @property
+    def model_sha256(self) -> str | None:
+        """Hex SHA-256 of :attr:`path`, the file that identifies the model; None without a file."""
+        return None if self.path is None else sha256_file(self.path)
+
+    def time_compute(self, tiles: np.ndarray, *, repeats: int = 10, warmup: int = 2) -> list[float] | None:
+        """Seconds of device time per run of one batch, without host copies (CUDA events), for the last
+        ``repeats`` of ``warmup`` + ``repeats`` runs; None (the default) where the backend cannot time its
+        device work apart from the host (a CPU backend)."""
+        return None
+
+    def graph_use(self) -> dict[str, int] | None:
+        """Runs so far that replayed a CUDA graph and that ran eager, and the slots captured
+        (``{"replayed", "eager", "slots_captured"}``); None (the default) for a backend that does not count
+        them (all but torch-cuda)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook: a backend holding nothing need not override it
         """Free sessions, streams and buffers. Safe to call twice."""

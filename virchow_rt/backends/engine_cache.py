@@ -22,18 +22,16 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from virchow_rt.contract import ModelInfo
-from virchow_rt.errors import BackendError, InputError, ModelFileError
-from virchow_rt.manifest import find_artifact, read_manifest
+from virchow_rt.contract import INPUT, OUTPUT, Artifact, Manifest, ModelInfo, TensorSpec
+from virchow_rt.errors import BackendError, ModelFileError
 
-INPUT, OUTPUT = "tiles", "embedding"
 #: oldest TensorRT whose API (strong typing, name-based tensors, execute_async_v3) this package targets
 MIN_TENSORRT = (10, 12)
 #: TensorRT DataType names -> numpy dtypes (types without a numpy twin are refused at load)
@@ -91,23 +89,25 @@ class EngineKey:
     lean_runtime: str | None = None  # version-compatible engines: "embedded" or "excluded"; else None
 
     @classmethod
-    def from_artifact(cls, artifact: Mapping[str, Any]) -> EngineKey:
-        """The key recorded in a manifest's TensorRT artifact entry."""
+    def from_artifact(cls, artifact: Artifact) -> EngineKey:
+        """The key recorded in a manifest's TensorRT artifact entry (its build facts, in ``extra``)."""
+        built, prof = artifact.extra, artifact.profile
         try:
-            prof = artifact["profile"]
+            if prof is None:
+                raise KeyError("profile")
             return cls(
-                onnx_sha256=str(artifact["onnx_sha256"]),
-                tensorrt_version=str(artifact["tensorrt_version"]),
-                compute_capability=str(artifact["compute_capability"]),
-                profile=(int(prof["min"]), int(prof["opt"]), int(prof["max"])),
-                version_compatible=bool(artifact.get("version_compatible", False)),
-                onnx_data_sha256=artifact.get("onnx_external_data_sha256"),
-                optimization_level=int(artifact.get("builder_optimization_level", 3)),
-                lean_runtime=artifact.get("lean_runtime"),
+                onnx_sha256=str(built["onnx_sha256"]),
+                tensorrt_version=str(built["tensorrt_version"]),
+                compute_capability=str(built["compute_capability"]),
+                profile=(prof.min, prof.opt, prof.max),
+                version_compatible=bool(built.get("version_compatible", False)),
+                onnx_data_sha256=built.get("onnx_external_data_sha256"),
+                optimization_level=int(built.get("builder_optimization_level", 3)),
+                lean_runtime=built.get("lean_runtime"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(
-                f"TensorRT artifact {artifact.get('path', '?')!r} in the manifest lacks {err} (build "
+                f"TensorRT artifact {artifact.path!r} in the manifest lacks {err} (build "
                 "metadata); rebuild the engine with `virchow-rt export ... --tensorrt`"
             ) from err
 
@@ -160,7 +160,7 @@ def stale_reasons(built: EngineKey, wanted: EngineKey) -> list[str]:
 
 
 def runtime_problems(
-    artifact: Mapping[str, Any],
+    artifact: Artifact,
     runtime_module: str,
     runtime_version: str,
     gpu_name: str,
@@ -174,51 +174,52 @@ def runtime_problems(
     """
     errors: list[str] = []
     warnings: list[str] = []
-    built_version = str(artifact.get("tensorrt_version", "unknown"))
-    vc = bool(artifact.get("version_compatible", False))
+    built = artifact.extra  # the build facts of a TensorRT entry
+    built_version = str(built.get("tensorrt_version", "unknown"))
+    vc = bool(built.get("version_compatible", False))
     if runtime_module in LEAN_MODULES and not vc:
         errors.append(
             f"the {runtime_module} runtime loads only version-compatible engines and this one is not "
             "(build it with version_compatible=True)"
         )
     try:
-        built, here = release(built_version), release(runtime_version)
+        release_built, here = release(built_version), release(runtime_version)
     except ModelFileError:
         errors.append(f"the manifest does not record which TensorRT built the engine ({built_version!r})")
     else:
-        if vc and here < built:
+        if vc and here < release_built:
             errors.append(
                 f"it was built (version-compatible) with TensorRT {built_version}, newer than this runtime "
                 f"{runtime_version}; version compatibility only works forwards"
             )
-        elif vc and artifact.get("lean_runtime") == "excluded" and here != built and not lean_library:
+        elif vc and built.get("lean_runtime") == "excluded" and here != release_built and not lean_library:
             errors.append(
                 f"it was built (version-compatible) with TensorRT {built_version} and the lean runtime "
                 f"excluded, so TensorRT {runtime_version} can load it only with that version's lean runtime "
                 f"library (pass lean_library=PATH to libnvinfer_lean of {built_version}) or a build that "
                 "embeds it"
             )
-        elif not vc and here != built:
+        elif not vc and here != release_built:
             errors.append(f"it was built with TensorRT {built_version} and this runtime is {runtime_version}")
-    built_cc = str(artifact.get("compute_capability", "unknown"))
+    built_cc = str(built.get("compute_capability", "unknown"))
     if built_cc != compute_capability:
         errors.append(
-            f"it was built for a GPU of compute capability {built_cc} ({artifact.get('gpu', 'unknown GPU')}) "
+            f"it was built for a GPU of compute capability {built_cc} ({built.get('gpu', 'unknown GPU')}) "
             f"and this is {gpu_name}, compute capability {compute_capability}"
         )
-    elif artifact.get("gpu") and artifact.get("gpu") != gpu_name:
+    elif built.get("gpu") and built.get("gpu") != gpu_name:
         warnings.append(
-            f"it was tuned on a {artifact['gpu']} and runs on a {gpu_name} (same compute capability "
+            f"it was tuned on a {built['gpu']} and runs on a {gpu_name} (same compute capability "
             f"{compute_capability}): it works but may be slower; rebuild it here for the best speed"
         )
     return errors, warnings
 
 
-def read_plan(path: Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+def read_plan(path: Path) -> tuple[Manifest, Artifact, bytes]:
     """(manifest, the engine's artifact entry, the plan's bytes), the plan checked against its sha256."""
-    manifest = read_manifest(path)
-    artifact = find_artifact(manifest, path)
-    if artifact is None or artifact.get("format") != "tensorrt":
+    manifest = Manifest.read(path)
+    artifact = manifest.artifact_for(path)
+    if artifact is None or artifact.format != "tensorrt":
         raise ModelFileError(
             f"{path.parent / 'manifest.json'} has no TensorRT entry for {path.name}; rebuild it: "
             f"{rebuild_command(manifest, path.parent)}"
@@ -227,7 +228,7 @@ def read_plan(path: Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         plan = path.read_bytes()
     except OSError as err:
         raise ModelFileError(f"cannot read the engine {path} ({err})") from err
-    if hashlib.sha256(plan).hexdigest() != artifact.get("sha256"):
+    if hashlib.sha256(plan).hexdigest() != artifact.sha256:
         raise ModelFileError(
             f"{path.name} does not match the sha256 in its manifest (changed or truncated since it was "
             f"built); rebuild it: {rebuild_command(manifest, path.parent)}"
@@ -235,46 +236,23 @@ def read_plan(path: Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     return manifest, artifact, plan
 
 
-def rebuild_command(manifest: Mapping[str, Any], folder: str | os.PathLike[str]) -> str:
+def rebuild_command(manifest: Manifest, folder: str | os.PathLike[str]) -> str:
     """The command that rebuilds the export folder's engine on this machine."""
-    weights = manifest.get("weights") or {}
-    if weights.get("random"):
+    weights = manifest.weights
+    if weights is not None and weights.random:
         source = "--random-weights"
     else:
-        path = str(weights.get("source", ""))
+        path = weights.source if weights is not None else ""
         source = (
             f"--weights {path}"
             if path and Path(path).exists()
             else "--weights <the weights it was made from>"
         )
-    variant = manifest.get("variant", "<variant>")
+    variant = manifest.variant or "<variant>"
     return f"virchow-rt export {variant} --out {os.fspath(folder)} {source} --tensorrt"
 
 
 # --- engine I/O and what it computes ---------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorSpec:
-    """One I/O tensor of an engine: shape with -1 for the dynamic batch."""
-
-    name: str
-    is_input: bool
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-
-    def nbytes(self, rows: int) -> int:
-        return buffer_nbytes(self.shape, rows, self.dtype.itemsize)
-
-
-def buffer_nbytes(shape: Sequence[int], rows: int, itemsize: int) -> int:
-    """Bytes of a tensor of ``shape`` with its first (batch) dimension set to ``rows``."""
-    rest = [int(d) for d in shape[1:]]
-    if not shape or any(d < 0 for d in rest) or rows < 0:
-        raise BackendError(
-            f"tensor shape {tuple(shape)} has a dynamic dimension besides the batch; cannot size it"
-        )
-    return int(rows) * int(np.prod(rest, dtype=np.int64)) * int(itemsize)
-
-
 def check_io(specs: Mapping[str, TensorSpec], info: ModelInfo) -> None:
     """The engine must take uint8 ``tiles`` (B, S, S, 3) and give float32 ``embedding`` (B, E)."""
     s, e = info.tile_size, info.embedding_dim
@@ -290,46 +268,3 @@ def check_io(specs: Mapping[str, TensorSpec], info: ModelInfo) -> None:
     extra = [n for n, t in specs.items() if t.is_input and n != INPUT]
     if extra:
         raise ModelFileError(f"engine has inputs {extra} besides {INPUT!r}; it is not a virchow-rt export")
-
-
-def check_batch(shape: Sequence[int], dtype: Any, tile_size: int, max_batch: int) -> int:
-    """Rows of a batch of tiles, or an :class:`InputError` that says what is wrong with it."""
-    s = tile_size
-    if len(shape) != 4 or tuple(shape[1:]) != (s, s, 3):
-        raise InputError(
-            f"tiles of shape {tuple(shape)} given; this engine takes (batch, {s}, {s}, 3) uint8 RGB: resize "
-            f"them first (virchow_rt.kernels.resize.resize_tiles(tiles, {s}))"
-        )
-    if np.dtype(dtype) != np.uint8:
-        raise InputError(f"tiles of dtype {np.dtype(dtype)} given; this engine takes uint8 RGB (0-255)")
-    if shape[0] > max_batch:
-        raise InputError(
-            f"a batch of {shape[0]} tiles exceeds the engine's max batch {max_batch}; use batches of at most "
-            f"{max_batch} or rebuild the engine with --max-batch {shape[0]}"
-        )
-    return int(shape[0])
-
-
-def model_info(manifest: Mapping[str, Any], artifact: Mapping[str, Any]) -> ModelInfo:
-    """What the engine computes, read from its manifest."""
-    try:
-        width = int(manifest["model_args"]["embed_dim"])
-        weights = manifest.get("weights") or {}
-        outputs = {o["name"]: o for o in artifact.get("outputs", [])}
-        emb = outputs.get(OUTPUT, {}).get("shape", [None, 2 * width])[-1]
-        return ModelInfo(
-            variant=str(manifest["variant"]),
-            embedding_dim=int(emb) if isinstance(emb, int) else 2 * width,
-            width=width,
-            tile_size=int(manifest["preprocess"]["size"]),
-            precision=str(artifact.get("precision", "fp16")),
-            random_weights=bool(weights.get("random", False)),
-            weights_sha256=str(weights.get("sha256", "unknown")),
-            pooling=str((manifest.get("embedding") or {}).get("recommended", "cls_mean")),
-            crop_pct=float(manifest["preprocess"].get("crop_pct", 1.0)),
-            interpolation=str(manifest["preprocess"].get("interpolation", "bicubic")),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(
-            f"manifest.json lacks {err} needed to describe the engine; re-export the model"
-        ) from err

@@ -44,13 +44,13 @@ from virchow_rt.backends.base import Backend
 from virchow_rt.backends.capabilities import physical_cores
 from virchow_rt.backends.cuda.device_arrays import DeviceArray, as_device_array, as_host_array
 from virchow_rt.backends.ort_fusion import FUSION_VERSION, build_entry, evict, read_result
-from virchow_rt.contract import ModelInfo, check_tile_array
+from virchow_rt.contract import INPUT, MANIFEST_NAME, OUTPUT, Artifact, Manifest, ModelInfo, check_tile_array
 from virchow_rt.errors import BackendError, InputError, ModelFileError, VirchowError
-from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
+from virchow_rt.files import sha256_file
+from virchow_rt.registry import BatchProfile
 
 log = logging.getLogger(__name__)
 
-INPUT, OUTPUT = "tiles", "embedding"
 PROVIDERS = {  # ORT execution provider -> backend name
     "TensorrtExecutionProvider": "onnxruntime-tensorrt",
     "CUDAExecutionProvider": "onnxruntime-cuda",
@@ -141,20 +141,15 @@ def _providers(ort: Any, choice: str, cache: Path, profile: tuple[int, int, int]
     return [*chosen, *CPU]
 
 
-def _manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest, this file's artifact entry) from the manifest.json beside ``path``; ({}, {}) if none."""
-    if not (path.parent / "manifest.json").exists():
-        return {}, {}
+def _manifest(path: Path) -> tuple[Manifest | None, Artifact | None]:
+    """(manifest, this file's entry) from the manifest.json beside ``path``; None for what is not there."""
+    if not (path.parent / MANIFEST_NAME).exists():
+        return None, None
     try:
-        manifest = read_manifest(path)
+        manifest = Manifest.read(path)
     except ModelFileError:
-        return {}, {}
-    return manifest, find_artifact(manifest, path) or {}
-
-
-def _profile(manifest: dict[str, Any]) -> tuple[int, int, int]:
-    batch = manifest.get("batch") or {}
-    return int(batch.get("min", 1)), int(batch.get("opt", 32)), int(batch.get("max", 64))
+        return None, None
+    return manifest, manifest.artifact_for(path)
 
 
 def _read_info(session: Any, path: Path) -> ModelInfo:
@@ -162,35 +157,17 @@ def _read_info(session: Any, path: Path) -> ModelInfo:
     outputs = session.get_outputs()
     out_dims = next((o.shape for o in outputs if o.name == OUTPUT), outputs[0].shape)
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    return model_info(meta, list(session.get_inputs()[0].shape), list(out_dims), path)
+    return graph_info(meta, list(session.get_inputs()[0].shape), list(out_dims), path)
 
 
-def model_info(meta: dict[str, str], dims: list[Any], out_dims: list[Any], path: Path) -> ModelInfo:
-    """ModelInfo from a graph's metadata_props ``meta``, else the manifest beside ``path``, else the shapes
-    of the tiles input ``dims`` and embedding output ``out_dims`` (ints, or names for dynamic axes)."""
-    graph_size = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else 224
-    graph_dim = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else 0
-    manifest, artifact = _manifest(path) if "virchow_rt.variant" not in meta else ({}, {})
-    weights = manifest.get("weights", {})
-    width = int(
-        meta.get("virchow_rt.width") or manifest.get("model_args", {}).get("embed_dim") or graph_dim // 2
-    )
-    pre, embedding = manifest.get("preprocess", {}), manifest.get("embedding", {})
-    return ModelInfo(
-        variant=meta.get("virchow_rt.variant") or manifest.get("variant") or "unknown",
-        embedding_dim=int(meta.get("virchow_rt.embedding_dim") or graph_dim or 2 * width),
-        width=width,
-        tile_size=int(
-            meta.get("virchow_rt.tile_size") or manifest.get("preprocess", {}).get("size") or graph_size
-        ),
-        precision=meta.get("virchow_rt.precision") or artifact.get("precision") or "unknown",
-        random_weights=(meta.get("virchow_rt.random_weights") == "true")
-        or bool(weights.get("random", False)),
-        weights_sha256=meta.get("virchow_rt.weights_sha256") or weights.get("sha256") or "unknown",
-        pooling=meta.get("virchow_rt.pooling") or embedding.get("recommended") or "cls_mean",
-        crop_pct=float(meta.get("virchow_rt.crop_pct") or pre.get("crop_pct") or 1.0),
-        interpolation=meta.get("virchow_rt.interpolation") or pre.get("interpolation") or "bicubic",
-    )
+def graph_info(meta: dict[str, str], dims: list[Any], out_dims: list[Any], path: Path) -> ModelInfo:
+    """:meth:`ModelInfo.from_onnx` of a graph (ONNX Runtime's or OpenVINO's view of it): its metadata_props
+    ``meta``, else the manifest beside ``path``, else the shapes of the tiles input ``dims`` and embedding
+    output ``out_dims`` (ints, or names for dynamic axes)."""
+    graph_size = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
+    graph_dim = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else None
+    manifest, artifact = _manifest(path) if "virchow_rt.variant" not in meta else (None, None)
+    return ModelInfo.from_onnx(meta, graph_size, graph_dim, manifest, artifact)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -201,6 +178,8 @@ class OnnxRuntimeBackend(Backend):
     :func:`fuse_attention` once and reuse the checked, cached copy from ``cache_dir``. ``io_binding``:
     run batches through an I/O binding (default: on for GPU sessions, off on the CPU; module doc).
     """
+
+    path: Path  # always a file here
 
     def __init__(
         self,
@@ -225,8 +204,9 @@ class OnnxRuntimeBackend(Backend):
             "skipped": "not requested" if not optimize else "not a CPU session"
         }
         manifest, _ = _manifest(self.path)
-        profile = _profile(manifest)
-        size = int(manifest.get("preprocess", {}).get("size", 224))
+        batch = manifest.batch if manifest and manifest.batch else BatchProfile()
+        profile = (batch.min, batch.opt, batch.max)
+        size = manifest.preprocess.size if manifest and manifest.preprocess else 224
         provider_list = _providers(ort, providers, self._cache, profile, size)
         if provider_list == CPU:
             session = self._open_cpu(optimize)

@@ -16,9 +16,8 @@ from typing import Any
 
 from virchow_rt._deps import is_importable
 from virchow_rt.backends.base import Backend
+from virchow_rt.contract import MANIFEST_NAME, Manifest
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError, ParityError
-from virchow_rt.manifest import read_manifest
-from virchow_rt.paths import inside_folder
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt",
@@ -40,26 +39,23 @@ def _ort_has_gpu() -> bool:
 
 def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     """The export folder's model to run: a TensorRT engine if asked for (or "auto" and usable), else ONNX."""
-    artifacts = read_manifest(folder).get("artifacts", [])
-
-    def at(artifact: dict[str, Any]) -> Path:  # refused unless inside the folder (no /abs, .., symlink out)
-        return inside_folder(folder, artifact.get("path"))
-
-    built = [a for a in artifacts if a.get("format") == "tensorrt" and at(a).exists()]
-    onnx = [a for a in artifacts if a.get("format") == "onnx" and at(a).exists()]
+    manifest = Manifest.read(folder)
+    # each path is refused unless inside the folder (no /abs, .., symlink out), listed or not usable here
+    built = [f for f in (a.file(folder) for a in manifest.select("tensorrt")) if f.exists()]
+    onnx = [a for a in manifest.select("onnx") if a.file(folder).exists()]
     if engines and built and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
-        return at(built[0])
+        return built[0]
     # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32; OpenVINO
     # compiles the fp32 graph to bf16 itself)
     cpu_only = backend == "onnxruntime-cpu" or backend in _OPENVINO
     first = "fp16" if not cpu_only and _ort_has_gpu() else "fp32"
-    onnx.sort(key=lambda a: a.get("precision") != first)
+    onnx.sort(key=lambda a: a.precision != first)
     if not onnx:
         raise ModelFileError(
             f"export folder {folder} has no usable model file for backend {backend!r} (manifest lists "
-            f"{[a.get('path') for a in artifacts]}); re-export: `virchow-rt export VARIANT --out {folder}`"
+            f"{[a.path for a in manifest.artifacts]}); re-export: `virchow-rt export VARIANT --out {folder}`"
         )
-    return at(onnx[0])
+    return onnx[0].file(folder)
 
 
 def _openvino_bf16(path: Path, options: dict[str, Any]) -> Backend | None:
@@ -142,10 +138,10 @@ def open_backend(
     path = Path(model_path)
     if backend == "torch-cuda":
         folder = path if path.is_dir() else path.parent
-        if not (folder / "manifest.json").is_file():
+        if not (folder / MANIFEST_NAME).is_file():
             raise ModelFileError(
                 f"the torch-cuda backend rebuilds a model from its export folder, and {folder} has no "
-                "manifest.json; pass an export folder (virchow-rt export VARIANT --out DIR)"
+                f"{MANIFEST_NAME}; pass an export folder (virchow-rt export VARIANT --out DIR)"
             )
         from virchow_rt.backends.torch_cuda import TorchCudaBackend
 
@@ -183,3 +179,27 @@ def open_backend(
         f"{path} is not a model file virchow-rt runs (suffix {suffix or 'none'!r}); pass an .onnx file, "
         "a TensorRT .engine/.plan or an export folder"
     )
+
+
+def open_reference(
+    folder: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+) -> Backend:
+    """The fp32 PyTorch reference (timm's model and transform) of the model an export folder was made from.
+
+    Its weights are those the manifest records, checked against their sha256 (or ``weights`` where they
+    are now; random weights are drawn again from the same seed); ``device``: "cpu", "cuda" or None (a GPU
+    when torch sees one). torch is imported now.
+    """
+    from virchow_rt._deps import optional_import
+    from virchow_rt.backends.torch_reference import TorchBackend
+    from virchow_rt.model.vit import load_export_model
+
+    model, variant, info, _ = load_export_model(folder, weights)
+    if device is None:
+        device = (
+            "cuda" if optional_import("torch", "for the PyTorch reference").cuda.is_available() else "cpu"
+        )
+    return TorchBackend(model, variant, "fp32", device=device, weights=info)

@@ -36,14 +36,13 @@ from virchow_rt._deps import optional_import
 from virchow_rt.backends.base import Backend
 from virchow_rt.backends.capabilities import cpu_model, physical_cores
 from virchow_rt.backends.onnxruntime import (
-    INPUT,
-    OUTPUT,
     OnnxRuntimeBackend,
     check_model_file,
     default_cache_dir,
-    model_info,
+    graph_info,
 )
 from virchow_rt.compare import Comparison, compare
+from virchow_rt.contract import INPUT, OUTPUT, ModelInfo
 from virchow_rt.errors import (
     BackendError,
     InputError,
@@ -52,7 +51,7 @@ from virchow_rt.errors import (
     ParityError,
     VirchowError,
 )
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.registry import Tolerance, get_variant
 
 log = logging.getLogger(__name__)
@@ -104,6 +103,8 @@ class OpenVinoBackend(Backend):
     :attr:`parity` is the bf16 gate's :class:`~virchow_rt.compare.Comparison` (None when bf16 was not
     considered); :attr:`gate` says where it came from ("measured", "cached") or why there is none.
     """
+
+    path: Path  # always a file here
 
     def __init__(
         self,
@@ -179,7 +180,7 @@ class OpenVinoBackend(Backend):
                 "--out DIR`"
             ) from err
 
-    def _read_info(self, model: Any) -> Any:
+    def _read_info(self, model: Any) -> ModelInfo:
         inputs = {i.get_any_name(): i for i in model.inputs}
         outputs = {o.get_any_name(): o for o in model.outputs}
         tiles = inputs.get(INPUT)
@@ -200,7 +201,7 @@ class OpenVinoBackend(Backend):
         def dims(port: Any) -> list[Any]:
             return [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
 
-        return model_info(meta, dims(tiles), dims(outputs[OUTPUT]), self.path)
+        return graph_info(meta, dims(tiles), dims(outputs[OUTPUT]), self.path)
 
     @property
     def model_sha256(self) -> str:
@@ -224,7 +225,7 @@ class OpenVinoBackend(Backend):
             ) from err
 
     # --- the bf16 gate -----------------------------------------------------------------------
-    def _choose_bf16(self, model: Any, info: Any, precision: str, gate_tiles: int) -> str:
+    def _choose_bf16(self, model: Any, info: ModelInfo, precision: str, gate_tiles: int) -> str:
         """The precision to run: bf16 when the CPU has bf16 units and the gate passed (compiled here),
         else fp32 (``precision`` "auto") or an error that says why (``precision`` "bf16")."""
         if not cpu_has_bf16(self._core):
@@ -285,7 +286,7 @@ class OpenVinoBackend(Backend):
             log.warning("ignoring the unreadable bf16 gate verdict %s (%s)", path, err)
             return None
 
-    def _measure(self, info: Any, n: int) -> Comparison:
+    def _measure(self, info: ModelInfo, n: int) -> Comparison:
         """Run ``n`` real tissue tiles in bf16 here and in fp32 ONNX Runtime; compare; cache the verdict."""
         from virchow_rt.tissue import tissue_tiles
 

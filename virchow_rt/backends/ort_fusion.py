@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import optional_import
-from virchow_rt.manifest import write_json
+from virchow_rt.files import write_json
 
 INPUT, OUTPUT = "tiles", "embedding"
 CPU = ["CPUExecutionProvider"]

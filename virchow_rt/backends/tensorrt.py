@@ -32,18 +32,15 @@ from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.cuda.pipeline import ALIGNMENT, Executor, PipelinedBackend
 from virchow_rt.backends.cuda.slot_schedule import SlotSchedule, Step
 from virchow_rt.backends.engine_cache import (
-    INPUT,
     NUMPY_TYPES,
-    TensorSpec,
     check_io,
     check_version,
-    model_info,
     read_plan,
     rebuild_command,
     runtime_problems,
 )
 from virchow_rt.backends.tensorrt_module import LogBook, import_tensorrt, is_real_tensorrt, make_logger
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import INPUT, ModelInfo, TensorSpec
 from virchow_rt.errors import BackendError, ModelFileError, warn_random_weights
 
 if TYPE_CHECKING:
@@ -232,6 +229,7 @@ class TensorRTBackend(PipelinedBackend):
     """
 
     name = "tensorrt"
+    _sha256: str | None = None  # of the engine file; None for a plan held in memory
 
     def __init__(
         self,
@@ -247,7 +245,7 @@ class TensorRTBackend(PipelinedBackend):
         path = Path(engine_path)
         manifest, artifact, plan = read_plan(path)
         trt_module = import_tensorrt(runtime_module)
-        vc = bool(artifact.get("version_compatible"))
+        vc = bool(artifact.extra.get("version_compatible"))
         check_host_code(vc, trt_module.__name__, allow_engine_host_code, path.name)  # before any GPU work
         check_version(trt_module.__version__)
         cuda.set_device(device)
@@ -268,7 +266,7 @@ class TensorRTBackend(PipelinedBackend):
             )
         for note in notes:
             warnings.warn(f"{path.name}: {note}", stacklevel=2)
-        info = model_info(manifest, artifact)
+        info = ModelInfo.from_manifest(manifest, artifact)
         if info.random_weights:
             warn_random_weights(f"{path.name} was built from random weights")
         executor = TensorRTExecutor(
@@ -276,6 +274,12 @@ class TensorRTBackend(PipelinedBackend):
             allow_host_code=allow_engine_host_code,
         )  # fmt: skip
         self._start(executor, info, device, slots)
+        self.path, self._sha256 = path, artifact.sha256  # the plan was checked against it above
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The engine's sha256 as its manifest records it (checked against the file when it was loaded)."""
+        return self._sha256
 
     @classmethod
     def from_serialized(

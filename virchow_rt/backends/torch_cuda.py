@@ -15,7 +15,8 @@ which is safe because every graph runs on the one compute stream, never two at o
 ``compile=True`` also wraps the module in ``torch.compile``.
 
 Weights: those the export folder was made from (the path or model id its manifest records, checked
-against the recorded sha256; or the same seeded random weights), or ``weights=`` given.
+against the recorded sha256; or the same seeded random weights), or ``weights=`` given: see
+:func:`~virchow_rt.model.vit.load_export_model`.
 torch is imported only when this module is: ``open_backend(..., "torch-cuda")`` does so lazily.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,12 +32,9 @@ import numpy as np
 from virchow_rt._deps import optional_import
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.cuda.pipeline import Executor, PipelinedBackend
-from virchow_rt.backends.engine_cache import INPUT, OUTPUT, TensorSpec
-from virchow_rt.contract import ModelInfo, variant_from_manifest
-from virchow_rt.errors import BackendError, InputError, WeightsError
-from virchow_rt.manifest import read_manifest
-from virchow_rt.model.vit import ExportWrapper, build_model, model_info
-from virchow_rt.model.weights import WeightsInfo
+from virchow_rt.contract import INPUT, OUTPUT, ModelInfo, TensorSpec, WeightsInfo
+from virchow_rt.errors import BackendError, InputError
+from virchow_rt.model.vit import ExportWrapper, load_export_model
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:
@@ -173,7 +170,7 @@ class TorchCudaBackend(PipelinedBackend):
         torch.cuda.synchronize(device)  # the weights were copied on torch's stream; the pipeline's are others
         if compile:
             module = torch.compile(module)
-        info = model_info(variant, precision, weights)
+        info = ModelInfo.from_variant(variant, precision, weights)
         rows = max_batch or variant.batch.max
         self.slots = slots  # a pipeline pass takes them in turn from the first: warm-ups must reach all
         self._torch_executor = TorchExecutor(module, info, device, rows, cuda_graphs)
@@ -194,38 +191,8 @@ class TorchCudaBackend(PipelinedBackend):
     def from_export(
         cls, folder: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, **options: Any
     ) -> TorchCudaBackend:
-        """The backbone an export folder was made from (see :func:`load_export_model`), on the GPU."""
+        """The backbone an export folder was made from (:func:`~virchow_rt.model.vit.load_export_model`),
+        on the GPU."""
         model, variant, info, manifest = load_export_model(folder, weights)
-        options.setdefault("max_batch", (manifest.get("batch") or {}).get("max"))
+        options.setdefault("max_batch", manifest.batch.max if manifest.batch else None)
         return cls(model, variant, info, **options)
-
-
-def load_export_model(
-    folder: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
-) -> tuple[torch.nn.Module, Variant, WeightsInfo, dict[str, Any]]:
-    """(fp32 backbone on the CPU, variant, weights info, manifest) of the model an export folder holds.
-
-    The weights are ``weights`` or the source the manifest records (a path or cached model id; random
-    weights are drawn again from the same seed); real weights must have the recorded sha256.
-    """
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    variant = variant_from_manifest(manifest)
-    recorded = manifest.get("weights") or {}
-    if weights is None and not recorded.get("random"):
-        weights = recorded.get("source")
-        if not weights:
-            raise WeightsError(f"{folder}/manifest.json does not say where its weights are; pass --weights")
-    try:
-        model, variant, info = build_model(variant, weights, random_weights=weights is None)
-    except WeightsError as err:
-        raise WeightsError(
-            f"{err} (the torch-cuda backend rebuilds {folder}'s model from its weights; pass --weights PATH "
-            "where they are on this machine)"
-        ) from err
-    if not info.random and recorded.get("sha256") not in (None, info.sha256):
-        raise WeightsError(
-            f"weights {weights} (sha256 {info.sha256[:12]}…) are not those {folder} was exported from "
-            f"(sha256 {str(recorded['sha256'])[:12]}…); pass the matching --weights or export again"
-        )
-    return model, variant, info, manifest

@@ -16,9 +16,9 @@ import numpy as np
 
 from virchow_rt._deps import optional_import
 from virchow_rt.backends.base import Backend
+from virchow_rt.contract import ModelInfo, WeightsInfo
 from virchow_rt.errors import BackendError, InputError
-from virchow_rt.model.vit import PooledBackbone, model_info, timm_transform
-from virchow_rt.model.weights import WeightsInfo
+from virchow_rt.model.vit import PooledBackbone, timm_transform
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:
@@ -65,8 +65,9 @@ class TorchBackend(Backend):
         mode = "compile" if compile else ("autocast" if self._autocast_dtype is not None else "eager")
         self.name = f"torch-{mode}-{info_precision}"
         weights = weights or WeightsInfo(random=False, sha256="unknown", source="caller's module")
-        self.info = model_info(variant, info_precision, weights)
+        self.info = ModelInfo.from_variant(variant, info_precision, weights)
         self.transform = timm_transform(variant)
+        self.transforms_tiles = True  # timm's transform resizes and crops tiles of any size
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="transform") if workers > 1 else None
         embed = PooledBackbone(model.to(self.device).eval(), variant.num_prefix_tokens)

@@ -43,8 +43,10 @@ def _weights_facts(run: BenchmarkRun) -> tuple[bool, str | None, str | None]:
     """(random?, sha256, where from) of the weights: the reference model's, else the export manifest's."""
     if run.weights_info is not None:
         return bool(run.weights_info.random), run.weights_info.sha256, run.weights_info.source
-    recorded = (run.source.manifest or {}).get("weights", {})
-    return bool(recorded.get("random")), recorded.get("sha256"), recorded.get("source")
+    recorded = run.source.manifest.weights if run.source.manifest is not None else None
+    if recorded is None:
+        return False, None, None
+    return recorded.random, recorded.sha256, recorded.source
 
 
 def _command(
@@ -103,11 +105,7 @@ def _export_section(run: BenchmarkRun) -> dict[str, Any] | None:
     src = run.source
     if src.manifest is None:
         return None
-    keep = ("path", "format", "precision", "size_bytes", "sha256", "seconds")
-    artifacts = [
-        {**{k: a.get(k) for k in keep}, "parity": (a.get("parity") or {}).get("summary")}
-        for a in src.manifest["artifacts"]
-    ]
+    artifacts = [{**a.describe(), "parity": a.parity_summary} for a in src.manifest.artifacts]
     where = (
         "exported during this run (scratch folder, removed afterwards)"
         if src.exported_here

@@ -3,8 +3,8 @@
 The benchmark talks to every backend through the Backend interface only: the PyTorch reference
 (``virchow_rt.backends.torch_reference.TorchBackend``), ONNX Runtime, OpenVINO and TensorRT
 (``virchow_rt.backends.open_backend``).
-Compute-only timing (device work alone, CUDA events) uses an optional ``time_compute`` method a GPU
-backend may offer; on a CPU there is no device apart from the host, so the figure is null with a reason.
+Compute-only timing (device work alone, CUDA events) is :meth:`Backend.time_compute`, which a GPU backend
+implements; on a CPU there is no device apart from the host, so the figure is null with a reason.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class AutocastBackend(Backend):
         self.inner = inner
         self.name = f"torch-autocast-{info_precision}"
         self.info = dataclasses.replace(inner.info, precision=info_precision)
-        self.max_batch = inner.max_batch
+        self.max_batch, self.transforms_tiles = inner.max_batch, inner.transforms_tiles
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         with self._torch.autocast(device_type=self._device, dtype=self._dtype):
@@ -139,16 +139,14 @@ def open_row_backend(
 
 
 def graph_use(backend: Backend, since: dict[str, int] | None = None) -> dict[str, int] | None:
-    """CUDA-graph replays and eager runs of a backend that counts them (``graph_use()``: torch-cuda).
+    """CUDA-graph replays and eager runs of a backend that counts them (:meth:`Backend.graph_use`:
+    torch-cuda).
 
     ``since``: an earlier reading; the runs after it are returned (the slots captured, as now). None for
     a backend that does not count.
     """
-    hook = getattr(backend, "graph_use", None)
-    if not callable(hook):
-        return None
-    now: dict[str, int] = hook()
-    if since is None:
+    now = backend.graph_use()
+    if now is None or since is None:
         return now
     return {**now, "replayed": now["replayed"] - since["replayed"], "eager": now["eager"] - since["eager"]}
 
@@ -158,13 +156,12 @@ def compute_only(
 ) -> tuple[Stats | None, str | None]:
     """Device time per batch (CUDA events, no host copies) or None with the reason.
 
-    A backend that can time its device work alone offers ``time_compute(tiles, repeats=, warmup=)``
-    returning seconds per call; nothing else is guessed from its internals.
+    :meth:`Backend.time_compute` returns seconds per call, or None where the backend cannot time its
+    device work alone; nothing else is guessed from its internals.
     """
     if device != "cuda":
         return None, CPU_COMPUTE_REASON
-    hook = getattr(backend, "time_compute", None)
-    if not callable(hook):
-        return None, f"{backend.name} offers no device-only timing (no time_compute method)"
-    samples = hook(batches[0], repeats=repeats, warmup=warmup)
+    samples = backend.time_compute(batches[0], repeats=repeats, warmup=warmup)
+    if samples is None:
+        return None, f"{backend.name} offers no device-only timing"
     return Stats(tuple(float(s) for s in samples)), None

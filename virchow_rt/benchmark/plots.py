@@ -15,7 +15,7 @@ import numpy as np
 
 from virchow_rt._deps import optional_import
 from virchow_rt.benchmark.targets import CONTENDED_CPU_USE
-from virchow_rt.manifest import atomic_path
+from virchow_rt.files import atomic_path
 
 #: smallest 1 - cosine drawn: float64 rounding of identical embeddings gives 0, which a log axis cannot show
 COSINE_DISTANCE_FLOOR = 1e-12

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, target_lines
-from virchow_rt.manifest import atomic_path, write_json
+from virchow_rt.files import atomic_path, write_json
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"

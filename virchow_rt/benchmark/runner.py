@@ -231,7 +231,7 @@ class BenchmarkRun:
             first = time_calls(lambda: backend.run(tiles[:batch_size]), repeats=1, warmup=0)
             # a pipelined backend takes its slots in turn from the first in every pass: warm them all up
             # here (torch-cuda captures a slot's CUDA graph on its first full batch), never in a timed pass
-            warm = max(s.warmup - 1, getattr(backend, "slots", 0))
+            warm = max(s.warmup - 1, backend.slots)
             for _ in backend.pipeline(tiles[:batch_size] for _ in range(warm)):
                 pass
             graphs_before = graph_use(backend)
@@ -293,7 +293,7 @@ class BenchmarkRun:
             "compute_peak_fraction": compute_tflops / peak_tflops if compute_tflops and peak_tflops else None,
             "artifact": self._artifact(spec),
             # what the backend did to the graph (ONNX Runtime's CPU attention fusion, for instance)
-            "backend_details": getattr(backend, "optimization", None),
+            "backend_details": backend.optimization,
             # torch-cuda: batches of the timed passes that replayed a CUDA graph and that ran eager
             "cuda_graphs": graphs,
             "note": spec.note or None,
@@ -302,14 +302,12 @@ class BenchmarkRun:
         return row
 
     def _artifact(self, spec: RowSpec) -> dict[str, Any] | None:
-        if not spec.artifact or not self.source.manifest:
+        if not spec.artifact or self.source.manifest is None:
             return None
         suffix = ".engine" if spec.kind == "tensorrt" else ".onnx"
-        for a in self.source.manifest.get("artifacts", []):
-            if a.get("precision") == spec.artifact and a["path"].endswith(suffix):
-                return {
-                    k: a.get(k) for k in ("path", "format", "precision", "size_bytes", "sha256", "seconds")
-                }
+        for a in self.source.manifest.artifacts:
+            if a.precision == spec.artifact and a.path.endswith(suffix):
+                return a.describe()
         return None
 
     def _parity(self, spec: RowSpec, batch_size: int, embeddings: np.ndarray) -> dict[str, Any]:

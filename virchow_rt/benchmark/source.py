@@ -10,11 +10,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from virchow_rt.contract import variant_from_manifest
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import InputError, ModelFileError
-from virchow_rt.manifest import read_manifest
 from virchow_rt.registry import Variant, get_variant
 
 
@@ -79,7 +77,7 @@ class Source:
 
     variant: Variant
     folder: Path | None = None
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     exported_here: bool = False
     export_s: float | None = None
 
@@ -89,8 +87,8 @@ def resolve_source(model: str) -> Source:
     path = Path(model)
     if path.exists():
         folder = path if path.is_dir() else path.parent
-        manifest = read_manifest(folder)
-        return Source(variant_from_manifest(manifest), folder=folder, manifest=manifest)
+        manifest = Manifest.read(folder)
+        return Source(manifest.to_variant(), folder=folder, manifest=manifest)
     if path.suffix in (".onnx", ".engine", ".plan") or "/" in model:
         raise ModelFileError(
             f"no such export folder or model file: {model}; give a variant name or an existing path"
@@ -102,13 +100,13 @@ def reference_weights(source: Source, weights: str | None, random_weights: bool)
     """Weights for the PyTorch reference: the caller's, else those the export folder was made from."""
     if weights is not None or random_weights or source.manifest is None:
         return weights, random_weights
-    recorded = source.manifest.get("weights") or {}
-    if recorded.get("random"):
+    recorded = source.manifest.weights
+    if recorded is not None and recorded.random:
         return None, True
-    if recorded.get("source") and Path(recorded["source"]).exists():
-        return recorded["source"], False
+    if recorded is not None and recorded.source and Path(recorded.source).exists():
+        return recorded.source, False
     raise InputError(
         f"the reference needs the weights {source.folder} was exported from "
-        f"({recorded.get('source')!r} is not "
+        f"({recorded.source if recorded else None!r} is not "
         "here); pass --weights PATH"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from virchow_rt.cli.common import Help
-from virchow_rt.manifest import atomic_path
+from virchow_rt.files import atomic_path
 from virchow_rt.registry import get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -33,27 +33,25 @@ def run_demo(variant_name: str, out: str | Path, n_tiles: int = 512, weights: st
         variant.name, out, weights=weights, random_weights=weights is None, progress=sys.stderr.isatty()
     )
     print(f"      export + parity check took {time.perf_counter() - start:.1f} s")
-    for artifact in manifest["artifacts"]:
-        print(f"      {artifact['path']:<32} parity vs PyTorch fp32: {artifact['parity']['summary']}")
+    for artifact in manifest.artifacts:
+        print(f"      {artifact.path:<32} parity vs PyTorch fp32: {artifact.parity_summary}")
 
     tiles = tissue_tiles(n_tiles, variant.preprocess.size, seed=1)
     print(f"[2/2] embedding {n_tiles} real-tissue tiles (scikit-image IHC crops)", flush=True)
-    for artifact in manifest["artifacts"]:
-        if artifact["format"] != "onnx":
-            continue
-        with Embedder(out / artifact["path"]) as embedder:
+    for artifact in manifest.select("onnx"):
+        with Embedder(out / artifact.path) as embedder:
             embedder.embed(tiles[: variant.batch.opt])  # warm-up: session start and first-run allocations
             start = time.perf_counter()
             embeddings = embedder.embed(tiles)
             seconds = time.perf_counter() - start
             name = embedder.backend.name
         assert embeddings.shape == (n_tiles, embedder.embedding_dim()) and np.isfinite(embeddings).all()
-        target = out / f"embeddings.{artifact['precision']}.npy"
+        target = out / f"embeddings.{artifact.precision}.npy"
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, embeddings)
         print(
-            f"      {artifact['path']:<32} {n_tiles / seconds:8.1f} tiles/s on {name} "
+            f"      {artifact.path:<32} {n_tiles / seconds:8.1f} tiles/s on {name} "
             f"({embeddings.shape[0]}x{embeddings.shape[1]} float32 -> {target})"
         )
     if weights is None:

@@ -24,7 +24,7 @@ from virchow_rt.embed import open_tiles
 from virchow_rt.embed.embedder import Embedder
 from virchow_rt.embed.tiles import plural
 from virchow_rt.errors import InputError, warn_random_weights
-from virchow_rt.manifest import atomic_path, check_output, sha256_file
+from virchow_rt.files import atomic_path, check_output, sha256_file
 from virchow_rt.registry import POOLINGS
 
 
@@ -100,10 +100,8 @@ def embed_command(args: argparse.Namespace) -> int:
         pooling = embedder.pooling(args.pooling)  # None: the model's own
         embeddings = embedder.embed(source, pooling=pooling)  # (N, E) float32
         elapsed = time.perf_counter() - start
-        model_file = Path(getattr(backend, "path", args.model))
-        model_sha = getattr(backend, "model_sha256", None) or (
-            sha256_file(model_file) if model_file.is_file() else None
-        )
+        model_file = Path(backend.path or args.model)
+        model_sha = backend.model_sha256 or (sha256_file(model_file) if model_file.is_file() else None)
     meta = {
         "embeddings": out_npy.name,
         "shape": list(embeddings.shape),

@@ -70,11 +70,8 @@ def run(args: argparse.Namespace) -> int:
         },
         progress=sys.stderr.isatty(),
     )
-    for artifact in manifest["artifacts"]:
-        print(
-            f"{artifact['path']}: {artifact['precision']} {artifact['format']}, "
-            f"parity {artifact['parity']['summary']}"
-        )
+    for artifact in manifest.artifacts:
+        print(f"{artifact.path}: {artifact.precision} {artifact.format}, parity {artifact.parity_summary}")
     print(f"manifest: {args.out}/manifest.json")
     if args.triton:
         from virchow_rt.serve.triton import write_triton_repository

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.backends.base import Backend
-from virchow_rt.contract import check_tile_array
+from virchow_rt.contract import check_tile_array, embedding_dim
 from virchow_rt.embed.tiles import TileSource
 from virchow_rt.errors import BackendError, InputError, VirchowError
 from virchow_rt.kernels.resize import needs_resize, resize_tiles
@@ -213,7 +213,7 @@ class Embedder:
 
     def embedding_dim(self, pooling: str | None = None) -> int:
         """Columns of the output for ``pooling``: 2·D for "cls_mean", D for "cls" (None: the model's)."""
-        return self.info.embedding_dim if self.pooling(pooling) == "cls_mean" else self.info.width
+        return embedding_dim(self.info, self.pooling(pooling))
 
     def embed(self, tiles: np.ndarray | TileSource, pooling: str | None = None) -> np.ndarray:
         """Embed uint8 tiles (N, H, W, 3) or a :class:`TileSource`; returns a new float32 (N, E) array.

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
+from virchow_rt.contract import INPUT, SCHEMA_VERSION, ModelInfo, WeightsInfo
 from virchow_rt.errors import InputError, ModelFileError
-from virchow_rt.manifest import SCHEMA_VERSION
 from virchow_rt.model.vit import ExportWrapper, check_outputs
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ else:  # through the helper, so a missing package says how to install it
 onnx = optional_import("onnx", "to export ONNX models")
 
 OPSET = 17
-INPUT_NAME = "tiles"
+INPUT_NAME = INPUT
 BATCH_AXIS = "batch"
 #: above this many bytes of weights the graph is saved with external data (protobuf caps a file at 2 GiB;
 #: the margin leaves room for the graph itself)
@@ -47,8 +46,6 @@ _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
 }
-
-
 
 
 @contextlib.contextmanager
@@ -66,20 +63,9 @@ def exportable_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 def onnx_metadata(variant: Variant, precision: str, weights: WeightsInfo) -> dict[str, str]:
-    """The ``metadata_props`` that make an exported file self-describing (the runtime reads them)."""
-    return {
-        "virchow_rt.variant": variant.name,
-        "virchow_rt.width": str(variant.width),
-        "virchow_rt.embedding_dim": str(variant.embedding_dim()),
-        "virchow_rt.tile_size": str(variant.preprocess.size),
-        "virchow_rt.crop_pct": str(variant.preprocess.crop_pct),
-        "virchow_rt.interpolation": variant.preprocess.interpolation,
-        "virchow_rt.pooling": variant.pooling,
-        "virchow_rt.precision": precision,
-        "virchow_rt.random_weights": "true" if weights.random else "false",
-        "virchow_rt.weights_sha256": weights.sha256,
-        "virchow_rt.manifest_schema": str(SCHEMA_VERSION),
-    }
+    """The ``metadata_props`` that make an exported file self-describing (:meth:`ModelInfo.from_onnx`)."""
+    info = ModelInfo.from_variant(variant, precision, weights)
+    return {**info.onnx_metadata(), "virchow_rt.manifest_schema": str(SCHEMA_VERSION)}
 
 
 def set_metadata(proto: Any, metadata: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ first, then the graph), and ``manifest.json`` is written. A failing artifact is 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import platform
@@ -26,15 +25,15 @@ from virchow_rt._deps import optional_import
 from virchow_rt._version import __version__
 from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
+from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
+from virchow_rt.files import check_output, sha256_file
 from virchow_rt.kernels.resize import resize_tiles
-from virchow_rt.manifest import check_output, read_manifest, sha256_file, write_manifest
 from virchow_rt.model.vit import build_model
-from virchow_rt.model.weights import WeightsInfo
-from virchow_rt.registry import Variant, get_variant
+from virchow_rt.registry import BatchProfile, Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -101,7 +100,8 @@ def _check_args(
 
 def _artifact(
     path: Path, precision: str, data_name: str | None, variant: Variant, outputs: Sequence[str]
-) -> dict:
+) -> dict[str, Any]:
+    """The manifest entry of an ONNX graph, as JSON (its key order is the file's)."""
     inputs, outs = io_spec(variant, outputs)
     entry: dict[str, Any] = {
         "path": path.name,
@@ -142,15 +142,15 @@ def _parity(
     return result
 
 
-def _commit(staging: Path, out_dir: Path, artifacts: list[dict]) -> None:
+def _commit(staging: Path, out_dir: Path, artifacts: list[Artifact]) -> None:
     """Rename staged artifacts into place: external data first, so a graph never points at a missing file."""
     for entry in artifacts:
-        if entry["external_data"]:
-            os.replace(staging / entry["external_data"], out_dir / entry["external_data"])
+        if entry.external_data:
+            os.replace(staging / entry.external_data, out_dir / entry.external_data)
     for entry in artifacts:
-        os.replace(staging / entry["path"], out_dir / entry["path"])
-        if not entry["external_data"]:
-            (out_dir / f"{entry['path']}.data").unlink(missing_ok=True)  # stale data of an older export
+        os.replace(staging / entry.path, out_dir / entry.path)
+        if not entry.external_data:
+            (out_dir / f"{entry.path}.data").unlink(missing_ok=True)  # stale data of an older export
 
 
 class _Progress:
@@ -179,7 +179,7 @@ def _make_artifacts(
     parity_tiles: int,
     out_dir: Path,
     progress: _Progress,
-) -> list[dict[str, Any]]:
+) -> list[Artifact]:
     """Export, check and parity-test each wanted precision in a staging folder; rename them into place."""
     size = variant.preprocess.size
     progress.stage("reference")
@@ -187,7 +187,7 @@ def _make_artifacts(
     reference = _reference_embeddings(TorchBackend(model, variant, "fp32", weights=weights_info), tiles)
     progress.done()
     tiles_label = f"virchow_rt.tissue.tissue_tiles({len(tiles)}, {size}, seed={PARITY_SEED})"
-    artifacts: list[dict[str, Any]] = []
+    artifacts: list[Artifact] = []
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         fp32_path = staging / artifact_name(variant, "fp32")
@@ -229,7 +229,7 @@ def _make_artifacts(
                 "summary": str(result),
             }
             entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
-            artifacts.append(entry)
+            artifacts.append(Artifact.from_dict(entry))
             progress.done()
         _commit(staging, out_dir, artifacts)
     finally:
@@ -238,41 +238,38 @@ def _make_artifacts(
 
 
 def _manifest(
-    variant: Variant, weights_info: WeightsInfo, max_batch: int | None, artifacts: list[dict[str, Any]]
-) -> dict[str, Any]:
-    batch = {"min": variant.batch.min, "opt": variant.batch.opt, "max": max_batch or variant.batch.max}
-    batch["opt"] = min(batch["opt"], batch["max"])
-    manifest: dict[str, Any] = {
-        "variant": variant.name,
-        "timm_arch": variant.timm_arch,
-        "model_args": dict(variant.model_args),
-        "mlp": variant.mlp,
-        "norm_eps": variant.norm_eps,
-        "preprocess": dataclasses.asdict(variant.preprocess),
-        "batch": batch,
-        "embedding": {
-            "pooling": "cls_mean",
-            "recommended": variant.pooling,
-            "dim": variant.embedding_dim(),
-            "width": variant.width,
-            "layout": "class token ‖ mean of patch tokens (registers excluded); class token = [:, :width]",
-        },
-        "weights": weights_info.to_dict(),
-        "versions": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "artifacts": artifacts,
-    }
-    if weights_info.random:
-        manifest["warning"] = (
-            "RANDOM WEIGHTS: these artifacts embed nothing meaningful (tests and demos only)"
-        )
-    return manifest
+    variant: Variant, weights_info: WeightsInfo, max_batch: int | None, artifacts: list[Artifact]
+) -> Manifest:
+    top = max_batch or variant.batch.max
+    return Manifest(
+        variant=variant.name,
+        timm_arch=variant.timm_arch,
+        model_args=dict(variant.model_args),
+        mlp=variant.mlp,
+        norm_eps=variant.norm_eps,
+        preprocess=variant.preprocess,
+        batch=BatchProfile(variant.batch.min, min(variant.batch.opt, top), top),
+        embedding=EmbeddingLayout(
+            pooling="cls_mean",
+            recommended=variant.pooling,
+            dim=variant.embedding_dim(),
+            width=variant.width,
+            layout="class token ‖ mean of patch tokens (registers excluded); class token = [:, :width]",
+        ),
+        weights=weights_info,
+        versions=versions(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        artifacts=tuple(artifacts),
+        warning="RANDOM WEIGHTS: these artifacts embed nothing meaningful (tests and demos only)"
+        if weights_info.random
+        else None,
+    )
 
 
-def _warn_unlisted(out_dir: Path, variant: Variant, manifest: dict[str, Any]) -> None:
+def _warn_unlisted(out_dir: Path, variant: Variant, manifest: Manifest) -> None:
     """Warn about this variant's model files that an earlier export left in ``out_dir``, now unlisted."""
-    artifacts = manifest["artifacts"]
-    listed = {a["path"] for a in artifacts} | {a.get("external_data") for a in artifacts}
+    artifacts = manifest.artifacts
+    listed = {a.path for a in artifacts} | {a.external_data for a in artifacts}
     stale = sorted(
         p.name
         for pattern in (f"{variant.name}.*.onnx", f"{variant.name}.*.onnx.data", f"{variant.name}.*.engine")
@@ -295,11 +292,9 @@ def _build_engine(variant: Variant, out_dir: Path, max_batch: int, options: Mapp
         out_dir / artifact_name(variant, "fp16"), out_dir, variant, max_batch=max_batch, **options
     )
     # the builder records its engine in manifest.json itself; add the entry only if it did not
-    manifest = read_manifest(out_dir)
-    manifest.pop("schema_version", None)
-    if isinstance(engine, dict) and engine.get("path") not in [a.get("path") for a in manifest["artifacts"]]:
-        manifest["artifacts"].append(engine)
-        write_manifest(out_dir, manifest)
+    manifest = Manifest.read(out_dir)
+    if isinstance(engine, Artifact) and manifest.artifact_for(engine.path) is None:
+        manifest.with_artifact(engine).write(out_dir)
 
 
 def export_model(
@@ -315,7 +310,7 @@ def export_model(
     tensorrt: bool = False,
     tensorrt_options: Mapping[str, Any] | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
 
     Loads ``weights`` (folder, state-dict file or cached model id) or builds ``random_weights``; checks
@@ -324,7 +319,7 @@ def export_model(
     written); writes ``manifest.json``; with ``tensorrt=True`` then builds an fp16 engine through
     :mod:`virchow_rt.export.tensorrt_build` (``tensorrt_options``: keyword arguments of its
     ``build_engine``, e.g. ``version_compatible=True``). ``progress`` shows a bar of the stages.
-    Returns the manifest.
+    Returns the :class:`~virchow_rt.contract.Manifest` written.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
@@ -341,14 +336,14 @@ def export_model(
         del model  # a ViT-H/G holds GBs: free it before the TensorRT build
         bar.stage("manifest")
         manifest = _manifest(variant, weights_info, max_batch, artifacts)
-        write_manifest(out_dir, manifest)
+        manifest.write(out_dir)
         bar.done()
         if not tensorrt:
             _warn_unlisted(out_dir, variant, manifest)
         if tensorrt:
             bar.stage("tensorrt")
-            _build_engine(variant, out_dir, manifest["batch"]["max"], tensorrt_options or {})
+            _build_engine(variant, out_dir, (manifest.batch or variant.batch).max, tensorrt_options or {})
             bar.done()
     finally:
         bar.close()
-    return read_manifest(out_dir)
+    return Manifest.read(out_dir)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import optional_import
+from virchow_rt.contract import WeightsInfo
 from virchow_rt.errors import ModelFileError
 from virchow_rt.export.onnx_export import check_onnx, onnx_metadata, save_onnx, set_metadata
-from virchow_rt.model.weights import WeightsInfo
 from virchow_rt.registry import Variant
 
 onnx = optional_import("onnx", "to export ONNX models")

@@ -28,16 +28,14 @@ import numpy as np
 from virchow_rt.backends.base import Backend
 from virchow_rt.backends.cuda import api as cuda
 from virchow_rt.backends.engine_cache import (
-    INPUT,
-    OUTPUT,
     EngineKey,
     check_version,
     lean_runtime,
-    model_info,
     stale_reasons,
 )
 from virchow_rt.backends.tensorrt import LogBook, TensorRTBackend, import_tensorrt, make_logger
 from virchow_rt.compare import compare
+from virchow_rt.contract import INPUT, MANIFEST_NAME, OUTPUT, Artifact, Manifest, ModelInfo
 from virchow_rt.errors import BackendError, InputError, ModelFileError, ParityError
 from virchow_rt.export.tensorrt_prep import (
     PURPOSE,
@@ -49,15 +47,8 @@ from virchow_rt.export.tensorrt_prep import (
     parity_reference,
     resolve_profile,
 )
+from virchow_rt.files import atomic_path, file_lock, sha256_file
 from virchow_rt.kernels.resize import resize_tiles
-from virchow_rt.manifest import (
-    atomic_path,
-    file_lock,
-    find_artifact,
-    read_manifest,
-    sha256_file,
-    write_manifest,
-)
 from virchow_rt.registry import BatchProfile, Variant, get_variant
 from virchow_rt.tissue import tissue_tiles
 
@@ -162,7 +153,7 @@ def build_engine(
     reference: Backend | None = None,
     parity_tiles: int = 32,
     device: int = 0,
-) -> dict[str, Any]:
+) -> Artifact:
     """Build ``<variant>.fp16.engine`` in ``out_dir`` from the fp16 ONNX; returns its manifest entry.
 
     ``profile``/``max_batch``: batch profile (:func:`resolve_profile`). ``workspace_gib``: tactic
@@ -239,14 +230,14 @@ def build_engine(
     del config, network, builder  # free the builder's GPU memory before the parity run
 
     start = time.perf_counter()
-    info = dataclasses.replace(model_info(manifest, source), precision="fp16")
+    info = dataclasses.replace(ModelInfo.from_manifest(manifest, source), precision="fp16")
     tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
     pre = variant.preprocess  # exported graphs take S×S tiles after the model's transform
     inputs = resize_tiles(tiles, pre.size, pre.crop_pct, pre.interpolation)
-    ref_backend, ref_label = parity_reference(manifest, variant, onnx_path.parent, reference)
+    ref_backend, ref_label = parity_reference(manifest, onnx_path.parent, reference)
     try:
         # the PyTorch reference applies timm's transform itself; an ONNX reference takes what the engine takes
-        expected = _embed(ref_backend, tiles if hasattr(ref_backend, "transform") else inputs)
+        expected = _embed(ref_backend, tiles if ref_backend.transforms_tiles else inputs)
     finally:
         if ref_backend is not reference:  # one opened here (a session, a model on the GPU): free it now
             ref_backend.close()
@@ -272,9 +263,9 @@ def build_engine(
         "sha256": sha256_file(target),
         "size_bytes": target.stat().st_size,
         "external_data": None,
-        "inputs": source.get("inputs"),
-        "outputs": source.get("outputs"),
-        "precision_plan": source.get("precision_plan"),
+        "inputs": None if source.inputs is None else list(source.inputs),
+        "outputs": None if source.outputs is None else list(source.outputs),
+        "precision_plan": source.extra.get("precision_plan"),
         "parity": {
             **result.to_dict(),
             "reference": ref_label,
@@ -298,16 +289,15 @@ def build_engine(
         "timing_cache": None if cache_path is None else str(cache_path),
         "seconds": {"build": round(build_s, 2), "parity": round(time.perf_counter() - start, 2)},
     }
-    current = read_manifest(folder)  # as it is now, not as it was before the build
-    current["artifacts"] = [a for a in current.get("artifacts", []) if a.get("path") != name] + [entry]
-    current.pop("schema_version", None)  # write_manifest puts it first
-    write_manifest(folder, current)
-    return entry
+    artifact = Artifact.from_dict(entry)
+    # the manifest as it is now, not as it was before the build
+    Manifest.read(folder).with_artifact(artifact).write(folder)
+    return artifact
 
 
 def ensure_engine(
     onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], variant: Variant | str, **build: Any
-) -> dict[str, Any]:
+) -> Artifact:
     """The engine's manifest entry; rebuilt only if missing, changed, or tied to another TensorRT/GPU/profile.
 
     ``build``: :func:`build_engine`'s keyword arguments (``max_batch``, ``profile``, ``version_compatible``,
@@ -316,9 +306,9 @@ def ensure_engine(
     variant = get_variant(variant) if isinstance(variant, str) else variant
     folder = Path(out_dir)
     target = folder / engine_name(variant)
-    if target.is_file() and (folder / "manifest.json").is_file():
-        entry = find_artifact(read_manifest(folder), target)
-        if entry is not None and entry.get("sha256") == sha256_file(target):
+    if target.is_file() and (folder / MANIFEST_NAME).is_file():
+        entry = Manifest.read(folder).artifact_for(target)
+        if entry is not None and entry.sha256 == sha256_file(target):
             trt = import_tensorrt("tensorrt", PURPOSE)
             prof = resolve_profile(variant, build.get("max_batch"), build.get("profile"))
             _, _, graph_sha, data_sha = checked_onnx(Path(onnx_path))

@@ -7,16 +7,16 @@ None of it needs TensorRT, so all of it is unit-tested on the CPU; :mod:`.tensor
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from virchow_rt._deps import is_importable, optional_import
 from virchow_rt.backends.base import Backend
-from virchow_rt.backends.engine_cache import INPUT, check_version, release
+from virchow_rt.backends.engine_cache import check_version, release
+from virchow_rt.backends.open import open_backend, open_reference
+from virchow_rt.contract import INPUT, Artifact, Manifest
 from virchow_rt.errors import InputError, ModelFileError, VirchowError
-from virchow_rt.manifest import find_artifact, read_manifest, sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.registry import BatchProfile, Variant
 
 PURPOSE = "to build TensorRT engines"
@@ -111,68 +111,47 @@ def cast_input_first(onnx_path: Path) -> bytes | None:
     return bytes(model.SerializeToString())
 
 
-def torch_reference(manifest: Mapping[str, Any], variant: Variant) -> tuple[Backend, str] | None:
-    """The fp32 PyTorch reference rebuilt from the manifest's weights, if torch is here and they are found."""
+def torch_reference(folder: Path) -> tuple[Backend, str] | None:
+    """The fp32 PyTorch reference rebuilt from the export's weights, if torch is here and they are found."""
     if not (is_importable("torch") and is_importable("timm")):
         return None
-    weights = manifest.get("weights") or {}
-    from virchow_rt.backends.torch_reference import TorchBackend
-    from virchow_rt.model.vit import build_model
-
-    source, random = str(weights.get("source", "")), bool(weights.get("random"))
-    hf = re.match(r"hf://([^@\s]+)", source)
-    location = None if random else (source if Path(source).exists() else (hf.group(1) if hf else None))
-    if not random and location is None:
-        return None
     try:
-        model, built, info = build_model(variant, location, random)
-    except VirchowError:
+        return open_reference(folder), "torch-eager-fp32"
+    except VirchowError:  # the weights are not on this machine, or not those the ONNX was made from
         return None
-    if not random and info.sha256 != weights.get("sha256"):
-        return None  # not the weights the ONNX was made from
-    device = "cuda" if optional_import("torch", PURPOSE).cuda.is_available() else "cpu"
-    return TorchBackend(model, built, "fp32", device=device, weights=info), "torch-eager-fp32"
 
 
-def parity_reference(
-    manifest: Mapping[str, Any], variant: Variant, folder: Path, given: Backend | None
-) -> tuple[Backend, str]:
+def parity_reference(manifest: Manifest, folder: Path, given: Backend | None) -> tuple[Backend, str]:
     """The fp32 backend an engine is measured against, with its label: ``given``, else PyTorch rebuilt
     from the manifest's weights, else the export's fp32 ONNX in ONNX Runtime on the CPU."""
     if given is not None:
         return given, given.name
-    rebuilt = torch_reference(manifest, variant)
+    rebuilt = torch_reference(folder)
     if rebuilt is not None:
         return rebuilt
-    fp32 = next(
-        (a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"), None
-    )
-    if fp32 is None or not (folder / fp32["path"]).is_file():
+    fp32 = next(iter(manifest.select("onnx", "fp32")), None)
+    fp32_file = None if fp32 is None else fp32.file(folder)
+    if fp32 is None or fp32_file is None or not fp32_file.is_file():
         raise ModelFileError(
             f"no fp32 reference for the engine's parity check: torch cannot rebuild the weights and {folder} "
             "has no fp32 ONNX; export fp32 too, or pass reference= (a TorchBackend)"
         )
-    from virchow_rt.backends import open_backend
-
-    backend: Backend = open_backend(folder / fp32["path"], backend="onnxruntime-cpu")
-    return (
-        backend,
-        f"onnxruntime-cpu fp32 ONNX ({fp32['parity']['summary'] if 'parity' in fp32 else 'unchecked'})",
-    )
+    backend: Backend = open_backend(fp32_file, backend="onnxruntime-cpu")
+    return backend, f"onnxruntime-cpu fp32 ONNX ({fp32.parity_summary or 'unchecked'})"
 
 
-def checked_onnx(onnx_path: Path) -> tuple[dict[str, Any], dict[str, Any], str, str | None]:
+def checked_onnx(onnx_path: Path) -> tuple[Manifest, Artifact, str, str | None]:
     """(manifest, fp16 ONNX entry, graph sha256, external data sha256 or None), verified against the files."""
-    manifest = read_manifest(onnx_path.parent)
-    source = find_artifact(manifest, onnx_path)
-    if source is None or source.get("format") != "onnx" or source.get("precision") != "fp16":
+    manifest = Manifest.read(onnx_path.parent)
+    source = manifest.artifact_for(onnx_path)
+    if source is None or source.format != "onnx" or source.precision != "fp16":
         raise InputError(
             f"{onnx_path} is not the fp16 ONNX of its manifest; build the engine from <variant>.fp16.onnx"
         )
     graph_sha = sha256_file(onnx_path)
-    data = source.get("external_data")
-    data_sha = sha256_file(onnx_path.parent / data) if data else None
-    if graph_sha != source.get("sha256") or (data and data_sha != source.get("external_data_sha256")):
+    data = source.data_file(onnx_path.parent)
+    data_sha = sha256_file(data) if data else None
+    if graph_sha != source.sha256 or (data and data_sha != source.extra.get("external_data_sha256")):
         raise ModelFileError(
             f"{onnx_path.name} (or its external data) changed since it was exported; re-export it"
         )

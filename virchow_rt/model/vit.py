@@ -19,12 +19,13 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virchow_rt._deps import optional_import
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import Manifest, WeightsInfo
 from virchow_rt.errors import InputError, WeightsError
-from virchow_rt.model.weights import WeightsInfo, check_state_dict, load_weights, warn_random_weights
+from virchow_rt.model.weights import check_state_dict, load_weights, warn_random_weights
 from virchow_rt.registry import Variant, get_variant
 
 if TYPE_CHECKING:
@@ -55,23 +56,6 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     cls = tokens[:, 0]  # (B, D)
     patch_mean = tokens[:, num_prefix_tokens:].mean(dim=1)  # (B, D)
     return torch.cat([cls, patch_mean], dim=1)  # (B, 2D)
-
-
-def model_info(variant: Variant, precision: str, weights: WeightsInfo) -> ModelInfo:
-    """What a PyTorch module of ``variant`` computes, as the runtime describes a model."""
-    p = variant.preprocess
-    return ModelInfo(
-        variant=variant.name,
-        embedding_dim=variant.embedding_dim(),
-        width=variant.width,
-        tile_size=p.size,
-        precision=precision,
-        random_weights=weights.random,
-        weights_sha256=weights.sha256,
-        pooling=variant.pooling,
-        crop_pct=p.crop_pct,
-        interpolation=p.interpolation,
-    )
 
 
 def timm_pretrained_cfg(variant: Variant) -> dict[str, Any]:
@@ -166,6 +150,37 @@ def build_model(
     return model, variant, info
 
 
+def load_export_model(
+    folder: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
+) -> tuple[torch.nn.Module, Variant, WeightsInfo, Manifest]:
+    """(fp32 backbone on the CPU, variant, weights info, manifest) of the model an export folder holds.
+
+    The weights are ``weights`` or the source the manifest records (a path or cached model id; random
+    weights are drawn again from the same seed); real weights must have the recorded sha256.
+    """
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    variant = manifest.to_variant()
+    recorded = manifest.weights or WeightsInfo(source="")
+    if weights is None and not recorded.random:
+        weights = recorded.source
+        if not weights:
+            raise WeightsError(f"{folder}/manifest.json does not say where its weights are; pass --weights")
+    try:
+        model, variant, info = build_model(variant, weights, random_weights=weights is None)
+    except WeightsError as err:
+        raise WeightsError(
+            f"{err} (virchow-rt rebuilds {folder}'s model from its weights; pass --weights PATH where they "
+            "are on this machine)"
+        ) from err
+    if not info.random and recorded.sha256 not in ("unknown", info.sha256):
+        raise WeightsError(
+            f"weights {weights} (sha256 {info.sha256[:12]}…) are not those {folder} was exported from "
+            f"(sha256 {recorded.sha256[:12]}…); pass the matching --weights or export again"
+        )
+    return model, variant, info, manifest
+
+
 def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
     """Validate the requested graph outputs: "embedding" first, optionally "patch_tokens"."""
     outputs = tuple(outputs)
@@ -179,6 +194,7 @@ def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
             f"outputs {list(outputs)} are not valid; use ['embedding'] or ['embedding', 'patch_tokens']"
         )
     return outputs
+
 
 class PooledBackbone(torch.nn.Module):
     """forward_features + pooling as one module, so that torch.compile sees the whole computation."""

@@ -14,13 +14,13 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from virchow_rt._deps import optional_import
+from virchow_rt.contract import WeightsInfo
 from virchow_rt.errors import RandomWeightsWarning, WeightsError, warn_random_weights  # noqa: F401 - re-exported
-from virchow_rt.manifest import sha256_file
+from virchow_rt.files import sha256_file
 from virchow_rt.model.transformers_layout import architecture, is_transformers_config, to_timm
 from virchow_rt.registry import VARIANTS, Variant
 
@@ -29,21 +29,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LIST_LIMIT = 8  # keys shown per list in an error message
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where a model's weights came from; recorded in every manifest."""
-
-    random: bool
-    sha256: str  # hex SHA-256 of the weights file, or "random"
-    # what to pass as ``weights`` to load them again (folder, file, "hf://<repo>@<commit>"),
-    # or how the random weights were drawn
-    source: str
-    file: str | None = None  # the weights file read (name inside a folder / snapshot); None when random
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --- locating the files --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._version import __version__
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import InputError, MissingDependency
 from virchow_rt.serve.client import INFERENCE_HEADER
 from virchow_rt.serve.guards import OPEN_ROUTES, BearerToken, CatchAll, token_digest
@@ -354,21 +355,20 @@ def _not_found(reason: str) -> Any:
     return JSONResponse({"error": reason}, status_code=404)
 
 
-def _manifest(model: str) -> dict[str, Any] | None:
+def _manifest(model: str) -> Manifest | None:
     """The export's manifest, or None for a model file without one."""
     from virchow_rt.errors import ModelFileError
-    from virchow_rt.manifest import read_manifest
 
     try:
-        return read_manifest(model)
+        return Manifest.read(model)
     except ModelFileError:
         return None
 
 
-def _model_name(model: str, manifest: dict[str, Any] | None) -> str:
+def _model_name(model: str, manifest: Manifest | None) -> str:
     """The variant, or for a bare model file without a manifest its file name."""
-    if manifest is not None and manifest.get("variant"):
-        return str(manifest["variant"])
+    if manifest is not None and manifest.variant:
+        return manifest.variant
     from pathlib import Path
 
     return Path(model).name.split(".")[0]

@@ -185,11 +185,11 @@ def run_server(
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as err:  # Ray says only that the deployment failed: find out why, here
             raise _why_replicas_failed(str(model), backend, allow_engine_host_code, err) from None
-        if manifest is not None and manifest.get("weights", {}).get("random"):
+        if manifest is not None and manifest.weights is not None and manifest.weights.random:
             from virchow_rt.errors import warn_random_weights  # the replicas' own warnings are not shown here
 
             warn_random_weights(
-                f"{manifest['variant']} has random weights; every answer is labelled random_weights"
+                f"{manifest.variant} has random weights; every answer is labelled random_weights"
             )
         guarded = "; every request but health needs its token" if digest else ""
         url = f"http://{host}:{port}/v2/models/{name}"

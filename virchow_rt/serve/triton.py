@@ -35,9 +35,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from virchow_rt.contract import INPUT, MANIFEST_NAME, OUTPUT, Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import InputError, MissingDependency, ModelFileError, OutputError
-from virchow_rt.manifest import MANIFEST_NAME, current_umask, find_artifact, read_manifest
-from virchow_rt.paths import check_name, inside_folder
+from virchow_rt.files import current_umask
+from virchow_rt.paths import check_name
+from virchow_rt.registry import BatchProfile, Preprocess
 
 #: numpy dtype names of the manifest -> Triton's data types
 _TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
@@ -72,24 +74,23 @@ def _source(export: Path) -> tuple[Path, str | None]:
 
 
 def _pick(
-    manifest: dict[str, Any], platform: str, precision: str | None, chosen: str | None
-) -> tuple[str, list[dict[str, Any]]]:
+    manifest: Manifest, platform: str, precision: str | None, chosen: str | None
+) -> tuple[str, list[Artifact]]:
     """The platform and its artifacts: the file asked for, else every TensorRT engine, else the ONNX file
     of ``precision`` (fp32 when not given)."""
     if chosen is not None:
-        artifact = find_artifact(manifest, chosen)
-        kind = _FORMATS.get(artifact.get("format", "")) if artifact else None
+        artifact = manifest.artifact_for(chosen)
+        kind = _FORMATS.get(artifact.format or "") if artifact else None
         if artifact is None or kind is None:
             raise ModelFileError(f"its {MANIFEST_NAME} lists no ONNX model or TensorRT engine named {chosen}")
         wanted = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(platform, kind)
-        if wanted != kind or precision not in (None, artifact.get("precision")):
+        if wanted != kind or precision not in (None, artifact.precision):
             raise InputError(
-                f"{chosen} is the {artifact.get('precision')} {artifact['format']} model: drop --platform "
+                f"{chosen} is the {artifact.precision} {artifact.format} model: drop --platform "
                 "and --precision, or give the export folder"
             )
         return kind, [artifact]
-    artifacts = manifest["artifacts"]
-    engines = [a for a in artifacts if a["format"] == "tensorrt"]
+    engines = manifest.select("tensorrt")
     if platform == "tensorrt" or (platform == "auto" and engines and precision is None):
         if not engines:
             raise InputError(
@@ -98,9 +99,9 @@ def _pick(
             )
         return "tensorrt_plan", engines
     precision = precision or "fp32"
-    onnx = [a for a in artifacts if a["format"] == "onnx" and a["precision"] == precision]
+    onnx = manifest.select("onnx", precision)
     if not onnx:
-        have = sorted({a["precision"] for a in artifacts if a["format"] == "onnx"})
+        have = sorted({str(a.precision) for a in manifest.select("onnx")})
         raise InputError(
             f"this export has no {precision} ONNX model (it has: {', '.join(have) or 'none'}); "
             f"give --precision {have[0] if have else 'fp32'} or re-export with --precision {precision}"
@@ -108,13 +109,13 @@ def _pick(
     return "onnxruntime_onnx", onnx[:1]
 
 
-def _copy_checked(folder: Path, relative: Any, sha256: Any, dst: Path, what: str) -> None:
-    """Copy ``folder/relative`` (refused unless inside ``folder``) to ``dst``, hashing as it goes; refuse a
-    file that does not match the manifest's ``sha256``. A copy, never a link: the export stays untouched."""
-    src = inside_folder(folder, relative, what)
+def _copy_checked(folder: Path, src: Path, sha256: Any, dst: Path) -> None:
+    """Copy ``src`` (a file of ``folder``, its path already checked to stay inside it) to ``dst``, hashing
+    as it goes; refuse a file that does not match the manifest's ``sha256``. A copy, never a link: the
+    export stays untouched."""
     if not isinstance(sha256, str) or not sha256:
         raise ModelFileError(
-            f"{folder / MANIFEST_NAME} records no sha256 for {relative}; re-export the model"
+            f"{folder / MANIFEST_NAME} records no sha256 for {src.relative_to(folder)}; re-export the model"
         )
     digest = hashlib.sha256()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -134,19 +135,19 @@ def _copy_checked(folder: Path, relative: Any, sha256: Any, dst: Path, what: str
         )
 
 
-def _check_host_code(engines: list[dict[str, Any]], allowed: bool) -> bool:
+def _check_host_code(engines: list[Artifact], allowed: bool) -> bool:
     """Whether these engines need Triton's :data:`HOST_CODE_FLAG`; refused unless ``allowed``, and an engine
     whose lean runtime was left out is refused always."""
-    compatible = [e for e in engines if e.get("version_compatible")]
+    compatible = [e for e in engines if e.extra.get("version_compatible")]  # a TensorRT entry's build facts
     for engine in compatible:
-        if engine.get("lean_runtime") == "excluded":
+        if engine.extra.get("lean_runtime") == "excluded":
             raise InputError(
-                f"{engine.get('path')} is version-compatible with its lean runtime excluded, which Triton "
+                f"{engine.path} is version-compatible with its lean runtime excluded, which Triton "
                 "cannot supply: rebuild it without --exclude-lean-runtime, or give --platform onnx"
             )
     if compatible and not allowed:
         raise InputError(
-            f"{compatible[0].get('path')} is a version-compatible engine: it runs native code stored in it "
+            f"{compatible[0].path} is a version-compatible engine: it runs native code stored in it "
             f"when it loads, and Triton loads it only with {HOST_CODE_FLAG}, for every engine of the "
             "repository; give --allow-engine-host-code only for engines you built or trust, or give "
             "--platform onnx"
@@ -207,51 +208,53 @@ def write_triton_repository(
     from google.protobuf import text_format
 
     folder, chosen = _source(Path(export_dir))
-    manifest = read_manifest(folder)
+    manifest = Manifest.read(folder)
     if platform not in PLATFORMS:
         raise InputError(f"--platform {platform}: give one of {', '.join(PLATFORMS)}")
     if instances < 1:
         raise InputError(f"--instances {instances}: give 1 or more")
     kind, artifacts = _pick(manifest, platform, precision, chosen)
     name = check_name(
-        manifest.get("variant") if name is None else name, "--name" if name else "the variant (give --name)"
+        manifest.variant if name is None else name, "--name" if name else "the variant (give --name)"
     )
     target = Path(repo) / name
     if target.exists():
         raise OutputError(f"{target} exists; remove it first, or give another --name")
     first = artifacts[0]
     host_code = kind == "tensorrt_plan" and _check_host_code(artifacts, allow_engine_host_code)
-    group = _instance_kind(instance_kind, kind, first.get("precision", ""))
+    group = _instance_kind(instance_kind, kind, first.precision or "")
     # by name: an export with --outputs embedding,patch_tokens has more; Triton serves the embedding
-    tile = next(t for t in first["inputs"] if t["name"] == "tiles")
-    embedding = next(t for t in first["outputs"] if t["name"] == "embedding")
-    if kind == "tensorrt_plan":  # every engine must accept the batch Triton may send
-        max_batch = min(engine["profile"]["max"] for engine in artifacts)
-    else:
-        max_batch = manifest["batch"]["max"]
+    tile = next(t for t in first.inputs or () if t["name"] == INPUT)
+    embedding = next(t for t in first.outputs or () if t["name"] == OUTPUT)
+    batch = manifest.batch or BatchProfile()
+    # an engine's own profile; every engine must accept the batch Triton may send
+    profiles = [engine.profile or batch for engine in artifacts] if kind == "tensorrt_plan" else [batch]
+    max_batch = min(p.max for p in profiles)
     config = pb.ModelConfig(name=name, platform=kind, max_batch_size=max_batch)
     config.input.add(name=tile["name"], data_type=_TRITON_TYPES[tile["dtype"]], dims=tile["shape"][1:])
     config.output.add(
         name=embedding["name"], data_type=_TRITON_TYPES[embedding["dtype"]], dims=embedding["shape"][1:]
     )
-    opt = first["profile"]["opt"] if kind == "tensorrt_plan" else manifest["batch"]["opt"]
+    opt = profiles[0].opt
     config.dynamic_batching.preferred_batch_size.append(min(opt, max_batch))
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     group_kind = pb.ModelInstanceGroup.KIND_GPU if group == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=instances, kind=group_kind)
     side = tile["shape"][1]
+    weights = manifest.weights or WeightsInfo()
+    pre = manifest.preprocess or Preprocess(size=side)
     facts = {
-        "variant": manifest["variant"],
-        "pooling": manifest["embedding"]["pooling"],
-        "precision": first["precision"],
-        "random_weights": str(bool(manifest["weights"]["random"])).lower(),
-        "weights_sha256": manifest["weights"]["sha256"],
-        "parity": first.get("parity", {}).get("summary", "not measured"),
+        "variant": manifest.variant,
+        "pooling": (manifest.embedding or EmbeddingLayout()).pooling,
+        "precision": first.precision,
+        "random_weights": str(weights.random).lower(),
+        "weights_sha256": weights.sha256,
+        "parity": first.parity_summary or "not measured",
         "tile_size": side,  # a number, as virchow-rt serve's metadata gives it
         "resize": f"send {side}x{side} tiles: the graph normalises but does not resize",
         # how to resize on the client as the model's transform does: kernels.resize_tiles(tiles, S, these)
-        "crop_pct": manifest.get("preprocess", {}).get("crop_pct", 1.0),
-        "interpolation": manifest.get("preprocess", {}).get("interpolation", "bicubic"),
+        "crop_pct": pre.crop_pct,
+        "interpolation": pre.interpolation,
         "version_compatible": str(host_code).lower(),  # Triton then needs HOST_CODE_FLAG
     }
     for key, value in facts.items():
@@ -263,26 +266,26 @@ def write_triton_repository(
         version = staging / "1"
         version.mkdir()
         if kind == "onnxruntime_onnx":
-            _copy_checked(folder, first["path"], first.get("sha256"), version / "model.onnx", "model")
-            data = first.get("external_data")
+            _copy_checked(folder, first.file(folder, "model"), first.sha256, version / "model.onnx")
+            data = first.external_data
             if isinstance(data, str) and os.path.normpath(data).lower() in _RESERVED:
                 raise ModelFileError(
                     f"{folder / MANIFEST_NAME} names the external data {data!r}, a name Triton reserves in a "
                     "model's folder; re-export the model"
                 )
-            if data:  # the graph refers to it by the relative name it was saved under
-                _copy_checked(
-                    folder, data, first.get("external_data_sha256"), version / data, "external data"
-                )
+            data_file = first.data_file(folder)
+            if data_file is not None:  # the graph refers to it by the relative name it was saved under
+                sha256 = first.extra.get("external_data_sha256")
+                _copy_checked(folder, data_file, sha256, version / str(first.external_data))
         elif len(artifacts) == 1:
-            _copy_checked(folder, first["path"], first.get("sha256"), version / "model.plan", "engine")
+            _copy_checked(folder, first.file(folder, "engine"), first.sha256, version / "model.plan")
         else:
             for engine in artifacts:
-                cc = str(engine["compute_capability"])
+                cc = str(engine.extra.get("compute_capability"))  # a TensorRT entry's build facts
                 filename = check_name(f"model_sm{cc.replace('.', '')}.plan", "an engine's compute capability")
                 if (version / filename).exists():
-                    raise InputError(f"two engines for compute capability {cc} ({engine['path']}); keep one")
-                _copy_checked(folder, engine["path"], engine.get("sha256"), version / filename, "engine")
+                    raise InputError(f"two engines for compute capability {cc} ({engine.path}); keep one")
+                _copy_checked(folder, engine.file(folder, "engine"), engine.sha256, version / filename)
                 config.cc_model_filenames[cc] = filename
         (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it owner-only

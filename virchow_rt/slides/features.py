@@ -25,7 +25,7 @@ from tqdm import tqdm
 from virchow_rt._version import __version__
 from virchow_rt.backends.base import Backend
 from virchow_rt.embed import Embedder
-from virchow_rt.manifest import atomic_path, sha256_file
+from virchow_rt.files import atomic_path, sha256_file
 from virchow_rt.slides.coords import coords_tiling
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups
 from virchow_rt.slides.grid import TilePlan, grid_name, tile_grid
@@ -47,7 +47,7 @@ class ModelIdentity:
     @classmethod
     def of(cls, model: str | Path | Backend | Any, backend: Backend) -> ModelIdentity:
         # the file the backend runs (an export folder resolves to one of its artifacts), else the argument
-        file = getattr(backend, "path", None) or (None if isinstance(model, Backend | Embedder) else model)
+        file = backend.path or (None if isinstance(model, Backend | Embedder) else model)
         if file is not None and Path(file).is_file():
             return cls(str(file), sha256_file(file))
         # no file to hash (a Backend object): the model's own description identifies it

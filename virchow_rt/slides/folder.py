@@ -97,7 +97,7 @@ def write_pt(out_dir: Path, h5: Path) -> Path:
     """``<out>/pt_files/<slide>.pt`` from a complete ``.h5``: its features as one (N, E) float32 tensor, the
     file CLAM's MIL loader reads (``torch.load``). Written atomically; torch is needed (the export extra)."""
     from virchow_rt._deps import optional_import
-    from virchow_rt.manifest import atomic_path
+    from virchow_rt.files import atomic_path
     from virchow_rt.slides.writer import read_features
 
     torch = optional_import("torch", "to write CLAM's pt_files (--also-pt)")

@@ -20,7 +20,7 @@ from typing import Any
 
 from virchow_rt.backends.base import Backend
 from virchow_rt.errors import warn_random_weights
-from virchow_rt.manifest import check_output
+from virchow_rt.files import check_output
 from virchow_rt.slides import folder
 from virchow_rt.slides.cache import SlideCache
 from virchow_rt.slides.cohort import embed_cohort

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.errors import InputError, MissingDependency, VirchowError, warn_random_weights
-from virchow_rt.manifest import check_output
+from virchow_rt.files import check_output
 from virchow_rt.slides import folder, locks
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob

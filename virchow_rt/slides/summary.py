@@ -23,13 +23,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.manifest import current_umask, file_lock
+from virchow_rt.files import file_lock, write_json
 from virchow_rt.slides.settings import SlideSettings
 
 SUMMARY_NAME = "summary.json"
@@ -115,7 +113,7 @@ def write_state(out_dir: Path, record: SlideRecord) -> None:
     """Record ``record`` as the slide's state (call only while holding the slide's lock)."""
     path = state_path(out_dir, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_durably(path, json.dumps({"schema_version": 1, **record.to_dict()}, indent=1) + "\n")
+    write_json(path, {"schema_version": 1, **record.to_dict()}, indent=1)
 
 
 def read_states(out_dir: Path) -> dict[str, SlideRecord]:
@@ -177,7 +175,7 @@ def write_summary(
             "runs": _count(earlier.get("runs")) + 1,
             **(extra or {}),
         }
-        write_durably(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 
 
@@ -237,32 +235,3 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a temporary file fsynced, renamed; then the folder fsynced."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())  # the data is on disk before the name points at it
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # ours: made just above
-        raise
-    _fsync_folder(path.parent)  # and the rename itself
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles (Windows): the rename is what it can do
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the file itself is on disk
-    finally:
-        os.close(fd)

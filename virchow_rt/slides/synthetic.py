@@ -26,7 +26,7 @@ from PIL import Image
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError
-from virchow_rt.manifest import atomic_path
+from virchow_rt.files import atomic_path
 from virchow_rt.tissue import ihc_image
 
 #: glass: bright, grey, a little sensor noise

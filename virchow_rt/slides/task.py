@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from virchow_rt.embed import Embedder
 from virchow_rt.errors import MissingDependency, OutputError, VirchowError
-from virchow_rt.manifest import current_umask
+from virchow_rt.files import current_umask
 from virchow_rt.slides import folder, locks, summary
 from virchow_rt.slides.features import ModelIdentity, SlideFeatures
 from virchow_rt.slides.locks import Lease, LeaseLost, partial_path

@@ -69,7 +69,7 @@ def _attr(value: Any) -> Any:
 class FeatureWriter:
     """Appends tiles (and regions) to a new ``.h5`` at ``path``; :meth:`finish` marks it complete.
 
-    ``path`` should be a temporary file (see :func:`virchow_rt.manifest.atomic_path`): only a finished
+    ``path`` should be a temporary file (see :func:`virchow_rt.files.atomic_path`): only a finished
     file is renamed onto ``<slide name>.h5``.
     """
 

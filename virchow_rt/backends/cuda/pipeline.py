@@ -37,8 +37,7 @@ from virchow_rt.backends.cuda.device_arrays import (
     split_rows,
 )
 from virchow_rt.backends.cuda.slot_schedule import SlotSchedule, Step
-from virchow_rt.backends.engine_cache import INPUT, OUTPUT, TensorSpec, check_batch
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import INPUT, OUTPUT, ModelInfo, TensorSpec, check_batch
 from virchow_rt.errors import BackendError, InputError
 
 #: TensorRT needs every tensor address aligned to 256 bytes (cudaMalloc gives at least that)

@@ -1,4 +1,7 @@
-"""Manifests written beside every artifact, and the file helpers they need (hashes, atomic writes)."""
+"""Generic file I/O every writer shares: hashes, output checks, atomic (and durable) writes, file locks.
+
+Imports only the standard library. Formats live elsewhere (``manifest.json``: :mod:`virchow_rt.contract`).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.errors import ModelFileError, OutputError
-
-MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+from virchow_rt.errors import OutputError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -66,10 +66,12 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
 
-    A crash or an error leaves no half-written file that looks complete.
+    A crash or an error leaves no half-written file that looks complete. ``durable``: also survive a power
+    cut: the file's data reach the disk before the rename, and the rename itself (the folder) after it;
+    without it, a file system may commit the rename first and leave ``final`` empty.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +82,35 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         # mkstemp creates the file owner-only (0600); give the result the permissions a plain open() would
         os.chmod(tmp_path, 0o666 & ~current_umask())
+        if durable:
+            fsync_path(tmp_path)
         os.replace(tmp_path, final)
+        if durable:
+            fsync_path(final.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data to the disk (a folder's data: the names in it, such as a rename).
+
+    A folder that cannot be opened or flushed (Windows opens no folder; some file systems refuse fsync on
+    one) is left as it is: the rename is then as durable as that platform makes it, the file's data are.
+    """
+    folder = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -122,38 +150,11 @@ def current_umask() -> int:
     return umask
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
+    """Write JSON atomically and durably (temporary file, fsync, rename, fsync of the folder).
 
-
-def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    write_json(path, {"schema_version": SCHEMA_VERSION, **manifest})
-    return path
-
-
-def read_manifest(folder_or_file: str | os.PathLike) -> dict[str, Any]:
-    """Read ``manifest.json`` from a folder, or the one beside a model file."""
-    p = Path(folder_or_file)
-    path = p / MANIFEST_NAME if p.is_dir() else p.parent / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise ModelFileError(
-            f"no {MANIFEST_NAME} at {path}; re-export the model with `virchow-rt export`"
-        ) from err
-    except json.JSONDecodeError as err:
-        raise ModelFileError(
-            f"{path} is not valid JSON ({err}); re-export the model with `virchow-rt export`"
-        ) from err
-    if not isinstance(data, dict) or "artifacts" not in data:
-        raise ModelFileError(f"{path} has no 'artifacts' list; re-export the model with `virchow-rt export`")
-    return data
-
-
-def find_artifact(manifest: dict[str, Any], model_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest entry describing ``model_path`` (matched by file name), or None."""
-    name = Path(model_path).name
-    return next((a for a in manifest.get("artifacts", []) if Path(a["path"]).name == name), None)
+    Manifests, summaries and state files are small and say what a run finished: a power cut must leave
+    either the old file or the new one, never an empty one.
+    """
+    with atomic_path(path, durable=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n")

@@ -1,0 +1,68 @@
+"""File helpers shared by every writer: atomic replacement and the lock for shared read-merge-write files."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from virchow_rt import files
+from virchow_rt.files import atomic_path, file_lock, write_json
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_file_lock_is_exclusive(tmp_path):
+    pytest.importorskip("fcntl", reason="flock is POSIX-only; elsewhere the lock is a no-op")
+    shared = tmp_path / "timing.cache"
+    entered = threading.Event()
+
+    def other_writer() -> None:
+        with file_lock(shared):
+            entered.set()
+
+    with file_lock(shared):
+        thread = threading.Thread(target=other_writer)
+        thread.start()
+        assert not entered.wait(0.3)  # blocked while this holder has the lock
+    assert entered.wait(10)  # and gets it once released
+    thread.join()
+    assert (tmp_path / "timing.cache.lock").exists() and not shared.exists()
+
+
+def test_json_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """A power cut must leave the old manifest or the new one, never an empty file (issue 20, item 12)."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(src: os.PathLike, dst: os.PathLike) -> None:
+        events.append(("replace", os.fspath(dst)))
+        replace(src, dst)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file an fsync flushed")
+    monkeypatch.setattr(files.os, "fsync", record_fsync)
+    monkeypatch.setattr(files.os, "replace", record_replace)
+    target = tmp_path / "manifest.json"
+    write_json(target, {"artifacts": []})
+    assert json.loads(target.read_text()) == {"artifacts": []}
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".manifest.json."))  # the data, before the rename
+    assert events[2][1] == str(tmp_path)  # the folder holding the new name, after it
