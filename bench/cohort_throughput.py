@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="virchow2", help="the stand-in's embedding size and batch")
     p.add_argument("--batch", type=int, default=None, help="default: the variant's (Embedder's default)")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: from the CPUs)")
-    p.add_argument("--repeats", type=int, default=1, help="cohort runs per setting (the median is kept)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of every setting (each one's median is kept)"
+    )
     p.add_argument("--no-sweep", action="store_true", help="skip the reader-alone sweep")
     args = p.parse_args(argv)
     report_path = args.report or args.out / "cohort_throughput.json"
@@ -139,31 +141,39 @@ def main(argv: list[str] | None = None) -> int:
 
     common = {"batch_size": batch, "workers": workers}
 
-    def runs(rate: float | None, **settings: Any) -> dict:
-        return median_run([run_cohort(paths, args.out, args.variant, rate, **common, **settings)
-                           for _ in range(args.repeats)])  # fmt: skip
+    modes = {
+        "sequential": {"prefetch_slides": 0},
+        "overlapped": {},
+        "overlapped_cache_dir": {"cache_dir": str(args.out / "cache")},
+    }
+
+    def rounds(rates: dict[str, float | None], names: list[str]) -> dict[str, dict[str, dict]]:
+        """Every (rate, mode) once per round, rounds one after another: a shared machine's changing load
+        falls on every setting alike; each setting's median run is kept."""
+        found: dict[str, dict[str, list[dict]]] = {k: {m: [] for m in names} for k in rates}
+        for _ in range(args.repeats):
+            for key, rate in rates.items():
+                for mode in names:
+                    run = run_cohort(paths, args.out, args.variant, rate, **common, **modes[mode])
+                    found[key][mode].append(run)
+        return {key: {mode: median_run(found[key][mode]) for mode in names} for key in rates}
 
     print(f"cohort: {len(paths)} slides ({args.biopsies} biopsies, {args.resections} resections), batch "
           f"{batch}, {workers} reading processes; warm-up ...", flush=True)  # fmt: skip
     run_cohort(paths, args.out, args.variant, None, **common)  # page cache, reading processes
-    capacity = runs(None)
-    sequential_capacity = runs(None, prefetch_slides=0)
-    rate_cap = capacity["tiles_per_s"]
+    capacity = rounds({"infinite": None}, ["overlapped", "sequential"])["infinite"]
+    rate_cap = capacity["overlapped"]["tiles_per_s"]
     print(f"reader capacity (stand-in at infinite rate): {rate_cap:.1f} tiles/s overlapped, "
-          f"{sequential_capacity['tiles_per_s']:.1f} one slide after another", flush=True)  # fmt: skip
-    loads = {}
-    for fraction in BUSY_AT:
-        rate = fraction * rate_cap
-        loads[f"{fraction:.0%}"] = {
-            "sequential": runs(rate, prefetch_slides=0),
-            "overlapped": runs(rate),
-            "overlapped_cache_dir": runs(rate, cache_dir=str(args.out / "cache")),
-        }
-        for mode, r in loads[f"{fraction:.0%}"].items():
+          f"{capacity['sequential']['tiles_per_s']:.1f} one slide after another", flush=True)  # fmt: skip
+    loads = rounds({f"{f:.0%}": f * rate_cap for f in BUSY_AT}, list(modes))
+    for key, by_mode in loads.items():
+        for mode, r in by_mode.items():
             gap, busy = r["gap_ms"], r["model_busy"]
-            print(f"  stand-in at {fraction:.0%} ({rate:.0f} tiles/s), {mode:>20}: busy {busy:.1%}, "
+            print(f"  stand-in at {key} ({r['rate_tiles_per_s']:.0f} tiles/s), {mode:>20}: busy {busy:.1%}, "
                   f"{r['slides_per_hour']:.0f} slides/h, gap median {gap['median']:.1f} ms, p90 "
-                  f"{gap['p90']:.1f} ms", flush=True)  # fmt: skip
+                  f"{gap['p90']:.1f} ms; idle within slides {r['idle_within_slides_s']:.2f} s, between "
+                  f"{r['idle_between_slides_s']:.2f} s, before the first batch and after the last "
+                  f"{r['outside_batches_s']:.2f} s", flush=True)  # fmt: skip
 
     targets = []
     for fraction, least in BUSY_AT.items():
@@ -182,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             "biopsies": args.biopsies,
             "resections": args.resections,
             "scan": "Aperio SVS, 0.25 µm/px (40x), levels 1/4/16, JPEG tiles",
-            "tiles_per_run": capacity["tiles"],
+            "tiles_per_run": capacity["overlapped"]["tiles"],
         },
         "variant": args.variant,
         "embedding_dim": info.embedding_dim,
         "batch": batch,
         "reading_processes": workers,
         "reader_sweep": sweep,
-        "capacity": {"overlapped": capacity, "sequential": sequential_capacity},
+        "repeats": args.repeats,
+        "capacity": capacity,
         "loads": loads,
         "targets": [{"target": t, "met": bool(met), "value": v} for t, met, v in targets],
         "load_average": {"before": load_before, "after": load_average()},

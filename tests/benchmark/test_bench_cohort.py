@@ -22,6 +22,12 @@ def test_gaps_are_the_model_idle_time_between_one_slide_and_the_next():
     assert timing.slides == 3 and timing.tiles == 14 and timing.slides_per_hour == pytest.approx(1800)
     row = timing.to_dict()
     assert row["gap_ms"]["median"] == pytest.approx(300) and row["gap_ms"]["n"] == 2
+    assert row["idle_between_slides_s"] == pytest.approx(0.6) and row["outside_batches_s"] == pytest.approx(
+        1.0
+    )
+    assert row["idle_within_slides_s"] == pytest.approx(0.0, abs=1e-9)
+    waited = cohort_timing([(0.0, 1.0, 3), (1.5, 2.0, 2)], [5], wall_s=2.0).to_dict()  # one slide, a wait
+    assert waited["idle_within_slides_s"] == pytest.approx(0.5) and waited["idle_between_slides_s"] == 0
     with pytest.raises(InputError, match="do not match"):
         cohort_timing(batches, [5, 4], wall_s=6.0)
 

@@ -431,6 +431,7 @@ def test_lines_of_a_later_slide_wait_for_the_slides_before_it():
         (["--cache-size", "20G"], "--cache-size needs --cache-dir"),
         (["--prefetch-slides", "99"], "--prefetch-slides 99: give 0 (one slide after another) to 8"),
         (["--ray", "--cache-dir", "scratch"], "--cache-dir is not used by Ray workers"),
+        (["--cache-dir", __file__], "is a file; give a folder"),
     ],
 )
 def test_bad_cohort_flags_are_one_line_errors(tmp_path, capsys, flags, says):

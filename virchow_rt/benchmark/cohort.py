@@ -97,6 +97,11 @@ class CohortTiming:
             "tiles": self.tiles,
             "slides_per_hour": self.slides_per_hour,
             "tiles_per_s": self.tiles / self.wall_s if self.wall_s > 0 else 0.0,
+            # where the model waited: for tiles inside a slide, between slides, before its first batch
+            # (the first slide's opening) and after its last (the last file, the summary)
+            "idle_within_slides_s": max(0.0, self.span_s - self.model_s - sum(gaps)),
+            "idle_between_slides_s": sum(gaps),
+            "outside_batches_s": max(0.0, self.wall_s - self.span_s),
             "gap_ms": {
                 "median": percentile(gaps, 50) * 1e3 if gaps else None,
                 "p90": percentile(gaps, 90) * 1e3 if gaps else None,

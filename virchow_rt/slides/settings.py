@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,6 +191,8 @@ class SlideSettings:
                 f"--prefetch-slides {self.prefetch_slides!r}: give 0 (one slide after another) to "
                 f"{MAX_PREFETCH_SLIDES}; 1 keeps the model busy"
             )
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise InputError(f"--cache-dir {self.cache_dir} is a file; give a folder (it is made if missing)")
         if self.cache_size is not None:
             if self.cache_dir is None:
                 raise InputError("--cache-size needs --cache-dir (the local folder the slides are copied to)")
