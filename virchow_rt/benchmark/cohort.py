@@ -23,17 +23,15 @@ import numpy as np
 
 from virchow_rt.backends.base import Backend
 from virchow_rt.benchmark.timing import percentile
-from virchow_rt.contract import ModelInfo
+from virchow_rt.contract import ModelInfo, WeightsInfo
 from virchow_rt.errors import InputError
 from virchow_rt.registry import get_variant
 
 
 def stand_in_info(variant: str) -> ModelInfo:
     """The :class:`ModelInfo` of ``variant`` (its embedding size, tile size, pooling) with random weights."""
-    v = get_variant(variant)
-    p = v.preprocess
-    return ModelInfo(v.name, v.embedding_dim(), v.width, p.size, "fp16", True, "random", v.pooling,
-                     p.crop_pct, p.interpolation)  # fmt: skip
+    random = WeightsInfo(random=True, sha256="random", source="a stand-in model, no weights")
+    return ModelInfo.from_variant(get_variant(variant), "fp16", random)
 
 
 class StandInBackend(Backend):
