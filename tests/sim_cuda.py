@@ -72,6 +72,7 @@ class SimStream:
         self.ops: list[Callable[[], None]] = []
         self.done = 0  # ops run so far
         self.running = False
+        self.closed = False
         mem.streams[self.ptr] = self
 
     def enqueue(self, op: Callable[[], None]) -> None:
@@ -100,6 +101,7 @@ class SimStream:
 
     def close(self) -> None:
         assert self.done == len(self.ops), "a stream was destroyed with work still queued"
+        self.closed = True
 
 
 def _reach(mark: tuple[SimStream, int] | None) -> None:

@@ -43,6 +43,10 @@ class NumpyExecutor(Executor):
             OUTPUT: TensorSpec(OUTPUT, False, np.dtype(np.float32), (-1, E)),
         }
         self.calls: list[tuple[int, bool]] = []  # (rows, graph) of each enqueue
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def enqueue(self, slot: int, rows: int, addresses: Mapping[str, int], stream: Any, graph: bool) -> None:
         self.calls.append((rows, graph))
@@ -109,8 +113,10 @@ def test_close_before_start_and_after_close(sim: Any) -> None:
     SimBackend.__new__(SimBackend).close()  # never started (a constructor that failed before _start)
     backend = sim.make()
     backend.run(tiles(3))
+    executor, streams = backend._executor, list(sim.mem.streams.values())
     backend.close()
     assert sim.made and all(buf.closed for buf in sim.made)
+    assert len(streams) == 3 and all(s.closed for s in streams) and executor.closed
     backend.close()
     with pytest.raises(BackendError, match="closed"):
         backend.run(tiles(1))
