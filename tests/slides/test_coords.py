@@ -134,6 +134,22 @@ def test_per_slide_coords_files_share_one_output_folder(make_slide, tmp_path):
         process_slides([make_slide("c.tif").path], FakeBackend(), out, SlideSettings(), **QUIET)
 
 
+def test_a_rerun_redoes_a_slide_whose_coords_file_changed(make_slide, tmp_path):
+    """Same --coords path, new tiles in it: the rerun redoes the slide (it used to keep the stale
+    features, since only the path was compared); an unchanged file is skipped."""
+    slide = make_slide("a.tif").path
+    src = tmp_path / "coords" / "a_patches.h5"
+    out, settings = tmp_path / "out", SlideSettings(coords=str(src.parent))
+    for given, status in (([[0, 0]], "done"), (None, "skipped"), ([[224, 224], [448, 0]], "done")):
+        if given is not None:  # None: the file as it was
+            write_coords(src, given, **trident_attrs("a", (1792, 1344), 20, level0=20))
+        given = given or [[0, 0]]
+        summary = process_slides([slide], FakeBackend(), out, settings, **QUIET)
+        assert [s["status"] for s in summary["this_run"]] == [status]
+        np.testing.assert_array_equal(read_features(out / "a.h5")["coords"], given)
+    assert "coords_sha256" in summary["slides"][0]["redone_because"]
+
+
 # --- issue 20, item 3: what a coordinates file says about itself is checked before it is used ---
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError
+from virchow_rt.files import sha256_file
 from virchow_rt.slides.grid import (
     BLACK,
     MPP_AT_1X,
@@ -115,6 +116,16 @@ def coords_file(source: str | Path, slide_name: str) -> Path:
             f"{slide_name}_patches.h5, also in patches/); give the folder TRIDENT or CLAM wrote for them"
         )
     return found
+
+
+def coords_sha256(source: str | Path, slide_name: str) -> str:
+    """The sha256 of slide ``slide_name``'s coordinates file in ``--coords``: an output records it, and a
+    rerun redoes the slide when the file changed (new tiles under the same path)."""
+    path = coords_file(source, slide_name)
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise InputError(f"--coords {path} cannot be read ({err.strerror or err})") from err
 
 
 def _attrs(ds: Any, where: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from virchow_rt._version import __version__
 from virchow_rt.backends.base import Backend
 from virchow_rt.embed import Embedder
 from virchow_rt.files import atomic_path, sha256_file
-from virchow_rt.slides.coords import coords_tiling
+from virchow_rt.slides.coords import coords_sha256, coords_tiling
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups
 from virchow_rt.slides.grid import TilePlan, grid_name, tile_grid
 from virchow_rt.slides.mask import qc_picture
@@ -87,7 +87,9 @@ class SlideFeatures:
         self.streams: list[EmbeddingStream] = []
         self.write_s = 0.0
         t0 = time.perf_counter()
+        self.coords_sha256 = ""
         if s.coords:  # TRIDENT's or CLAM's tiles, tile for tile, read as that tool reads them
+            self.coords_sha256 = coords_sha256(s.coords, slide.name)  # hashed first: a later change redoes
             self.tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp)
         else:
             self.tiles = tile_grid(slide, s.grid_mpp, s.tile_size, s.min_tissue, rule=s.grid,
@@ -184,6 +186,7 @@ class SlideFeatures:
                 "regions": s.regions_text,
                 "grid_rule": grid_name(s.grid, s.edge_tiles),
                 "coords_source": str(s.coords or ""),
+                "coords_sha256": self.coords_sha256,
                 "edge_fill": tiles.edge_fill,
                 "region_size_level0": layout.region_size0 if layout is not None else 0,
                 "skipped_tiles": failed,

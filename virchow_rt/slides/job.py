@@ -22,6 +22,7 @@ from typing import Any
 from virchow_rt.backends.base import Backend
 from virchow_rt.embed import Embedder
 from virchow_rt.errors import VirchowError
+from virchow_rt.slides.coords import coords_sha256
 from virchow_rt.slides.embed import opened_backend
 from virchow_rt.slides.features import ModelIdentity
 from virchow_rt.slides.grid import grid_name
@@ -99,8 +100,12 @@ class SlideJob:
         return self.out_dir / f"{path.stem}.h5"
 
     def wanted(self, path: Path) -> dict[str, Any]:
-        """The root attributes ``path``'s complete file must carry (``OSError`` if it cannot be read)."""
-        return {**self.expected, "slide_size_bytes": path.stat().st_size}
+        """The root attributes ``path``'s complete file must carry (``OSError`` if it cannot be read; an
+        :class:`~virchow_rt.errors.InputError` if its ``--coords`` file cannot)."""
+        wanted = {**self.expected, "slide_size_bytes": path.stat().st_size}
+        if self.settings.coords:  # the same path may hold new tiles since
+            wanted["coords_sha256"] = coords_sha256(self.settings.coords, path.stem)
+        return wanted
 
     def is_complete(self, path: Path) -> bool:
         """True when ``path``'s file is complete and valid for this run: a look without the lock (a hint, e.g.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from virchow_rt.embed import Embedder
-from virchow_rt.errors import MissingDependency, OutputError, VirchowError
+from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
 from virchow_rt.files import current_umask
 from virchow_rt.slides import folder, locks, summary
 from virchow_rt.slides.features import ModelIdentity, SlideFeatures
@@ -97,6 +97,10 @@ class SlideTask:
             wanted = self.job.wanted(self.path)
         except OSError as err:  # gone since it was listed, or not on this node's filesystem
             record.status, record.reason = "failed", f"cannot read {self.path} here ({err.strerror or err})"
+            self.warn(f"{self.prefix}: FAILED: {record.reason}")
+            return self
+        except InputError as err:  # its --coords file went missing or unreadable
+            record.status, record.reason = "failed", str(err)
             self.warn(f"{self.prefix}: FAILED: {record.reason}")
             return self
         lease, other = locks.acquire(self.out, self.warn, self.job.settings.lock_lease)

@@ -17,6 +17,7 @@ Layout of ``<out>/<slide name>.h5``::
         position            (T, 2) int64       row, column of position t in its magnification's grid
     root attrs: everything above plus encoder, pooling, embedding_dim, model_sha256, weights_sha256,
         precision, random_weights, backend, reader, target_mpp, level0_mpp, min_tissue, regions, edge_fill,
+        coords_source and coords_sha256 (the --coords file and its sha256; empty without --coords),
         num_tiles, skipped_tiles, slide_size_bytes, mpp_source, format, format_version, created,
         virchow_rt_version and, written last, complete = True.
 
