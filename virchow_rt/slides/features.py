@@ -10,8 +10,10 @@ reading the first batches; :meth:`~SlideFeatures.embed` runs the model into the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +37,9 @@ from virchow_rt.slides.regions import region_grid
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import MAX_LISTED_ERRORS, SlideRecord, now
 from virchow_rt.slides.writer import FeatureWriter
+
+#: room a slide's file must leave on its disk (HDF5's metadata, the other files a run writes)
+DISK_MARGIN = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,21 @@ class SlideFeatures:
                 self.check()
                 yield ids, features
 
+    def output_bytes(self) -> int:
+        """About what the slide's file will weigh: its features and coordinates (tiles, then regions)."""
+        rows = len(self.tiles.plan)
+        if self.grid is not None and self.layout is not None:
+            rows += len(self.grid) * self.layout.tiles_per_region
+        return rows * (4 * self.dim + 16)
+
     def embed(self, tmp: Path) -> None:
-        """Run the slide's tiles (then its regions) through the model into the new file ``tmp``."""
+        """Run the slide's tiles (then its regions) through the model into the new file ``tmp``.
+
+        A disk without room for the file is an ``ENOSPC`` before anything is written: HDF5 meeting a full
+        disk part-way gives unreadable errors (and h5py can crash freeing the file)."""
+        need, free = self.output_bytes(), shutil.disk_usage(tmp.parent).free
+        if free < need + DISK_MARGIN:
+            raise OSError(errno.ENOSPC, f"{tmp.name} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
         for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()

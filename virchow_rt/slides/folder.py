@@ -11,10 +11,12 @@ given, not which file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ from virchow_rt.errors import OutputError
 CONFIG_NAME = "run_config.json"
 #: compared by kind only (given or not): each slide may bring its own coordinates file
 _BY_KIND = ("coords_source",)
+
+
+@contextlib.contextmanager
+def writing(out_dir: Path) -> Iterator[None]:
+    """An OS error writing the run's own files in ``out_dir`` (a full disk, permissions) as one line."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(
+            f"cannot write in --out {out_dir} ({err.strerror or err}); free some space or fix the folder's "
+            "permissions, then rerun the same command to resume"
+        ) from err
 
 
 def _same(key: str, recorded: Any, wanted: Any) -> bool:

@@ -56,13 +56,23 @@ def process_slides(
     started, wall0 = now(), time.perf_counter()
     records: list[SlideRecord] = []
     with SlideJob.opened(model, out_dir, settings, backend) as job:
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves no folder
-        folder.claim(out_dir, job.config)
+        with folder.writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to open leaves none
+            folder.claim(out_dir, job.config)
         info = job.embedder.info
         if info.random_weights:
             warn_random_weights(
                 f"{info.variant} has random weights; every output is labelled random_weights=true"
             )
+
+        def summarize() -> dict[str, Any]:
+            # also after an interrupt: the summary lists every slide given, what was done and what was not
+            records.extend(SlideRecord.for_slide(p, status="not started") for p in paths[len(records) :])
+            with folder.writing(out_dir):
+                return write_summary(
+                    out_dir, records, job.settings, job.model_entry, started, time.perf_counter() - wall0
+                )
+
         try:
             with contextlib.ExitStack() as stack:
                 cache = None
@@ -72,10 +82,8 @@ def process_slides(
                                       skip=job.is_complete)  # fmt: skip
                     cache = stack.enter_context(made)
                 embed_cohort(job, paths, records, log, warn, cache)
-        finally:
-            # also after an interrupt: the summary lists every slide given, what was done and what was not
-            records += [SlideRecord.for_slide(p, status="not started") for p in paths[len(records) :]]
-            summary = write_summary(
-                out_dir, records, job.settings, job.model_entry, started, time.perf_counter() - wall0
-            )
-    return summary
+        except BaseException:
+            with contextlib.suppress(Exception):  # what stopped the run is what the user must read
+                summarize()
+            raise
+        return summarize()

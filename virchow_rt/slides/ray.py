@@ -221,21 +221,35 @@ def _run_job(
     except BaseException:
         pool.close()
         raise
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder.claim(out_dir, first["config"])
+    try:
+        with folder.writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            folder.claim(out_dir, first["config"])
+    except BaseException:
+        pool.close()
+        raise
     if first["random_weights"]:
         warn_random_weights(
             f"{first['variant']} has random weights; every output is labelled random_weights=true"
         )
-    try:
-        pool.run()
-    finally:
-        pool.close()
+
+    def summarize() -> dict[str, Any]:
         records = list(pool.records.values())
         hosts = sorted({r.host for r in records if r.host})
         extra = {"ray": {"workers": len(handles), "workers_left": pool.live(), "hosts": hosts,
                          "lost_workers": pool.lost}}  # fmt: skip
-        summary = write_summary(
-            out_dir, records, first["settings"], first["model"], started, time.perf_counter() - wall0, extra
-        )
-    return summary
+        with folder.writing(out_dir):
+            return write_summary(
+                out_dir, records, first["settings"], first["model"], started, time.perf_counter() - wall0,
+                extra,
+            )  # fmt: skip
+
+    try:
+        pool.run()
+    except BaseException:
+        pool.close()
+        with contextlib.suppress(Exception):  # what stopped the run is what the user must read
+            summarize()
+        raise
+    pool.close()
+    return summarize()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 from virchow_rt.embed import Embedder
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
-from virchow_rt.files import current_umask
+from virchow_rt.files import current_umask, fsync_path
 from virchow_rt.slides import folder, locks, summary
 from virchow_rt.slides.features import ModelIdentity, SlideFeatures
 from virchow_rt.slides.locks import Lease, LeaseLost, partial_path
@@ -218,6 +219,7 @@ class SlideTask:
         self.lease.check()  # another run took the slide over while this one was stopped: leave its file alone
         os.chmod(self._tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give it
         os.replace(self._tmp, out)
+        fsync_path(out.parent)  # the rename itself on disk
         record.timings["total_s"] = total = self._busy_s + time.perf_counter() - start
         record.status, record.output = "done", str(out)
         record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
@@ -250,8 +252,9 @@ class SlideTask:
                         "some space and rerun the same command to resume"
                     ) from err
                 record.status = "failed"
-                # our errors carry a full sentence; anything else gets its type, so it reads
-                record.reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+                # our errors carry a full sentence; anything else gets its type, so it reads; one line
+                reason = str(err) if isinstance(err, VirchowError) else f"{type(err).__name__}: {err}"
+                record.reason = " ".join(reason.split())
                 self.warn(f"{self.prefix}: FAILED: {record.reason}")
         except LeaseLost as err:  # nothing of the other run's was touched; our temporary file goes
             record.status, record.reason = "locked", str(err)
@@ -295,12 +298,19 @@ class SlideTask:
             self.lease.release()
 
 
+#: how HDF5 reports a full disk in a RuntimeError's text ("... errno = 28, error message = 'No space ...'")
+_FULL_DISK = re.compile(
+    rf"No space left on device|Disk quota exceeded|errno = ({errno.ENOSPC}|{errno.EDQUOT})\b"
+)
+
+
 def _disk_full(err: BaseException | None) -> bool:
-    """True when ``err`` (or what caused it: h5py wraps the OS error) says the disk is full or over quota."""
+    """True when ``err`` (or what caused it) says the disk is full or over quota: an OS error, or h5py's
+    ``RuntimeError``/``OSError`` that carries HDF5's text of it."""
     while err is not None:
-        if isinstance(err, OSError) and (
-            err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
-        ):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, OSError | RuntimeError) and _FULL_DISK.search(str(err)):
             return True
         err = err.__cause__ or err.__context__
     return False

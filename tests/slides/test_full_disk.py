@@ -1,0 +1,143 @@
+"""A full disk stops the run with one line and keeps every finished slide: whether the OS says so, HDF5 says
+so in its own words, the room is missing before the file is begun, or the run's own files cannot be
+written; the summary written on the way out never replaces the reason the run stopped."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+from slide_helpers import FakeBackend
+
+from virchow_rt.errors import OutputError
+from virchow_rt.slides import SlideSettings, features, local, process_slides, writer
+from virchow_rt.slides.writer import check_complete
+
+QUIET = {"log": lambda s: None, "warn": lambda s: None}
+# what h5py raises when HDF5 meets a full disk while flushing or closing (its text, on one line here)
+HDF5_FULL = (
+    "Can't decrement id ref count (file write failed: time = Tue Dec  1 10:00:00 2026\n, filename = "
+    "'/out/.s1.h5.x.partial', file descriptor = 7, errno = 28, error message = 'No space left on device', "
+    "buf = 0x55d0c0, total write size = 1048576, bytes this sub-write = 1048576, bytes actually written = "
+    "18446744073709551615, offset = 0)"
+)
+
+
+@pytest.fixture
+def slides(make_slide) -> list[Path]:
+    return [make_slide(f"s{i}.tif", seed=i).path for i in range(3)]
+
+
+def full_on(name: str, error: BaseException):
+    """``FeatureWriter.finish`` that raises ``error`` for slide ``name`` (as HDF5's flush on a full disk)."""
+    real = writer.FeatureWriter.finish
+
+    def finish(self, *args, **kwargs):  # noqa: ANN001, ANN202 - FeatureWriter.finish's signature
+        if self.path.name.startswith(f".{name}.h5"):
+            raise error
+        return real(self, *args, **kwargs)
+
+    return finish
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError(HDF5_FULL), OSError(f"Unable to synchronously flush file ({HDF5_FULL})")],
+    ids=["h5py-runtime-error", "h5py-os-error-without-errno"],
+)
+def test_hdf5s_own_words_for_a_full_disk_stop_the_run_in_one_line(slides, tmp_path, monkeypatch, error):
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer.FeatureWriter, "finish", full_on("s1", error))
+    with pytest.raises(
+        OutputError, match=rf"disk holding {out} is full .*s1\.h5.*rerun the same command"
+    ) as err:
+        process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+    assert "\n" not in str(err.value)
+    assert check_complete(out / "s0.h5", {}) is None and not (out / "s1.h5").exists()
+    assert not (out / "s2.h5").exists() and not list(out.glob(".*"))  # nothing half-made, no lock left
+
+
+def test_a_disk_without_room_for_the_file_stops_before_it_is_begun(slides, tmp_path, monkeypatch):
+    out, made = tmp_path / "out", []
+    real_usage, real_writer = shutil.disk_usage, writer.FeatureWriter.__init__
+
+    def usage(path):  # noqa: ANN001, ANN202
+        found = real_usage(path)
+        return found._replace(free=1 << 20) if made else found  # full once s0's file was begun
+
+    def init(self, path, *args, **kwargs):  # noqa: ANN001, ANN202
+        made.append(Path(path).name)
+        real_writer(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(features.shutil, "disk_usage", usage)
+    monkeypatch.setattr(writer.FeatureWriter, "__init__", init)
+    with pytest.raises(OutputError, match=r"is full .*s1\.h5") as err:
+        process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+    assert "needs 0.0 MiB, 1.0 MiB free" in str(err.value.__cause__)  # 16 MiB kept free besides the file
+    assert [name.split(".")[1] for name in made] == ["s0"]  # s1's file was never begun
+    assert check_complete(out / "s0.h5", {}) is None and not list(out.glob(".*"))
+
+
+def test_the_summary_on_the_way_out_never_replaces_why_the_run_stopped(slides, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer.FeatureWriter, "finish", full_on("s1", RuntimeError(HDF5_FULL)))
+
+    def no_room(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local, "write_summary", no_room)
+    with pytest.raises(OutputError, match=r"disk holding .* is full .*s1\.h5"):
+        process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+
+
+def test_the_runs_own_files_unwritable_is_one_line(slides, tmp_path, monkeypatch):
+    """The summary after every slide went well, and the folder's claim before any: one line each."""
+    out = tmp_path / "out"
+
+    def no_room(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local, "write_summary", no_room)
+    with pytest.raises(OutputError, match=rf"cannot write in --out {out} \(No space left on device\); free"):
+        process_slides(slides[:1], FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+    assert check_complete(out / "s0.h5", {}) is None  # the slide itself is kept
+
+    monkeypatch.setattr(local.folder, "_create", no_room)
+    with pytest.raises(OutputError, match=r"cannot write in --out .*No space left on device"):
+        process_slides(slides[:1], FakeBackend(), tmp_path / "other", SlideSettings(batch_size=4), **QUIET)
+
+
+def test_a_failed_slides_reason_is_one_line(slides, tmp_path, monkeypatch):
+    from virchow_rt.slides import task
+
+    real = task.SlideTask._open
+
+    def bad_open(self, read_ahead):  # noqa: ANN001, ANN202
+        if self.path.stem == "s1":
+            raise ValueError("first line\nsecond line\n  third")
+        return real(self, read_ahead)
+
+    monkeypatch.setattr(task.SlideTask, "_open", bad_open)
+    summary = process_slides(slides, FakeBackend(), tmp_path / "out", SlideSettings(batch_size=4), **QUIET)
+    reasons = {s["name"]: s["reason"] for s in summary["slides"] if s["status"] == "failed"}
+    assert reasons == {"s1": "ValueError: first line second line third"}
+
+
+def test_the_file_is_on_disk_before_it_is_renamed_into_place(slides, tmp_path, monkeypatch):
+    from virchow_rt.slides import task
+
+    synced: list[str] = []
+    real_replace = task.os.replace
+
+    def replace(src, dst):  # noqa: ANN001, ANN202 - os.replace is the module's: other files pass too
+        real_replace(src, dst)
+        if Path(dst).suffix == ".h5":
+            synced.append(f"renamed {Path(dst).name}")
+
+    monkeypatch.setattr(writer, "fsync_path", lambda p: synced.append(Path(p).name))
+    monkeypatch.setattr(task, "fsync_path", lambda p: synced.append(f"folder {Path(p).name}"))
+    monkeypatch.setattr(task.os, "replace", replace)
+    process_slides(slides[:1], FakeBackend(), tmp_path / "out", SlideSettings(batch_size=4), **QUIET)
+    assert synced[1:] == ["renamed s0.h5", "folder out"] and synced[0].startswith(".s0.h5.")
