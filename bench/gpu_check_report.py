@@ -125,7 +125,8 @@ def bench_so_far(variant: str, folder: Path) -> dict[str, Any] | None:
     rows = read_rows(folder)
     if not rows:
         return None
-    return {"variant": variant, "random_weights": True, "complete": False, "measured": [f"{len(rows)} rows"],
+    measured = f"{len(rows)} row" + ("s" if len(rows) != 1 else "")
+    return {"variant": variant, "random_weights": True, "complete": False, "measured": [measured],
             "matmul_peaks": {}, "rows": summarize_rows(rows), "targets": []}  # fmt: skip
 
 
