@@ -19,10 +19,13 @@ clock (the budget counts the install and the imports too)::
 Made to survive what a GPU lease does to it: ``gpu_check.json`` and ``gpu_check.md`` are rewritten as
 each step starts and ends (they name the step running); every step that imports the heavy packages or
 touches the GPU runs in a child process with a time limit (SIGINT first, so pytest writes what it has,
-then SIGKILL for the child and every process it started); no step starts without its ``min_left`` of
-the budget; pytest streams each test's id and outcome into ``pytest.log`` as the test ends. At most 6
-files are written into ``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log``
-and each variant's ``<variant>.report.json``.
+then SIGKILL for the child and every process it started: the step is recorded as "stopped"); no step
+starts without its ``min_left`` of the budget; pytest streams each test's id and outcome into
+``pytest.log`` as the test ends; the bench and slides children write each row as they measure it (a
+JSON-lines file in the scratch folder), read into ``gpu_check.json`` (``running_so_far``) while they
+run and kept as the step's result when they fail or are stopped. At most 6 files are written into
+``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log`` and each variant's
+``<variant>.report.json``.
 
 Beside it in ``bench/``: ``gpu_check_children.py`` (child processes: environment, limits, cleanup),
 ``gpu_check_steps.py`` (the steps run in a child: probe, bandwidth, resize kernel) and
