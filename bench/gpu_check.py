@@ -19,10 +19,13 @@ clock (the budget counts the install and the imports too)::
 Made to survive what a GPU lease does to it: ``gpu_check.json`` and ``gpu_check.md`` are rewritten as
 each step starts and ends (they name the step running); every step that imports the heavy packages or
 touches the GPU runs in a child process with a time limit (SIGINT first, so pytest writes what it has,
-then SIGKILL for the child and every process it started); no step starts without its ``min_left`` of
-the budget; pytest streams each test's id and outcome into ``pytest.log`` as the test ends. At most 6
-files are written into ``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log``
-and each variant's ``<variant>.report.json``.
+then SIGKILL for the child and every process it started: the step is recorded as "stopped"); no step
+starts without its ``min_left`` of the budget; pytest streams each test's id and outcome into
+``pytest.log`` as the test ends; the bench and slides children write each row as they measure it (a
+JSON-lines file in the scratch folder), read into ``gpu_check.json`` (``running_so_far``) while they
+run and kept as the step's result when they fail or are stopped. At most 6 files are written into
+``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log`` and each variant's
+``<variant>.report.json``.
 
 Beside it in ``bench/``: ``gpu_check_children.py`` (child processes: environment, limits, cleanup),
 ``gpu_check_steps.py`` (the steps run in a child: probe, bandwidth, resize kernel) and
@@ -49,6 +52,7 @@ from gpu_check_children import (
     GRACE_S,
     ROOT,
     StepFailed,
+    StepStopped,
     Stopped,
     become_subreaper,
     child_env,
@@ -56,9 +60,18 @@ from gpu_check_children import (
     run_logged,
     stop_leftovers,
 )
-from gpu_check_report import hiding, read_test_outcomes, render_markdown, summarize_report
+from gpu_check_report import (
+    bench_so_far,
+    hiding,
+    read_test_outcomes,
+    render_markdown,
+    slides_so_far,
+    summarize_report,
+)
 
 STEPS = ROOT / "bench" / "gpu_check_steps.py"
+SLIDES = ROOT / "bench" / "slides_throughput.py"
+BENCH = ("-m", "virchow_rt", "bench")  # the benchmark's command line after the interpreter
 SITE = Path(tempfile.gettempdir()) / "virchow-rt-site"  # where carried wheels are installed
 #: rows every variant is benchmarked with (the reference first; see virchow_rt.benchmark.rows)
 ROWS = "torch-eager/fp32,torch-eager/fp16-autocast,torch-cuda"
@@ -100,8 +113,9 @@ DRY = Plan(
 )
 #: step -> (the most seconds it may take, its min_left: with less of the budget left it is skipped).
 #: Estimates until a GPU run has recorded each step's seconds (virchow2's bench: ~110 s expected, the
-#: fp32 reference dominating); a step stopped at its limit keeps nothing but its log, so they are generous
-#: and the steps after them are the ones skipped when the budget runs out.
+#: fp32 reference dominating); a bench or slides step stopped at its limit keeps the rows it reached (the
+#: tests step, the outcomes), the other steps nothing but their log: generous, so that the steps after
+#: them are the ones skipped when the budget runs out.
 LIMITS = {
     "install": (60, 20), "environment": (90, 30), "tests": (150, 60), "bandwidth": (30, 20),
     "resize kernel": (45, 20), "bench": (170, 60), "copy hiding": (5, 1), "slides": (120, 45),
@@ -121,6 +135,7 @@ class Checker:
         self.start = started  # the perf_counter() value the budget counts from
         self.steps: dict[str, dict[str, Any]] = {}
         self.running: str | None = None
+        self.so_far: Any = None  # what the running step has measured so far (kept if the check is killed)
         self.finished = False
         self.environment: dict[str, Any] | None = None
         self.gpu = False
@@ -159,12 +174,13 @@ class Checker:
         try:
             result, status, reason = fn(timeout), "ok", None
         except StepFailed as err:
-            result, status, reason = err.result, "failed", str(err)
+            status = "stopped" if isinstance(err, StepStopped) else "failed"
+            result, reason = err.result, str(err)
         except Exception as err:  # noqa: BLE001 - one failed step must not stop the others; recorded
             detail = "".join(traceback.format_exception(err)[-3:]).strip()
             self.log(detail)
             result, status, reason = None, "failed", f"{type(err).__name__}: {err}"
-        self.running = None
+        self.running, self.so_far = None, None
         return self._record(name, status, time.perf_counter() - begun, reason, result)
 
     def _record(self, name: str, status: str, seconds: float, reason: str | None, result: Any = None) -> Any:
@@ -178,17 +194,25 @@ class Checker:
         self.save()
         return result
 
+    def progress(self, found: Any) -> None:
+        """The running step has measured ``found`` so far: on disk now, so a killed check still holds it."""
+        if found is not None and found != self.so_far:
+            self.so_far = found
+            self.save()
+
     def stopped(self, why: str) -> None:
-        """The check was stopped (a signal) while ``self.running`` ran: record it as such."""
+        """The check was stopped (a signal) while ``self.running`` ran: record it, with what it reached."""
         if self.running is not None:
-            self._record(self.running, "stopped", 0.0, f"the check was stopped ({why}) during this step")
-            self.running = None
+            reason = f"the check was stopped ({why}) during this step"
+            self._record(self.running, "stopped", 0.0, reason, self.so_far)
+            self.running, self.so_far = None, None
 
     def result(self) -> dict[str, Any]:
         env = self.environment or {}
         return {
             "kind": "virchow-rt-gpu-check", "dry_run": self.dry_run, "random_weights": True,
-            "finished": self.finished, "running": self.running, "machine": env.get("machine"),
+            "finished": self.finished, "running": self.running, "running_so_far": self.so_far,
+            "machine": env.get("machine"),
             "environment": self.environment, "plan": asdict(self.plan), "budget_s": self.plan.budget_s,
             "duration_s": round(time.perf_counter() - self.start, 1), "steps": self.steps,
         }  # fmt: skip
@@ -241,11 +265,20 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = 
     env = child_env()
 
     def child(
-        args: list[str], timeout: float, what: str, log_to: Path = steps_log, cwd: Path = scratch
+        args: list[str], timeout: float, what: str, log_to: Path = steps_log, so_far: Any = None
     ) -> None:
-        code = run_logged(args, log_to, timeout, env=env, cwd=cwd)
-        if code != 0:
-            raise StepFailed(f"{what} exited {code}: {last_line(log_to)} (see {log_to.name})")
+        """Run a child; with ``so_far``, what it has measured is kept as it runs, fails or is stopped."""
+        watch = None if so_far is None else lambda: check.progress(so_far())
+        try:
+            code = run_logged(args, log_to, timeout, env=env, cwd=scratch, watch=watch)
+            if code != 0:
+                raise StepFailed(f"{what} exited {code}: {last_line(log_to)} (see {log_to.name})")
+        except StepFailed as err:
+            if so_far is None:
+                raise
+            found = so_far()
+            said = f"kept what it measured: {', '.join(found['measured'])}" if found else "nothing measured"
+            raise type(err)(f"{err}; {said}", found) from None
 
     def child_step(args: list[str], timeout: float) -> Any:
         result = scratch / f"{args[0]}.json"
@@ -277,27 +310,28 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = 
         found = {"exit_code": code, "per_test_timeout_s": plan.test_timeout_s if timeouts else None,
                  **read_test_outcomes(xml, log_path)}  # fmt: skip
         if stop is not None:
-            raise StepFailed(f"pytest {stop}", found)
+            raise type(stop)(f"pytest {stop}", found)
         if code not in (0, 5):  # 5: no test selected
             raise StepFailed(f"pytest exited {code}: {found['counts']}", found)
         return found
 
     def bench(variant: str, batches: str, tiles: int, timeout: float) -> dict[str, Any]:
         folder = scratch / f"bench-{variant}"  # not the variant's name: bench would take it for a folder
-        args = ["bench", variant, "--random-weights", "--backends", ROWS, "--batch-sizes", batches,
+        args = [variant, "--random-weights", "--backends", ROWS, "--batch-sizes", batches,
                 "--tiles", str(tiles), "--repeats", str(plan.repeats), "--warmup", str(plan.warmup),
                 "--out", str(folder)]  # fmt: skip
-        child([py, "-m", "virchow_rt", *args], timeout, f"virchow-rt bench {variant}")
+        so_far = lambda: bench_so_far(variant, folder)  # noqa: E731
+        child([py, *BENCH, *args], timeout, f"virchow-rt bench {variant}", so_far=so_far)
         shutil.copy(folder / "report.json", out / f"{variant}.report.json")
         return summarize_report(json.loads((folder / "report.json").read_text()))
 
     def slides(timeout: float) -> dict[str, Any]:
         variant, size = plan.slide
-        folder = scratch / "slides"
-        cmd = [py, str(ROOT / "bench" / "slides_throughput.py"), "--variant", variant, "--size", size,
-               "--repeats", "1", "--no-sweep", "--backend", "torch-cuda" if check.gpu else "auto",
-               "--workers", str(os.cpu_count() or 1), "--out", str(folder)]  # fmt: skip
-        child(cmd, timeout, "slides_throughput.py")
+        folder, parts = scratch / "slides", scratch / "slides-parts.jsonl"
+        cmd = [py, str(SLIDES), "--variant", variant, "--size", size, "--repeats", "1", "--no-sweep",
+               "--backend", "torch-cuda" if check.gpu else "auto", "--workers", str(os.cpu_count() or 1),
+               "--out", str(folder), "--parts", str(parts)]  # fmt: skip
+        child(cmd, timeout, "slides_throughput.py", so_far=lambda: slides_so_far(parts))
         report: dict[str, Any] = json.loads((folder / "slides_throughput.json").read_text())
         report.pop("environment", None)  # the check records it once
         return report

@@ -15,11 +15,13 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]  # the tree: tests/ and bench/ live there, not in a wheel
 GRACE_S = 10.0  # from SIGINT to SIGKILL: pytest writes its summary and JUnit XML meanwhile
+WATCH_S = 2.0  # how often a running child's results so far are read (``run_logged``'s ``watch``)
 
 
 class StepFailed(Exception):
@@ -28,6 +30,10 @@ class StepFailed(Exception):
     def __init__(self, reason: str, result: Any = None) -> None:
         super().__init__(reason)
         self.result = result
+
+
+class StepStopped(StepFailed):
+    """A child stopped at its time limit; ``result`` keeps what it had measured by then."""
 
 
 class Stopped(BaseException):
@@ -95,11 +101,20 @@ def stop_leftovers() -> int:
     return len(killed)
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, *, env: dict[str, str], cwd: Path) -> int:
+def run_logged(
+    cmd: list[str],
+    log: Path,
+    timeout: float,
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    watch: Callable[[], None] | None = None,
+) -> int:
     """Run ``cmd`` with its output appended to ``log``; returns its exit code.
 
     Past ``timeout`` seconds it gets SIGINT, and GRACE_S later SIGKILL with every process it started
-    (:class:`StepFailed`); whatever it leaves running when it ends is killed too.
+    (:class:`StepStopped`); whatever it leaves running when it ends is killed too. ``watch`` is called
+    every WATCH_S while it runs (to keep its results so far; an error there is logged, not raised).
     """
     with log.open("a") as fh:
         fh.write(f"\n$ {shlex.join(cmd)}\n")
@@ -107,21 +122,36 @@ def run_logged(cmd: list[str], log: Path, timeout: float, *, env: dict[str, str]
         proc = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
         )
+        deadline = time.monotonic() + max(timeout, 1.0)
         try:
-            return proc.wait(timeout=max(timeout, 1.0))
-        except subprocess.TimeoutExpired:
+            while True:
+                try:
+                    return proc.wait(timeout=max(0.0, min(WATCH_S, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        break
+                    if watch is not None:
+                        _call(watch, fh)
             proc.send_signal(signal.SIGINT)  # pytest writes its summary and XML; scripts unwind
             try:
                 proc.wait(timeout=GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-            raise StepFailed(f"stopped at its time limit of {timeout:.0f} s") from None
+            raise StepStopped(f"stopped at its time limit of {timeout:.0f} s")
         finally:
             left = [p for p in descendants(os.getpid()) if p != proc.pid]
             stop_leftovers()
             proc.wait()
             if left:
                 fh.write(f"(killed {len(left)} processes it left running)\n")
+
+
+def _call(watch: Callable[[], None], log: Any) -> None:
+    try:
+        watch()
+    except Exception as err:  # noqa: BLE001 - reading results early must never stop the child
+        log.write(f"(could not read its results so far: {type(err).__name__}: {err})\n")
+        log.flush()
 
 
 def last_line(log: Path) -> str:

@@ -86,12 +86,10 @@ def read_test_outcomes(xml_path: Path, log_path: Path) -> dict[str, Any]:
 
 
 # --- benchmark summaries ---------------------------------------------------------------------------
-def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
-    """The rows and targets of a benchmark report, as the check's summary keeps them."""
-    from virchow_rt.benchmark.targets import format_target
-
+def summarize_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the check's summary keeps of each benchmark row."""
     rows = []
-    for r in report["results"]:
+    for r in results:
         parity = r.get("parity") or {}
         rows.append({
             "key": f"{r['backend']}/{r['precision']}", "status": r["status"],
@@ -101,14 +99,53 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
             "min_cosine": parity.get("min_cosine"), "parity_passed": parity.get("passed"),
             "cuda_graphs": r.get("cuda_graphs"), "reason": r.get("reason"),
         })  # fmt: skip
+    return rows
+
+
+def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The rows and targets of a benchmark report, as the check's summary keeps them."""
+    from virchow_rt.benchmark.targets import format_target
+
     targets = [t for t in report.get("targets", []) if t["device"] == "cuda"]
     return {
         "variant": report["variant"],
         "random_weights": report["random_weights"],
+        "complete": True,
         "matmul_peaks": {k: v.get("tflops") for k, v in (report.get("matmul_peaks") or {}).items()},
-        "rows": rows,
+        "rows": summarize_rows(report["results"]),
         "targets": [{**t, "line": format_target(t)} for t in targets],
     }
+
+
+def bench_so_far(variant: str, folder: Path) -> dict[str, Any] | None:
+    """The rows ``virchow-rt bench --random-weights --out folder`` has measured so far (its ``rows.jsonl``),
+    summarized as a report's are, without targets (they need every row); None: no row yet."""
+    from virchow_rt.benchmark.report import read_rows
+
+    rows = read_rows(folder)
+    if not rows:
+        return None
+    measured = f"{len(rows)} row" + ("s" if len(rows) != 1 else "")
+    return {"variant": variant, "random_weights": True, "complete": False, "measured": [measured],
+            "matmul_peaks": {}, "rows": summarize_rows(rows), "targets": []}  # fmt: skip
+
+
+#: the measurements of bench/slides_throughput.py, in the order it takes them
+SLIDES_PARTS = ("reader", "reader_scaling", "model", "end_to_end")
+
+
+def slides_so_far(parts: Path) -> dict[str, Any] | None:
+    """The report bench/slides_throughput.py has so far: its ``--parts`` lines merged; None: no line."""
+    from virchow_rt.files import read_json_lines
+
+    lines = read_json_lines(parts)
+    if not lines:
+        return None
+    report: dict[str, Any] = {"complete": False}
+    for part in lines:
+        report.update(part)
+    report["measured"] = [k for k in SLIDES_PARTS if report.get(k)]
+    return report
 
 
 def copy_hiding(
@@ -191,12 +228,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         for c in tests["tests"]:
             note = f": {c['message']}" if c["message"] and c["outcome"] != "passed" else ""
             lines.append(f"- {c['outcome'].upper()} `{c['test']}`{note}")
-    for name, s in steps.items():
-        if not name.startswith("bench ") or not s["result"]:
+    # what each step found; the running step's results so far too (a check killed mid-step keeps them)
+    found = {name: s["result"] for name, s in steps.items() if s["result"]}
+    if result.get("running") and result.get("running_so_far"):
+        found[result["running"]] = result["running_so_far"]
+
+    def title(name: str) -> str:
+        partial = found[name].get("complete") is False if isinstance(found[name], dict) else False
+        return f"## {name}" + (f" (not finished: {', '.join(found[name]['measured'])})" if partial else "")
+
+    for name, bench in found.items():
+        if not name.startswith("bench "):
             continue
-        bench = s["result"]
         header = "| row | batch | tiles/s end to end | compute-only | peak | min cosine |"
-        lines += ["", f"## {name}", "", header,
+        lines += ["", title(name), "", header,
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for r in bench["rows"]:
             if r["status"] != "ok":
@@ -210,8 +255,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             )
         lines += ["", *[f"- {t['line']}" for t in bench["targets"]]]
     for name in ("bandwidth", "copy hiding", "resize kernel", "slides"):
-        s = steps.get(name) or {}
-        if s.get("result"):
-            lines += ["", f"## {name}", "", "```json",
-                      json.dumps(s["result"], indent=1, default=str)[:3000], "```"]  # fmt: skip
+        if found.get(name):
+            lines += ["", title(name), "", "```json",
+                      json.dumps(found[name], indent=1, default=str)[:3000], "```"]  # fmt: skip
     return "\n".join(lines) + "\n"

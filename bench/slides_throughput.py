@@ -14,7 +14,9 @@ each after a warm-up and ``--repeats`` timed runs (median, spread):
 
     python bench/slides_throughput.py [--variant virchow2g-mini] [--workers 2] [--batch 32] [--repeats 3]
 
-Writes ``--out/slides_throughput.json``; the environment is recorded with the numbers.
+Writes ``--out/slides_throughput.json``; the environment is recorded with the numbers. ``--parts FILE``
+also appends each part of that report to FILE as one JSON line as soon as it is measured (merged in
+order, the lines are the report so far): a run stopped at a time limit keeps what it reached.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from virchow_rt.benchmark.environment import collect_environment
 from virchow_rt.benchmark.timing import Stats, time_calls
 from virchow_rt.embed.embedder import default_batch_size
-from virchow_rt.files import write_json
+from virchow_rt.files import append_json_line, write_json
 from virchow_rt.slides import (
     SlideSettings,
     TileReader,
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-sweep", action="store_true", help="skip the reader's threads-vs-processes sweep")
     p.add_argument(
+        "--parts", type=Path, default=None, help="append each part of the report here as it is measured"
+    )
+    p.add_argument(
         "--compression",
         default=None,
         help="tile codec of the synthetic slide (default: jpeg as scanners write; zlib without imagecodecs)",
@@ -122,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         args.out / f"synthetic-{width}x{height}-{compression}.svs", width, height, compression
     )
     settings = SlideSettings(mpp=args.mpp, workers=args.workers, batch_size=args.batch, read_processes=True)
+    report: dict[str, Any] = {}
+    if args.parts:
+        args.parts.write_text("")  # this run's parts only
+
+    def keep(**part: Any) -> None:
+        report.update(part)
+        if args.parts:
+            append_json_line(args.parts, part)
+
+    keep(
+        what="whole-slide throughput: reader alone, model alone, end to end (process_slides)",
+        variant=args.variant,
+        slide={"path": slide_path.name, "layout": "Aperio SVS", "size": [width, height], "mpp": 0.25,
+               "compression": compression},
+        target_mpp=args.mpp,
+    )  # fmt: skip
 
     with open_slide(slide_path) as slide, open_backend(model, backend=args.backend) as backend:
         grid = tile_grid(slide, mpp=args.mpp)
@@ -135,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             f"backend {backend.name}",
             flush=True,
         )
+        kind = "processes" if reader.processes else "threads"
+        keep(random_weights=bool(backend.info.random_weights), backend=backend.name, tiles=n,
+             workers=reader.workers, worker_kind=kind, batch=batch)  # fmt: skip
 
         def read_all() -> list[np.ndarray]:
             return [
@@ -142,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
 
         read_stats = time_calls(read_all, repeats=args.repeats, warmup=1)
-        scaling = None if args.no_sweep else _sweep(slide_path, plan, batch, args.repeats)
+        keep(reader=_rate(read_stats, n))
+        keep(reader_scaling=None if args.no_sweep else _sweep(slide_path, plan, batch, args.repeats))
         batches = read_all()
         model_stats = time_calls(lambda: list(backend.pipeline(batches)), repeats=args.repeats, warmup=1)
-        backend_name, random_weights = backend.name, backend.info.random_weights
+        keep(model=_rate(model_stats, n))
 
     runs = []
     for k in range(args.repeats + 1):  # the first is the warm-up
@@ -174,29 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         key: timings[key] / timings["total_s"] for key in ("mask_s", "read_wait_s", "embed_s", "write_s")
     }
 
-    report = {
-        "what": "whole-slide throughput: reader alone, model alone, end to end (process_slides)",
-        "variant": args.variant,
-        "random_weights": bool(random_weights),
-        "backend": backend_name,
-        "slide": {
-            "path": slide_path.name,
-            "layout": "Aperio SVS",
-            "size": [width, height],
-            "mpp": 0.25,
-            "compression": compression,
-        },  # fmt: skip
-        "tiles": n,
-        "target_mpp": args.mpp,
-        "workers": reader.workers,
-        "worker_kind": "processes" if reader.processes else "threads",
-        "batch": batch,
-        "reader": _rate(read_stats, n),
-        "reader_scaling": scaling,
-        "model": _rate(model_stats, n),
-        "end_to_end": {**_rate(busy, n), "timings_s": timings, "share_of_time": breakdown},
-        "environment": collect_environment(),
-    }
+    keep(end_to_end={**_rate(busy, n), "timings_s": timings, "share_of_time": breakdown})
+    report["environment"] = collect_environment()
     write_json(args.out / "slides_throughput.json", report)
     e2e = report["end_to_end"]
     print(

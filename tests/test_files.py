@@ -66,3 +66,16 @@ def test_json_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkey
     assert kinds == ["fsync", "replace", "fsync"], events
     assert events[0][1].startswith(str(tmp_path / ".manifest.json."))  # the data, before the rename
     assert events[2][1] == str(tmp_path)  # the folder holding the new name, after it
+
+
+def test_json_lines_keep_every_whole_line_and_drop_a_torn_last_one(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    assert files.read_json_lines(path) == []  # nothing written yet
+    files.append_json_line(path, {"row": 1, "name": "a\nb"})
+    files.append_json_line(path, [2.5])
+    with open(path, "a") as fh:
+        fh.write('{"row": 3, "tiles_per')  # its writer killed mid-line
+    assert files.read_json_lines(path) == [{"row": 1, "name": "a\nb"}, [2.5]]
+    path.write_text('{"row": 1}\nnot json\n{"row": 3}\n')
+    with pytest.raises(ValueError, match="rows.jsonl, line 2: not JSON"):
+        files.read_json_lines(path)

@@ -158,3 +158,35 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
     """
     with atomic_path(path, durable=True) as tmp:
         tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n")
+
+
+def append_json_line(path: str | os.PathLike, data: Any) -> None:
+    """Append ``data`` as one JSON line to ``path`` in a single write, flushed to the OS at once.
+
+    For results kept as they are measured: a process killed later leaves every line written before.
+    """
+    line = json.dumps(data, separators=(",", ":")) + "\n"
+    with open(path, "a") as fh:
+        fh.write(line)
+
+
+def read_json_lines(path: str | os.PathLike) -> list[Any]:
+    """Every whole line of a JSON-lines file (none when there is no file).
+
+    A last line without its newline (its writer killed mid-write) is left out; any other line that is not
+    JSON is an error naming the file and the line.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished (or empty)
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err}); the file is damaged") from err
+    return found

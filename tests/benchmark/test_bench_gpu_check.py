@@ -7,10 +7,15 @@ without the project, ``--dry-run``), and is killed there once mid-run to prove w
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,25 @@ from gpu_check_report import (  # noqa: E402
     read_test_outcomes,
     render_markdown,
 )
+
+
+def _subreaper() -> int:
+    """This process's PR_GET_CHILD_SUBREAPER (Linux; -1 where prctl is not there)."""
+    flag = ctypes.c_int(-1)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(37, ctypes.byref(flag), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    return flag.value
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pytest_stays_what_it_was() -> Iterator[None]:
+    """No test here may make pytest's process a child subreaper (the check does so to its own process)."""
+    before = _subreaper()
+    yield
+    assert _subreaper() == before, "a test ran the GPU check's subreaper in pytest's own process"
+
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
@@ -200,31 +224,122 @@ def _fake_steps(tmp_path: Path, probe: str) -> Path:
     return path
 
 
-def test_a_project_that_does_not_import_still_leaves_its_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu_check, "STEPS", _fake_steps(tmp_path, "fail"))
-    result = gpu_check.run_gpu_check(tmp_path / "out", dry_run=True)
-    steps = result["steps"]
+def _check_command(tmp_path: Path, probe: str, *, dry_run: bool = True, setup: str = "") -> list[str]:
+    """A process that runs ``run_gpu_check`` into tmp_path/out with the probe ``probe`` and ``setup`` done,
+    printing "RESULT" and {"result": what it returned} or {"exit": the SystemExit's message}.
+
+    In a process of its own, as gpu_check.sh runs it: the check makes its process a child subreaper and
+    kills every process below it when it ends, which pytest's own process must not be."""
+    out = tmp_path / "out"
+    driver = f"""
+        import json, pathlib, sys
+        sys.path.insert(0, {str(BENCH)!r})
+        import gpu_check, gpu_check_children
+        gpu_check.STEPS = pathlib.Path({str(_fake_steps(tmp_path, probe))!r})
+        {setup}
+        try:
+            result = gpu_check.run_gpu_check(pathlib.Path({str(out)!r}), dry_run={dry_run})
+            print("RESULT", json.dumps({{"result": result}}, default=str))
+        except SystemExit as err:
+            print("RESULT", json.dumps({{"exit": str(err)}}))
+    """
+    return [sys.executable, "-c", textwrap.dedent(driver)]
+
+
+def _check_in_a_process(tmp_path: Path, probe: str, *, dry_run: bool = True, setup: str = "") -> dict:
+    done = subprocess.run(_check_command(tmp_path, probe, dry_run=dry_run, setup=setup), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
+def test_a_project_that_does_not_import_still_leaves_its_results(tmp_path: Path) -> None:
+    steps = _check_in_a_process(tmp_path, "fail")["result"]["steps"]
     assert steps["environment"]["status"] == "failed"
     assert "No module named 'virchow_rt'" in steps["environment"]["reason"]
     assert all(s["status"] == "skipped" and "did not load" in s["reason"] for n, s in steps.items()
                if n not in ("install", "environment"))  # fmt: skip
     saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert saved["steps"] == json.loads(json.dumps(steps)) and not saved["finished"]
+    assert saved["steps"] == steps and not saved["finished"]
     assert len(list((tmp_path / "out").iterdir())) <= 6  # the device returns at most 8 files
 
 
-def test_a_full_check_refuses_a_machine_without_a_gpu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    probe = {"imports": {"pytest_timeout": {"ok": False}}, "gpu_visible": False, "slide_readers": [],
-             "environment": {"machine": "2-core CPU, no GPU"}}  # fmt: skip
-    monkeypatch.setattr(gpu_check, "STEPS", _fake_steps(tmp_path, json.dumps(probe)))
-    with pytest.raises(SystemExit, match="no CUDA GPU.*--dry-run"):
-        gpu_check.run_gpu_check(tmp_path / "out")
+PROBE = {"imports": {"pytest_timeout": {"ok": False}}, "gpu_visible": False, "slide_readers": ["tiffslide"],
+         "environment": {"machine": "2-core CPU, no GPU"}}  # fmt: skip
+
+
+def test_a_full_check_refuses_a_machine_without_a_gpu(tmp_path: Path) -> None:
+    refused = _check_in_a_process(tmp_path, json.dumps(PROBE), dry_run=False)["exit"]
+    assert "no CUDA GPU" in refused and "--dry-run" in refused
     saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert saved["machine"] == "2-core CPU, no GPU" and saved["steps"]["tests"]["status"] == "skipped"
+
+
+def _row(batch: int) -> dict:
+    return {"backend": "torch-eager", "precision": "fp32", "status": "ok", "batch_size": batch,
+            "tiles_per_s": 100.0 * batch, "parity": {"min_cosine": 1.0, "passed": True}}  # fmt: skip
+
+
+#: what each stand-in child measures (rows.jsonl lines, or --parts lines) before it hangs or exits
+MEASURED = {
+    "virchow2-tiny": [_row(4), _row(8)],  # then hangs: stopped at its limit
+    "virchow2g-mini-tiny": [_row(8)],  # then exits 3: failed
+    "slides": [
+        {"variant": "v", "tiles": 12},
+        {"reader": {"tiles_per_s": 50.0}},
+        {"reader_scaling": None},
+        {"model": {"tiles_per_s": 20.0}},
+    ],  # then hangs  # fmt: skip
+}
+MEASURING_CHILD = f"""
+import json, pathlib, signal, sys
+args = sys.argv[1:]
+if "--parts" in args:
+    what, into = "slides", pathlib.Path(args[args.index("--parts") + 1])
+else:
+    what, into = args[0], pathlib.Path(args[args.index("--out") + 1]) / "rows.jsonl"
+    into.parent.mkdir(parents=True, exist_ok=True)
+for line in {MEASURED!r}[what]:
+    with into.open("a") as fh:
+        fh.write(json.dumps(line) + "\\n")
+if what == "virchow2g-mini-tiny":
+    sys.exit("broke after its first row")
+signal.pause()  # until it is stopped at its limit: SIGINT ends it
+"""
+
+
+def test_a_step_stopped_at_its_limit_keeps_the_rows_it_measured(tmp_path: Path) -> None:
+    # each stand-in writes its rows at once, then waits (or exits): its limit of 4 s is startup's margin
+    (tmp_path / "measure.py").write_text(MEASURING_CHILD)
+    setup = f"""
+        gpu_check.SLIDES = {str(tmp_path / "measure.py")!r}
+        gpu_check.BENCH = (gpu_check.SLIDES,)
+        gpu_check.LIMITS.update(tests=(1, 10**6), bench=(4, 1), slides=(4, 1))  # tests: skipped
+        gpu_check_children.GRACE_S, gpu_check_children.WATCH_S = 1.0, 0.2
+    """
+    result = _check_in_a_process(tmp_path, json.dumps(PROBE), setup=setup)["result"]
+    steps = result["steps"]
+    stopped, failed, slides = (
+        steps["bench virchow2-tiny"],
+        steps["bench virchow2g-mini-tiny"],
+        steps["slides"],
+    )
+    assert stopped["status"] == "stopped"
+    assert stopped["reason"] == "stopped at its time limit of 4 s; kept what it measured: 2 rows"
+    assert [(r["key"], r["batch_size"], r["tiles_per_s"]) for r in stopped["result"]["rows"]] == [
+        ("torch-eager/fp32", 4, 400.0), ("torch-eager/fp32", 8, 800.0)
+    ]  # fmt: skip
+    assert stopped["result"]["complete"] is False and stopped["result"]["targets"] == []
+    assert failed["status"] == "failed" and "exited 1: broke after its first row" in failed["reason"]
+    assert failed["reason"].endswith("kept what it measured: 1 row") and len(failed["result"]["rows"]) == 1
+    assert slides["status"] == "stopped" and slides["reason"].endswith("kept what it measured: reader, model")
+    assert slides["result"]["model"] == {"tiles_per_s": 20.0} and slides["result"]["tiles"] == 12
+    out = tmp_path / "out"
+    assert json.loads((out / "gpu_check.json").read_text())["steps"] == steps
+    md = (out / "gpu_check.md").read_text()
+    assert "## bench virchow2-tiny (not finished: 2 rows)" in md and "| torch-eager/fp32 | 8 | 800 |" in md
+    assert "## slides (not finished: reader, model)" in md
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "steps.log"]
 
 
 def test_markdown_names_the_machine_failures_and_targets() -> None:
@@ -268,3 +383,31 @@ def test_the_environment_names_what_a_first_gpu_run_failure_is_attributed_by() -
     versions = collect_environment()["versions"]  # None where not installed, never left out
     assert {"cuda-core", "cupy-cuda13x", "cupy-cuda12x", "nvidia-cuda-nvrtc", "torch"} <= set(versions)
     assert versions["numpy"]
+
+
+def test_a_check_killed_mid_bench_keeps_the_rows_measured_so_far(tmp_path: Path) -> None:
+    (tmp_path / "measure.py").write_text(MEASURING_CHILD)
+    setup = f"""
+        gpu_check.BENCH = ({str(tmp_path / "measure.py")!r},)
+        gpu_check.LIMITS.update(tests=(1, 10**6), bench=(300, 1))  # tests: skipped; the bench hangs
+        gpu_check_children.WATCH_S = 0.2
+    """
+    saved = tmp_path / "out" / "gpu_check.json"
+
+    def rows_so_far() -> int:
+        found = json.loads(saved.read_text()).get("running_so_far") if saved.exists() else None
+        return len(found["rows"]) if found else 0
+
+    run = subprocess.Popen(_check_command(tmp_path, json.dumps(PROBE), setup=setup),
+                           stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while rows_so_far() < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polls the check's own file: the rows are there as soon as it has read them
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the whole check, as a device machine taking it back does
+        run.wait()
+    result = json.loads(saved.read_text())
+    assert result["running"] == "bench virchow2-tiny" and not result["finished"]
+    assert [r["batch_size"] for r in result["running_so_far"]["rows"]] == [4, 8]
+    assert "## bench virchow2-tiny (not finished: 2 rows)" in (tmp_path / "out" / "gpu_check.md").read_text()

@@ -9,7 +9,7 @@ import pytest
 from bench_fakes import FakeBackend
 
 from virchow_rt.benchmark import run_benchmark, runner
-from virchow_rt.benchmark.report import validate_report
+from virchow_rt.benchmark.report import read_rows, validate_report
 from virchow_rt.benchmark.rows import Machine
 from virchow_rt.contract import Manifest
 from virchow_rt.errors import RandomWeightsWarning
@@ -158,3 +158,31 @@ def test_a_backend_on_another_provider_than_asked_is_not_reported_under_the_wron
     row = next(r for r in report["results"] if r["backend"] == "onnxruntime-cpu")
     assert row["status"] == "failed" and row["tiles_per_s"] is None
     assert "put the session on onnxruntime-slowpath, not onnxruntime-cpu" in row["reason"]
+
+
+@pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
+def test_each_row_is_on_disk_as_it_is_measured_so_a_stopped_run_keeps_them(
+    fake_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rows.jsonl").write_text('{"backend": "old", "precision": "fp32", "status": "ok"}\n')  # a past run
+    measured: list[dict] = []
+    measure = runner.BenchmarkRun._measure_one
+
+    def stopped_at_the_third(self, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or the GPU check's SIGINT) before the report is written
+        measured.append(measure(self, *args))
+        assert len(read_rows(out)) < len(measured)  # not on disk before the run has it...
+        return measured[-1]
+
+    monkeypatch.setattr(runner.BenchmarkRun, "_measure_one", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark("virchow2g-mini-tiny", out, random_weights=True, backends=["torch-eager/bf16-autocast"],
+                      batch_sizes=[2, 4], tiles=4, repeats=1, progress=False, echo=print)  # fmt: skip
+    rows = read_rows(out)  # ...but on disk as soon as it has it
+    assert not (out / "report.json").exists() and len(rows) == 2
+    assert [(r["backend"], r["precision"], r["batch_size"], r["tiles_per_s"]) for r in rows] == [
+        (r["backend"], r["precision"], r["batch_size"], float(r["tiles_per_s"])) for r in measured
+    ]

@@ -3,8 +3,9 @@
 :func:`run_benchmark` measures every backend x precision row this machine has over a batch-size
 sweep (end-to-end tiles/s, compute-only on a GPU, latency, peak memory, achieved TFLOP/s against a
 matmul peak measured in the same run) and compares each row's embeddings with the fp32 reference on
-real tissue tiles; it writes ``report.json``, ``report.md`` and PNG plots. Rows this machine cannot
-run are reported with the reason, never with numbers.
+real tissue tiles; it writes ``report.json``, ``report.md`` and PNG plots, and ``rows.jsonl`` (each row
+as it is measured, kept by a run stopped early). Rows this machine cannot run are reported with the
+reason, never with numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from virchow_rt.benchmark.backends import artifact_path
 from virchow_rt.benchmark.environment import collect_environment, load_average
-from virchow_rt.benchmark.report import SCHEMA_VERSION, validate_report, write_report
+from virchow_rt.benchmark.report import SCHEMA_VERSION, append_row, start_rows, validate_report, write_report
 from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, plan, row_stub
 from virchow_rt.benchmark.runner import BenchmarkRun, cleanup_export
 from virchow_rt.benchmark.source import Settings, reference_weights, resolve_settings, resolve_source
@@ -155,7 +156,9 @@ def run_benchmark(
     env = collect_environment()  # before the run: the load average at the start is part of the story
     if machine_label:
         env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
-    run = BenchmarkRun(source, settings, machine, echo, progress)
+    start_rows(out)
+    on_row = lambda row: append_row(out, _clean(row))  # noqa: E731 - kept even if the run is stopped
+    run = BenchmarkRun(source, settings, machine, echo, progress, on_row)
     try:
         if source.folder is None and any(s.artifact for s in specs):
             run.export(specs, out, ref_weights, ref_random)

@@ -10,6 +10,9 @@ A row: ``backend, precision, device, status ("ok" | "not available" | "not run" 
 batch_size, tiles_per_s, compute_tiles_per_s, latency_ms {p50, p99, ...}, tflops, peak_fraction,
 parity {min_cosine, mean_cosine, p01_cosine, max_abs, rel_l2, knn10_overlap, passed, ...}`` and more;
 every measurement of a row whose status is not "ok" is null.
+
+``rows.jsonl`` beside them: each row as soon as it is measured, one JSON line (the same row as in
+``results``, before ordering), so a run stopped before its report keeps the rows it reached.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, target_lines
-from virchow_rt.files import atomic_path, write_json
+from virchow_rt.files import append_json_line, atomic_path, read_json_lines, write_json
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+ROWS_JSONL = "rows.jsonl"
 TOP_KEYS = ("environment", "variant", "weights", "results", "settings", "command", "matmul_peaks", "targets")
 ENV_KEYS = ("machine", "cpu", "gpu", "driver", "cuda", "versions")
 ROW_KEYS = (
@@ -314,3 +318,25 @@ def write_report(
     with atomic_path(md_path) as tmp:
         tmp.write_text(render_markdown(report, plots))
     return json_path, md_path
+
+
+def start_rows(out_dir: str | Path) -> Path:
+    """``out_dir/rows.jsonl`` emptied for this run's rows (a previous run's are not this run's)."""
+    path = Path(out_dir) / ROWS_JSONL
+    path.write_text("")
+    return path
+
+
+def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
+    """One measured row (JSON-safe) appended to ``out_dir/rows.jsonl``."""
+    append_json_line(Path(out_dir) / ROWS_JSONL, row)
+
+
+def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows ``out_dir/rows.jsonl`` holds, in the order they were measured (none without the file)."""
+    rows = read_json_lines(Path(out_dir) / ROWS_JSONL)
+    bad = [r for r in rows if not isinstance(r, dict) or not {"backend", "precision", "status"} <= set(r)]
+    if bad:
+        where = Path(out_dir) / ROWS_JSONL
+        raise ValueError(f"{where}: {len(bad)} lines are not benchmark rows, such as {bad[0]!r:.200}")
+    return rows

@@ -52,8 +52,10 @@ class BenchmarkRun:
         machine: Machine,
         echo: Echo,
         progress: bool,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.source = source
+        self.on_row = on_row  # told each row as it is measured (rows.jsonl: a stopped run keeps them)
         self.settings = settings
         self.machine = machine
         self.echo = echo
@@ -130,6 +132,11 @@ class BenchmarkRun:
             for spec in specs:
                 self._measure_spec(spec, bar)
 
+    def _add(self, row: dict[str, Any]) -> None:
+        self.results.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
     def _log(self, bar: Any, text: str) -> None:
         if self.progress:
             bar.write(text)
@@ -185,13 +192,13 @@ class BenchmarkRun:
             for batch_size in sizes:
                 bar.set_postfix_str(f"{spec.key} batch {batch_size}")
                 row = self._measure_one(spec, backend, device, batch_size, setup_s)
-                self.results.append(row)
+                self._add(row)
                 self._log(bar, _summary_line(row))
                 bar.update()
         return True
 
     def _give_up(self, spec: RowSpec, device: str, reason: str, bar: Any, rows: int) -> None:
-        self.results.append(row_stub(spec, "failed", reason, device))
+        self._add(row_stub(spec, "failed", reason, device))
         self._log(bar, f"{spec.key}: FAILED: {reason}")
         bar.update(rows)
 

@@ -40,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help=f"timed repeats per row ({default('repeats')})")
     p.add_argument("--warmup", type=int, default=None, help=f"warm-up batches per row ({default('warmup')})")
     p.add_argument("--machine", default=None, metavar="TEXT", help="machine name for the report")
-    p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md and plots go here")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="report.json, report.md, plots and rows.jsonl (each row as it is measured) go here",
+    )
     p.set_defaults(handler=run)
 
 
