@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_fp16_is_opened_on_a_cpu_only_when_nothing_else_is_there(tmp_path, monke
 
 
 def test_a_precision_asked_again_is_rebuilt_and_only_it(tmp_path):
-    first = _export(tmp_path, ["fp32", "fp16"])
+    first = _export(tmp_path, ["fp32", "fp16"], max_batch=8)
     fp16, fp32 = f"{NAME}.fp16.onnx", f"{NAME}.fp32.onnx"
     old = _state(tmp_path)
     manifest = _export(tmp_path, ["fp32"])
@@ -87,6 +88,9 @@ def test_a_precision_asked_again_is_rebuilt_and_only_it(tmp_path):
     assert _state(tmp_path)[fp32][0] != old[fp32][0]  # a new file, renamed into place
     assert manifest.artifact_for(fp32).sha256 == pipeline.sha256_file(tmp_path / fp32)
     assert manifest.created >= first.created and sorted(_state(tmp_path)) == sorted(old)
+    assert (
+        manifest.batch == first.batch and first.batch.max == 8
+    )  # no --max-batch: the folder's profile stays
 
 
 def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_path):
@@ -153,3 +157,43 @@ def test_a_failure_midway_keeps_the_old_export(fp32_folder, tmp_path, monkeypatc
         _export(folder, ["fp32", "int8"])
     assert _state(folder) == old  # same files (inodes), same bytes, same manifest; nothing left behind
     assert Manifest.read(folder) == fp32_folder[1]
+
+
+def test_a_kept_artifact_made_with_other_versions_keeps_its_own():
+    from virchow_rt.contract import Artifact
+    from virchow_rt.export.merge import merge
+
+    old_fp32, fp16 = Artifact(path="m.fp32.onnx", sha256="a"), Artifact(path="m.fp16.onnx", sha256="b")
+    previous = Manifest(variant="m", versions={"onnx": "1.16"}, created="2025-01-01", artifacts=(old_fp32,))
+    new = Manifest(variant="m", versions={"onnx": "1.17"}, created="2026-01-01", artifacts=(fp16,))
+    merged = merge(previous, new, keep_batch=True)
+    assert [a.path for a in merged.artifacts] == [
+        "m.fp32.onnx",
+        "m.fp16.onnx",
+    ] and merged.versions == new.versions
+    kept = merged.artifact_for("m.fp32.onnx")
+    assert kept.extra == {"versions": {"onnx": "1.16"}, "created": "2025-01-01"} and kept.sha256 == "a"
+    assert merged.artifact_for("m.fp16.onnx") == fp16
+    same = merge(previous, Manifest(variant="m", versions={"onnx": "1.16"}), keep_batch=True)
+    assert same.artifacts == (old_fp32,)  # same versions: nothing to record per artifact
+
+
+def test_model_differences_name_each_value_and_skip_what_the_folder_does_not_record():
+    from virchow_rt.contract import EmbeddingLayout, WeightsInfo
+    from virchow_rt.export.merge import model_differences
+
+    weights = WeightsInfo(random=True, sha256="random", source="random (seed 0)")
+    old = Manifest(
+        variant="m", weights=weights, model_args={"depth": 2}, embedding=EmbeddingLayout(layout="a")
+    )
+    new = Manifest(
+        variant="m",
+        weights=weights,
+        model_args={"depth": 2, "new_key": 1},
+        embedding=EmbeddingLayout(layout="b"),
+    )
+    assert model_differences(old, new) == []  # a key an older manifest lacks, and prose, are not compared
+    deeper = dataclasses.replace(old, model_args={"depth": 3}, mlp="swiglu")
+    assert model_differences(old, deeper) == ["model_args.depth 2 (this run 3)"]
+    reseeded = dataclasses.replace(old, weights=dataclasses.replace(weights, source="random (seed 1)"))
+    assert model_differences(old, reseeded) == ["other weights (random (seed 0); this run random (seed 1))"]
