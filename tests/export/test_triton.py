@@ -29,7 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeights
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     from virchow_rt.export import pipeline as export
-
     out = tmp_path_factory.mktemp("tiny-export")
     export.export_model(
         "virchow2g-mini-tiny", out, random_weights=True, precisions=["fp32", "fp16"], parity_tiles=2
