@@ -193,7 +193,12 @@ def test_files_left_by_an_earlier_export_are_named(tmp_path):
         export_model("virchow2-tiny", tmp_path, random_weights=True, parity_tiles=4)
     with pytest.warns(UserWarning, match=r"virchow2-tiny\.fp16\.onnx from an earlier export"):
         manifest = export_model(
-            "virchow2-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4
+            "virchow2-tiny",
+            tmp_path,
+            random_weights=True,
+            precisions=["fp32"],
+            parity_tiles=4,
+            overwrite=True,
         )
     assert [a.path for a in manifest.artifacts] == ["virchow2-tiny.fp32.onnx"]
 

@@ -236,8 +236,9 @@ def read_plan(path: Path) -> tuple[Manifest, Artifact, bytes]:
     return manifest, artifact, plan
 
 
-def rebuild_command(manifest: Manifest, folder: str | os.PathLike[str]) -> str:
-    """The command that rebuilds the export folder's engine on this machine."""
+def rebuild_command(manifest: Manifest, folder: str | os.PathLike[str], options: str = "--tensorrt") -> str:
+    """The command that rebuilds the export folder's engine on this machine (``options``: what to export,
+    e.g. ``--precision fp16``; the folder's other artifacts stay, see :mod:`virchow_rt.export.merge`)."""
     weights = manifest.weights
     if weights is not None and weights.random:
         source = "--random-weights"
@@ -245,11 +246,11 @@ def rebuild_command(manifest: Manifest, folder: str | os.PathLike[str]) -> str:
         path = weights.source if weights is not None else ""
         source = (
             f"--weights {path}"
-            if path and Path(path).exists()
+            if path and (path.startswith("hf://") or Path(path).exists())  # hf://: a cached model id
             else "--weights <the weights it was made from>"
         )
     variant = manifest.variant or "<variant>"
-    return f"virchow-rt export {variant} --out {os.fspath(folder)} {source} --tensorrt"
+    return f"virchow-rt export {variant} --out {os.fspath(folder)} {source} {options}"
 
 
 # --- engine I/O and what it computes ---------------------------------------------------------------

@@ -26,6 +26,9 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 _ORT_PROVIDERS = {"auto": "auto", "onnxruntime": "auto", "onnxruntime-cpu": "cpu",
                   "onnxruntime-cuda": "cuda", "onnxruntime-tensorrt": "tensorrt"}  # fmt: skip
 _OPENVINO = {"openvino": "auto", "openvino-bf16": "bf16", "openvino-fp32": "fp32"}  # backend -> precision
+#: which ONNX precision an export folder opens first (lowest); an unlisted precision ranks 1
+_GPU_ORDER = {"fp16": 0, "fp32": 1, "int8": 2}
+_CPU_ORDER = {"fp32": 0, "int8": 1, "fp16": 2}
 
 
 def _ort_has_gpu() -> bool:
@@ -45,11 +48,12 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     onnx = [a for a in manifest.select("onnx") if a.file(folder).exists()]
     if engines and built and (backend == "tensorrt" or (backend == "auto" and is_importable("tensorrt"))):
         return built[0]
-    # fp16 first where ONNX Runtime will run on a GPU, else fp32 (ORT's CPU kernels are fp32; OpenVINO
-    # compiles the fp32 graph to bf16 itself)
+    # fp16 first where ONNX Runtime will run on a GPU; on a CPU fp32 (ORT's CPU kernels are fp32; OpenVINO
+    # compiles the fp32 graph to bf16 itself), then any other, fp16 only when nothing else is there (ORT
+    # runs it on a CPU through casts, slower than fp32). Not the manifest's order: an export adds to it.
     cpu_only = backend == "onnxruntime-cpu" or backend in _OPENVINO
-    first = "fp16" if not cpu_only and _ort_has_gpu() else "fp32"
-    onnx.sort(key=lambda a: a.precision != first)
+    order = _GPU_ORDER if not cpu_only and _ort_has_gpu() else _CPU_ORDER
+    onnx.sort(key=lambda a: order.get(a.precision, 1))
     if not onnx:
         raise ModelFileError(
             f"export folder {folder} has no usable model file for backend {backend!r} (manifest lists "
@@ -81,7 +85,9 @@ def _openvino_bf16(path: Path, options: dict[str, Any]) -> Backend | None:
 def _open_folder(folder: Path, backend: str, options: dict[str, Any], host_code: bool) -> Backend:
     """The backend for an export folder's best artifact here (see :func:`open_backend`)."""
     path = _pick_from_folder(folder, backend)
-    if backend == "auto" and path.suffix.lower() == ".onnx" and not _ort_has_gpu():
+    # OpenVINO compiles an fp32 graph only (an int8 one where a folder has no fp32 stays with ORT)
+    fp32 = getattr(Manifest.read(folder).artifact_for(path), "precision", None) in (None, "fp32")
+    if backend == "auto" and path.suffix.lower() == ".onnx" and fp32 and not _ort_has_gpu():
         opened_ov = _openvino_bf16(path, options)
         if opened_ov is not None:
             return opened_ov

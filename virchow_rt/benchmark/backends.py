@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from virchow_rt.backends.base import Backend
+from virchow_rt.backends.engine_cache import rebuild_command
 from virchow_rt.benchmark.rows import RowSpec
 from virchow_rt.benchmark.timing import LatencyRecorder, Stats
+from virchow_rt.contract import Manifest
 from virchow_rt.errors import ModelFileError
 from virchow_rt.registry import Variant
 
@@ -93,6 +95,17 @@ def artifact_path(folder: Path, variant: Variant, spec: RowSpec) -> Path:
     return folder / f"{variant.name}.{spec.artifact}.{suffix}"
 
 
+def export_hint(folder: Path, variant: Variant, spec: RowSpec) -> str:
+    """The command that adds a row's missing artifact to ``folder`` (an export keeps the folder's others),
+    with the weights its manifest records (or a placeholder where they are not on this machine)."""
+    try:
+        manifest = Manifest.read(folder)
+    except ModelFileError:
+        manifest = Manifest(variant=variant.name)
+    options = f"--precision {spec.artifact}" + (" --tensorrt" if spec.kind == "tensorrt" else "")
+    return rebuild_command(dataclasses.replace(manifest, variant=variant.name), folder, options)
+
+
 def open_row_backend(
     spec: RowSpec,
     device: str,
@@ -128,8 +141,7 @@ def open_row_backend(
     path = artifact_path(folder, variant, spec)
     if not path.exists():
         raise ModelFileError(
-            f"{path} does not exist; export it with `virchow-rt export {variant.name} --out {folder} "
-            f"--precision {spec.artifact}`" + (" --tensorrt" if spec.kind == "tensorrt" else "")
+            f"{path} does not exist; add it to the export: `{export_hint(folder, variant, spec)}`"
         )
     from virchow_rt.backends import open_backend
 

@@ -15,7 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("variant", help=f"one of: {', '.join(VARIANTS)} (NAME-tiny for a tiny test config)")
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="output folder (manifest.json is written there)"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (manifest.json is written there); a folder holding an export of the same model "
+        "keeps its other precisions: --precision adds or rebuilds only those asked for",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds another model's export: list only this export in its manifest.json (no file is "
+        "deleted; same-named files are replaced)",
     )
     add_weights(p)
     p.add_argument(
@@ -69,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             "exclude_lean_runtime": args.exclude_lean_runtime,
         },
         progress=sys.stderr.isatty(),
+        overwrite=args.overwrite,
     )
     for artifact in manifest.artifacts:
         print(f"{artifact.path}: {artifact.precision} {artifact.format}, parity {artifact.parity_summary}")

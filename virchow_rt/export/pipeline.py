@@ -3,11 +3,14 @@
 Every artifact is made in a hidden staging folder inside ``out_dir``, checked (ONNX checker, I/O
 contract, precision plan) and measured in ONNX Runtime CPU against the fp32 PyTorch reference on real
 tissue tiles. Only when every requested artifact passes are they renamed into place (external data
-first, then the graph), and ``manifest.json`` is written. A failing artifact is never left looking valid.
+first, then the graph), and ``manifest.json`` is written last. A failing artifact is never left looking
+valid. A folder that already holds an export of the same model keeps its other precisions listed
+(:mod:`virchow_rt.export.merge`); one of another model is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -27,6 +30,7 @@ from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
+from virchow_rt.export.merge import check_same_model, commit, merge, previous_export
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
@@ -142,17 +146,6 @@ def _parity(
     return result
 
 
-def _commit(staging: Path, out_dir: Path, artifacts: list[Artifact]) -> None:
-    """Rename staged artifacts into place: external data first, so a graph never points at a missing file."""
-    for entry in artifacts:
-        if entry.external_data:
-            os.replace(staging / entry.external_data, out_dir / entry.external_data)
-    for entry in artifacts:
-        os.replace(staging / entry.path, out_dir / entry.path)
-        if not entry.external_data:
-            (out_dir / f"{entry.path}.data").unlink(missing_ok=True)  # stale data of an older export
-
-
 class _Progress:
     """A tqdm bar of export stages (disabled unless asked)."""
 
@@ -177,10 +170,10 @@ def _make_artifacts(
     wanted: tuple[str, ...],
     outputs: tuple[str, ...],
     parity_tiles: int,
-    out_dir: Path,
+    staging: Path,
     progress: _Progress,
 ) -> list[Artifact]:
-    """Export, check and parity-test each wanted precision in a staging folder; rename them into place."""
+    """Export, check and parity-test each wanted precision in the ``staging`` folder (left there)."""
     size = variant.preprocess.size
     progress.stage("reference")
     tiles = tissue_tiles(parity_tiles, size, seed=PARITY_SEED)
@@ -188,52 +181,43 @@ def _make_artifacts(
     progress.done()
     tiles_label = f"virchow_rt.tissue.tissue_tiles({len(tiles)}, {size}, seed={PARITY_SEED})"
     artifacts: list[Artifact] = []
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
-        fp32_path = staging / artifact_name(variant, "fp32")
-        # fp16 and int8 are made from the fp32 graph
-        for precision in ("fp32", *(p for p in ("fp16", "int8") if p in wanted)):
-            path, shown = staging / artifact_name(variant, precision), precision in wanted
-            if shown:
-                progress.stage(f"export {precision}")
-            start = time.perf_counter()
-            plan: dict[str, Any] | None = None
-            if precision == "fp32":
-                data_name = export_onnx(model, variant, path, weights=weights_info, outputs=outputs)
-            elif precision == "fp16":
-                data_name, counts = convert_fp16(
-                    fp32_path, path, variant, weights=weights_info, outputs=outputs
-                )
-                plan = {**DEFAULT_PLAN.to_dict(), "verified": counts}
-            else:
-                data_name, counts = quantize_int8(
-                    fp32_path, path, variant, weights=weights_info, outputs=outputs
-                )
-                plan = {**INT8_PLAN.to_dict(), "verified": counts}
-            export_s = time.perf_counter() - start
-            if not shown:  # the fp32 graph was made only as the source of the fp16 one
-                continue
-            progress.done()
-            progress.stage(f"parity {precision}")
-            start = time.perf_counter()
-            result = _parity(path, precision, tiles, reference, variant)
-            parity_s = time.perf_counter() - start
-            entry = _artifact(path, precision, data_name, variant, outputs)
-            if plan is not None:
-                entry["precision_plan"] = plan
-            entry["parity"] = {
-                **result.to_dict(),
-                "reference": REFERENCE,
-                "backend": "onnxruntime-cpu",
-                "tiles": tiles_label,
-                "summary": str(result),
-            }
-            entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
-            artifacts.append(Artifact.from_dict(entry))
-            progress.done()
-        _commit(staging, out_dir, artifacts)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    fp32_path = staging / artifact_name(variant, "fp32")
+    # fp16 and int8 are made from the fp32 graph
+    for precision in ("fp32", *(p for p in ("fp16", "int8") if p in wanted)):
+        path, shown = staging / artifact_name(variant, precision), precision in wanted
+        if shown:
+            progress.stage(f"export {precision}")
+        start = time.perf_counter()
+        plan: dict[str, Any] | None = None
+        if precision == "fp32":
+            data_name = export_onnx(model, variant, path, weights=weights_info, outputs=outputs)
+        elif precision == "fp16":
+            data_name, counts = convert_fp16(fp32_path, path, variant, weights=weights_info, outputs=outputs)
+            plan = {**DEFAULT_PLAN.to_dict(), "verified": counts}
+        else:
+            data_name, counts = quantize_int8(fp32_path, path, variant, weights=weights_info, outputs=outputs)
+            plan = {**INT8_PLAN.to_dict(), "verified": counts}
+        export_s = time.perf_counter() - start
+        if not shown:  # the fp32 graph was made only as the source of the fp16 one
+            continue
+        progress.done()
+        progress.stage(f"parity {precision}")
+        start = time.perf_counter()
+        result = _parity(path, precision, tiles, reference, variant)
+        parity_s = time.perf_counter() - start
+        entry = _artifact(path, precision, data_name, variant, outputs)
+        if plan is not None:
+            entry["precision_plan"] = plan
+        entry["parity"] = {
+            **result.to_dict(),
+            "reference": REFERENCE,
+            "backend": "onnxruntime-cpu",
+            "tiles": tiles_label,
+            "summary": str(result),
+        }
+        entry["seconds"] = {"export": round(export_s, 2), "parity": round(parity_s, 2)}
+        artifacts.append(Artifact.from_dict(entry))
+        progress.done()
     return artifacts
 
 
@@ -266,13 +250,14 @@ def _manifest(
     )
 
 
-def _warn_unlisted(out_dir: Path, variant: Variant, manifest: Manifest) -> None:
-    """Warn about this variant's model files that an earlier export left in ``out_dir``, now unlisted."""
+def _warn_unlisted(out_dir: Path, manifest: Manifest) -> None:
+    """Warn about model files that an earlier export left in ``out_dir``, unlisted (no manifest.json then,
+    or ``overwrite``): a run deletes no file it did not make."""
     artifacts = manifest.artifacts
     listed = {a.path for a in artifacts} | {a.external_data for a in artifacts}
     stale = sorted(
         p.name
-        for pattern in (f"{variant.name}.*.onnx", f"{variant.name}.*.onnx.data", f"{variant.name}.*.engine")
+        for pattern in ("*.onnx", "*.onnx.data", "*.engine", "*.plan")
         for p in out_dir.glob(pattern)
         if p.name not in listed
     )
@@ -310,6 +295,7 @@ def export_model(
     tensorrt: bool = False,
     tensorrt_options: Mapping[str, Any] | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Manifest:
     """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
 
@@ -319,6 +305,11 @@ def export_model(
     written); writes ``manifest.json``; with ``tensorrt=True`` then builds an fp16 engine through
     :mod:`virchow_rt.export.tensorrt_build` (``tensorrt_options``: keyword arguments of its
     ``build_engine``, e.g. ``version_compatible=True``). ``progress`` shows a bar of the stages.
+
+    Into a folder that already holds an export of the same model (same weights, architecture and I/O),
+    the precisions asked for are added or rebuilt and the others stay listed; another model's folder is
+    an :class:`OutputError` before any work unless ``overwrite`` (the manifest then lists only this
+    export; no file is deleted). A failure leaves the folder's old manifest and files as they were.
     Returns the :class:`~virchow_rt.contract.Manifest` written.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
@@ -326,20 +317,35 @@ def export_model(
     outputs = check_outputs(outputs)
     out_dir = check_output(out_dir, "--out", folder=True)  # before the model is built (seconds to minutes)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
+    previous = previous_export(out_dir, overwrite)  # an unreadable one is refused before the model is built
     bar = _Progress(variant, stages, progress)
     try:
         bar.stage("build model")
         model, variant, weights_info = build_model(variant, weights, random_weights)
         bar.done()
+        fresh = _manifest(variant, weights_info, max_batch, [])
+        if previous is not None:
+            made = [artifact_name(variant, p) for p in wanted]
+            engines = [a.path for a in previous.select("tensorrt")] if tensorrt else []
+            inputs, outs = io_spec(variant, outputs)
+            io = {"opset": OPSET, "inputs": inputs, "outputs": outs}
+            check_same_model(previous, fresh, out_dir, [*made, *engines], io)
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad weights leave no empty folder behind
-        artifacts = _make_artifacts(model, variant, weights_info, wanted, outputs, parity_tiles, out_dir, bar)
-        del model  # a ViT-H/G holds GBs: free it before the TensorRT build
-        bar.stage("manifest")
-        manifest = _manifest(variant, weights_info, max_batch, artifacts)
-        manifest.write(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        try:
+            artifacts = _make_artifacts(
+                model, variant, weights_info, wanted, outputs, parity_tiles, staging, bar
+            )
+            del model  # a ViT-H/G holds GBs: free it before the TensorRT build
+            bar.stage("manifest")
+            made_now = dataclasses.replace(fresh, artifacts=tuple(artifacts))
+            manifest = merge(previous, made_now, keep_batch=max_batch is None)
+            commit(staging, out_dir, artifacts, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         bar.done()
         if not tensorrt:
-            _warn_unlisted(out_dir, variant, manifest)
+            _warn_unlisted(out_dir, manifest)
         if tensorrt:
             bar.stage("tensorrt")
             _build_engine(variant, out_dir, (manifest.batch or variant.batch).max, tensorrt_options or {})

@@ -1,0 +1,173 @@
+"""Exporting into a folder that already holds an export: the same model's other artifacts stay.
+
+An export adds precisions to a folder (fp16 after fp32, int8 after both) instead of dropping the ones it
+was not asked for: an artifact of a precision asked again is rebuilt and replaced, every other one stays
+listed in ``manifest.json`` with its own hashes and parity. Only the same model may share a folder (same
+variant, architecture, preprocessing, weights; kept artifacts with the same opset and I/O), else the export
+is refused before any work. :func:`commit` moves the staged files into place and writes the manifest last,
+putting back what it replaced if anything fails on the way.
+
+Plain module: standard library and the contract only (no torch, no ONNX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from virchow_rt.contract import MANIFEST_NAME, Artifact, Manifest
+from virchow_rt.errors import ModelFileError, OutputError
+
+#: the manifest fields that say which model a folder holds (besides the weights)
+MODEL_FACTS = ("variant", "timm_arch", "model_args", "mlp", "norm_eps", "preprocess", "embedding")
+_ROOM = "export into a new folder, or pass --overwrite to list only this export in its manifest.json"
+
+
+def previous_export(out_dir: Path, overwrite: bool) -> Manifest | None:
+    """The manifest of the export already in ``out_dir``, or None (no manifest, or ``overwrite``).
+
+    An unreadable manifest is an :class:`OutputError`: the run could neither add to it nor keep it.
+    """
+    if overwrite or not (out_dir / MANIFEST_NAME).exists():
+        return None
+    try:
+        return Manifest.read(out_dir)
+    except ModelFileError as err:
+        raise OutputError(
+            f"{out_dir / MANIFEST_NAME} cannot be read, so this export cannot add to it: {_ROOM} ({err})"
+        ) from err
+
+
+def _plain(value: Any) -> Any:
+    """A manifest value as JSON would hold it (tuples -> lists, records -> objects), for comparisons."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _weights_difference(previous: Manifest, new: Manifest) -> str | None:
+    old, now = previous.weights, new.weights
+    if old is None or now is None:
+        return "weights not recorded in its manifest.json"
+    if old.random != now.random:
+        return f"{'random' if old.random else 'real'} weights, this run {'random' if now.random else 'real'}"
+    if old.sha256 != now.sha256 or (old.random and old.source != now.source):
+        shown = (old.source, now.source) if old.random else (f"{old.sha256[:12]}…", f"{now.sha256[:12]}…")
+        return f"other weights ({shown[0]}; this run {shown[1]})"
+    return None
+
+
+def model_differences(previous: Manifest, new: Manifest) -> list[str]:
+    """What says ``previous`` (a folder's manifest) describes another model than ``new``; [] when none."""
+    if previous.variant != new.variant:
+        return [f"variant {previous.variant} (this run {new.variant})"]
+    found = [d for d in (_weights_difference(previous, new),) if d]
+    for name in MODEL_FACTS[1:]:
+        old, now = getattr(previous, name), getattr(new, name)
+        found.extend(_changes(name, _plain(old), _plain(now)))
+    return found
+
+
+def _changes(name: str, old: Any, now: Any) -> list[str]:
+    """``name old (this run now)`` for each differing value; objects compared key by key, a key the folder's
+    manifest does not record (an older version's) is not compared, nor the embedding's prose."""
+    if old is None or name == "embedding.layout":
+        return []
+    if isinstance(old, dict) and isinstance(now, dict):
+        keys = sorted(set(old) | set(now))
+        return [c for k in keys for c in _changes(f"{name}.{k}", old.get(k), now.get(k))]
+    return [] if old == now else [f"{name} {json.dumps(old)} (this run {json.dumps(now)})"]
+
+
+def check_same_model(
+    previous: Manifest,
+    new: Manifest,
+    out_dir: Path,
+    replaced: Sequence[str],
+    io: Mapping[str, Any],
+) -> None:
+    """Refuse (:class:`OutputError`, one line) to add ``new``'s artifacts to ``out_dir`` unless it holds the
+    same model, and its artifacts that this run keeps (not in ``replaced``) have the ``io`` this run's have
+    ("opset", "inputs", "outputs"; a key an artifact does not record is not compared)."""
+    found = model_differences(previous, new)
+    for artifact in previous.artifacts:
+        if artifact.path in replaced:
+            continue
+        recorded = {"opset": artifact.extra.get("opset"), "inputs": artifact.inputs}
+        recorded["outputs"] = artifact.outputs
+        for key, value in io.items():
+            if recorded.get(key) is not None and _plain(recorded[key]) != _plain(value):
+                found.append(
+                    f"{artifact.path} with {key} {json.dumps(_plain(recorded[key]))} (this run "
+                    f"{json.dumps(_plain(value))}; add {artifact.precision} to --precision to rebuild it too)"
+                )
+    if found:
+        raise OutputError(
+            f"{out_dir} holds an export of another model: {'; '.join(found)}. An export adds precisions "
+            f"only to the same model's folder: {_ROOM} (its other files are kept, unlisted)"
+        )
+
+
+def merge(previous: Manifest | None, new: Manifest, keep_batch: bool) -> Manifest:
+    """``new`` (this run's facts and artifacts) with ``previous``'s artifacts it does not replace.
+
+    Replaced entries keep their place, new ones are appended. A kept artifact made with other package
+    versions keeps its own ``versions`` and ``created``. ``keep_batch``: keep the folder's batch profile
+    (no --max-batch given).
+    """
+    if previous is None:
+        return new
+    made = {a.path: a for a in new.artifacts}
+    artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in previous.artifacts]
+    batch = previous.batch if keep_batch and previous.batch is not None else new.batch
+    return dataclasses.replace(new, artifacts=(*artifacts, *made.values()), batch=batch)
+
+
+def _kept(artifact: Artifact, previous: Manifest, new: Manifest) -> Artifact:
+    if "versions" in artifact.extra or previous.versions in (None, new.versions):
+        return artifact
+    extra = {**artifact.extra, "versions": dict(previous.versions or {}), "created": previous.created}
+    return dataclasses.replace(artifact, extra=extra)
+
+
+def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest: Manifest) -> None:
+    """Move staged ``artifacts`` from ``staging`` into ``out_dir``, then write ``manifest`` (atomically).
+
+    External data go first, so a graph never points at a missing file; a file replaced (and the stale
+    external data of a graph that now has none) is moved aside into ``staging``, not deleted, so that a
+    failure anywhere before the manifest is written puts every old file back and removes the new ones:
+    the folder then holds the old export exactly as its old manifest lists it.
+    """
+    aside = Path(staging) / ".replaced"
+    aside.mkdir()
+    moves: list[tuple[Path, Path | None]] = []  # (a target in out_dir, the old file moved aside or None)
+
+    def move_aside(target: Path) -> None:
+        old = None
+        if os.path.lexists(target):
+            old = aside / target.name
+            os.replace(target, old)
+        moves.append((target, old))
+
+    try:
+        for entry in artifacts:
+            if entry.external_data:
+                move_aside(out_dir / entry.external_data)
+                os.replace(staging / entry.external_data, out_dir / entry.external_data)
+        for entry in artifacts:
+            move_aside(out_dir / entry.path)
+            os.replace(staging / entry.path, out_dir / entry.path)
+            if not entry.external_data and os.path.lexists(out_dir / f"{entry.path}.data"):
+                move_aside(out_dir / f"{entry.path}.data")  # the old graph's weights: not this one's
+        manifest.write(out_dir)
+    except BaseException:
+        for target, old in reversed(moves):
+            if old is not None:
+                os.replace(old, target)
+            else:
+                target.unlink(missing_ok=True)  # created by this run: nothing was there
+        raise
