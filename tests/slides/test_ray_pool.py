@@ -103,10 +103,10 @@ class FakeActor:
         return {"worker": self.name, "host": "fake", "pid": self.pid, "node": f"node{self.node}",
                 "ip": f"10.0.0.{self.node}"}  # fmt: skip
 
-    def _run(self, path: str, prefix: str, attempts: int) -> tuple:
+    def _run(self, path: str, prefix: str, attempts: int, key: str) -> tuple:
         assert self.down_until is None, "a slide was handed to a lost worker"
         status, held = self.slide(self, Path(path))
-        record = {"name": Path(path).stem, "path": path, "status": status, "worker": self.name,
+        record = {"name": key, "path": path, "status": status, "worker": self.name,
                   "attempts": attempts}  # fmt: skip
         return record, [(False, f"{prefix}: {status}")], held
 
