@@ -24,15 +24,8 @@ def inside_folder(folder: str | os.PathLike[str], relative: object, what: str = 
     Refused: a non-string or empty path, an absolute path (POSIX or Windows), any ``..`` part, and a path
     that leaves the folder through a symlink. The file need not exist."""
     folder = Path(folder)
-    reason = _escape(relative)
     path = folder / str(relative)
-    if reason is None:
-        try:
-            inside = path.resolve().is_relative_to(folder.resolve())
-        except (OSError, RuntimeError) as err:  # a symlink loop
-            inside, reason = False, f"it cannot be resolved ({err})"
-        if not inside and reason is None:
-            reason = f"it leads to {path.resolve()} through a symlink"
+    reason = outside_reason(folder, relative)
     if reason is not None:
         raise ModelFileError(
             f"{folder / 'manifest.json'} lists the {what} {relative!r}, which is not a file inside {folder} "
@@ -40,6 +33,21 @@ def inside_folder(folder: str | os.PathLike[str], relative: object, what: str = 
             "export folders you do not trust"
         )
     return path
+
+
+def outside_reason(folder: str | os.PathLike[str], relative: object) -> str | None:
+    """Why ``folder / relative`` is not a path inside ``folder`` (the rules of :func:`inside_folder`), or
+    None when it is. For callers that word their own one-line error."""
+    reason = _escape(relative)
+    if reason is not None:
+        return reason
+    folder = Path(folder)
+    path = folder / str(relative)
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        return f"it cannot be resolved ({err})"
+    return None if inside else f"it leads to {path.resolve()} through a symlink"
 
 
 def _escape(relative: object) -> str | None:

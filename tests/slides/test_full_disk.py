@@ -136,8 +136,10 @@ def test_the_file_is_on_disk_before_it_is_renamed_into_place(slides, tmp_path, m
         if Path(dst).suffix == ".h5":
             synced.append(f"renamed {Path(dst).name}")
 
-    monkeypatch.setattr(writer, "fsync_path", lambda p: synced.append(Path(p).name))
-    monkeypatch.setattr(task, "fsync_path", lambda p: synced.append(f"folder {Path(p).name}"))
+    def fsync(path: Path) -> None:
+        synced.append(("folder " if path.is_dir() else "") + path.name)
+
+    monkeypatch.setattr(task, "fsync_path", fsync)
     monkeypatch.setattr(task.os, "replace", replace)
     process_slides(slides[:1], FakeBackend(), tmp_path / "out", SlideSettings(batch_size=4), **QUIET)
     assert synced[1:] == ["renamed s0.h5", "folder out"] and synced[0].startswith(".s0.h5.")

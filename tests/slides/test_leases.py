@@ -246,7 +246,7 @@ def test_the_slides_flags_are_the_settings_fields() -> None:
     args = build_parser().parse_args(["slides", "x.tif", "--model", "m", "--out", "o"])
     assert SlideSettings.from_options(vars(args)) == SlideSettings(read_processes=True)  # the CLI reads so
     flags = [f.metadata["flag"] for f in dataclasses.fields(SlideSettings) if f.metadata.get("flag")]
-    assert "--lock-lease" in flags and len(flags) == 21  # --edge-tiles, --prefetch-slides, --cache-dir too
+    assert "--lock-lease" in flags and "--mirror-folders" in flags and len(flags) == 22
     args = build_parser().parse_args(["slides", "x.tif", "--model", "m", "--out", "o", "--lock-lease", "30",
                                       "--regions", "5,10,20", "--read-threads", "--qc"])  # fmt: skip
     settings = SlideSettings.from_options(vars(args))

@@ -103,10 +103,10 @@ class FakeActor:
         return {"worker": self.name, "host": "fake", "pid": self.pid, "node": f"node{self.node}",
                 "ip": f"10.0.0.{self.node}"}  # fmt: skip
 
-    def _run(self, path: str, prefix: str, attempts: int) -> tuple:
+    def _run(self, path: str, prefix: str, attempts: int, key: str) -> tuple:
         assert self.down_until is None, "a slide was handed to a lost worker"
         status, held = self.slide(self, Path(path))
-        record = {"name": Path(path).stem, "path": path, "status": status, "worker": self.name,
+        record = {"name": key, "path": path, "status": status, "worker": self.name,
                   "attempts": attempts}  # fmt: skip
         return record, [(False, f"{prefix}: {status}")], held
 
@@ -232,3 +232,17 @@ def test_ray_local_starts_its_own_ray_not_one_already_running_here() -> None:
 
     assert distributed._connect(Ray(), "local") is True
     assert calls[0]["address"] == "local"  # Ray's default (no address) joins a cluster running here
+
+
+def test_each_worker_gets_the_slide_s_key_and_the_records_are_named_by_it() -> None:
+    """--mirror-folders: two slides of one name; the worker writes each under its key."""
+    slides = {Path("/drive/caseA/s.tif"): "caseA/s", Path("/drive/caseB/s.tif"): "caseB/s"}
+    lines: list[str] = []
+    pool = RayPool(FakeRay(), [FakeActor(1, done)], slides, lines.append, lines.append)
+    pool.start()
+    try:
+        pool.run()
+    finally:
+        pool.close()
+    assert {p: r.name for p, r in pool.records.items()} == {str(p): key for p, key in slides.items()}
+    assert sorted(lines) == ["[1/2] caseA/s.tif: done", "[2/2] caseB/s.tif: done"]

@@ -128,12 +128,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.clear_stale_locks and Path(args.out).is_dir():
         settings.check()  # a lease that makes no sense must not judge anyone's lock
         removed, kept = locks.clear_stale_locks(Path(args.out), settings.lock_lease)
-        for path, _, why in removed:
+        for path, _, why in removed:  # named under --out: a mirrored slide's lock is in its sub-folder
             what = "lock" if path.name.endswith(".lock") else "file"
-            print(f"virchow-rt slides: removed {what} {path.name} ({why})", file=sys.stderr)
+            print(f"virchow-rt slides: removed {what} {path.relative_to(args.out)} ({why})", file=sys.stderr)
         for path, holder in kept:
             print(
-                f"virchow-rt slides: kept lock {path.name}: its run is live ({holder.describe()})",
+                f"virchow-rt slides: kept lock {path.relative_to(args.out)}: its run is live "
+                f"({holder.describe()})",
                 file=sys.stderr,
             )
     try:

@@ -38,7 +38,7 @@ from virchow_rt.slides.job import SlideJob
 from virchow_rt.slides.local import process_slides
 from virchow_rt.slides.mask import MaskConfig, TissueMask, tissue_mask
 from virchow_rt.slides.ray import process_slides_ray
-from virchow_rt.slides.reader import SLIDE_SUFFIXES, Slide, find_slides, open_slide
+from virchow_rt.slides.reader import SLIDE_SUFFIXES, Slide, find_slides, keyed_slides, open_slide
 from virchow_rt.slides.regions import RegionGrid, RegionLayout, region_grid, region_layout
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import SlideRecord
@@ -73,6 +73,7 @@ __all__ = [
     "find_slides",
     "iter_embeddings",
     "iter_tiles",
+    "keyed_slides",
     "level0_magnification",
     "magnification_to_mpp",
     "nominal_magnification",

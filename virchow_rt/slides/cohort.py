@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,15 +72,16 @@ class OrderedLines:
 
 def embed_cohort(
     job: SlideJob,
-    paths: Sequence[Path],
+    slides: Mapping[Path, str],
     records: list[SlideRecord],
     log: Log,
     warn: Log,
     cache: SlideCache | None = None,
 ) -> None:
-    """Every slide of ``paths`` through ``job``; each slide's record is appended to ``records`` when its
-    turn comes (pending until it is finished). Raises what stops the run (Ctrl-C, a full disk, a missing
-    package) once the slide before the one in the model is finished."""
+    """Every slide of ``slides`` (path -> key, in order) through ``job``; each slide's record is appended to
+    ``records`` when its turn comes (pending until it is finished). Raises what stops the run (Ctrl-C, a full
+    disk, a missing package) once the slide before the one in the model is finished."""
+    paths = list(slides)
     n, ahead = len(paths), job.settings.prefetch_slides
     lines = OrderedLines(log, warn)
     stopping = threading.Event()
@@ -89,11 +90,12 @@ def embed_cohort(
         if stopping.is_set():
             return None  # the run is stopping: leave the slide as it is
         path = paths[i]
+        key = slides[path]
         slide_log, slide_warn = lines.channel(i)
         try:
             read_from = cache.local(path, slide_warn) if cache is not None else None
-            return job.prepare(path, f"[{i + 1}/{n}] {path.name}", slide_log, slide_warn,
-                               read_from=read_from, read_ahead=ahead > 0)  # fmt: skip
+            return job.prepare(path, f"[{i + 1}/{n}] {key}{path.suffix}", slide_log, slide_warn,
+                               read_from=read_from, read_ahead=ahead > 0, key=key)  # fmt: skip
         except BaseException:
             _release(cache, path)
             raise
@@ -112,7 +114,7 @@ def embed_cohort(
     finisher = ThreadPoolExecutor(1, thread_name_prefix="virchow-rt-finish")
     try:
         for i, path in enumerate(paths):
-            records.append(SlideRecord.for_slide(path))  # pending: interrupted if the run stops here
+            records.append(SlideRecord.for_slide(path, slides[path]))  # pending: interrupted if it stops here
             if ahead == 0:  # one slide after another, every stage on this thread
                 task = prepare(i)
                 assert task is not None

@@ -40,7 +40,7 @@ from virchow_rt.slides.grid import (
     plan_tiles,
 )
 from virchow_rt.slides.mask import MaskConfig, tissue_mask
-from virchow_rt.slides.reader import Slide
+from virchow_rt.slides.reader import Slide, slide_file
 
 #: the most pixels a tile may span at the level it is read from (a tile is a few hundred px a side)
 MAX_TILE_SIDE = 4096
@@ -98,7 +98,10 @@ def check_source(source: str | Path, slides: Sequence[Path]) -> None:
 
 
 def coords_file(source: str | Path, slide_name: str) -> Path:
-    """The coordinates file of slide ``slide_name`` in ``--coords`` (a file, or a TRIDENT/CLAM folder)."""
+    """The coordinates file of slide ``slide_name`` in ``--coords`` (a file, or a TRIDENT/CLAM folder).
+
+    ``slide_name`` is the slide's key: with ``--mirror-folders`` its sub-folders are looked in, inside the
+    folder (``caseA/slide1``: ``<coords>/caseA/slide1.h5``, ``<coords>/patches/caseA/slide1_patches.h5``)."""
     path = Path(source)
     if path.is_file():
         return path
@@ -106,9 +109,12 @@ def coords_file(source: str | Path, slide_name: str) -> Path:
         raise InputError(
             f"--coords {source} does not exist; give a coordinates .h5 or the folder holding them"
         )
-    names = source_names(slide_name)
+    folder, _, name = slide_name.rpartition("/")
+    keys = [f"{folder}/{n}" if folder else n for n in source_names(name)]
     tails = (".h5", "_patches.h5")
-    candidates = [path / sub / f"{name}{tail}" for sub in ("", "patches") for name in names for tail in tails]
+    places = [(path / sub, key, tail) for sub in ("", "patches") for key in keys for tail in tails]
+    # a mirrored slide's file is never one that leads out of the folder (through ``..`` or a symlink)
+    candidates = [slide_file(p, k, t) if folder else p / f"{k}{t}" for p, k, t in places]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise InputError(
@@ -414,7 +420,8 @@ def coords_grid(
 
 
 def coords_tiling(
-    slide: Slide, source: str | Path, tile_size: int = 224, mpp: float | None = None
+    slide: Slide, source: str | Path, tile_size: int = 224, mpp: float | None = None, key: str | None = None
 ) -> TileGrid:
-    """The tiles of ``slide`` in ``--coords`` ``source`` (a file, or the folder TRIDENT or CLAM wrote)."""
-    return coords_grid(slide, read_coords(coords_file(source, slide.name), slide), tile_size, mpp)
+    """The tiles of ``slide`` in ``--coords`` ``source`` (a file, or the folder TRIDENT or CLAM wrote; its
+    file for the slide's ``key``, default its name)."""
+    return coords_grid(slide, read_coords(coords_file(source, key or slide.name), slide), tile_size, mpp)

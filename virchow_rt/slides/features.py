@@ -3,9 +3,11 @@ with ``--regions``, the QC picture with ``--qc``, and every root attribute of th
 (:mod:`virchow_rt.slides.writer`). The tile grid never depends on ``--regions``.
 
 :class:`SlideFeatures` does it in three steps that a cohort runs on different threads, so that the model
-never waits between slides: making it lays out the tiles, writes the QC picture and (``read_ahead``) starts
-reading the first batches; :meth:`~SlideFeatures.embed` runs the model into the temporary file;
-:meth:`~SlideFeatures.finish` writes the attributes that mark the file complete.
+never waits between slides: making it lays out the tiles, draws the QC picture (kept in memory) and
+(``read_ahead``) starts reading the first batches; :meth:`~SlideFeatures.embed` runs the model into the
+temporary file; :meth:`~SlideFeatures.finish` writes the attributes that mark the file complete. The QC
+picture is written by :meth:`~SlideFeatures.write_qc` once the file is in place, so a slide stopped before
+that leaves no picture.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from virchow_rt._version import __version__
@@ -31,7 +32,7 @@ from virchow_rt.files import atomic_path, sha256_file
 from virchow_rt.slides.coords import coords_sha256, coords_tiling
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups
 from virchow_rt.slides.grid import TilePlan, grid_name, tile_grid
-from virchow_rt.slides.mask import qc_picture
+from virchow_rt.slides.mask import qc_png
 from virchow_rt.slides.reader import Slide
 from virchow_rt.slides.regions import region_grid
 from virchow_rt.slides.settings import SlideSettings
@@ -64,10 +65,12 @@ class SlideFeatures:
     """One open slide's features into a new ``.h5``: tiling (at construction), :meth:`embed`, :meth:`finish`.
 
     ``settings.pooling`` must be resolved; ``check`` is called before each write and raises to abandon the
-    slide (a lost lease); ``qc``: where the QC picture goes (written before the model runs); ``source``: the
-    slide as the file records it (path and size) when ``slide`` reads a local copy of it; ``read_ahead``:
-    start reading the first batches now, before :meth:`embed` is called. ``record`` gets the counts, timings
-    and read level. :meth:`close` stops reading and closes the file (safe at any step, and twice).
+    slide (a lost lease); ``qc``: where :meth:`write_qc` puts the QC picture (drawn now, written once the file
+    is complete); ``source``: the slide as the file records it (path and size) when ``slide`` reads a local
+    copy of it; ``read_ahead``: start reading the first batches now, before :meth:`embed` is called;
+    ``key``: the slide's key, its coordinates file's name in a ``--coords`` folder (default: its name).
+    ``record`` gets the counts, timings and read level. :meth:`close` stops reading and closes the file
+    (safe at any step, and twice).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class SlideFeatures:
         progress: bool = False,
         source: Path | None = None,
         read_ahead: bool = False,
+        key: str | None = None,
     ) -> None:
         s = self.settings = settings
         self.slide, self.embedder, self.model, self.record = slide, embedder, model, record
@@ -94,8 +98,8 @@ class SlideFeatures:
         t0 = time.perf_counter()
         self.coords_sha256 = ""
         if s.coords:  # TRIDENT's or CLAM's tiles, tile for tile, read as that tool reads them
-            self.coords_sha256 = coords_sha256(s.coords, slide.name)  # hashed first: a later change redoes
-            self.tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp)
+            self.coords_sha256 = coords_sha256(s.coords, key or slide.name)  # first: a later change redoes
+            self.tiles = coords_tiling(slide, s.coords, s.tile_size, s.mpp, key=key)
         else:
             self.tiles = tile_grid(slide, s.grid_mpp, s.tile_size, s.min_tissue, rule=s.grid,
                                    edge_tiles=s.edge_tiles)  # fmt: skip
@@ -106,11 +110,13 @@ class SlideFeatures:
         )
         self.layout = self.grid.layout if self.grid is not None else None
         record.timings["mask_s"] = time.perf_counter() - t0
-        if qc is not None:  # before the model runs: the tiling can be checked while it does
-            check()
-            picture = qc_picture(slide, self.tiles.mask, self.tiles.coords, self.tiles.patch_size_level0)
-            with atomic_path(qc) as tmp_png:
-                Image.fromarray(picture).save(tmp_png, format="PNG")
+        self.qc = qc
+        #: the QC picture's PNG, drawn here (the slide is open, the model busy with another)
+        self.qc_png = (
+            qc_png(slide, self.tiles.mask, self.tiles.coords, self.tiles.patch_size_level0)
+            if qc is not None
+            else None
+        )
         self.dim = embedder.embedding_dim(s.pooling)
         self._first = self._stream(self.tiles.plan)
         if read_ahead:
@@ -146,7 +152,8 @@ class SlideFeatures:
         disk part-way gives unreadable errors (and h5py can crash freeing the file)."""
         need, free = self.output_bytes(), shutil.disk_usage(tmp.parent).free
         if free < need + DISK_MARGIN:
-            raise OSError(errno.ENOSPC, f"{tmp.name} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+            mib = f"{tmp.name} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
+            raise OSError(errno.ENOSPC, mib)
         writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
         for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()
@@ -223,6 +230,12 @@ class SlideFeatures:
             write_s=self.write_s,
         )
 
+    def write_qc(self) -> None:
+        """Write the QC picture (with ``qc``), atomically: call once the ``.h5`` is complete and in place."""
+        if self.qc is not None and self.qc_png is not None:
+            with atomic_path(self.qc) as tmp:
+                tmp.write_bytes(self.qc_png)
+
     def close(self) -> None:
         """Stop reading and close the file (an unfinished one stays incomplete). Safe to call twice."""
         for stream in self.streams:
@@ -243,10 +256,12 @@ def embed_to_file(
     check: Callable[[], None] = lambda: None,
     progress: bool = False,
 ) -> None:
-    """Embed ``slide`` into the new file ``tmp`` and fill ``record`` (the steps of :class:`SlideFeatures`)."""
+    """Embed ``slide`` into the new file ``tmp`` and fill ``record`` (the steps of :class:`SlideFeatures`);
+    the QC picture (``qc``) is written once ``tmp`` is complete."""
     features = SlideFeatures(slide, embedder, settings, model, record, qc=qc, check=check, progress=progress)
     try:
         features.embed(tmp)
         features.finish()
+        features.write_qc()
     finally:
         features.close()

@@ -25,6 +25,8 @@ from virchow_rt.errors import OutputError
 CONFIG_NAME = "run_config.json"
 #: compared by kind only (given or not): each slide may bring its own coordinates file
 _BY_KIND = ("coords_source",)
+#: what a configuration recorded before the key existed meant (a folder of older runs is not "changed")
+_UNRECORDED = {"mirror_folders": False}
 
 
 @contextlib.contextmanager
@@ -53,6 +55,7 @@ def claim(out_dir: Path, config: dict[str, Any]) -> None:
     if _create(path, json.dumps(config, indent=2) + "\n"):
         return
     recorded = _read(path)
+    recorded = {**_UNRECORDED, **recorded}
     changed = [
         f"{key} {recorded.get(key)!r} -> {config[key]!r}"
         for key in config
@@ -107,15 +110,23 @@ def _read(path: Path) -> dict[str, Any]:
     raise OutputError(f"{path} cannot be read ({err}); remove it if the folder is yours to reuse") from err
 
 
-def write_pt(out_dir: Path, h5: Path) -> Path:
-    """``<out>/pt_files/<slide>.pt`` from a complete ``.h5``: its features as one (N, E) float32 tensor, the
-    file CLAM's MIL loader reads (``torch.load``). Written atomically; torch is needed (the export extra)."""
+def pt_path(out_dir: Path, key: str) -> Path:
+    """``<out>/pt_files/<key>.pt``: CLAM's features file of the slide with key ``key``."""
+    from virchow_rt.slides.reader import slide_file
+
+    return slide_file(out_dir / "pt_files", key, ".pt")
+
+
+def write_pt(out_dir: Path, h5: Path, key: str | None = None) -> Path:
+    """:func:`pt_path` (``key`` default: the ``.h5``'s name) from a complete ``.h5``: its features as one
+    (N, E) float32 tensor, the file CLAM's MIL loader reads (``torch.load``). Written atomically; torch is
+    needed (the export extra)."""
     from virchow_rt._deps import optional_import
     from virchow_rt.files import atomic_path
     from virchow_rt.slides.writer import read_features
 
     torch = optional_import("torch", "to write CLAM's pt_files (--also-pt)")
-    target = out_dir / "pt_files" / f"{h5.stem}.pt"
+    target = pt_path(out_dir, key or h5.stem)
     features = read_features(h5)["features"]  # (N, E) float32
     with atomic_path(target) as tmp:
         torch.save(torch.from_numpy(features), tmp)

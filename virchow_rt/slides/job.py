@@ -1,4 +1,7 @@
-"""One slide -> one ``<out>/<slide>.h5``: the job every slide of a run shares, local or on a Ray worker.
+"""One slide -> one ``<out>/<key>.h5``: the job every slide of a run shares, local or on a Ray worker.
+
+A slide's key is its name, or with ``--mirror-folders`` its path under the folder given, without the suffix
+(:func:`~virchow_rt.slides.reader.keyed_slides`): its files in ``--out``, its state and record follow it.
 
 A :class:`SlideJob` holds what the slides of a run have in common: the model (an
 :class:`~virchow_rt.embed.Embedder` over the open backend), its identity as every output records it, the
@@ -26,6 +29,7 @@ from virchow_rt.slides.coords import coords_sha256
 from virchow_rt.slides.embed import opened_backend
 from virchow_rt.slides.features import ModelIdentity
 from virchow_rt.slides.grid import grid_name
+from virchow_rt.slides.reader import slide_file
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import ModelEntry, SlideRecord
 from virchow_rt.slides.task import SlideTask
@@ -79,7 +83,8 @@ class SlideJob:
     @property
     def config(self) -> dict[str, Any]:
         """The output folder's configuration (``run_config.json``, see :mod:`virchow_rt.slides.folder`)."""
-        return {"encoder": self.embedder.info.variant, **self.expected}
+        mirror = self.settings.mirror_folders  # where each slide's files are: one layout per folder
+        return {"encoder": self.embedder.info.variant, **self.expected, "mirror_folders": mirror}
 
     @property
     def model_entry(self) -> ModelEntry:
@@ -96,23 +101,29 @@ class SlideJob:
             pooling=str(self.settings.pooling),
         )
 
-    def output(self, path: Path) -> Path:
-        return self.out_dir / f"{path.stem}.h5"
+    def output(self, key: str) -> Path:
+        """``<out>/<key>.h5`` of the slide with key ``key`` (:func:`~virchow_rt.slides.reader.keyed_slides`),
+        refused (:class:`~virchow_rt.errors.InputError`) unless it stays inside ``--out``."""
+        return slide_file(self.out_dir, key, ".h5")
 
-    def wanted(self, path: Path) -> dict[str, Any]:
-        """The root attributes ``path``'s complete file must carry (``OSError`` if it cannot be read; an
-        :class:`~virchow_rt.errors.InputError` if its ``--coords`` file cannot)."""
+    def wanted(self, path: Path, key: str | None = None) -> dict[str, Any]:
+        """The root attributes ``path``'s complete file (that of ``key``, default its name) must carry
+        (``OSError`` if it cannot be read; an :class:`~virchow_rt.errors.InputError` if its ``--coords`` file
+        cannot)."""
         wanted = {**self.expected, "slide_size_bytes": path.stat().st_size}
         if self.settings.coords:  # the same path may hold new tiles since
-            wanted["coords_sha256"] = coords_sha256(self.settings.coords, path.stem)
+            wanted["coords_sha256"] = coords_sha256(self.settings.coords, key or path.stem)
         return wanted
 
-    def is_complete(self, path: Path) -> bool:
-        """True when ``path``'s file is complete and valid for this run: a look without the lock (a hint, e.g.
-        to copy no slide that will be skipped); :meth:`SlideTask.prepare` decides under the lock."""
-        out = self.output(path)
+    def is_complete(self, path: Path, key: str | None = None) -> bool:
+        """True when ``path``'s file (that of ``key``, default its name) is complete and valid for this run: a
+        look without the lock (a hint, e.g. to copy no slide that will be skipped); :meth:`SlideTask.prepare`
+        decides under the lock."""
         try:
-            return out.exists() and resume_problem(out, self.wanted(path), self.settings.slide_mpp) is None
+            out = self.output(key or path.stem)
+            if not out.exists():
+                return False
+            return resume_problem(out, self.wanted(path, key), self.settings.slide_mpp) is None
         except (OSError, VirchowError):
             return False
 
@@ -127,11 +138,14 @@ class SlideJob:
         read_from: Path | None = None,
         read_ahead: bool = True,
         attempts: int | None = None,
+        key: str | None = None,
     ) -> SlideTask:
         """The slide's first stage (:meth:`SlideTask.prepare`): lock, resume check, open (``read_from``: a
-        local copy to read instead), tiling, QC, first batches read ahead; then call ``embed`` and
-        ``finish`` on the task (or ``close`` it to leave the slide untouched)."""
-        return SlideTask(self, path, prefix, log, warn, worker, read_from, attempts).prepare(read_ahead)
+        local copy to read instead), tiling, QC picture, first batches read ahead; then call ``embed`` and
+        ``finish`` on the task (or ``close`` it to leave the slide untouched). ``key``: the slide's key
+        (default: its name)."""
+        task = SlideTask(self, path, prefix, log, warn, worker, read_from, attempts, key)
+        return task.prepare(read_ahead)
 
     def run(
         self,
@@ -141,10 +155,11 @@ class SlideJob:
         warn: Log,
         worker: str | None = None,
         attempts: int | None = None,
+        key: str | None = None,
     ) -> SlideRecord:
         """One slide under its lock, its stages one after another; the record says how it went (done,
         skipped, failed or locked). ``worker`` and ``attempts`` (a ``--ray`` run: which worker, and how
-        many times the slide was handed to one) are recorded as given."""
-        task = self.prepare(path, prefix, log, warn, worker, read_ahead=False, attempts=attempts)
+        many times the slide was handed to one) are recorded as given; ``key``: the slide's key."""
+        task = self.prepare(path, prefix, log, warn, worker, read_ahead=False, attempts=attempts, key=key)
         task.embed()
         return task.finish()

@@ -26,7 +26,7 @@ from virchow_rt.slides.cache import SlideCache
 from virchow_rt.slides.cohort import embed_cohort
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
-from virchow_rt.slides.reader import find_slides
+from virchow_rt.slides.reader import keyed_slides, slide_file
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import SlideRecord, now, write_summary
 
@@ -41,18 +41,22 @@ def process_slides(
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Embed every slide into ``out_dir/<name>.h5`` and rebuild ``out_dir/summary.json``; returns the summary.
+    """Embed every slide into ``out_dir/<key>.h5`` and rebuild ``out_dir/summary.json``; returns the summary.
 
     ``model`` is an exported model file or folder (opened with ``backend``), or an open :class:`Backend` or
     ``Embedder``. Complete, valid files for this model and these settings are skipped; failures are recorded,
-    not raised. The summary's ``this_run`` says what this run did with each slide given.
+    not raised. The summary's ``this_run`` says what this run did with each slide given. A slide's key is its
+    name, or with ``settings.mirror_folders`` its path under the folder given (:func:`keyed_slides`).
     """
     settings = settings or SlideSettings()
     settings.check()
-    paths = find_slides(slides, recursive=settings.recursive)
+    keyed = keyed_slides(slides, settings.recursive, settings.mirror_folders)
+    paths = list(keyed)
     if settings.coords:
         check_source(settings.coords, paths)
     out_dir = check_output(out_dir, "--out", folder=True)  # before any work; made once there is work
+    for key in keyed.values():  # a mirrored sub-folder that leads out of --out (a symlink): refused now
+        slide_file(out_dir, key, ".h5")
     started, wall0 = now(), time.perf_counter()
     records: list[SlideRecord] = []
     with SlideJob.opened(model, out_dir, settings, backend) as job:
@@ -67,7 +71,8 @@ def process_slides(
 
         def summarize() -> dict[str, Any]:
             # also after an interrupt: the summary lists every slide given, what was done and what was not
-            records.extend(SlideRecord.for_slide(p, status="not started") for p in paths[len(records) :])
+            left = paths[len(records) :]
+            records.extend(SlideRecord.for_slide(p, keyed[p], status="not started") for p in left)
             with folder.writing(out_dir):
                 return write_summary(
                     out_dir, records, job.settings, job.model_entry, started, time.perf_counter() - wall0
@@ -79,9 +84,9 @@ def process_slides(
                 if settings.cache_dir:  # copies ahead of the slides prepared ahead, and of the one in use
                     ahead = settings.prefetch_slides + 2
                     made = SlideCache(settings.cache_dir, paths, size=settings.cache_size, ahead=ahead,
-                                      skip=job.is_complete)  # fmt: skip
+                                      skip=lambda path: job.is_complete(path, keyed[path]))  # fmt: skip
                     cache = stack.enter_context(made)
-                embed_cohort(job, paths, records, log, warn, cache)
+                embed_cohort(job, keyed, records, log, warn, cache)
         except BaseException:
             with contextlib.suppress(Exception):  # what stopped the run is what the user must read
                 summarize()

@@ -415,10 +415,11 @@ def clear_stale_locks(out_dir: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[
 
 
 def _locked_outputs(out_dir: Path) -> list[Path]:
-    """The outputs in ``out_dir`` with a lock or a set-aside lock (``.<out>.lock``, ``.<out>.lock.*``)."""
-    names = set()
-    for path in out_dir.glob(".*.lock*"):
+    """The outputs in ``out_dir`` and its sub-folders (``--mirror-folders``) with a lock or a set-aside lock
+    (``.<out>.lock``, ``.<out>.lock.*``)."""
+    outputs = set()
+    for path in out_dir.rglob(".*.lock*"):
         name, _, kind = path.name[1:].rpartition(".lock")
         if name and (not kind or kind.startswith(_ASIDE)):
-            names.add(name)
-    return [out_dir / name for name in sorted(names)]
+            outputs.add(path.with_name(name))
+    return sorted(outputs)

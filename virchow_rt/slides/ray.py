@@ -49,7 +49,7 @@ from virchow_rt.slides import folder, locks
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
 from virchow_rt.slides.ray_pool import RayPool
-from virchow_rt.slides.reader import find_slides
+from virchow_rt.slides.reader import keyed_slides, slide_file
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import now, write_summary
 
@@ -101,10 +101,11 @@ class SlideWorker:
         }
 
     def run(
-        self, path: str, prefix: str, attempts: int
+        self, path: str, prefix: str, attempts: int, key: str
     ) -> tuple[dict[str, Any], list[tuple[bool, str]], dict[str, Any] | None]:
-        """Embed one slide (or skip it): its summary record, its lines (True: a warning) and, when another
-        holds its lock, who and for how long yet (the driver waits out the lease of a worker it lost)."""
+        """Embed one slide (or skip it) as ``key`` (``<out>/<key>.h5``): its summary record, its lines (True:
+        a warning) and, when another holds its lock, who and for how long yet (the driver waits out the lease
+        of a worker it lost)."""
         if self._error is not None:
             raise self._error
         lines: list[tuple[bool, str]] = []
@@ -115,10 +116,11 @@ class SlideWorker:
             lambda line: lines.append((True, line)),
             worker=self._name,
             attempts=attempts,
+            key=key,
         )
         held = None
         if record.status == "locked":
-            out, lease = self._job.output(Path(path)), self._job.settings.lock_lease
+            out, lease = self._job.output(key), self._job.settings.lock_lease
             holder = locks.Holder.read(locks.lock_path(out))
             left = locks.lease_left(out, lease)
             held = {"host": holder.host, "pid": holder.pid, "lease_s": holder.lease_s or lease,
@@ -182,10 +184,12 @@ def process_slides_ray(
     settings = settings or SlideSettings()
     settings.check()
     ray = _ray()
-    paths = find_slides(slides, recursive=settings.recursive)
+    keyed = keyed_slides(slides, settings.recursive, settings.mirror_folders)
     if settings.coords:
-        check_source(settings.coords, paths)
+        check_source(settings.coords, list(keyed))
     out_dir = check_output(out_dir, "--out", folder=True)
+    for key in keyed.values():  # a mirrored sub-folder that leads out of --out (a symlink): refused now
+        slide_file(out_dir, key, ".h5")
     if workers is not None and workers < 1:
         raise InputError(f"--ray-workers {workers}: give 1 or more")
     started_ray = _connect(ray, address)
@@ -200,7 +204,7 @@ def process_slides_ray(
         )
         model = str(Path(model).resolve())
         handles = [actor.remote(model, str(out_dir.resolve()), settings, backend) for _ in range(count)]
-        return _run_job(ray, handles, paths, out_dir, log, warn)
+        return _run_job(ray, handles, keyed, out_dir, log, warn)
     finally:
         if started_ray:
             ray.shutdown()
@@ -209,13 +213,13 @@ def process_slides_ray(
 def _run_job(
     ray: Any,
     handles: list[Any],
-    paths: list[Path],
+    slides: dict[Path, str],
     out_dir: Path,
     log: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     started, wall0 = now(), time.perf_counter()
-    pool = RayPool(ray, handles, paths, log, warn)
+    pool = RayPool(ray, handles, slides, log, warn)
     try:
         first = pool.start()  # the first worker has opened the model (or its error is raised)
     except BaseException:

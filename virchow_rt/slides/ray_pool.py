@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,17 +43,25 @@ class QueuedSlide:
 
     index: int  # 1-based, as the console numbers slides
     path: Path
+    key: str  # what its files are named after (reader.keyed_slides)
     attempts: int = 0  # times handed to a worker
     lost_on: list[str] = field(default_factory=list)  # workers lost while running it
     not_before: float = 0.0  # monotonic time before which it is not handed out
     lock_wait_until: float | None = None  # waiting for a lost worker's lock: until then, at most
 
+    @property
+    def name(self) -> str:
+        """As the console shows it: its file name, with the sub-folders of its key (--mirror-folders)."""
+        return f"{self.key}{self.path.suffix}"
+
 
 class SlideQueue:
     """The slides not yet handed out (or handed back), in order; no Ray here."""
 
-    def __init__(self, paths: Iterable[Path], attempts: int = SLIDE_ATTEMPTS) -> None:
-        self._items = [QueuedSlide(i, Path(p)) for i, p in enumerate(paths, 1)]
+    def __init__(self, slides: Iterable[Path] | Mapping[Path, str], attempts: int = SLIDE_ATTEMPTS) -> None:
+        """``slides``: paths (each keyed by its name), or path -> key."""
+        keys = slides if isinstance(slides, Mapping) else {Path(p): Path(p).stem for p in slides}
+        self._items = [QueuedSlide(i, Path(p), k) for i, (p, k) in enumerate(keys.items(), 1)]
         self.limit = attempts
 
     def __len__(self) -> int:
@@ -84,6 +92,10 @@ class SlideQueue:
         slide.not_before = at
         slide.attempts -= 1
         self._items.append(slide)
+
+    def items(self) -> list[QueuedSlide]:
+        """The slides waiting, in order (not removed)."""
+        return list(self._items)
 
     def next_at(self) -> float | None:
         """When the first slide may be handed out (None: the queue is empty)."""
@@ -129,12 +141,16 @@ class _Loss:
 class RayPool:
     """The driver's loop over the workers; ``records`` says what became of each slide."""
 
-    def __init__(self, ray: Any, handles: list[Any], paths: list[Path], log: Log, warn: Log) -> None:
+    def __init__(
+        self, ray: Any, handles: list[Any], slides: list[Path] | Mapping[Path, str], log: Log, warn: Log
+    ) -> None:
+        """``slides``: paths (each keyed by its name), or path -> key (reader.keyed_slides)."""
         self.ray, self.log, self.warn = ray, log, warn
         self.workers = [_Worker(handle) for handle in handles]
-        self.queue = SlideQueue(paths)
-        self.records = {str(p): SlideRecord.for_slide(p, status="not started") for p in paths}
-        self.total = len(paths)
+        self.queue = SlideQueue(slides)
+        self.records = {str(q.path): SlideRecord.for_slide(q.path, q.key, status="not started")
+                        for q in self.queue.items()}  # fmt: skip
+        self.total = len(self.queue)
         self.first: dict[str, Any] | None = None  # the first worker's describe()
         self.lost: list[dict[str, Any]] = []  # each worker lost, for the summary
         self._lost_ids: set[tuple[str | None, int | None]] = set()  # (host, pid) of lost workers
@@ -208,8 +224,8 @@ class RayPool:
         if slide is None:
             return False
         worker.slide = slide
-        prefix = f"[{slide.index}/{self.total}] {slide.path.name}"
-        worker.ref = worker.handle.run.remote(str(slide.path), prefix, slide.attempts)
+        prefix = f"[{slide.index}/{self.total}] {slide.name}"
+        worker.ref = worker.handle.run.remote(str(slide.path), prefix, slide.attempts, slide.key)
         self.records[str(slide.path)].status = "pending"
         return True
 
@@ -287,13 +303,13 @@ class RayPool:
         worker.probe_at = 0.0  # ask at once: Ray answers when it has restarted it
         self._lost_ids.add((worker.host, worker.pid))
         self.lost.append({"worker": worker.name, "node": worker.node, "ip": worker.ip, "at": now(),
-                          "slide": slide.path.name, "error": type(err).__name__})  # fmt: skip
+                          "slide": slide.name, "error": type(err).__name__})  # fmt: skip
         loss = self._reports.setdefault(worker.node, _Loss(worker.ip, first=time.monotonic()))
         loss.workers.append(worker.name)
         loss.errors.add(type(err).__name__)
         reason = self.queue.lost(slide, worker.name)
         if reason is None:
-            loss.moved.append(slide.path.name)
+            loss.moved.append(slide.name)
         else:
             self._fail(slide, reason, worker=worker.name)
 
@@ -315,7 +331,7 @@ class RayPool:
         now, left = time.monotonic(), float(held.get("left_s") or 0.0)
         if slide.lock_wait_until is None:
             slide.lock_wait_until = now + 2 * float(held.get("lease_s") or 0.0) + LOCK_RECHECK_S
-            self.log(f"{slide.path.name}: still locked by a lost worker ({held.get('host')}, pid "
+            self.log(f"{slide.name}: still locked by a lost worker ({held.get('host')}, pid "
                      f"{held.get('pid')}); retried when its lease runs out, in {left:.0f} s")  # fmt: skip
         if now > slide.lock_wait_until:
             return False
@@ -323,9 +339,9 @@ class RayPool:
         return True
 
     def _fail(self, slide: QueuedSlide, reason: str, worker: str | None) -> None:
-        record = SlideRecord.for_slide(slide.path, status="failed", reason=reason, worker=worker,
+        record = SlideRecord.for_slide(slide.path, slide.key, status="failed", reason=reason, worker=worker,
                                        attempts=slide.attempts)  # fmt: skip
-        self.warn(f"{slide.path.name}: FAILED: {reason}")
+        self.warn(f"{slide.name}: FAILED: {reason}")
         self._record(record)
 
     def _record(self, record: SlideRecord) -> None:

@@ -119,6 +119,13 @@ class SlideSettings:
         False, "--skip-errors", "skip unreadable tiles (a bad slide never stops the others)"
     )
     recursive: bool = option(False, "--recursive", "find slides in sub-folders too (a TCGA/GDC download)")
+    mirror_folders: bool = option(
+        False,
+        "--mirror-folders",
+        "with --recursive: write <out>/<sub/folder>/<slide>.h5, each slide's folder under the folder given "
+        "mirrored (same-named slides in different folders); --coords DIR, --qc, the states and the summary "
+        "follow. A folder keeps the setting it was first run with",
+    )
     qc: bool = option(False, "--qc", "also write <slide>.qc.png: thumbnail, tissue outline, kept tiles")
     also_pt: bool = option(
         False, "--also-pt", "also write pt_files/<slide>.pt (CLAM's MIL loader; needs torch)"
@@ -190,6 +197,10 @@ class SlideSettings:
             raise InputError(
                 f"--prefetch-slides {self.prefetch_slides!r}: give 0 (one slide after another) to "
                 f"{MAX_PREFETCH_SLIDES}; 1 keeps the model busy"
+            )
+        if self.mirror_folders and not self.recursive:
+            raise InputError(
+                "--mirror-folders mirrors the sub-folders that --recursive looks in; add --recursive"
             )
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise InputError(f"--cache-dir {self.cache_dir} is a file; give a folder (it is made if missing)")

@@ -1,6 +1,7 @@
 """``summary.json`` and the per-slide state files it is built from: the only module that reads or writes them.
 
-A slide's state is ``<out>/slide_states/<slide>.json``: the :class:`SlideRecord` of the last run that held the
+A slide's state is ``<out>/slide_states/<key>.json`` (its key: its name, or with ``--mirror-folders`` its
+path under the folder given, without the suffix): the :class:`SlideRecord` of the last run that held the
 slide's lock (done, failed, interrupted, or skipped when a complete file had no state yet). Only a lock holder
 writes it, so runs and hosts sharing a folder never overwrite each other's news; a run that found a slide
 locked, or never got to it, writes none, and a "done" state is never replaced by a run that merely skipped
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.files import file_lock, write_json
+from virchow_rt.slides.reader import slide_file
 from virchow_rt.slides.settings import SlideSettings
 
 SUMMARY_NAME = "summary.json"
@@ -72,8 +74,10 @@ class SlideRecord:
     tiles_per_s: float | None = None
 
     @classmethod
-    def for_slide(cls, path: Path, **fields: Any) -> SlideRecord:
-        return cls(name=path.stem, path=str(path), **fields)
+    def for_slide(cls, path: Path, key: str | None = None, **fields: Any) -> SlideRecord:
+        """The record of slide ``path``, named by its key (:func:`~virchow_rt.slides.reader.keyed_slides`;
+        default: its name)."""
+        return cls(name=key or path.stem, path=str(path), **fields)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlideRecord:
@@ -101,7 +105,8 @@ class ModelEntry:
 
 
 def state_path(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / STATES_DIR / f"{name}.json"
+    """``<out>/slide_states/<name>.json`` (``name``: the slide's key, which may hold sub-folders)."""
+    return slide_file(Path(out_dir) / STATES_DIR, name, ".json")
 
 
 def read_state(out_dir: Path, name: str) -> SlideRecord | None:
@@ -117,11 +122,12 @@ def write_state(out_dir: Path, record: SlideRecord) -> None:
 
 
 def read_states(out_dir: Path) -> dict[str, SlideRecord]:
-    """Every slide's state in ``out_dir`` by slide name (unreadable files are left out)."""
+    """Every slide's state in ``out_dir`` by slide key (unreadable files are left out)."""
     states = {}
-    for path in sorted((Path(out_dir) / STATES_DIR).glob("*.json")):
+    root = Path(out_dir) / STATES_DIR
+    for path in sorted(root.rglob("*.json")):  # a mirrored slide's state is in its sub-folder
         record = _read_record(path)
-        if record is not None and record.name == path.stem:
+        if record is not None and record.name == path.relative_to(root).with_suffix("").as_posix():
             states[record.name] = record
     return states
 

@@ -1,17 +1,19 @@
 """One slide of a job in three stages, so that a cohort can run them for different slides at once.
 
 - :meth:`SlideTask.prepare` (any thread): the slide's lock, the resume check, the slide opened (from a local
-  copy when one is given), its tissue mask, grid and QC picture, and its first batches read ahead.
+  copy when one is given), its tissue mask, grid and QC picture (drawn, kept in memory), and its first
+  batches read ahead.
 - :meth:`SlideTask.embed` (the model's thread): the tiles through the model into the temporary file.
 - :meth:`SlideTask.finish` (any thread): the file completed and renamed into place while the lease is still
-  this run's, the slide's state and its line; then everything is released (:meth:`SlideTask.close`).
+  this run's, then its QC picture written, the slide's state and its line; then everything is released
+  (:meth:`SlideTask.close`).
 
 Each stage judges what it meets as one sequential step would: a slide that cannot be read fails alone (its
 state says why), a full disk or a missing package stops the run, a lost lease leaves the slide to the run
 that took it. What ``prepare`` meets is judged in ``embed``, and a slide's state is written in ``finish``
-only: a run stopped before a prepared slide's turn leaves that slide's state as it was (only its QC picture,
-a complete file, may be new). The only files removed are this run's own temporary file and that of a run
-whose process ended on this machine holding the slide; a file another run made is never deleted.
+only: a run stopped before a prepared slide's turn leaves that slide's state and files as they were. The
+only files removed are this run's own temporary file and that of a run whose process ended on this machine
+holding the slide; a file another run made is never deleted.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from virchow_rt.files import current_umask, fsync_path
 from virchow_rt.slides import folder, locks, summary
 from virchow_rt.slides.features import ModelIdentity, SlideFeatures
 from virchow_rt.slides.locks import Lease, LeaseLost, partial_path
-from virchow_rt.slides.reader import Slide, open_slide
+from virchow_rt.slides.reader import Slide, open_slide, slide_file
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import SlideRecord
 from virchow_rt.slides.writer import resume_problem, stored_counts
@@ -48,9 +50,10 @@ class SlideJob(Protocol):
     embedder: Embedder
     identity: ModelIdentity
 
-    def output(self, path: Path) -> Path: ...
+    def output(self, key: str) -> Path: ...
 
-    def wanted(self, path: Path) -> dict[str, Any]: ...
+    def wanted(self, path: Path, key: str | None = None) -> dict[str, Any]: ...
+
 
 Log = Callable[[str], None]
 
@@ -59,8 +62,10 @@ class SlideTask:
     """One slide of a :class:`~virchow_rt.slides.job.SlideJob` in stages: :meth:`prepare`, :meth:`embed`,
     :meth:`finish`.
 
-    ``read_from``: a local copy of ``path`` to read instead (the file records ``path``). ``record`` is the
-    slide's :class:`SlideRecord`; :attr:`needs_model` says whether :meth:`embed` has work to do.
+    ``read_from``: a local copy of ``path`` to read instead (the file records ``path``). ``key``: the slide's
+    key, which its files in ``--out`` and ``--coords`` and its record are named after (default: its name).
+    ``record`` is the slide's :class:`SlideRecord`; :attr:`needs_model` says whether :meth:`embed` has work
+    to do.
     """
 
     def __init__(
@@ -73,11 +78,14 @@ class SlideTask:
         worker: str | None = None,
         read_from: Path | None = None,
         attempts: int | None = None,
+        key: str | None = None,
     ) -> None:
-        self.job, self.path, self.out = job, path, job.output(path)
+        self.key = key or path.stem
+        self.job, self.path, self.out = job, path, job.output(self.key)
         self.prefix, self.log, self.warn = prefix, log, warn
         self.read_from = read_from or path
-        self.record = SlideRecord.for_slide(path, host=socket.gethostname(), worker=worker, attempts=attempts)
+        self.record = SlideRecord.for_slide(path, self.key, host=socket.gethostname(), worker=worker,
+                                            attempts=attempts)  # fmt: skip
         self.lease: Lease | None = None
         self._slide: Slide | None = None
         self._features: SlideFeatures | None = None
@@ -95,7 +103,7 @@ class SlideTask:
         """Lock, resume check, open, tiling, QC picture and (``read_ahead``) the first batches read."""
         record = self.record
         try:  # the file size tells another slide of the same name apart (its .h5 would be taken)
-            wanted = self.job.wanted(self.path)
+            wanted = self.job.wanted(self.path, self.key)
         except OSError as err:  # gone since it was listed, or not on this node's filesystem
             record.status, record.reason = "failed", f"cannot read {self.path} here ({err.strerror or err})"
             self.warn(f"{self.prefix}: FAILED: {record.reason}")
@@ -104,6 +112,13 @@ class SlideTask:
             record.status, record.reason = "failed", str(err)
             self.warn(f"{self.prefix}: FAILED: {record.reason}")
             return self
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)  # a mirrored sub-folder of --out
+        except OSError as err:
+            raise OutputError(
+                f"cannot make {self.out.parent} for {self.out.name} ({err}); fix the folder's permissions, "
+                "then rerun to resume"
+            ) from err
         lease, other = locks.acquire(self.out, self.warn, self.job.settings.lock_lease)
         if lease is None:  # another run is writing this slide: leave it to that run
             record.status = "locked"
@@ -155,12 +170,12 @@ class SlideTask:
                 )
                 self.warn(f"{self.path.name}: warning: {record.warnings[-1]}")
             record.timings["open_s"] = time.perf_counter() - start
-            qc = job.out_dir / f"{self.path.stem}.qc.png" if s.qc else None
+            qc = slide_file(job.out_dir, self.key, ".qc.png") if s.qc else None
             show = sys.stderr.isatty() if s.progress is None else s.progress
             assert self.lease is not None
             self._features = SlideFeatures(slide, job.embedder, s, job.identity, record, qc=qc,
                                            check=self.lease.raise_if_lost, progress=show, source=self.path,
-                                           read_ahead=read_ahead)  # fmt: skip
+                                           read_ahead=read_ahead, key=self.key)  # fmt: skip
         finally:
             self._busy_s += time.perf_counter() - start
 
@@ -217,9 +232,11 @@ class SlideTask:
         assert self.lease is not None and self._features is not None and self._tmp is not None
         self._features.finish()
         self.lease.check()  # another run took the slide over while this one was stopped: leave its file alone
+        fsync_path(self._tmp)  # on disk before it is renamed into place: a crash leaves it whole or absent
         os.chmod(self._tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give it
         os.replace(self._tmp, out)
         fsync_path(out.parent)  # the rename itself on disk
+        self._features.write_qc()  # only now: a QC picture is never left without its complete file
         record.timings["total_s"] = total = self._busy_s + time.perf_counter() - start
         record.status, record.output = "done", str(out)
         record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
@@ -273,8 +290,8 @@ class SlideTask:
 
     def _write_pt(self) -> None:
         out_dir = self.job.out_dir
-        if self.job.settings.also_pt and not (out_dir / "pt_files" / f"{self.out.stem}.pt").exists():
-            folder.write_pt(out_dir, self.out)  # from the complete .h5, no model run
+        if self.job.settings.also_pt and not folder.pt_path(out_dir, self.key).exists():
+            folder.write_pt(out_dir, self.out, self.key)  # from the complete .h5, no model run
 
     # --- lifetime --------------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from virchow_rt._deps import optional_import
-from virchow_rt.files import fsync_path
 from virchow_rt.slides.regions import RegionLayout
 
 FORMAT = "virchow-rt-slide-features"
@@ -160,7 +159,6 @@ class FeatureWriter:
         # last: a file without this flag was interrupted and is redone by the next run
         self._file.attrs["complete"] = np.bool_(True)
         self.close()
-        fsync_path(self.path)  # on disk before it is renamed into place: a crash leaves it whole or absent
 
     def close(self) -> None:
         """Close the file (unfinished files stay without ``complete``). Safe to call twice."""
