@@ -59,25 +59,65 @@ def test_hdf5s_own_words_for_a_full_disk_stop_the_run_in_one_line(slides, tmp_pa
     assert not (out / "s2.h5").exists() and not list(out.glob(".*"))  # nothing half-made, no lock left
 
 
-def test_a_disk_without_room_for_the_file_stops_before_it_is_begun(slides, tmp_path, monkeypatch):
-    out, made = tmp_path / "out", []
-    real_usage, real_writer = shutil.disk_usage, writer.FeatureWriter.__init__
+class ClosingFails:
+    """An h5py file after HDF5 met a full disk: every later close raises again."""
+
+    def __init__(self, real):  # noqa: ANN001
+        self.real = real
+
+    def close(self) -> None:
+        self.real.close()
+        raise RuntimeError(HDF5_FULL)
+
+
+def test_a_file_that_cannot_be_closed_after_a_full_disk_stops_in_one_line(slides, tmp_path, monkeypatch):
+    """HDF5 fails a write on a full disk and then every close of that file: the run still stops with the
+    one line, and its temporary file and lock are removed (the close's error used to replace it all)."""
+    out, real = tmp_path / "out", writer.FeatureWriter.append
+
+    def append(self, coords, features):  # noqa: ANN001, ANN202
+        if self.path.name.startswith(".s1.h5"):
+            self._file = ClosingFails(self._file)
+            raise OSError(errno.ENOSPC, f"Can't synchronously write data ({HDF5_FULL})")
+        return real(self, coords, features)
+
+    monkeypatch.setattr(writer.FeatureWriter, "append", append)
+    with pytest.raises(OutputError, match=r"disk holding .* is full .*s1\.h5") as err:
+        process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+    assert "\n" not in str(err.value)
+    assert check_complete(out / "s0.h5", {}) is None and not list(out.glob(".*"))  # no .partial, no lock
+
+
+@pytest.mark.parametrize("full", ["before the file", "while it is written"])
+def test_a_disk_without_room_for_the_rest_of_the_file_stops_before_hdf5_meets_it(
+    slides, tmp_path, monkeypatch, full
+):
+    out, made, writes = tmp_path / "out", [], []
+    real_usage, real_init, real_append = (
+        shutil.disk_usage,
+        writer.FeatureWriter.__init__,
+        writer.FeatureWriter.append,
+    )
 
     def usage(path):  # noqa: ANN001, ANN202
         found = real_usage(path)
-        return found._replace(free=1 << 20) if made else found  # full once s0's file was begun
+        return found._replace(free=1 << 20) if full == "before the file" or writes else found
 
     def init(self, path, *args, **kwargs):  # noqa: ANN001, ANN202
         made.append(Path(path).name)
-        real_writer(self, path, *args, **kwargs)
+        real_init(self, path, *args, **kwargs)
+
+    def append(self, *args):  # noqa: ANN001, ANN202
+        writes.append(self.path.name)
+        real_append(self, *args)
 
     monkeypatch.setattr(features.shutil, "disk_usage", usage)
     monkeypatch.setattr(writer.FeatureWriter, "__init__", init)
-    with pytest.raises(OutputError, match=r"is full .*s1\.h5") as err:
+    monkeypatch.setattr(writer.FeatureWriter, "append", append)
+    with pytest.raises(OutputError, match=r"is full .*s0\.h5 \(the file still needs about .* MiB and 16 MiB"):
         process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
-    assert "needs 0.0 MiB, 1.0 MiB free" in str(err.value.__cause__)  # 16 MiB kept free besides the file
-    assert [name.split(".")[1] for name in made] == ["s0"]  # s1's file was never begun
-    assert check_complete(out / "s0.h5", {}) is None and not list(out.glob(".*"))
+    assert len(made) == (0 if full == "before the file" else 1) and len(writes) <= 1  # stopped at once
+    assert not list(out.glob("*.h5")) and not list(out.glob(".*"))  # no file, no temporary file, no lock
 
 
 def test_the_summary_on_the_way_out_never_replaces_why_the_run_stopped(slides, tmp_path, monkeypatch):

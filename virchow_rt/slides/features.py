@@ -12,6 +12,7 @@ that leaves no picture.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -39,8 +40,22 @@ from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import MAX_LISTED_ERRORS, SlideRecord, now
 from virchow_rt.slides.writer import FeatureWriter
 
-#: room a slide's file must leave on its disk (HDF5's metadata, the other files a run writes)
+#: room a slide's file must leave on its disk (HDF5's chunks and metadata, the other files a run writes)
 DISK_MARGIN = 16 << 20
+
+
+class NoRoom(OSError):
+    """The disk has no room for the rest of a slide's file (``ENOSPC``, said before HDF5 meets it)."""
+
+
+def _check_room(tmp: Path, need: int) -> None:
+    free = shutil.disk_usage(tmp.parent).free
+    if free < need + DISK_MARGIN:
+        raise NoRoom(
+            errno.ENOSPC,
+            f"the file still needs about {need / 2**20:.1f} MiB and {DISK_MARGIN >> 20} MiB are kept free; "
+            f"{free / 2**20:.1f} MiB are free",
+        )
 
 
 @dataclass(frozen=True)
@@ -148,23 +163,27 @@ class SlideFeatures:
     def embed(self, tmp: Path) -> None:
         """Run the slide's tiles (then its regions) through the model into the new file ``tmp``.
 
-        A disk without room for the file is an ``ENOSPC`` before anything is written: HDF5 meeting a full
-        disk part-way gives unreadable errors (and h5py can crash freeing the file)."""
-        need, free = self.output_bytes(), shutil.disk_usage(tmp.parent).free
-        if free < need + DISK_MARGIN:
-            mib = f"{tmp.name} needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
-            raise OSError(errno.ENOSPC, mib)
+        Room for what is still to be written is checked before the file is begun and before every write
+        (:class:`NoRoom`): HDF5 meeting a full disk part-way leaves a file it cannot close (and h5py can
+        crash freeing it). A quota, or another writer filling the disk between two checks, can still
+        reach HDF5; that is a full disk too (``SlideTask``)."""
+        left = self.output_bytes()
+        _check_room(tmp, left)
         writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
         for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()
+            _check_room(tmp, left)
             writer.append(self.tiles.coords[ids], features[:, 0])
+            left -= features.shape[0] * (4 * self.dim + 16)
             self.write_s += time.perf_counter() - t1
         if self.grid is not None and self.layout is not None:
             region_coords = self.grid.tile_coords()
             stream = self._stream(self.grid.plan(self.slide))
             for ids, features in self._embed(stream, self.layout.tiles_per_region):
                 t1 = time.perf_counter()
+                _check_room(tmp, left)
                 writer.append_regions(region_coords[ids], features)  # (G, T, 2), (G, T, E)
+                left -= features.shape[0] * features.shape[1] * (4 * self.dim + 16)
                 self.write_s += time.perf_counter() - t1
 
     def finish(self) -> None:
@@ -237,11 +256,13 @@ class SlideFeatures:
                 tmp.write_bytes(self.qc_png)
 
     def close(self) -> None:
-        """Stop reading and close the file (an unfinished one stays incomplete). Safe to call twice."""
-        for stream in self.streams:
-            stream.close()
-        if self.writer is not None:
-            self.writer.close()
+        """Stop reading and close the file (an unfinished one stays incomplete), each even if one before it
+        fails. Safe to call twice."""
+        with contextlib.ExitStack() as steps:  # last-in first-out: the streams first, then the file
+            if self.writer is not None:
+                steps.callback(self.writer.close)
+            for stream in self.streams:
+                steps.callback(stream.close)
 
 
 def embed_to_file(

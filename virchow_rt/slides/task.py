@@ -33,7 +33,7 @@ from virchow_rt.embed import Embedder
 from virchow_rt.errors import InputError, MissingDependency, OutputError, VirchowError
 from virchow_rt.files import current_umask, fsync_path
 from virchow_rt.slides import folder, locks, summary
-from virchow_rt.slides.features import ModelIdentity, SlideFeatures
+from virchow_rt.slides.features import ModelIdentity, NoRoom, SlideFeatures
 from virchow_rt.slides.locks import Lease, LeaseLost, partial_path
 from virchow_rt.slides.reader import Slide, open_slide, slide_file
 from virchow_rt.slides.settings import SlideSettings
@@ -263,10 +263,11 @@ class SlideTask:
                 if not self.needs_model:
                     raise  # writing the outcome itself failed (its state file): as a sequential run
                 if _disk_full(err):  # every slide after it would fail the same way: stop
+                    detail = f" ({err.strerror})" if isinstance(err, NoRoom) else ""
                     raise OutputError(
                         f"the disk holding {self.job.out_dir} is full (or over quota) while writing "
-                        f"{self.out.name}; its temporary file was removed and finished slides are kept: free "
-                        "some space and rerun the same command to resume"
+                        f"{self.out.name}{detail}; its temporary file was removed and finished slides are "
+                        "kept: free some space and rerun the same command to resume"
                     ) from err
                 record.status = "failed"
                 # our errors carry a full sentence; anything else gets its type, so it reads; one line
@@ -300,19 +301,22 @@ class SlideTask:
             self.record.status, self.record.reason = "interrupted", "the run was stopped; rerun to resume"
             with contextlib.suppress(Exception):
                 self._save_state()
-        self.close()
+        with contextlib.suppress(Exception):  # what stopped the run is the error to read, not a close's
+            self.close()
 
     def close(self) -> None:
-        """Stop reading, remove this run's temporary file, close the slide, release the lock. Safe twice;
-        a task closed before its turn leaves the slide as it found it (no state written)."""
-        if self._features is not None:
-            self._features.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)  # ours: its name holds this lease's token
-        if self._slide is not None:
-            self._slide.close()
-        if self.lease is not None:
-            self.lease.release()
+        """Stop reading, remove this run's temporary file, close the slide, release the lock, each even if
+        one before it fails (its error is raised after). Safe twice; a task closed before its turn leaves
+        the slide as it found it (no state written)."""
+        with contextlib.ExitStack() as steps:  # run last-in first-out: the lock is released last
+            if self.lease is not None:
+                steps.callback(self.lease.release)
+            if self._slide is not None:
+                steps.callback(self._slide.close)
+            if self._tmp is not None:
+                steps.callback(self._tmp.unlink, missing_ok=True)  # ours: its name holds this lease's token
+            if self._features is not None:
+                steps.callback(self._features.close)
 
 
 #: how HDF5 reports a full disk in a RuntimeError's text ("... errno = 28, error message = 'No space ...'")

@@ -162,9 +162,9 @@ class FeatureWriter:
 
     def close(self) -> None:
         """Close the file (unfinished files stay without ``complete``). Safe to call twice."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:  # forgotten even when closing fails (HDF5 on a full disk): never closed twice
+            file.close()
 
 
 def _same(got: Any, want: Any) -> bool:
