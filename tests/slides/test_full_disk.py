@@ -183,3 +183,26 @@ def test_the_file_is_on_disk_before_it_is_renamed_into_place(slides, tmp_path, m
     monkeypatch.setattr(task.os, "replace", replace)
     process_slides(slides[:1], FakeBackend(), tmp_path / "out", SlideSettings(batch_size=4), **QUIET)
     assert synced[1:] == ["renamed s0.h5", "folder out"] and synced[0].startswith(".s0.h5.")
+
+
+def test_a_full_disk_at_a_slides_lock_stops_in_one_line_and_leaves_no_lock(slides, tmp_path, monkeypatch):
+    """The lock is created (an inode) but its record cannot be written: the empty lock used to stay and
+    keep every rerun off the slide until its lease ran out."""
+    from virchow_rt.slides import locks
+
+    out, real, records = tmp_path / "out", locks.json, []
+
+    class FullAtTheSecondLock:  # locks' own json: the first lock (s0's) is written, the second is not
+        loads = staticmethod(real.loads)
+
+        @staticmethod
+        def dump(record, fh):  # noqa: ANN001, ANN205
+            records.append(record)
+            if len(records) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real.dump(record, fh)
+
+    monkeypatch.setattr(locks, "json", FullAtTheSecondLock)
+    with pytest.raises(OutputError, match=rf"cannot write in --out {out} \(No space left on device\)"):
+        process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
+    assert not list(out.glob(".*.lock")) and check_complete(out / "s0.h5", {}) is None

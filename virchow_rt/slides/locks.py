@@ -298,8 +298,12 @@ def _create(path: Path, token: str, lease_s: float) -> bool:
     record = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
               "pid_ns": _pid_namespace(), "started": time.time(), "lease_s": lease_s, "run": RUN_ID,
               "token": token}  # fmt: skip
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+    except BaseException:  # a full disk: an empty lock would block every run until its lease ran out
+        path.unlink(missing_ok=True)  # ours: created exclusively a moment ago, unreadable to any other run
+        raise
     return True
 
 

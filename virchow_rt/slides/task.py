@@ -109,17 +109,12 @@ class SlideTask:
             self.warn(f"{self.prefix}: FAILED: {record.reason}")
             return self
         except InputError as err:  # its --coords file went missing or unreadable
-            record.status, record.reason = "failed", str(err)
+            record.status, record.reason = "failed", " ".join(str(err).split())
             self.warn(f"{self.prefix}: FAILED: {record.reason}")
             return self
-        try:
+        with folder.writing(self.job.out_dir):  # a full disk, no permission: one line, no lock left
             self.out.parent.mkdir(parents=True, exist_ok=True)  # a mirrored sub-folder of --out
-        except OSError as err:
-            raise OutputError(
-                f"cannot make {self.out.parent} for {self.out.name} ({err}); fix the folder's permissions, "
-                "then rerun to resume"
-            ) from err
-        lease, other = locks.acquire(self.out, self.warn, self.job.settings.lock_lease)
+            lease, other = locks.acquire(self.out, self.warn, self.job.settings.lock_lease)
         if lease is None:  # another run is writing this slide: leave it to that run
             record.status = "locked"
             record.reason = f"another run is writing it ({other.describe() if other else '?'})"
