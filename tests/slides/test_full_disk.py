@@ -206,3 +206,35 @@ def test_a_full_disk_at_a_slides_lock_stops_in_one_line_and_leaves_no_lock(slide
     with pytest.raises(OutputError, match=rf"cannot write in --out {out} \(No space left on device\)"):
         process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4), **QUIET)
     assert not list(out.glob(".*.lock")) and check_complete(out / "s0.h5", {}) is None
+
+
+@pytest.mark.parametrize("closing", ["closes", "fails to close"])
+def test_a_ray_job_stopped_says_why_whatever_its_pool_and_summary_do(tmp_path, monkeypatch, closing):
+    """--ray: the driver's pool fails to close (its cluster gone) and the summary cannot be written: the
+    user still reads what stopped the run."""
+    from virchow_rt.slides import ray as ray_job
+
+    class Pool:
+        def __init__(self, *args):  # noqa: ANN002
+            self.records, self.lost = {}, 0
+
+        def start(self) -> dict:
+            return {"config": {"encoder": "fake"}, "random_weights": False}
+
+        def run(self) -> None:
+            raise OutputError("the disk holding out is full")
+
+        def close(self) -> None:
+            if closing == "fails to close":
+                raise RuntimeError("ray: GCS connection lost")
+
+        def live(self) -> int:
+            return 0
+
+    def no_room(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ray_job, "RayPool", Pool)
+    monkeypatch.setattr(ray_job, "write_summary", no_room)
+    with pytest.raises(OutputError, match="the disk holding out is full"):
+        ray_job._run_job(None, [], {}, tmp_path / "out", print, print)

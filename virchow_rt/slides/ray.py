@@ -222,15 +222,12 @@ def _run_job(
     pool = RayPool(ray, handles, slides, log, warn)
     try:
         first = pool.start()  # the first worker has opened the model (or its error is raised)
-    except BaseException:
-        pool.close()
-        raise
-    try:
         with folder.writing(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
             folder.claim(out_dir, first["config"])
     except BaseException:
-        pool.close()
+        with contextlib.suppress(Exception):  # what stopped the run is what the user must read
+            pool.close()
         raise
     if first["random_weights"]:
         warn_random_weights(
@@ -251,8 +248,9 @@ def _run_job(
     try:
         pool.run()
     except BaseException:
-        pool.close()
-        with contextlib.suppress(Exception):  # what stopped the run is what the user must read
+        with contextlib.suppress(Exception):
+            pool.close()
+        with contextlib.suppress(Exception):
             summarize()
         raise
     pool.close()
