@@ -150,6 +150,33 @@ def test_a_rerun_redoes_a_slide_whose_coords_file_changed(make_slide, tmp_path):
     assert "coords_sha256" in summary["slides"][0]["redone_because"]
 
 
+def test_a_coords_file_is_bounded_and_stays_in_its_folder(make_slide, tmp_path, monkeypatch):
+    """Its size is checked before it is hashed (a link to a huge file took seconds a slide), and a file
+    linked from outside the --coords folder is refused."""
+    from virchow_rt.slides import coords
+
+    slide = make_slide("a.tif").path
+    elsewhere = write_coords(tmp_path / "elsewhere" / "a.h5", [[0, 0]],
+                             **trident_attrs("a", (1792, 1344), 20, level0=20))  # fmt: skip
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "a.h5").symlink_to(elsewhere)
+    summary = process_slides([slide], FakeBackend(), tmp_path / "out1", SlideSettings(coords=str(linked)),
+                             **QUIET)  # fmt: skip
+    reason = summary["slides"][0]["reason"]
+    assert (
+        summary["slides"][0]["status"] == "failed"
+        and "not inside" in reason
+        and "through a symlink" in reason
+    )
+
+    monkeypatch.setattr(coords, "MAX_COORDS_BYTES", elsewhere.stat().st_size - 1)
+    settings = SlideSettings(coords=str(elsewhere.parent))
+    summary = process_slides([slide], FakeBackend(), tmp_path / "out2", settings, **QUIET)
+    reason = summary["slides"][0]["reason"]
+    assert summary["slides"][0]["status"] == "failed" and "more than 0 MiB; not a coordinates file" in reason
+
+
 # --- issue 20, item 3: what a coordinates file says about itself is checked before it is used ---
 
 

@@ -20,7 +20,9 @@ feature and slide-encoder code re-reads the very squares that were embedded.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,6 @@ import numpy as np
 
 from virchow_rt._deps import optional_import
 from virchow_rt.errors import InputError
-from virchow_rt.files import sha256_file
 from virchow_rt.slides.grid import (
     BLACK,
     MPP_AT_1X,
@@ -48,6 +49,8 @@ MAX_TILE_SIDE = 4096
 MAX_ROWS = 1 << 24
 #: a tile read from fewer level-0 px than its side / this would be upsampled beyond any use
 MAX_UPSAMPLE = 8
+#: the most bytes a coordinates file may weigh: MAX_ROWS rows and room for HDF5's own structures
+MAX_COORDS_BYTES = MAX_ROWS * 16 + (1 << 20)
 #: a tiling without a recorded step (CLAM) may overlap up to 3/4 of a tile: 16 tiles per tile area
 _UNRECORDED_STEP = 4
 #: attributes read from ``coords`` (nothing else is); each holds at most this many values
@@ -113,8 +116,8 @@ def coords_file(source: str | Path, slide_name: str) -> Path:
     keys = [f"{folder}/{n}" if folder else n for n in source_names(name)]
     tails = (".h5", "_patches.h5")
     places = [(path / sub, key, tail) for sub in ("", "patches") for key in keys for tail in tails]
-    # a mirrored slide's file is never one that leads out of the folder (through ``..`` or a symlink)
-    candidates = [slide_file(p, k, t) if folder else p / f"{k}{t}" for p, k, t in places]
+    # a slide's file is never one that leads out of the folder (through ``..`` or a symlink)
+    candidates = [slide_file(p, k, t) for p, k, t in places]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise InputError(
@@ -129,7 +132,17 @@ def coords_sha256(source: str | Path, slide_name: str) -> str:
     rerun redoes the slide when the file changed (new tiles under the same path)."""
     path = coords_file(source, slide_name)
     try:
-        return sha256_file(path)
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_COORDS_BYTES:  # bounded before it is read (a coords file of 1M tiles: 16 MB)
+                raise InputError(
+                    f"--coords {path} weighs {size >> 20} MiB, more than {MAX_COORDS_BYTES >> 20} MiB; not a "
+                    "coordinates file: give the .h5 TRIDENT or CLAM wrote for this slide"
+                )
+            digest = hashlib.sha256()
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+            return digest.hexdigest()
     except OSError as err:
         raise InputError(f"--coords {path} cannot be read ({err.strerror or err})") from err
 
