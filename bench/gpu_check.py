@@ -51,6 +51,7 @@ from typing import Any
 from gpu_check_children import (
     GRACE_S,
     ROOT,
+    SoFar,
     StepFailed,
     StepStopped,
     Stopped,
@@ -63,6 +64,7 @@ from gpu_check_children import (
 from gpu_check_report import (
     bench_so_far,
     hiding,
+    kept_words,
     read_test_outcomes,
     render_markdown,
     slides_so_far,
@@ -136,6 +138,7 @@ class Checker:
         self.steps: dict[str, dict[str, Any]] = {}
         self.running: str | None = None
         self.so_far: Any = None  # what the running step has measured so far (kept if the check is killed)
+        self.reading: SoFar | None = None  # how to read it once more (the check stopped by a signal)
         self.finished = False
         self.environment: dict[str, Any] | None = None
         self.gpu = False
@@ -180,7 +183,7 @@ class Checker:
             detail = "".join(traceback.format_exception(err)[-3:]).strip()
             self.log(detail)
             result, status, reason = None, "failed", f"{type(err).__name__}: {err}"
-        self.running, self.so_far = None, None
+        self.running, self.so_far, self.reading = None, None, None
         return self._record(name, status, time.perf_counter() - begun, reason, result)
 
     def _record(self, name: str, status: str, seconds: float, reason: str | None, result: Any = None) -> Any:
@@ -204,8 +207,12 @@ class Checker:
         """The check was stopped (a signal) while ``self.running`` ran: record it, with what it reached."""
         if self.running is not None:
             reason = f"the check was stopped ({why}) during this step"
-            self._record(self.running, "stopped", 0.0, reason, self.so_far)
-            self.running, self.so_far = None, None
+            found = self.so_far
+            if self.reading is not None:  # the child is gone: what it wrote since the last read is final
+                found = self.reading()
+                reason += f"; {kept_words(found)}"
+            self._record(self.running, "stopped", 0.0, reason, found)
+            self.running, self.so_far, self.reading = None, None, None
 
     def result(self) -> dict[str, Any]:
         env = self.environment or {}
@@ -268,17 +275,17 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = 
         args: list[str], timeout: float, what: str, log_to: Path = steps_log, so_far: Any = None
     ) -> None:
         """Run a child; with ``so_far``, what it has measured is kept as it runs, fails or is stopped."""
-        watch = None if so_far is None else lambda: check.progress(so_far())
+        reading = check.reading = None if so_far is None else SoFar(so_far, log)
+        watch = None if reading is None else lambda: check.progress(reading())
         try:
             code = run_logged(args, log_to, timeout, env=env, cwd=scratch, watch=watch)
             if code != 0:
                 raise StepFailed(f"{what} exited {code}: {last_line(log_to)} (see {log_to.name})")
         except StepFailed as err:
-            if so_far is None:
+            if reading is None:
                 raise
-            found = so_far()
-            said = f"kept what it measured: {', '.join(found['measured'])}" if found else "nothing measured"
-            raise type(err)(f"{err}; {said}", found) from None
+            found = reading()  # once more: the child is gone, what it wrote is final
+            raise type(err)(f"{err}; {kept_words(found)}", found) from None
 
     def child_step(args: list[str], timeout: float) -> Any:
         result = scratch / f"{args[0]}.json"

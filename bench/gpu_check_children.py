@@ -154,6 +154,32 @@ def _call(watch: Callable[[], None], log: Any) -> None:
         log.flush()
 
 
+class SoFar:
+    """What a running child has measured so far, read from the files it writes as it measures.
+
+    ``read()`` returns it (None: nothing yet). Calling this returns the latest good reading: one that
+    raises keeps the one before, and is logged once (``log``), not at every WATCH_S.
+    """
+
+    def __init__(self, read: Callable[[], Any], log: Callable[[str], None]) -> None:
+        self.read, self.log = read, log
+        self.found: Any = None
+        self.failed = False
+
+    def __call__(self) -> Any:
+        try:
+            found = self.read()
+        except Exception as err:  # noqa: BLE001 - reading results early must never lose those read before
+            if not self.failed:
+                self.failed = True
+                why = f"{type(err).__name__}: {err}"
+                self.log(f"(could not read its results so far, keeping those read before: {why})")
+            return self.found
+        if found is not None:
+            self.found = found
+        return self.found
+
+
 def last_line(log: Path) -> str:
     """The last line of ``log`` that says something (an exception, usually)."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()[-40:] if ln.strip()]
