@@ -184,7 +184,8 @@ def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(tmp
         except children.StepFailed as err:
             print("RAISED", type(err).__name__, err, flush=True)
     """
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(check)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(check)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "RAISED StepStopped stopped at its time limit of 2 s"
     text = log.read_text()
