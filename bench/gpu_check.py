@@ -22,8 +22,10 @@ touches the GPU runs in a child process with a time limit (SIGINT first, so pyte
 then SIGKILL for the child and every process it started: the step is recorded as "stopped"); no step
 starts without its ``min_left`` of the budget; pytest streams each test's id and outcome into
 ``pytest.log`` as the test ends; the bench and slides children write each row as they measure it (a
-JSON-lines file in the scratch folder), read into ``gpu_check.json`` (``running_so_far``) while they
-run and kept as the step's result when they fail or are stopped. At most 6 files are written into
+JSON-lines file in the scratch folder; a damaged line is skipped and counted), read into
+``gpu_check.json`` (``running_so_far``) every WATCH_S (2 s) while they run and once more, kept as the
+step's result, when they fail or are stopped (a SIGTERM too); a check killed mid-step (SIGKILL) keeps
+the rows read by then, at most 2 s behind. At most 6 files are written into
 ``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log`` and each variant's
 ``<variant>.report.json``.
 
@@ -56,6 +58,7 @@ from gpu_check_children import (
     StepStopped,
     Stopped,
     become_subreaper,
+    budget_start,
     child_env,
     last_line,
     run_logged,
@@ -69,6 +72,7 @@ from gpu_check_report import (
     render_markdown,
     slides_so_far,
     summarize_report,
+    write_whole,
 )
 
 STEPS = ROOT / "bench" / "gpu_check_steps.py"
@@ -233,22 +237,6 @@ class Checker:
         except Exception as err:  # noqa: BLE001 - the JSON holds everything; say why the summary is short
             text = f"# virchow-rt GPU check\n\nNo summary: {type(err).__name__}: {err}\n"
         write_whole(self.out / "gpu_check.md", text)
-
-
-def write_whole(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text)
-    os.replace(part, path)
-
-
-def budget_start() -> float:
-    """The perf_counter() value the budget counts from: when gpu_check.sh started (GPU_CHECK_T0), else now."""
-    now = time.perf_counter()
-    try:
-        waited = time.time() - float(os.environ["GPU_CHECK_T0"])
-    except (KeyError, ValueError):
-        return now
-    return now - waited if 0 <= waited < 600 else now
 
 
 def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = None) -> dict[str, Any]:

@@ -49,6 +49,16 @@ def child_env(site: Path | None = None) -> dict[str, str]:
     return env
 
 
+def budget_start() -> float:
+    """The perf_counter() value the budget counts from: when gpu_check.sh started (GPU_CHECK_T0), else now."""
+    now = time.perf_counter()
+    try:
+        waited = time.time() - float(os.environ["GPU_CHECK_T0"])
+    except (KeyError, ValueError):
+        return now
+    return now - waited if 0 <= waited < 600 else now
+
+
 def become_subreaper() -> bool:
     """Adopt the orphans of our children (Linux), so that processes a step leaves behind can be found."""
     try:

@@ -7,6 +7,7 @@ failed to import. The bench summaries import virchow-rt's plain modules (targets
 from __future__ import annotations
 
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -206,6 +207,13 @@ def hiding(benches: dict[str, Any], rates: dict[str, Any] | None) -> dict[str, A
     if not found:
         raise RuntimeError("no torch-cuda row with a compute-only figure was measured")
     return found
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path``, replacing it whole (a kill never leaves half a file)."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 # --- the summary a person reads --------------------------------------------------------------------
