@@ -22,8 +22,10 @@ touches the GPU runs in a child process with a time limit (SIGINT first, so pyte
 then SIGKILL for the child and every process it started: the step is recorded as "stopped"); no step
 starts without its ``min_left`` of the budget; pytest streams each test's id and outcome into
 ``pytest.log`` as the test ends; the bench and slides children write each row as they measure it (a
-JSON-lines file in the scratch folder), read into ``gpu_check.json`` (``running_so_far``) while they
-run and kept as the step's result when they fail or are stopped. At most 6 files are written into
+JSON-lines file in the scratch folder; a damaged line is skipped and counted), read into
+``gpu_check.json`` (``running_so_far``) every WATCH_S (2 s) while they run and once more, kept as the
+step's result, when they fail or are stopped (a SIGTERM too); a check killed mid-step (SIGKILL) keeps
+the rows read by then, at most 2 s behind. At most 6 files are written into
 ``--out``: ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``steps.log`` and each variant's
 ``<variant>.report.json``.
 
@@ -51,10 +53,12 @@ from typing import Any
 from gpu_check_children import (
     GRACE_S,
     ROOT,
+    SoFar,
     StepFailed,
     StepStopped,
     Stopped,
     become_subreaper,
+    budget_start,
     child_env,
     last_line,
     run_logged,
@@ -63,10 +67,12 @@ from gpu_check_children import (
 from gpu_check_report import (
     bench_so_far,
     hiding,
+    kept_words,
     read_test_outcomes,
     render_markdown,
     slides_so_far,
     summarize_report,
+    write_whole,
 )
 
 STEPS = ROOT / "bench" / "gpu_check_steps.py"
@@ -136,6 +142,7 @@ class Checker:
         self.steps: dict[str, dict[str, Any]] = {}
         self.running: str | None = None
         self.so_far: Any = None  # what the running step has measured so far (kept if the check is killed)
+        self.reading: SoFar | None = None  # how to read it once more (the check stopped by a signal)
         self.finished = False
         self.environment: dict[str, Any] | None = None
         self.gpu = False
@@ -180,7 +187,7 @@ class Checker:
             detail = "".join(traceback.format_exception(err)[-3:]).strip()
             self.log(detail)
             result, status, reason = None, "failed", f"{type(err).__name__}: {err}"
-        self.running, self.so_far = None, None
+        self.running, self.so_far, self.reading = None, None, None
         return self._record(name, status, time.perf_counter() - begun, reason, result)
 
     def _record(self, name: str, status: str, seconds: float, reason: str | None, result: Any = None) -> Any:
@@ -204,8 +211,12 @@ class Checker:
         """The check was stopped (a signal) while ``self.running`` ran: record it, with what it reached."""
         if self.running is not None:
             reason = f"the check was stopped ({why}) during this step"
-            self._record(self.running, "stopped", 0.0, reason, self.so_far)
-            self.running, self.so_far = None, None
+            found = self.so_far
+            if self.reading is not None:  # the child is gone: what it wrote since the last read is final
+                found = self.reading()
+                reason += f"; {kept_words(found)}"
+            self._record(self.running, "stopped", 0.0, reason, found)
+            self.running, self.so_far, self.reading = None, None, None
 
     def result(self) -> dict[str, Any]:
         env = self.environment or {}
@@ -226,22 +237,6 @@ class Checker:
         except Exception as err:  # noqa: BLE001 - the JSON holds everything; say why the summary is short
             text = f"# virchow-rt GPU check\n\nNo summary: {type(err).__name__}: {err}\n"
         write_whole(self.out / "gpu_check.md", text)
-
-
-def write_whole(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text)
-    os.replace(part, path)
-
-
-def budget_start() -> float:
-    """The perf_counter() value the budget counts from: when gpu_check.sh started (GPU_CHECK_T0), else now."""
-    now = time.perf_counter()
-    try:
-        waited = time.time() - float(os.environ["GPU_CHECK_T0"])
-    except (KeyError, ValueError):
-        return now
-    return now - waited if 0 <= waited < 600 else now
 
 
 def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = None) -> dict[str, Any]:
@@ -268,17 +263,17 @@ def run_gpu_check(out: Path, *, dry_run: bool = False, budget_s: float | None = 
         args: list[str], timeout: float, what: str, log_to: Path = steps_log, so_far: Any = None
     ) -> None:
         """Run a child; with ``so_far``, what it has measured is kept as it runs, fails or is stopped."""
-        watch = None if so_far is None else lambda: check.progress(so_far())
+        reading = check.reading = None if so_far is None else SoFar(so_far, log)
+        watch = None if reading is None else lambda: check.progress(reading())
         try:
             code = run_logged(args, log_to, timeout, env=env, cwd=scratch, watch=watch)
             if code != 0:
                 raise StepFailed(f"{what} exited {code}: {last_line(log_to)} (see {log_to.name})")
         except StepFailed as err:
-            if so_far is None:
+            if reading is None:
                 raise
-            found = so_far()
-            said = f"kept what it measured: {', '.join(found['measured'])}" if found else "nothing measured"
-            raise type(err)(f"{err}; {said}", found) from None
+            found = reading()  # once more: the child is gone, what it wrote is final
+            raise type(err)(f"{err}; {kept_words(found)}", found) from None
 
     def child_step(args: list[str], timeout: float) -> Any:
         result = scratch / f"{args[0]}.json"

@@ -49,6 +49,16 @@ def child_env(site: Path | None = None) -> dict[str, str]:
     return env
 
 
+def budget_start() -> float:
+    """The perf_counter() value the budget counts from: when gpu_check.sh started (GPU_CHECK_T0), else now."""
+    now = time.perf_counter()
+    try:
+        waited = time.time() - float(os.environ["GPU_CHECK_T0"])
+    except (KeyError, ValueError):
+        return now
+    return now - waited if 0 <= waited < 600 else now
+
+
 def become_subreaper() -> bool:
     """Adopt the orphans of our children (Linux), so that processes a step leaves behind can be found."""
     try:
@@ -152,6 +162,32 @@ def _call(watch: Callable[[], None], log: Any) -> None:
     except Exception as err:  # noqa: BLE001 - reading results early must never stop the child
         log.write(f"(could not read its results so far: {type(err).__name__}: {err})\n")
         log.flush()
+
+
+class SoFar:
+    """What a running child has measured so far, read from the files it writes as it measures.
+
+    ``read()`` returns it (None: nothing yet). Calling this returns the latest good reading: one that
+    raises keeps the one before, and is logged once (``log``), not at every WATCH_S.
+    """
+
+    def __init__(self, read: Callable[[], Any], log: Callable[[str], None]) -> None:
+        self.read, self.log = read, log
+        self.found: Any = None
+        self.failed = False
+
+    def __call__(self) -> Any:
+        try:
+            found = self.read()
+        except Exception as err:  # noqa: BLE001 - reading results early must never lose those read before
+            if not self.failed:
+                self.failed = True
+                why = f"{type(err).__name__}: {err}"
+                self.log(f"(could not read its results so far, keeping those read before: {why})")
+            return self.found
+        if found is not None:
+            self.found = found
+        return self.found
 
 
 def last_line(log: Path) -> str:

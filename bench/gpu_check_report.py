@@ -7,6 +7,7 @@ failed to import. The bench summaries import virchow-rt's plain modules (targets
 from __future__ import annotations
 
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -119,15 +120,17 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
 
 def bench_so_far(variant: str, folder: Path) -> dict[str, Any] | None:
     """The rows ``virchow-rt bench --random-weights --out folder`` has measured so far (its ``rows.jsonl``),
-    summarized as a report's are, without targets (they need every row); None: no row yet."""
-    from virchow_rt.benchmark.report import read_rows
+    summarized as a report's are, without targets (they need every row); None: no row yet. Damaged lines
+    are skipped and counted (``skipped_lines``), never the reason to lose the rows around them."""
+    from virchow_rt.benchmark.report import salvage_rows
 
-    rows = read_rows(folder)
+    rows, skipped = salvage_rows(folder)
     if not rows:
         return None
     measured = f"{len(rows)} row" + ("s" if len(rows) != 1 else "")
     return {"variant": variant, "random_weights": True, "complete": False, "measured": [measured],
-            "matmul_peaks": {}, "rows": summarize_rows(rows), "targets": []}  # fmt: skip
+            "skipped_lines": skipped, "matmul_peaks": {}, "rows": summarize_rows(rows),
+            "targets": []}  # fmt: skip
 
 
 #: the measurements of bench/slides_throughput.py, in the order it takes them
@@ -135,17 +138,32 @@ SLIDES_PARTS = ("reader", "reader_scaling", "model", "end_to_end")
 
 
 def slides_so_far(parts: Path) -> dict[str, Any] | None:
-    """The report bench/slides_throughput.py has so far: its ``--parts`` lines merged; None: no line."""
-    from virchow_rt.files import read_json_lines
+    """The report bench/slides_throughput.py has so far: its ``--parts`` lines merged (damaged lines
+    skipped and counted in ``skipped_lines``); None: no line."""
+    from virchow_rt.files import salvage_json_lines
 
-    lines = read_json_lines(parts)
+    lines, bad = salvage_json_lines(parts)
     if not lines:
         return None
     report: dict[str, Any] = {"complete": False}
     for part in lines:
-        report.update(part)
+        if isinstance(part, dict):
+            report.update(part)
     report["measured"] = [k for k in SLIDES_PARTS if report.get(k)]
+    report["skipped_lines"] = len(bad) + sum(not isinstance(part, dict) for part in lines)
     return report
+
+
+def measured_words(found: Any) -> str:
+    """What a step's results so far hold, in words ("2 rows", "reader, model"; "nothing measured")."""
+    measured = found.get("measured") if isinstance(found, dict) else None
+    return ", ".join(measured) if measured else "nothing measured"
+
+
+def kept_words(found: Any) -> str:
+    """How a failed or stopped step's reason ends: what it kept of what it measured."""
+    words = measured_words(found)
+    return words if words == "nothing measured" else f"kept what it measured: {words}"
 
 
 def copy_hiding(
@@ -189,6 +207,13 @@ def hiding(benches: dict[str, Any], rates: dict[str, Any] | None) -> dict[str, A
     if not found:
         raise RuntimeError("no torch-cuda row with a compute-only figure was measured")
     return found
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path``, replacing it whole (a kill never leaves half a file)."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 # --- the summary a person reads --------------------------------------------------------------------
@@ -235,7 +260,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
     def title(name: str) -> str:
         partial = found[name].get("complete") is False if isinstance(found[name], dict) else False
-        return f"## {name}" + (f" (not finished: {', '.join(found[name]['measured'])})" if partial else "")
+        return f"## {name}" + (f" (not finished: {measured_words(found[name])})" if partial else "")
 
     for name, bench in found.items():
         if not name.startswith("bench "):

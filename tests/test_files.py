@@ -79,3 +79,12 @@ def test_json_lines_keep_every_whole_line_and_drop_a_torn_last_one(tmp_path):
     path.write_text('{"row": 1}\nnot json\n{"row": 3}\n')
     with pytest.raises(ValueError, match="rows.jsonl, line 2: not JSON"):
         files.read_json_lines(path)
+
+
+def test_salvaged_json_lines_skip_and_count_a_damaged_line_and_keep_the_rest(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    assert files.salvage_json_lines(path) == ([], [])
+    # a damaged line 2; the last line still being written
+    path.write_text('{"row": 1}\nnot json\n\n{"row": 3}\n{"row": 4, "tiles')
+    found, bad = files.salvage_json_lines(path)
+    assert found == [{"row": 1}, {"row": 3}] and [number for number, _ in bad] == [2]

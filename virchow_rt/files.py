@@ -174,19 +174,32 @@ def read_json_lines(path: str | os.PathLike) -> list[Any]:
     """Every whole line of a JSON-lines file (none when there is no file).
 
     A last line without its newline (its writer killed mid-write) is left out; any other line that is not
-    JSON is an error naming the file and the line.
+    JSON is an error naming the file and the line (:func:`salvage_json_lines` skips such lines instead).
+    """
+    found, bad = salvage_json_lines(path)
+    if bad:
+        number, err = bad[0]
+        raise ValueError(f"{path}, line {number}: not JSON ({err}); the file is damaged")
+    return found
+
+
+def salvage_json_lines(path: str | os.PathLike) -> tuple[list[Any], list[tuple[int, str]]]:
+    """Every whole line of a JSON-lines file that is JSON, and ``(line number, why)`` of each one skipped.
+
+    For reading what a process has kept so far: one damaged line must not lose the lines around it. A last
+    line without its newline (its writer killed mid-write, or still writing) is left out, not counted.
     """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
-        return []
+        return [], []
     lines = text.split("\n")[:-1]  # the part after the last newline is unfinished (or empty)
-    found = []
+    found, bad = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             found.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not JSON ({err}); the file is damaged") from err
-    return found
+            bad.append((number, str(err)))
+    return found, bad

@@ -7,6 +7,7 @@ without the project, ``--dry-run``), and is killed there once mid-run to prove w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -24,9 +25,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402 - a bench script, importable once bench/ is on the path
-import gpu_check_children  # noqa: E402
 from gpu_check import DRY, Checker  # noqa: E402
-from gpu_check_children import StepFailed, run_logged  # noqa: E402
+from gpu_check_children import SoFar, StepFailed  # noqa: E402
 from gpu_check_report import (  # noqa: E402
     copy_hiding,
     junit_outcomes,
@@ -159,10 +159,7 @@ def _script(tmp_path: Path, body: str) -> list[str]:
     return [sys.executable, str(path)]
 
 
-def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu_check_children, "GRACE_S", 1.0)
+def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(tmp_path: Path) -> None:
     cmd = _script(
         tmp_path,
         """
@@ -175,13 +172,43 @@ def test_a_child_past_its_limit_gets_sigint_then_sigkill_with_all_it_started(
     """,
     )
     log = tmp_path / "child.log"
-    with pytest.raises(StepFailed, match="time limit of 2 s"):
-        run_logged(cmd, log, 2.0, env=gpu_check_children.child_env(), cwd=tmp_path)
+    # in a process of its own: run_logged ends by killing every process below its own (pytest's must not)
+    check = f"""
+        import sys, pathlib
+        sys.path.insert(0, {str(BENCH)!r})
+        import gpu_check_children as children
+        children.GRACE_S = 1.0
+        log = pathlib.Path({str(log)!r})
+        try:
+            children.run_logged({cmd!r}, log, 2.0, env=children.child_env(), cwd=log.parent)
+        except children.StepFailed as err:
+            print("RAISED", type(err).__name__, err, flush=True)
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(check)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "RAISED StepStopped stopped at its time limit of 2 s"
     text = log.read_text()
     assert "SIGINT: writing what I have" in text
     pid = int(text.split("grandchild ")[1].split()[0])
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (or a zombie)
+
+
+def test_results_so_far_that_cannot_be_read_keep_the_last_reading_and_say_so_once() -> None:
+    readings: list = [None, {"measured": ["1 row"]}, ValueError("line 2: not JSON"), OSError("gone")]
+    said: list[str] = []
+
+    def read() -> dict | None:
+        got = readings.pop(0)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    so_far = SoFar(read, said.append)
+    assert [so_far(), so_far(), so_far(), so_far()] == [None, *[{"measured": ["1 row"]}] * 3]
+    (once,) = said  # not at every reading that fails
+    assert once.endswith("keeping those read before: ValueError: line 2: not JSON)")
 
 
 def test_processes_a_step_leaves_running_are_killed(tmp_path: Path) -> None:
@@ -280,10 +307,11 @@ def _row(batch: int) -> dict:
             "tiles_per_s": 100.0 * batch, "parity": {"min_cosine": 1.0, "passed": True}}  # fmt: skip
 
 
-#: what each stand-in child measures (rows.jsonl lines, or --parts lines) before it hangs or exits
+#: what each stand-in child measures (rows.jsonl lines, or --parts lines; a string: a damaged line) before
+#: it hangs or exits
 MEASURED = {
-    "virchow2-tiny": [_row(4), _row(8)],  # then hangs: stopped at its limit
-    "virchow2g-mini-tiny": [_row(8)],  # then exits 3: failed
+    "virchow2-tiny": [_row(4), '{"backend": "torch-', _row(8)],  # then hangs: stopped at its limit
+    "virchow2g-mini-tiny": [_row(8)],  # then exits 1: failed
     "slides": [
         {"variant": "v", "tiles": 12},
         {"reader": {"tiles_per_s": 50.0}},
@@ -291,7 +319,13 @@ MEASURED = {
         {"model": {"tiles_per_s": 20.0}},
     ],  # then hangs  # fmt: skip
 }
-MEASURING_CHILD = f"""
+
+
+def _measuring_child(tmp_path: Path, measured: dict) -> str:
+    """A stand-in for ``virchow-rt bench`` and slides_throughput.py: writes its lines of ``measured``, then
+    ``<what>.measured`` beside itself, then waits for a signal (virchow2g-mini-tiny: exits 1 at once)."""
+    path = tmp_path / "measure.py"
+    path.write_text(f"""
 import json, pathlib, signal, sys
 args = sys.argv[1:]
 if "--parts" in args:
@@ -299,20 +333,21 @@ if "--parts" in args:
 else:
     what, into = args[0], pathlib.Path(args[args.index("--out") + 1]) / "rows.jsonl"
     into.parent.mkdir(parents=True, exist_ok=True)
-for line in {MEASURED!r}[what]:
+for line in {measured!r}[what]:
     with into.open("a") as fh:
-        fh.write(json.dumps(line) + "\\n")
+        fh.write((line if isinstance(line, str) else json.dumps(line)) + "\\n")
+pathlib.Path(__file__).with_name(what + ".measured").touch()
 if what == "virchow2g-mini-tiny":
     sys.exit("broke after its first row")
 signal.pause()  # until it is stopped at its limit: SIGINT ends it
-"""
+""")
+    return str(path)
 
 
 def test_a_step_stopped_at_its_limit_keeps_the_rows_it_measured(tmp_path: Path) -> None:
     # each stand-in writes its rows at once, then waits (or exits): its limit of 4 s is startup's margin
-    (tmp_path / "measure.py").write_text(MEASURING_CHILD)
     setup = f"""
-        gpu_check.SLIDES = {str(tmp_path / "measure.py")!r}
+        gpu_check.SLIDES = {_measuring_child(tmp_path, MEASURED)!r}
         gpu_check.BENCH = (gpu_check.SLIDES,)
         gpu_check.LIMITS.update(tests=(1, 10**6), bench=(4, 1), slides=(4, 1))  # tests: skipped
         gpu_check_children.GRACE_S, gpu_check_children.WATCH_S = 1.0, 0.2
@@ -330,6 +365,7 @@ def test_a_step_stopped_at_its_limit_keeps_the_rows_it_measured(tmp_path: Path) 
         ("torch-eager/fp32", 4, 400.0), ("torch-eager/fp32", 8, 800.0)
     ]  # fmt: skip
     assert stopped["result"]["complete"] is False and stopped["result"]["targets"] == []
+    assert stopped["result"]["skipped_lines"] == 1  # the damaged line between the two rows
     assert failed["status"] == "failed" and "exited 1: broke after its first row" in failed["reason"]
     assert failed["reason"].endswith("kept what it measured: 1 row") and len(failed["result"]["rows"]) == 1
     assert slides["status"] == "stopped" and slides["reason"].endswith("kept what it measured: reader, model")
@@ -386,9 +422,8 @@ def test_the_environment_names_what_a_first_gpu_run_failure_is_attributed_by() -
 
 
 def test_a_check_killed_mid_bench_keeps_the_rows_measured_so_far(tmp_path: Path) -> None:
-    (tmp_path / "measure.py").write_text(MEASURING_CHILD)
     setup = f"""
-        gpu_check.BENCH = ({str(tmp_path / "measure.py")!r},)
+        gpu_check.BENCH = ({_measuring_child(tmp_path, MEASURED)!r},)
         gpu_check.LIMITS.update(tests=(1, 10**6), bench=(300, 1))  # tests: skipped; the bench hangs
         gpu_check_children.WATCH_S = 0.2
     """
@@ -411,3 +446,41 @@ def test_a_check_killed_mid_bench_keeps_the_rows_measured_so_far(tmp_path: Path)
     assert result["running"] == "bench virchow2-tiny" and not result["finished"]
     assert [r["batch_size"] for r in result["running_so_far"]["rows"]] == [4, 8]
     assert "## bench virchow2-tiny (not finished: 2 rows)" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("parts", "kept"),
+    [
+        ([{"variant": "v", "tiles": 12}], "nothing measured"),
+        ([{"variant": "v", "tiles": 12}, {"reader": {"tiles_per_s": 50.0}}], "kept what it measured: reader"),
+    ],
+)
+def test_a_check_stopped_by_sigterm_keeps_what_the_step_wrote_since_it_was_last_read(
+    tmp_path: Path, parts: list, kept: str
+) -> None:
+    # never read while it runs (WATCH_S): only a last reading when the check is stopped can hold the parts
+    setup = f"""
+        import signal
+        signal.signal(signal.SIGTERM, gpu_check._stop)  # as main() does
+        gpu_check.SLIDES = {_measuring_child(tmp_path, {"slides": parts})!r}
+        gpu_check.LIMITS.update(tests=(1, 10**6), bench=(1, 10**6), slides=(300, 1))  # only slides runs
+        gpu_check_children.WATCH_S = 10**6
+    """
+    run = subprocess.Popen(_check_command(tmp_path, json.dumps(PROBE), setup=setup), stdout=subprocess.PIPE,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        wrote = tmp_path / "slides.measured"
+        while not wrote.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polls the stand-in's own file: it has written its parts
+        run.send_signal(signal.SIGTERM)  # the check alone, as a lease ending may
+        stdout, _ = run.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what the check left running: nothing, normally
+            os.killpg(run.pid, signal.SIGKILL)
+    slides = json.loads(stdout.split("RESULT ", 1)[1])["result"]["steps"]["slides"]
+    assert slides["status"] == "stopped"
+    assert slides["reason"] == f"the check was stopped (SIGTERM) during this step; {kept}"
+    assert slides["result"]["tiles"] == 12 and slides["result"]["complete"] is False
+    md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert f"## slides (not finished: {kept.removeprefix('kept what it measured: ')})" in md

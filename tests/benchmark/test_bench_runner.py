@@ -186,3 +186,38 @@ def test_each_row_is_on_disk_as_it_is_measured_so_a_stopped_run_keeps_them(
     assert [(r["backend"], r["precision"], r["batch_size"], r["tiles_per_s"]) for r in rows] == [
         (r["backend"], r["precision"], r["batch_size"], float(r["tiles_per_s"])) for r in measured
     ]
+
+
+@pytest.mark.filterwarnings("ignore::virchow_rt.errors.RandomWeightsWarning")
+def test_rows_jsonl_that_cannot_be_written_warns_once_and_the_run_goes_on(
+    fake_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virchow_rt.benchmark import report as report_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"variant": "a past run"}\n')  # replaced at the end of this run
+    append = report_module.append_json_line
+    calls: list[int] = []
+
+    def disk_full_after_the_first(path, data):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        append(path, data)
+
+    monkeypatch.setattr(report_module, "append_json_line", disk_full_after_the_first)
+    lines: list[str] = []
+    report = run_benchmark("virchow2g-mini-tiny", out, random_weights=True, backends=["onnxruntime-cpu/fp32"],
+                           batch_sizes=[2, 4, 6], tiles=6, repeats=1, progress=False,
+                           echo=lines.append)  # fmt: skip
+    warned = [line for line in lines if "rows.jsonl" in line]
+    assert len(warned) == 1 and "No space left on device" in warned[0] and "\n" not in warned[0]
+    assert len(calls) == 2  # no row appended after the first failure: the file keeps the rows before it
+    ours = [r for r in report["results"] if r["backend"] == "onnxruntime-cpu"]
+    assert [r["batch_size"] for r in ours] == [2, 4, 6]  # every row measured all the same
+    (kept,) = read_rows(out)  # the row measured first (the reference's)
+    key = (kept["backend"], kept["batch_size"])
+    same = [r for r in report["results"] if (r["backend"], r["batch_size"]) == key]
+    assert [r["tiles_per_s"] for r in same] == [kept["tiles_per_s"]]
+    assert json.loads((out / "report.json").read_text()) == report  # this run's report, not the past one

@@ -21,7 +21,7 @@ from typing import Any
 
 from virchow_rt.benchmark.backends import artifact_path
 from virchow_rt.benchmark.environment import collect_environment, load_average
-from virchow_rt.benchmark.report import SCHEMA_VERSION, append_row, start_rows, validate_report, write_report
+from virchow_rt.benchmark.report import SCHEMA_VERSION, RowLog, validate_report, write_report
 from virchow_rt.benchmark.rows import REFERENCE_KEY, ROWS, Machine, plan, row_stub
 from virchow_rt.benchmark.runner import BenchmarkRun, cleanup_export
 from virchow_rt.benchmark.source import Settings, reference_weights, resolve_settings, resolve_source
@@ -156,9 +156,8 @@ def run_benchmark(
     env = collect_environment()  # before the run: the load average at the start is part of the story
     if machine_label:
         env["machine_detected"], env["machine"] = env["machine"], f"{machine_label} — {env['machine']}"
-    start_rows(out)
-    on_row = lambda row: append_row(out, _clean(row))  # noqa: E731 - kept even if the run is stopped
-    run = BenchmarkRun(source, settings, machine, echo, progress, on_row)
+    row_log = RowLog(out, echo)  # rows.jsonl: each row kept as measured, even if the run is stopped
+    run = BenchmarkRun(source, settings, machine, echo, progress, lambda row: row_log(_clean(row)))
     try:
         if source.folder is None and any(s.artifact for s in specs):
             run.export(specs, out, ref_weights, ref_random)

@@ -18,11 +18,12 @@ every measurement of a row whose status is not "ok" is null.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from virchow_rt.benchmark.targets import CONTENDED_CPU_USE, target_lines
-from virchow_rt.files import append_json_line, atomic_path, read_json_lines, write_json
+from virchow_rt.files import append_json_line, atomic_path, read_json_lines, salvage_json_lines, write_json
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
@@ -321,10 +322,40 @@ def write_report(
 
 
 def start_rows(out_dir: str | Path) -> Path:
-    """``out_dir/rows.jsonl`` emptied for this run's rows (a previous run's are not this run's)."""
+    """``out_dir/rows.jsonl`` emptied for this run's rows (a previous run's are not this run's).
+
+    A previous run's ``report.json`` beside it stays until this run writes its own at the end (a run that
+    fails or is stopped before then leaves it: its ``command`` and ``environment`` say which run it was).
+    """
     path = Path(out_dir) / ROWS_JSONL
     path.write_text("")
     return path
+
+
+class RowLog:
+    """Keeps each measured row in ``out_dir/rows.jsonl`` as it is measured (a stopped run keeps them).
+
+    The file is a convenience beside the report: when it cannot be written (a full disk, a read-only
+    folder) ``warn`` is told once, in one line, no later row is appended (the file keeps the rows before,
+    in order) and the run goes on to write its report.
+    """
+
+    def __init__(self, out_dir: str | Path, warn: Callable[[str], None]) -> None:
+        self.path, self.warn, self.failed = Path(out_dir) / ROWS_JSONL, warn, False
+        self._try(start_rows, out_dir)
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.failed:
+            self._try(append_row, self.path.parent, row)
+
+    def _try(self, write: Callable[..., Any], *args: Any) -> None:
+        try:
+            write(*args)
+        except OSError as err:
+            self.failed = True
+            self.warn(
+                f"warning: cannot write {self.path} ({err}); measuring on, the rows go to the report only"
+            )
 
 
 def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
@@ -332,11 +363,22 @@ def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
     append_json_line(Path(out_dir) / ROWS_JSONL, row)
 
 
+def _is_row(row: Any) -> bool:
+    return isinstance(row, dict) and {"backend", "precision", "status"} <= set(row)
+
+
 def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
     """The rows ``out_dir/rows.jsonl`` holds, in the order they were measured (none without the file)."""
     rows = read_json_lines(Path(out_dir) / ROWS_JSONL)
-    bad = [r for r in rows if not isinstance(r, dict) or not {"backend", "precision", "status"} <= set(r)]
+    bad = [r for r in rows if not _is_row(r)]
     if bad:
         where = Path(out_dir) / ROWS_JSONL
         raise ValueError(f"{where}: {len(bad)} lines are not benchmark rows, such as {bad[0]!r:.200}")
     return rows
+
+
+def salvage_rows(out_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows ``out_dir/rows.jsonl`` holds so far, and how many damaged lines (or non-rows) were skipped."""
+    found, bad = salvage_json_lines(Path(out_dir) / ROWS_JSONL)
+    rows = [r for r in found if _is_row(r)]
+    return rows, len(bad) + len(found) - len(rows)
