@@ -5,6 +5,7 @@ written; the summary written on the way out never replaces the reason the run st
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -238,3 +239,26 @@ def test_a_ray_job_stopped_says_why_whatever_its_pool_and_summary_do(tmp_path, m
     monkeypatch.setattr(ray_job, "write_summary", no_room)
     with pytest.raises(OutputError, match="the disk holding out is full"):
         ray_job._run_job(None, [], {}, tmp_path / "out", print, print)
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.ENOSPC])
+def test_a_qc_picture_that_cannot_be_written_leaves_its_slide_done(slides, tmp_path, monkeypatch, err):
+    """The picture is written after the .h5 is in place: failing there is the slide's warning (it used to
+    record a complete slide as failed, or stop the run saying its temporary file was removed)."""
+    real = features.SlideFeatures.write_qc
+
+    def write_qc(self):  # noqa: ANN001, ANN202
+        if self.slide.name == "s1":
+            raise OSError(err, os.strerror(err))
+        return real(self)
+
+    monkeypatch.setattr(features.SlideFeatures, "write_qc", write_qc)
+    out = tmp_path / "out"
+    summary = process_slides(slides, FakeBackend(), out, SlideSettings(batch_size=4, qc=True), **QUIET)
+    records = {s["name"]: s for s in summary["slides"]}
+    assert [r["status"] for r in records.values()] == ["done"] * 3
+    assert records["s1"]["warnings"] == [
+        f"its QC picture was not written ([Errno {err}] {os.strerror(err)}); the features are complete"
+    ]
+    assert check_complete(out / "s1.h5", {}) is None and not (out / "s1.qc.png").exists()
+    assert (out / "s0.qc.png").exists() and (out / "s2.qc.png").exists()

@@ -231,11 +231,12 @@ class SlideTask:
         os.chmod(self._tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give it
         os.replace(self._tmp, out)
         fsync_path(out.parent)  # the rename itself on disk
-        self._features.write_qc()  # only now: a QC picture is never left without its complete file
         record.timings["total_s"] = total = self._busy_s + time.perf_counter() - start
         record.status, record.output = "done", str(out)
         record.tiles_per_s = record.embedded_tiles / total if total > 0 else None
-        self._write_pt()
+        # only now: a QC picture is never left without its complete file; neither it nor the .pt undoes it
+        self._beside(self._features.write_qc, "its QC picture")
+        self._beside(self._write_pt, "its .pt file")
         self._save_state()
         t = record.timings
         skipped = f", {record.skipped_tiles} unreadable tiles skipped" if record.skipped_tiles else ""
@@ -244,6 +245,15 @@ class SlideTask:
             f"({record.tiles_per_s or 0:.1f} tiles/s; read {t['read_s']:.1f} s over workers, "
             f"waited {t['read_wait_s']:.1f} s, model {t['embed_s']:.1f} s) -> {out}"
         )
+
+    def _beside(self, write: Callable[[], None], what: str) -> None:
+        """Write a file beside the slide's complete ``.h5``; a failure is the slide's warning, not its end."""
+        try:
+            write()
+        except (OSError, VirchowError) as err:
+            reason = " ".join(str(err).split())
+            self.record.warnings.append(f"{what} was not written ({reason}); the features are complete")
+            self.warn(f"{self.prefix}: warning: {self.record.warnings[-1]}")
 
     def _judged(self, step: Callable[[], None]) -> None:
         """Run ``step``; a slide's own failure is recorded (the run goes on), a lost lease leaves the slide to
