@@ -262,3 +262,18 @@ def test_a_qc_picture_that_cannot_be_written_leaves_its_slide_done(slides, tmp_p
     ]
     assert check_complete(out / "s1.h5", {}) is None and not (out / "s1.qc.png").exists()
     assert (out / "s0.qc.png").exists() and (out / "s2.qc.png").exists()
+
+
+def test_a_slide_too_large_for_what_is_free_fails_alone(slides, tmp_path, monkeypatch):
+    """Above the 16 MiB kept free but short of what one slide needs: that slide fails with the numbers,
+    the run goes on (a smaller slide may fit); it used to stop every run at that slide."""
+    real = shutil.disk_usage
+
+    def usage(path):  # noqa: ANN001, ANN202
+        return real(path)._replace(free=features.DISK_MARGIN + 1)
+
+    monkeypatch.setattr(features.shutil, "disk_usage", usage)
+    summary = process_slides(slides, FakeBackend(), tmp_path / "out", SlideSettings(batch_size=4), **QUIET)
+    assert [s["status"] for s in summary["this_run"]] == ["failed"] * 3
+    assert summary["slides"][1]["reason"].startswith("its features need about 0.0 MiB and 16.0 MiB are free")
+    assert not list((tmp_path / "out").glob("*.h5")) and not list((tmp_path / "out").glob(".*"))

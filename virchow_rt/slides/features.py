@@ -29,6 +29,7 @@ from tqdm import tqdm
 from virchow_rt._version import __version__
 from virchow_rt.backends.base import Backend
 from virchow_rt.embed import Embedder
+from virchow_rt.errors import OutputError
 from virchow_rt.files import atomic_path, sha256_file
 from virchow_rt.slides.coords import coords_sha256, coords_tiling
 from virchow_rt.slides.embed import EmbeddingStream, complete_groups
@@ -163,12 +164,19 @@ class SlideFeatures:
     def embed(self, tmp: Path) -> None:
         """Run the slide's tiles (then its regions) through the model into the new file ``tmp``.
 
-        Room for what is still to be written is checked before the file is begun and before every write
-        (:class:`NoRoom`): HDF5 meeting a full disk part-way leaves a file it cannot close (and h5py can
-        crash freeing it). A quota, or another writer filling the disk between two checks, can still
-        reach HDF5; that is a full disk too (``SlideTask``)."""
+        Room for what is still to be written is checked before the file is begun (a slide too large for
+        what is free fails alone) and before every write (:class:`NoRoom`): HDF5 meeting a full disk
+        part-way leaves a file it cannot close (and h5py can crash freeing it). A quota, or another writer
+        filling the disk between two checks, can still reach HDF5; that is a full disk too (``SlideTask``)."""
         left = self.output_bytes()
-        _check_room(tmp, left)
+        free = shutil.disk_usage(tmp.parent).free
+        if DISK_MARGIN <= free < left + DISK_MARGIN:  # this slide does not fit; smaller ones may
+            raise OutputError(
+                f"its features need about {left / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free "
+                f"({DISK_MARGIN >> 20} MiB kept free): free some space and rerun to do it; the other slides "
+                "go on"
+            )
+        _check_room(tmp, left)  # below the margin: the disk is full for every slide
         writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
         for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()
