@@ -220,7 +220,7 @@ def test_a_ray_job_stopped_says_why_whatever_its_pool_and_summary_do(tmp_path, m
             self.records, self.lost = {}, 0
 
         def start(self) -> dict:
-            return {"config": {"encoder": "fake"}, "random_weights": False}
+            return {"config": {"encoder": "fake"}, "random_weights": False, "settings": None, "model": None}
 
         def run(self) -> None:
             raise OutputError("the disk holding out is full")
@@ -239,6 +239,13 @@ def test_a_ray_job_stopped_says_why_whatever_its_pool_and_summary_do(tmp_path, m
     monkeypatch.setattr(ray_job, "write_summary", no_room)
     with pytest.raises(OutputError, match="the disk holding out is full"):
         ray_job._run_job(None, [], {}, tmp_path / "out", print, print)
+
+    # every slide done, the pool fails to close: the summary is still written, with one warning
+    monkeypatch.setattr(Pool, "run", lambda self: None)
+    monkeypatch.setattr(ray_job, "write_summary", lambda *args: {"written": True})
+    warned: list[str] = []
+    assert ray_job._run_job(None, [], {}, tmp_path / "out", print, warned.append) == {"written": True}
+    assert len(warned) == (closing == "fails to close")
 
 
 @pytest.mark.parametrize("err", [errno.EACCES, errno.ENOSPC])

@@ -253,5 +253,8 @@ def _run_job(
         with contextlib.suppress(Exception):
             summarize()
         raise
-    pool.close()
+    try:
+        pool.close()
+    except Exception as err:  # noqa: BLE001 - every slide is done: the summary must still be written
+        warn(f"warning: the Ray workers did not close cleanly ({type(err).__name__}: {err})")
     return summarize()
