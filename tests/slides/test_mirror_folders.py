@@ -158,3 +158,31 @@ def test_stale_locks_in_mirrored_sub_folders_are_cleared(tmp_path: Path) -> None
     os.utime(lock, (old, old))
     removed, kept = locks.clear_stale_locks(out)
     assert [p for p, _, _ in removed] == [lock] and kept == [] and not lock.exists()
+
+
+def test_a_symlinked_sub_folder_of_out_that_joins_two_slides_is_refused(drive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "caseB").mkdir(parents=True)
+    (out / "caseA").symlink_to("caseB", target_is_directory=True)  # inside --out, but caseA/s is caseB/s
+    with pytest.raises(
+        InputError, match=r"slides .*caseA/s\.tif and .*caseB/s\.tif would both write .*caseB/s"
+    ):
+        run([drive], out)
+    assert list((out / "caseB").iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("link", "settings"),
+    [("slide_states/caseB", MIRROR), ("caseB/s.qc.png", dataclasses.replace(MIRROR, qc=True)),
+     ("pt_files/caseB", dataclasses.replace(MIRROR, also_pt=True))],
+)  # fmt: skip
+def test_every_file_of_a_slide_that_leads_out_is_refused_before_any_work(
+    drive: Path, tmp_path: Path, link: str, settings: SlideSettings
+) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / link).parent.mkdir(parents=True)
+    (out / link).symlink_to(elsewhere / "x")
+    with pytest.raises(InputError, match=rf"slide 'caseB/s' would use .*{link}.*through a symlink"):
+        run([drive], out, settings)
+    assert list(elsewhere.iterdir()) == [] and not (out / "caseA").exists()
