@@ -215,7 +215,8 @@ def test_clear_stale_locks_keeps_the_locks_of_live_runs(make_slide, tmp_path: Pa
     from virchow_rt.cli.slides import run_cli
 
     out = tmp_path / "out"
-    out.mkdir()
+    slide = make_slide("s0.tif").path
+    process_slides([slide], FakeBackend(), out, log=lambda line: None)  # an --out of virchow-rt slides
     live = {"host": "node-17", "pid": 1, "started": time.time(), "lease_s": 300, "run": "r", "token": "a"}
     (out / ".s1.h5.lock").write_text(json.dumps(live))
     (out / ".s2.h5.lock").write_text(json.dumps({**live, "token": "b"}))
@@ -223,7 +224,6 @@ def test_clear_stale_locks_keeps_the_locks_of_live_runs(make_slide, tmp_path: Pa
     os.utime(out / ".s2.h5.lock", (old, old))
     (out / ".s1.h5.a.partial").write_bytes(b"the live run's file in progress")
     (out / ".s2.h5.b.partial").write_bytes(b"the file the stale lock's holder left")
-    slide = make_slide("s0.tif").path
     args = build_parser().parse_args(["slides", str(slide), "--model", "m", "--out", str(out),
                                       "--clear-stale-locks"])  # fmt: skip
     args.model = FakeBackend()

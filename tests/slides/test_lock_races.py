@@ -131,8 +131,8 @@ def leftovers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     lock = locks.lock_path(out)
     files = {
         "stale lock": write_lock(lock, age_s=61, token="t1", boot_id="another-kernel"),
-        "stale aside": write_lock(lock.with_name(f"{lock.name}.stale-x"), age_s=3600, token="t0"),
-        "live aside": write_lock(lock.with_name(f"{lock.name}.release-t2"), lease_s=300, token="t2"),
+        "stale aside": write_lock(lock.with_name(f"{lock.name}.stale-{'0' * 32}"), age_s=3600, token="t0"),
+        "live aside": write_lock(lock.with_name(f"{lock.name}.release-{'2' * 32}"), lease_s=300, token="t2"),
     }
     for token in ("t0", "t1", "t2"):
         files[token] = locks.partial_path(out, token)
@@ -159,9 +159,12 @@ def test_clear_stale_locks_removes_stale_locks_and_their_holders_temporary_files
     live = write_lock(locks.lock_path(tmp_path / "c.h5"), lease_s=300, token="t3")
     live_partial = locks.partial_path(tmp_path / "c.h5", "t3")
     live_partial.write_bytes(b"in progress")
-    orphan = write_lock(tmp_path / ".d.h5.lock.stale-y", age_s=3600, token="t4")  # no lock of d.h5 now
+    orphan = write_lock(
+        tmp_path / f".d.h5.lock.stale-{'4' * 32}", age_s=3600, token="t4"
+    )  # no lock of d.h5 now
     orphan_partial = locks.partial_path(tmp_path / "d.h5", "t4")
     orphan_partial.write_bytes(b"half-written")
+    (tmp_path / "run_config.json").write_text("{}")  # an --out of virchow-rt slides
     removed, kept = locks.clear_stale_locks(tmp_path)
     assert [p for p, _ in kept] == [live]
     assert sorted(p.name for p, _, _ in removed) == sorted(

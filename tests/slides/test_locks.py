@@ -120,6 +120,7 @@ def test_a_lock_is_taken_refused_released_and_taken_over_when_stale(tmp_path: Pa
     locks.lock_path(out).write_text(json.dumps(elsewhere))  # another run's lock now
     taken.release()  # never removes another run's lock
     assert locks.lock_path(out).exists()
+    (tmp_path / "run_config.json").write_text("{}")  # an --out of virchow-rt slides
     removed, kept = locks.clear_stale_locks(tmp_path)  # a live lock is kept
     assert removed == [] and [p.name for p, _ in kept] == [".a.h5.lock"]
     os.utime(locks.lock_path(out), (old, old))

@@ -156,5 +156,51 @@ def test_stale_locks_in_mirrored_sub_folders_are_cleared(tmp_path: Path) -> None
     lock.write_text(json.dumps({"host": "node-17", "pid": 1, "started": time.time(), "run": "old"}))
     old = time.time() - 25 * 3600
     os.utime(lock, (old, old))
+    with pytest.raises(InputError, match=r"holds no readable run_config\.json .*give the --out folder"):
+        locks.clear_stale_locks(out)  # a folder that is no --out: nothing in it is judged
+    (out / "run_config.json").write_text(json.dumps({"mirror_folders": False}))
+    assert locks.clear_stale_locks(out) == ([], [])  # flat: sub-folders are not slides' folders
+    (out / "run_config.json").write_text(json.dumps({"mirror_folders": True}))
     removed, kept = locks.clear_stale_locks(out)
     assert [p for p, _, _ in removed] == [lock] and kept == [] and not lock.exists()
+
+
+def test_clearing_stale_locks_never_touches_slides_named_like_locks(drive: Path, tmp_path: Path) -> None:
+    for name in (".x.lock.stale-1.tif", ".a.h5.lock.stale-1.tif", f".b.h5.lock.release-{'0' * 32}.tif"):
+        shutil.copyfile(drive / "caseA" / "s.tif", drive / "caseA" / name)
+    out = tmp_path / "out"
+    run([drive], out, dataclasses.replace(MIRROR, qc=True))
+    old = time.time() - 3600
+    before = sorted(out.rglob("*"))
+    for path in before:
+        os.utime(path, (old, old), follow_symlinks=False)
+    assert locks.clear_stale_locks(out) == ([], [])
+    assert sorted(out.rglob("*")) == before
+
+
+def test_a_symlinked_sub_folder_of_out_that_joins_two_slides_is_refused(drive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "caseB").mkdir(parents=True)
+    (out / "caseA").symlink_to("caseB", target_is_directory=True)  # inside --out, but caseA/s is caseB/s
+    with pytest.raises(
+        InputError, match=r"slides .*caseA/s\.tif and .*caseB/s\.tif would both write .*caseB/s"
+    ):
+        run([drive], out)
+    assert list((out / "caseB").iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("link", "settings"),
+    [("slide_states/caseB", MIRROR), ("caseB/s.qc.png", dataclasses.replace(MIRROR, qc=True)),
+     ("pt_files/caseB", dataclasses.replace(MIRROR, also_pt=True))],
+)  # fmt: skip
+def test_every_file_of_a_slide_that_leads_out_is_refused_before_any_work(
+    drive: Path, tmp_path: Path, link: str, settings: SlideSettings
+) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / link).parent.mkdir(parents=True)
+    (out / link).symlink_to(elsewhere / "x")
+    with pytest.raises(InputError, match=rf"slide 'caseB/s' would use .*{link}.*through a symlink"):
+        run([drive], out, settings)
+    assert list(elsewhere.iterdir()) == [] and not (out / "caseA").exists()

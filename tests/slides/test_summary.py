@@ -92,3 +92,42 @@ def test_states_and_summary_are_fsynced_before_and_after_the_rename(
     summary_module.write_summary(tmp_path, [record], SlideSettings(), model, "now", 1.0)
     assert events == ["fsync file", "rename summary.json", "fsync folder"]
     assert json.loads((tmp_path / "slide_states" / "s.json").read_text())["status"] == "done"
+
+
+EVIL = '{"name": "evil", "path": "x", '
+CRAFTED = {  # what another user of a shared folder may leave in slide_states/ (or as summary.json)
+    "fifo": lambda p: os.mkfifo(p),  # read: hangs the run while it holds the summary lock
+    "device": lambda p: p.symlink_to("/dev/zero"),  # read: fills memory
+    "deep": lambda p: p.write_text(EVIL + '"warnings": ' + "[" * 50000 + "]" * 50000 + "}"),
+    "nested": lambda p: p.write_text(EVIL + '"warnings": ' + "[" * 900 + "]" * 900 + "}"),
+    "types": lambda p: p.write_text(EVIL + '"timings": {"total_s": "x"}, "tiles": "9"}'),
+    "no name": lambda p: p.write_text('{"path": "x", "status": "done"}'),
+    "latin-1": lambda p: p.write_bytes(b'{"name": "\xe9vil", "path": "x"}'),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("craft", list(CRAFTED))
+@pytest.mark.parametrize("where", ["slide_states/evil.json", "summary.json"])
+def test_a_crafted_state_or_summary_file_is_ignored_not_a_hang_or_traceback(
+    tmp_path: Path, craft: str, where: str
+) -> None:
+    model = summary_module.ModelEntry("", "backend:x", "v", "fp32", "fake", True, "random", 48, "cls_mean")
+    record = SlideRecord(name="s", path="/slides/s.tif", status="done", timings={"total_s": 1.0})
+    summary_module.write_state(tmp_path, record)
+    CRAFTED[craft](tmp_path / where)
+    result: list = []
+    worker = threading.Thread(  # a hang fails the test instead of stopping the suite
+        target=lambda: result.append(
+            summary_module.write_summary(tmp_path, [record], SlideSettings(), model, "now", 1.0)
+        ),  # fmt: skip
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), f"write_summary hangs on a {craft} {where}"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert result and saved["slides"][0]["name"] == "s" and saved["slides"][0]["status"] == "done"
+    for kept in saved["slides"][1:]:  # a readable record: its fields of the wrong type left out
+        assert kept["name"] == "evil" and (kept["tiles"], kept["warnings"], kept["timings"]) == (0, [], {})
+    typed = summary_module.SlideRecord.from_dict({"name": "e", "path": "x", "tiles": "9", "warnings": [[]]})
+    assert (typed.tiles, typed.warnings) == (0, [])

@@ -15,12 +15,16 @@ import contextlib
 import json
 import os
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.errors import OutputError
+from virchow_rt.errors import InputError, OutputError
+from virchow_rt.slides.keys import slide_file
+from virchow_rt.slides.settings import SlideSettings
+from virchow_rt.slides.summary import state_path
 
 CONFIG_NAME = "run_config.json"
 #: compared by kind only (given or not): each slide may bring its own coordinates file
@@ -110,10 +114,28 @@ def _read(path: Path) -> dict[str, Any]:
     raise OutputError(f"{path} cannot be read ({err}); remove it if the folder is yours to reuse") from err
 
 
+def check_layout(out_dir: Path, keyed: dict[Path, str], settings: SlideSettings) -> None:
+    """Before any work: every file a slide of ``keyed`` (path -> key) may write in ``out_dir`` (``.h5``,
+    state, QC image, ``pt_files`` entry) stays inside it, and no two slides share one: a symlinked sub-folder
+    of ``--out`` (``caseA -> caseB``) or a file system that ignores case would make them one file."""
+    seen: dict[str, tuple[Path, Path]] = {}
+    for slide, key in keyed.items():
+        files = [slide_file(out_dir, key, ".h5"), state_path(out_dir, key)]
+        files += [slide_file(out_dir, key, ".qc.png")] if settings.qc else []
+        files += [pt_path(out_dir, key)] if settings.also_pt else []
+        for file in files:
+            real = file.resolve()
+            other, named = seen.setdefault(unicodedata.normalize("NFC", str(real).casefold()), (slide, file))
+            if other != slide:
+                raise InputError(
+                    f"slides {other} and {slide} would both write {real} (as {named} and {file}: a symlinked "
+                    "sub-folder of --out, or names that differ only in case); remove the link, or run them "
+                    "into different --out folders"
+                )
+
+
 def pt_path(out_dir: Path, key: str) -> Path:
     """``<out>/pt_files/<key>.pt``: CLAM's features file of the slide with key ``key``."""
-    from virchow_rt.slides.reader import slide_file
-
     return slide_file(out_dir / "pt_files", key, ".pt")
 
 

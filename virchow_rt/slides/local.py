@@ -26,7 +26,7 @@ from virchow_rt.slides.cache import SlideCache
 from virchow_rt.slides.cohort import embed_cohort
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
-from virchow_rt.slides.reader import keyed_slides, slide_file
+from virchow_rt.slides.reader import keyed_slides
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import SlideRecord, now, write_summary
 
@@ -55,8 +55,7 @@ def process_slides(
     if settings.coords:
         check_source(settings.coords, paths)
     out_dir = check_output(out_dir, "--out", folder=True)  # before any work; made once there is work
-    for key in keyed.values():  # a mirrored sub-folder that leads out of --out (a symlink): refused now
-        slide_file(out_dir, key, ".h5")
+    folder.check_layout(out_dir, keyed, settings)  # files leading out of --out, or shared: refused now
     started, wall0 = now(), time.perf_counter()
     records: list[SlideRecord] = []
     with SlideJob.opened(model, out_dir, settings, backend) as job:

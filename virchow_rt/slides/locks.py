@@ -23,6 +23,7 @@ import functools
 import glob
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from virchow_rt.errors import VirchowError
+from virchow_rt.errors import InputError, VirchowError
 
 #: seconds a lock lasts without renewal (``--lock-lease``)
 DEFAULT_LEASE_S = 300.0
@@ -44,6 +45,13 @@ UNREADABLE_AFTER_S = 60.0
 RUN_ID = uuid.uuid4().hex  # this process's runs, shown in lock files
 _MAX_LOCK_BYTES = 4096
 _ASIDE = (".stale-", ".release-")  # a lock renamed aside: by a run taking it over, by its holder releasing it
+#: the lock of a slide's ``.h5`` (``.<name>.h5.lock``) and its set-aside copies (a 32-hex-digit uuid each):
+#: nothing else in ``--out`` is judged, though a slide may be named ``.x.lock.stale-1.tif``
+_LOCK_NAME = re.compile(r"\.(.+\.h5)\.lock(?:\.(?:stale|release)-[0-9a-f]{32})?")
+#: a token that may name a ``.partial`` file (a crafted lock's token never names a path)
+_TOKEN = re.compile(r"[0-9A-Za-z_-]{1,64}")
+#: ``folder.CONFIG_NAME`` (folder imports settings, which imports this module)
+_CONFIG_NAME = "run_config.json"
 _READ_TRIES = 5  # reads of its own lock that a holder makes over ~1.5 s while it cannot be read
 
 
@@ -287,7 +295,8 @@ class Lease:
 def _asides(lock: Path) -> list[Path]:
     """The set-aside copies of ``lock`` (``<lock>.stale-*``, ``<lock>.release-*``)."""
     name = glob.escape(lock.name)
-    return sorted(p for kind in _ASIDE for p in lock.parent.glob(f"{name}{kind}*"))
+    found = (p for kind in _ASIDE for p in lock.parent.glob(f"{name}{kind}*"))
+    return sorted(p for p in found if (m := _LOCK_NAME.fullmatch(p.name)) and m[1] == lock.name[1:-5])
 
 
 def _create(path: Path, token: str, lease_s: float) -> bool:
@@ -347,12 +356,15 @@ def _remove_leftovers(out: Path, gone: Holder, lease_s: float) -> list[tuple[Pat
     doomed = [gone] if gone.token else []
     for aside in _asides(lock_path(out)):
         verdict = _verdict(aside, lease_s)
-        if verdict is not None and verdict[1] is not None:  # its holder stopped renewing it long ago
+        # its holder stopped renewing it long ago; a file that is no lock of ours (no token) is left alone
+        if verdict is not None and verdict[1] is not None and verdict[0].token:
             aside.unlink(missing_ok=True)
             removed.append((aside, verdict[0]))
             doomed.append(verdict[0])
     for holder in doomed:
-        if holder.token and holder.token != current:  # never the file of the lock's holder now
+        if (
+            holder.token and _TOKEN.fullmatch(holder.token) and holder.token != current
+        ):  # not the holder now's
             partial = partial_path(out, holder.token)
             with contextlib.suppress(FileNotFoundError):
                 partial.unlink()
@@ -402,8 +414,18 @@ def clear_stale_locks(out_dir: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[
     """Remove the slide locks in ``out_dir`` whose holders are gone, and their temporary files
     (``--clear-stale-locks``). Returns (removed, kept): (path, holder, why) of each lock or file removed,
     (path, holder) of each live lock kept."""
+    if not any(out_dir.iterdir()):
+        return [], []
+    try:
+        config = json.loads((out_dir / _CONFIG_NAME).read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise InputError(
+            f"--clear-stale-locks: {out_dir} holds no readable {_CONFIG_NAME} ({err}), so it is no --out of "
+            "virchow-rt slides and nothing in it is judged; give the --out folder of the runs"
+        ) from err
+    mirrored = isinstance(config, dict) and config.get("mirror_folders") is True
     removed, kept = [], []
-    for out in _locked_outputs(out_dir):
+    for out in _locked_outputs(out_dir, mirrored):
         path, gone = lock_path(out), Holder()
         verdict = _verdict(path, lease_s)
         if verdict is not None:
@@ -418,12 +440,12 @@ def clear_stale_locks(out_dir: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[
     return removed, kept
 
 
-def _locked_outputs(out_dir: Path) -> list[Path]:
-    """The outputs in ``out_dir`` and its sub-folders (``--mirror-folders``) with a lock or a set-aside lock
-    (``.<out>.lock``, ``.<out>.lock.*``)."""
+def _locked_outputs(out_dir: Path, mirrored: bool) -> list[Path]:
+    """The outputs in ``out_dir`` (and with ``mirrored``, its sub-folders) with a lock or a set-aside lock
+    (:data:`_LOCK_NAME`)."""
     outputs = set()
-    for path in out_dir.rglob(".*.lock*"):
-        name, _, kind = path.name[1:].rpartition(".lock")
-        if name and (not kind or kind.startswith(_ASIDE)):
-            outputs.add(path.with_name(name))
+    for path in out_dir.rglob(".*.lock*") if mirrored else out_dir.glob(".*.lock*"):
+        match = _LOCK_NAME.fullmatch(path.name)
+        if match:
+            outputs.add(path.with_name(match[1]))
     return sorted(outputs)

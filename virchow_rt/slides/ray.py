@@ -49,7 +49,7 @@ from virchow_rt.slides import folder, locks
 from virchow_rt.slides.coords import check_source
 from virchow_rt.slides.job import SlideJob
 from virchow_rt.slides.ray_pool import RayPool
-from virchow_rt.slides.reader import keyed_slides, slide_file
+from virchow_rt.slides.reader import keyed_slides
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import now, write_summary
 
@@ -188,8 +188,7 @@ def process_slides_ray(
     if settings.coords:
         check_source(settings.coords, list(keyed))
     out_dir = check_output(out_dir, "--out", folder=True)
-    for key in keyed.values():  # a mirrored sub-folder that leads out of --out (a symlink): refused now
-        slide_file(out_dir, key, ".h5")
+    folder.check_layout(out_dir, keyed, settings)  # files leading out of --out, or shared: refused now
     if workers is not None and workers < 1:
         raise InputError(f"--ray-workers {workers}: give 1 or more")
     started_ray = _connect(ray, address)

@@ -21,9 +21,10 @@ so a power cut leaves the old version or the new one, never an empty file.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,38 @@ class SlideRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlideRecord:
-        """A record from its JSON form (keys it does not know, from another version, are left out)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """A record from its JSON form: keys it does not know (another version's) and values of the wrong type
+        are left out; a ``TypeError`` when ``name`` or ``path`` is not a string."""
+        return cls(**{k: v for k, v in data.items() if k in _KINDS and _is_kind(v, _KINDS[k])})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_kind(value: Any, kind: Any) -> bool:
+    """``value`` is of ``kind``: a type or tuple of types (a bool is none of them), or ``"strings"`` (a list
+    of strings), ``"numbers"`` (a dict of numbers), ``"objects"`` (a list of dicts of plain values)."""
+    if kind == "strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "numbers":
+        return isinstance(value, dict) and all(_is_kind(v, (int, float)) for v in value.values())
+    if kind == "objects":
+        plain = (str, int, float, bool, type(None))
+        return isinstance(value, list) and all(
+            isinstance(v, dict) and all(isinstance(x, plain) for x in v.values()) for v in value
+        )
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+_OPT_STR, _OPT_INT, _OPT_FLOAT = (str, type(None)), (int, type(None)), (int, float, type(None))
+#: the JSON type of each field of a record (what a state file from elsewhere must hold to be read)
+_KINDS: dict[str, Any] = {
+    "name": str, "path": str, "status": str, "output": _OPT_STR, "reason": _OPT_STR,
+    "redone_because": _OPT_STR, "warnings": "strings", "tiles": int, "regions": _OPT_INT,
+    "embedded_tiles": int, "skipped_tiles": int, "skipped_tile_errors": "objects", "host": _OPT_STR,
+    "worker": _OPT_STR, "attempts": _OPT_INT, "reader": _OPT_STR, "level0_mpp": _OPT_FLOAT,
+    "read_level": _OPT_INT, "timings": "numbers", "tiles_per_s": _OPT_FLOAT,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,13 +160,28 @@ def read_states(out_dir: Path) -> dict[str, SlideRecord]:
 
 
 def _read_record(path: Path) -> SlideRecord | None:
+    data = _read_json(path, MAX_STATE_BYTES)
     try:
-        if path.stat().st_size > MAX_STATE_BYTES:
-            return None
-        data = json.loads(path.read_text())
         return SlideRecord.from_dict(data) if isinstance(data, dict) else None
-    except (OSError, ValueError, TypeError):
+    except TypeError:  # no name or path
         return None
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    """The JSON of the regular file at ``path`` (not a link, a FIFO or a device: those are not ours, and
+    would hang or fill memory), or None when it is not one, is over ``limit`` bytes or is not JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = fh.read(limit + 1)
+            return json.loads(raw) if len(raw) <= limit else None
+        except (OSError, ValueError, RecursionError):  # ValueError: not JSON, not UTF-8
+            return None
 
 
 def write_summary(
@@ -232,10 +274,7 @@ def _totals(records: list[SlideRecord], wall_s: float) -> dict[str, Any]:
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.stat().st_size <= 64 * MAX_STATE_BYTES else {}
-    except (OSError, ValueError):
-        return {}
+    data = _read_json(path, 64 * MAX_STATE_BYTES)
     return data if isinstance(data, dict) else {}
 
 
