@@ -284,3 +284,19 @@ def test_a_slide_too_large_for_what_is_free_fails_alone(slides, tmp_path, monkey
     assert [s["status"] for s in summary["this_run"]] == ["failed"] * 3
     assert summary["slides"][1]["reason"].startswith("its features need about 0.0 MiB and 16.0 MiB are free")
     assert not list((tmp_path / "out").glob("*.h5")) and not list((tmp_path / "out").glob(".*"))
+
+
+@pytest.mark.parametrize(
+    ("err", "fix"),
+    [(errno.ENOSPC, "free some space"), (errno.EACCES, "fix the folder's permissions"),
+     (errno.EROFS, "give a writable --out"), (errno.ENAMETOOLONG, "fix that")],
+)  # fmt: skip
+def test_the_runs_own_files_say_which_file_and_the_fix_for_that_error(tmp_path, err, fix):
+    from virchow_rt.slides import folder
+
+    with pytest.raises(OutputError) as raised, folder.writing(tmp_path):
+        raise OSError(err, os.strerror(err), str(tmp_path / "summary.json"))
+    assert str(raised.value) == (
+        f"cannot write in --out {tmp_path} ({tmp_path / 'summary.json'}: {os.strerror(err)}); {fix}, then "
+        "rerun the same command to resume"
+    )

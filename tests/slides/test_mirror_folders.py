@@ -124,8 +124,10 @@ def test_nothing_is_written_outside_out(drive: Path, tmp_path: Path) -> None:
             slide_file(out, bad, ".h5")
         with pytest.raises(InputError, match="not inside"):
             state_path(out, bad)
+    (tmp_path / "coords").mkdir()
+    (tmp_path / "x.h5").touch()  # found through '..': refused, never read
     with pytest.raises(InputError, match="not inside"):
-        coords_file(tmp_path, "../x")
+        coords_file(tmp_path / "coords", "../x")
     elsewhere.mkdir()
     out.mkdir()
     (out / "caseA").symlink_to(elsewhere, target_is_directory=True)  # a mirrored sub-folder leading out
@@ -204,3 +206,18 @@ def test_every_file_of_a_slide_that_leads_out_is_refused_before_any_work(
     with pytest.raises(InputError, match=rf"slide 'caseB/s' would use .*{link}.*through a symlink"):
         run([drive], out, settings)
     assert list(elsewhere.iterdir()) == [] and not (out / "caseA").exists()
+
+
+def test_a_link_leading_out_refuses_only_the_file_found_through_it(tmp_path: Path) -> None:
+    coords, elsewhere = tmp_path / "coords", tmp_path / "elsewhere"
+    (coords / "patches" / "caseA").mkdir(parents=True)
+    elsewhere.mkdir()
+    (coords / "caseA").symlink_to(elsewhere, target_is_directory=True)  # holds no file of the slide
+    inside = coords / "patches" / "caseA" / "s_patches.h5"
+    inside.touch()
+    assert coords_file(coords, "caseA/s") == inside
+    (elsewhere / "s.h5").touch()  # now the first place looked in is a file reached through the link
+    with pytest.raises(InputError, match="through a symlink"):
+        coords_file(coords, "caseA/s")
+    with pytest.raises(InputError, match="TRIDENT and CLAM write flat folders"):
+        coords_file(coords, "caseB/s")

@@ -116,15 +116,16 @@ def coords_file(source: str | Path, slide_name: str) -> Path:
     keys = [f"{folder}/{n}" if folder else n for n in source_names(name)]
     tails = (".h5", "_patches.h5")
     places = [(path / sub, key, tail) for sub in ("", "patches") for key in keys for tail in tails]
-    # a slide's file is never one that leads out of the folder (through ``..`` or a symlink)
-    candidates = [slide_file(p, k, t) for p, k, t in places]
-    found = next((c for c in candidates if c.is_file()), None)
+    found = next((p / f"{k}{t}" for p, k, t in places if (p / f"{k}{t}").is_file()), None)
     if found is None:
+        flat = "; TRIDENT and CLAM write flat folders: mirror them, or run without --mirror-folders"
         raise InputError(
             f"--coords {source} has no coordinates for slide {slide_name} (looked for {slide_name}.h5 and "
             f"{slide_name}_patches.h5, also in patches/); give the folder TRIDENT or CLAM wrote for them"
+            f"{flat if folder else ''}"
         )
-    return found
+    # the slide's file is never one that leads out of the folder (through ``..`` or a symlink)
+    return slide_file(path, str(found.relative_to(path)), "")
 
 
 def coords_sha256(source: str | Path, slide_name: str) -> str:

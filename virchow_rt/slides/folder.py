@@ -12,6 +12,7 @@ given, not which file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -39,10 +40,21 @@ def writing(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        fix = _FIXES.get(err.errno, "fix that")
         raise OutputError(
-            f"cannot write in --out {out_dir} ({err.strerror or err}); free some space or fix the folder's "
-            "permissions, then rerun the same command to resume"
+            f"cannot write in --out {out_dir} ({where}{err.strerror or err}); {fix}, then rerun the same "
+            "command to resume"
         ) from err
+
+
+_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EACCES: "fix the folder's permissions",
+    errno.EPERM: "fix the folder's permissions",
+    errno.EROFS: "give a writable --out",
+}
 
 
 def _same(key: str, recorded: Any, wanted: Any) -> bool:
