@@ -134,6 +134,36 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created, removed on exit), or fail at once.
+
+    Non-blocking: when another process (or another open of it in this one) holds the lock, raise
+    :class:`OutputError` with the one line ``busy``. For a whole run that owns a folder (an export). Where
+    ``flock`` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    path = Path(path)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the holder before us may have removed the file after we opened it: then ours is a stale one
+            held = os.path.lexists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except BlockingIOError:
+            held = False
+        if not held:
+            raise OutputError(busy)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: whoever opens it next makes a new one
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
 

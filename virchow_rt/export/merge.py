@@ -12,19 +12,42 @@ Plain module: standard library and the contract only (no torch, no ONNX).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from virchow_rt.contract import MANIFEST_NAME, Artifact, Manifest
 from virchow_rt.errors import ModelFileError, OutputError
+from virchow_rt.files import exclusive_lock
 
 #: the manifest fields that say which model a folder holds (besides the weights)
 MODEL_FACTS = ("variant", "timm_arch", "model_args", "mlp", "norm_eps", "preprocess", "embedding")
 _ROOM = "export into a new folder, or pass --overwrite to list only this export in its manifest.json"
+#: held (flock) for a whole export, removed after it: a second export into the folder fails at once
+LOCK_NAME = ".export.lock"
+
+
+@contextlib.contextmanager
+def locked_folder(out_dir: Path) -> Iterator[Path]:
+    """Create ``out_dir`` if needed and hold its export lock for the block; a second export into it meanwhile
+    is an :class:`OutputError` at once. Folders created here are removed again if the block fails and
+    leaves them empty (bad weights leave no empty folder behind)."""
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(
+            out_dir / LOCK_NAME, f"another export is writing {out_dir}; wait for it or export elsewhere"
+        ):
+            yield out_dir
+    except BaseException:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
 
 
 def previous_export(out_dir: Path, overwrite: bool) -> Manifest | None:

@@ -30,7 +30,7 @@ from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
-from virchow_rt.export.merge import check_same_model, commit, merge, previous_export
+from virchow_rt.export.merge import check_same_model, commit, locked_folder, merge, previous_export
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
@@ -317,8 +317,28 @@ def export_model(
     outputs = check_outputs(outputs)
     out_dir = check_output(out_dir, "--out", folder=True)  # before the model is built (seconds to minutes)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
-    previous = previous_export(out_dir, overwrite)  # an unreadable one is refused before the model is built
-    bar = _Progress(variant, stages, progress)
+    with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
+        previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
+        return _export_locked(
+            variant, out_dir, previous, weights, random_weights, wanted, max_batch, outputs, parity_tiles,
+            tensorrt, tensorrt_options, _Progress(variant, stages, progress),
+        )  # fmt: skip
+
+
+def _export_locked(
+    variant: Variant,
+    out_dir: Path,
+    previous: Manifest | None,
+    weights: str | os.PathLike | None,
+    random_weights: bool,
+    wanted: tuple[str, ...],
+    max_batch: int | None,
+    outputs: tuple[str, ...],
+    parity_tiles: int,
+    tensorrt: bool,
+    tensorrt_options: Mapping[str, Any] | None,
+    bar: _Progress,
+) -> Manifest:
     try:
         bar.stage("build model")
         model, variant, weights_info = build_model(variant, weights, random_weights)
@@ -330,7 +350,6 @@ def export_model(
             inputs, outs = io_spec(variant, outputs)
             io = {"opset": OPSET, "inputs": inputs, "outputs": outs}
             check_same_model(previous, fresh, out_dir, [*made, *engines], io)
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad weights leave no empty folder behind
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
         try:
             artifacts = _make_artifacts(
