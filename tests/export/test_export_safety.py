@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import pytest
 
-from virchow_rt.contract import Manifest
+from virchow_rt.contract import MANIFEST_NAME, Manifest
 from virchow_rt.errors import OutputError
 from virchow_rt.export import pipeline
 from virchow_rt.export.pipeline import export_model
@@ -60,3 +61,71 @@ def test_a_refused_export_into_a_new_folder_leaves_no_folder(tmp_path):
     with pytest.raises(Exception, match="weights"):
         export_model(NAME, out, weights=tmp_path / "missing.pt", precisions=["fp32"], parity_tiles=4)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory) -> Path:
+    """A random-weights fp32 + fp16 export, copied by the tests that change it."""
+    folder = tmp_path_factory.mktemp("both")
+    _export(folder, ["fp32", "fp16"])
+    return folder
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _edit_entry(folder: Path, index: int, **changes) -> None:
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["artifacts"][index].update(changes)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+FP32, FP16 = f"{NAME}.fp32.onnx", f"{NAME}.fp16.onnx"
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ("outside", r"'\.\./elsewhere\.onnx' \(it climbs out with '\.\.'\)"),
+        ("twice", rf"'{FP32}' \(listed twice\)"),
+        ("missing", rf"'{FP32}' \(no such file\)"),
+        ("size", rf"'{FP32}' \(\d+ bytes, recorded \d+\)"),
+        ("data size", rf"'{FP32}\.data' \(\d+ bytes, recorded 1\)"),
+        ("folder", rf"'{FP32}' \(a folder, not a file\)"),
+    ],
+)
+def test_a_kept_artifact_not_there_as_listed_is_refused_before_any_work(
+    both, tmp_path, monkeypatch, damage, problem
+):
+    folder = _copy(both, tmp_path / "export")
+    if damage == "outside":
+        _edit_entry(folder, 0, path="../elsewhere.onnx")
+    elif damage == "twice":
+        _edit_entry(folder, 1, external_data=FP32)
+    elif damage in ("missing", "folder"):
+        (folder / FP32).unlink()
+        if damage == "folder":
+            (folder / FP32).mkdir()
+    elif damage == "size":
+        with open(folder / FP32, "ab") as fh:
+            fh.write(b"\0")
+    else:  # a graph with external data whose size is not the recorded one
+        (folder / f"{FP32}.data").write_bytes(b"12")
+        _edit_entry(folder, 0, external_data=f"{FP32}.data", external_data_size_bytes=1)
+    before = (folder / MANIFEST_NAME).read_text()
+    monkeypatch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(OutputError, match=problem) as err:
+        _export(folder, ["fp16"])
+    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+    assert (folder / MANIFEST_NAME).read_text() == before
+
+
+def test_an_artifact_made_again_may_be_missing(both, tmp_path):
+    folder = _copy(both, tmp_path / "export")
+    (folder / FP16).unlink()  # e.g. a run killed while moving it in: exporting fp16 again repairs the folder
+    manifest = _export(folder, ["fp16"])
+    assert [a.path for a in manifest.artifacts] == [FP32, FP16] and (folder / FP16).is_file()

@@ -23,6 +23,7 @@ from typing import Any
 from virchow_rt.contract import MANIFEST_NAME, Artifact, Manifest
 from virchow_rt.errors import ModelFileError, OutputError
 from virchow_rt.files import exclusive_lock
+from virchow_rt.paths import outside_reason
 
 #: the manifest fields that say which model a folder holds (besides the weights)
 MODEL_FACTS = ("variant", "timm_arch", "model_args", "mlp", "norm_eps", "preprocess", "embedding")
@@ -63,6 +64,42 @@ def previous_export(out_dir: Path, overwrite: bool) -> Manifest | None:
         raise OutputError(
             f"{out_dir / MANIFEST_NAME} cannot be read, so this export cannot add to it: {_ROOM} ({err})"
         ) from err
+
+
+def check_kept(previous: Manifest, out_dir: Path, variant: str, replaced: Sequence[str]) -> None:
+    """Refuse (:class:`OutputError`, one line, before the model is built) to keep what ``previous`` lists
+    unless it is ``variant``'s export and each artifact not in ``replaced`` is there as recorded: file names
+    inside ``out_dir``, none listed twice, each file present with its recorded size (a run killed while
+    moving files in leaves some missing or of another size)."""
+    if previous.variant != variant:
+        raise OutputError(
+            f"{out_dir} holds an export of another model: variant {previous.variant} (this run {variant}). "
+            f"An export adds precisions only to the same model's folder: {_ROOM}"
+        )
+    seen: set[str] = set()
+    for artifact in previous.artifacts:
+        kept = artifact.path not in replaced
+        files = [(artifact.path, artifact.size_bytes)]
+        if artifact.external_data is not None:
+            files.append((artifact.external_data, artifact.extra.get("external_data_size_bytes")))
+        for name, size in files:
+            reason = outside_reason(out_dir, name) or ("listed twice" if name in seen else None)
+            seen.add(name)
+            if reason is None and kept:
+                reason = _file_problem(out_dir / name, size)
+            if reason is not None:
+                raise OutputError(
+                    f"{out_dir / MANIFEST_NAME} lists {name!r} ({reason}), so this export cannot keep it: "
+                    f"{_ROOM}"
+                )
+
+
+def _file_problem(path: Path, size: object) -> str | None:
+    """Why ``path`` is not the file of ``size`` bytes a manifest records (any size if none), or None."""
+    if not path.is_file():
+        return "a folder, not a file" if path.is_dir() else "no such file"
+    actual = path.stat().st_size
+    return None if size is None or actual == size else f"{actual} bytes, recorded {size}"
 
 
 def _plain(value: Any) -> Any:

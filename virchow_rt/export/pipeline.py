@@ -30,7 +30,14 @@ from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
-from virchow_rt.export.merge import check_same_model, commit, locked_folder, merge, previous_export
+from virchow_rt.export.merge import (
+    check_kept,
+    check_same_model,
+    commit,
+    locked_folder,
+    merge,
+    previous_export,
+)
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
@@ -319,10 +326,18 @@ def export_model(
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
     with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
         previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
+        if previous is not None:
+            check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
         return _export_locked(
             variant, out_dir, previous, weights, random_weights, wanted, max_batch, outputs, parity_tiles,
             tensorrt, tensorrt_options, _Progress(variant, stages, progress),
         )  # fmt: skip
+
+
+def _replaced(previous: Manifest, variant: Variant, wanted: Sequence[str], tensorrt: bool) -> list[str]:
+    """The files of ``previous`` this run makes again (its precisions' graphs; with ``tensorrt``, engines)."""
+    engines = [a.path for a in previous.select("tensorrt")] if tensorrt else []
+    return [*(artifact_name(variant, p) for p in wanted), *engines]
 
 
 def _export_locked(
@@ -345,11 +360,9 @@ def _export_locked(
         bar.done()
         fresh = _manifest(variant, weights_info, max_batch, [])
         if previous is not None:
-            made = [artifact_name(variant, p) for p in wanted]
-            engines = [a.path for a in previous.select("tensorrt")] if tensorrt else []
             inputs, outs = io_spec(variant, outputs)
             io = {"opset": OPSET, "inputs": inputs, "outputs": outs}
-            check_same_model(previous, fresh, out_dir, [*made, *engines], io)
+            check_same_model(previous, fresh, out_dir, _replaced(previous, variant, wanted, tensorrt), io)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
         try:
             artifacts = _make_artifacts(
