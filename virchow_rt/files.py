@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,26 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def read_limited(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed), refused above ``limit`` bytes.
+
+    Checked on the open file before anything is read, and opened without blocking: a FIFO, a device
+    (``/dev/zero``) or a folder under that name is a :class:`ValueError` saying what it is, at once and
+    without reading it. Other failures to open are the usual :class:`OSError`.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (a folder, pipe or device)")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes, far more than it should hold")
+    return data
 
 
 @contextlib.contextmanager
