@@ -129,3 +129,24 @@ def test_an_artifact_made_again_may_be_missing(both, tmp_path):
     (folder / FP16).unlink()  # e.g. a run killed while moving it in: exporting fp16 again repairs the folder
     manifest = _export(folder, ["fp16"])
     assert [a.path for a in manifest.artifacts] == [FP32, FP16] and (folder / FP16).is_file()
+
+
+@pytest.mark.parametrize("name", [FP16, f"{FP16}.data"])
+def test_a_folder_where_a_file_goes_is_refused_before_any_work_and_kept(both, tmp_path, monkeypatch, name):
+    from virchow_rt.export.merge import commit
+
+    folder = _copy(both, tmp_path / "export")
+    (folder / FP16).unlink()
+    (folder / name).mkdir(exist_ok=True)
+    (folder / name / "mine.txt").write_text("not the export's")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+        with pytest.raises(OutputError, match=f"{name} is a folder, where this export writes a file; move"):
+            _export(folder, ["fp16"])
+    staging = tmp_path / "staging"
+    (staging / FP16).parent.mkdir()
+    (staging / FP16).write_bytes(b"graph")
+    manifest = Manifest.read(folder)
+    with pytest.raises(OutputError, match="is a folder"):  # commit itself refuses before moving anything
+        commit(staging, folder, [manifest.artifact_for(FP16)], manifest)
+    assert (folder / name / "mine.txt").read_text() == "not the export's" and (staging / FP16).exists()

@@ -194,6 +194,18 @@ def _kept(artifact: Artifact, previous: Manifest, new: Manifest) -> Artifact:
     return dataclasses.replace(artifact, extra=extra)
 
 
+def check_targets(out_dir: Path, names: Sequence[str]) -> None:
+    """Refuse (:class:`OutputError`, one line) when a file this export would write in ``out_dir`` is there
+    as a folder: a run moves aside and replaces files only, never a folder it did not make."""
+    for name in names:
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            raise OutputError(
+                f"{target} is a folder, where this export writes a file; move or rename it, or export "
+                "into a new folder"
+            )
+
+
 def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest: Manifest) -> None:
     """Move staged ``artifacts`` from ``staging`` into ``out_dir``, then write ``manifest`` (atomically).
 
@@ -202,6 +214,8 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
     failure anywhere before the manifest is written puts every old file back and removes the new ones:
     the folder then holds the old export exactly as its old manifest lists it.
     """
+    names = [n for a in artifacts for n in (a.path, a.external_data or f"{a.path}.data")]
+    check_targets(out_dir, names)  # before anything moves
     aside = Path(staging) / ".replaced"
     aside.mkdir()
     moves: list[tuple[Path, Path | None]] = []  # (a target in out_dir, the old file moved aside or None)

@@ -33,6 +33,7 @@ from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.merge import (
     check_kept,
     check_same_model,
+    check_targets,
     commit,
     locked_folder,
     merge,
@@ -326,6 +327,8 @@ def export_model(
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
     with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
         previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
+        names = [artifact_name(variant, p) for p in wanted]
+        check_targets(out_dir, [*names, *(f"{n}.data" for n in names)])
         if previous is not None:
             check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
         return _export_locked(
