@@ -150,3 +150,29 @@ def test_a_folder_where_a_file_goes_is_refused_before_any_work_and_kept(both, tm
     with pytest.raises(OutputError, match="is a folder"):  # commit itself refuses before moving anything
         commit(staging, folder, [manifest.artifact_for(FP16)], manifest)
     assert (folder / name / "mine.txt").read_text() == "not the export's" and (staging / FP16).exists()
+
+
+def test_a_rollback_that_fails_keeps_the_old_files_and_names_them(both, tmp_path, monkeypatch):
+    from virchow_rt.export import merge
+
+    folder = _copy(both, tmp_path / "export")
+    old = (folder / FP32).read_bytes()
+    real_replace = merge.os.replace
+
+    def replace(src, dst):
+        if ".replaced" in Path(src).parts:  # putting an old file back: a second Ctrl-C arrives
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    def fail_write(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(merge.os, "replace", replace)
+    monkeypatch.setattr(Manifest, "write", fail_write)
+    with pytest.raises(
+        merge.RollbackFailed, match="planted failure.*putting its old files back failed"
+    ) as err:
+        _export(folder, ["fp32"])
+    aside = Path(str(err.value).split("they are kept in ")[1].split(":")[0])
+    assert aside.parent.parent == folder and (aside / FP32).read_bytes() == old
+    assert "\n" not in str(err.value)

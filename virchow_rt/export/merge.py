@@ -194,6 +194,10 @@ def _kept(artifact: Artifact, previous: Manifest, new: Manifest) -> Artifact:
     return dataclasses.replace(artifact, extra=extra)
 
 
+class RollbackFailed(OutputError):
+    """A failed export could not put the folder's old files back; they are kept where the message says."""
+
+
 def check_targets(out_dir: Path, names: Sequence[str]) -> None:
     """Refuse (:class:`OutputError`, one line) when a file this export would write in ``out_dir`` is there
     as a folder: a run moves aside and replaces files only, never a folder it did not make."""
@@ -212,7 +216,8 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
     External data go first, so a graph never points at a missing file; a file replaced (and the stale
     external data of a graph that now has none) is moved aside into ``staging``, not deleted, so that a
     failure anywhere before the manifest is written puts every old file back and removes the new ones:
-    the folder then holds the old export exactly as its old manifest lists it.
+    the folder then holds the old export exactly as its old manifest lists it. If putting them back fails
+    too, :class:`RollbackFailed` names where they are (``staging`` must then be kept).
     """
     names = [n for a in artifacts for n in (a.path, a.external_data or f"{a.path}.data")]
     check_targets(out_dir, names)  # before anything moves
@@ -238,10 +243,17 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
             if not entry.external_data and os.path.lexists(out_dir / f"{entry.path}.data"):
                 move_aside(out_dir / f"{entry.path}.data")  # the old graph's weights: not this one's
         manifest.write(out_dir)
-    except BaseException:
-        for target, old in reversed(moves):
-            if old is not None:
-                os.replace(old, target)
-            else:
-                target.unlink(missing_ok=True)  # created by this run: nothing was there
+    except BaseException as err:
+        try:
+            for target, old in reversed(moves):
+                if old is not None:
+                    os.replace(old, target)
+                else:
+                    target.unlink(missing_ok=True)  # created by this run: nothing was there
+        except BaseException as undo:  # a second Ctrl-C, a full disk: the old files must not be deleted
+            raise RollbackFailed(
+                f"the export into {out_dir} failed ({type(err).__name__}: {err}) and putting its old files "
+                f"back failed too ({type(undo).__name__}: {undo}); they are kept in {aside}: move them "
+                f"back into {out_dir}, then delete {staging}"
+            ) from undo
         raise

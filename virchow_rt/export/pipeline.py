@@ -31,6 +31,7 @@ from virchow_rt.compare import Comparison, compare
 from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
 from virchow_rt.export.merge import (
+    RollbackFailed,
     check_kept,
     check_same_model,
     check_targets,
@@ -366,7 +367,7 @@ def _export_locked(
             inputs, outs = io_spec(variant, outputs)
             io = {"opset": OPSET, "inputs": inputs, "outputs": outs}
             check_same_model(previous, fresh, out_dir, _replaced(previous, variant, wanted, tensorrt), io)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        staging, keep = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir)), False
         try:
             artifacts = _make_artifacts(
                 model, variant, weights_info, wanted, outputs, parity_tiles, staging, bar
@@ -376,8 +377,12 @@ def _export_locked(
             made_now = dataclasses.replace(fresh, artifacts=tuple(artifacts))
             manifest = merge(previous, made_now, keep_batch=max_batch is None)
             commit(staging, out_dir, artifacts, manifest)
+        except RollbackFailed:
+            keep = True  # it holds the only copies of the old files, named in the error
+            raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(staging, ignore_errors=True)
         bar.done()
         if not tensorrt:
             _warn_unlisted(out_dir, manifest)
