@@ -176,3 +176,46 @@ def test_a_rollback_that_fails_keeps_the_old_files_and_names_them(both, tmp_path
     aside = Path(str(err.value).split("they are kept in ")[1].split(":")[0])
     assert aside.parent.parent == folder and (aside / FP32).read_bytes() == old
     assert "\n" not in str(err.value)
+
+
+_STOPPED_CHILD = """
+import sys
+from virchow_rt.cli.main import main
+from virchow_rt.export import pipeline
+
+def parity(*args, **kwargs):  # the new graph is staged: stop here until the parent's SIGTERM
+    print("staged", flush=True)
+    sys.stdin.read()
+
+pipeline._parity = parity
+sys.exit(main(["export", "virchow2-tiny", "--out", sys.argv[1], "--random-weights", "--precision", "fp32",
+               "--parity-tiles", "4"]))
+"""
+
+
+def test_sigterm_during_an_export_rolls_it_back_as_ctrl_c_does(both, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder = _copy(both, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[2])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_CHILD, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout.readline() == "staged\n", child.stderr.read()
+        assert [p for p in folder.iterdir() if p.name.startswith(".staging-")]
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and "interrupted" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging, no lock, old files
