@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,39 @@ def test_sigterm_during_an_export_rolls_it_back_as_ctrl_c_does(both, tmp_path):
         child.kill()
     assert child.returncode == 130 and "interrupted" in err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging, no lock, old files
+
+
+def test_tensorrt_missing_is_refused_before_any_work(both, tmp_path, monkeypatch):
+    from virchow_rt.backends.tensorrt_module import is_real_tensorrt
+    from virchow_rt.errors import MissingDependency
+
+    if is_real_tensorrt("tensorrt"):
+        pytest.skip("TensorRT is installed here: nothing is missing")
+    folder = _copy(both, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(MissingDependency, match="TensorRT is needed to build TensorRT engines"):
+        _export(folder, ["fp16"], tensorrt=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_an_engine_of_an_onnx_no_longer_listed_is_unlisted_with_one_warning():
+    from virchow_rt.contract import Artifact
+    from virchow_rt.export.merge import merge
+
+    def onnx(precision: str, sha: str) -> Artifact:
+        return Artifact(path=f"m.{precision}.onnx", format="onnx", precision=precision, sha256=sha)
+
+    engine = Artifact.from_dict(
+        {"path": "m.fp16.engine", "format": "tensorrt", "onnx_path": "m.fp16.onnx", "onnx_sha256": "a"}
+    )
+    previous = Manifest(variant="m", artifacts=(onnx("fp32", "f"), onnx("fp16", "a"), engine))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp16 not rebuilt: the engine stays listed, nothing said
+        kept = merge(previous, Manifest(variant="m", artifacts=(onnx("fp32", "g"),)), keep_batch=True)
+    assert [a.path for a in kept.artifacts] == ["m.fp32.onnx", "m.fp16.onnx", "m.fp16.engine"]
+    with pytest.warns(
+        UserWarning, match=r"m\.fp16\.engine \(from m\.fp16\.onnx\): built from an earlier"
+    ) as w:
+        rebuilt = merge(previous, Manifest(variant="m", artifacts=(onnx("fp16", "b"),)), keep_batch=True)
+    assert [a.path for a in rebuilt.artifacts] == ["m.fp32.onnx", "m.fp16.onnx"] and len(w) == 1

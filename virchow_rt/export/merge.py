@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,30 @@ def merge(previous: Manifest | None, new: Manifest, keep_batch: bool) -> Manifes
         return new
     made = {a.path: a for a in new.artifacts}
     artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in previous.artifacts]
+    artifacts = _without_stale_engines([*artifacts, *made.values()])
     batch = previous.batch if keep_batch and previous.batch is not None else new.batch
-    return dataclasses.replace(new, artifacts=(*artifacts, *made.values()), batch=batch)
+    return dataclasses.replace(new, artifacts=tuple(artifacts), batch=batch)
+
+
+def _without_stale_engines(artifacts: list[Artifact]) -> list[Artifact]:
+    """``artifacts`` without the engines built from another ONNX than the one listed (its recorded
+    ``onnx_sha256``): the engine file stays, unlisted, with one warning."""
+    onnx = {a.path: a.sha256 for a in artifacts if a.format != "tensorrt"}
+    stale = [
+        a
+        for a in artifacts
+        if a.format == "tensorrt"
+        and a.extra.get("onnx_sha256") is not None
+        and onnx.get(a.extra.get("onnx_path")) not in (None, a.extra["onnx_sha256"])
+    ]
+    if stale:
+        names = ", ".join(f"{a.path} (from {a.extra['onnx_path']})" for a in stale)
+        warnings.warn(
+            f"{names}: built from an earlier ONNX than the one now listed, so no longer listed in "
+            "manifest.json (the file is kept); rebuild it with `virchow-rt export ... --tensorrt`",
+            stacklevel=3,
+        )
+    return [a for a in artifacts if a not in stale]
 
 
 def _kept(artifact: Artifact, previous: Manifest, new: Manifest) -> Artifact:

@@ -323,6 +323,10 @@ def export_model(
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
+    if tensorrt:  # before any work: without TensorRT the ONNX would be rebuilt and no engine made from it
+        from virchow_rt.backends.tensorrt_module import import_tensorrt  # lazily: TensorRT is optional
+
+        import_tensorrt("tensorrt", "to build TensorRT engines (--tensorrt)")
     outputs = check_outputs(outputs)
     out_dir = check_output(out_dir, "--out", folder=True)  # before the model is built (seconds to minutes)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
