@@ -123,8 +123,13 @@ def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_pa
 def test_kept_artifacts_must_have_the_same_outputs(fp32_folder, tmp_path):
     folder = _copy(fp32_folder[0], tmp_path / "export")
     old = _state(folder)
-    with pytest.raises(OutputError, match=r"\.fp32\.onnx with outputs .*add fp32 to --precision"):
+    with pytest.raises(OutputError) as err:
         _export(folder, ["fp16"], outputs=("embedding", "patch_tokens"))
+    assert (
+        f"holds an export with other inputs/outputs: {NAME}.fp32.onnx with outputs embedding (this run "
+        "embedding,patch_tokens; add fp32 to --precision to rebuild it too)" in str(err.value)
+    )
+    assert "another model" not in str(err.value) and "{" not in str(err.value)
     assert _state(folder) == old
     both = _export(folder, ["fp32", "fp16"], outputs=("embedding", "patch_tokens"))
     assert [len(a.outputs) for a in both.artifacts] == [2, 2]
@@ -199,3 +204,20 @@ def test_model_differences_name_each_value_and_skip_what_the_folder_does_not_rec
     assert model_differences(old, deeper) == ["model_args.depth 2 (this run 3)"]
     reseeded = dataclasses.replace(old, weights=dataclasses.replace(weights, source="random (seed 1)"))
     assert model_differences(old, reseeded) == ["other weights (random (seed 0); this run random (seed 1))"]
+
+
+def test_a_kept_engine_with_other_outputs_is_rebuilt_with_tensorrt():
+    from virchow_rt.contract import Artifact, WeightsInfo
+    from virchow_rt.export.merge import check_same_model
+
+    weights = WeightsInfo(random=True, sha256="random", source="random (seed 0)")
+    engine = Artifact(
+        path="m.fp16.engine", format="tensorrt", precision="fp16", outputs=({"name": "embedding"},)
+    )
+    previous = Manifest(variant="m", weights=weights, artifacts=(engine,))
+    io = {"outputs": [{"name": "embedding"}, {"name": "patch_tokens"}]}
+    with pytest.raises(
+        OutputError, match=r"\(this run embedding,patch_tokens; pass --tensorrt to rebuild it\)"
+    ):
+        check_same_model(previous, Manifest(variant="m", weights=weights), Path("out"), [], io)
+    check_same_model(previous, Manifest(variant="m", weights=weights), Path("out"), ["m.fp16.engine"], io)

@@ -155,22 +155,37 @@ def check_same_model(
     same model, and its artifacts that this run keeps (not in ``replaced``) have the ``io`` this run's have
     ("opset", "inputs", "outputs"; a key an artifact does not record is not compared)."""
     found = model_differences(previous, new)
-    for artifact in previous.artifacts:
-        if artifact.path in replaced:
-            continue
-        recorded = {"opset": artifact.extra.get("opset"), "inputs": artifact.inputs}
-        recorded["outputs"] = artifact.outputs
-        for key, value in io.items():
-            if recorded.get(key) is not None and _plain(recorded[key]) != _plain(value):
-                found.append(
-                    f"{artifact.path} with {key} {json.dumps(_plain(recorded[key]))} (this run "
-                    f"{json.dumps(_plain(value))}; add {artifact.precision} to --precision to rebuild it too)"
-                )
     if found:
         raise OutputError(
             f"{out_dir} holds an export of another model: {'; '.join(found)}. An export adds precisions "
             f"only to the same model's folder: {_ROOM} (its other files are kept, unlisted)"
         )
+    for artifact in previous.artifacts:
+        if artifact.path in replaced:
+            continue
+        recorded = {"opset": artifact.extra.get("opset"), "inputs": artifact.inputs}
+        recorded["outputs"] = artifact.outputs
+        rebuild = (
+            "pass --tensorrt to rebuild it"
+            if artifact.format == "tensorrt"
+            else f"add {artifact.precision} to --precision to rebuild it too"
+        )
+        for key, value in io.items():
+            if recorded.get(key) is not None and _plain(recorded[key]) != _plain(value):
+                was, now = _shown(recorded[key]), _shown(value)
+                found.append(f"{artifact.path} with {key} {was} (this run {now}; {rebuild})")
+    if found:
+        raise OutputError(
+            f"{out_dir} holds an export with other inputs/outputs: {'; '.join(found)}. Artifacts kept in a "
+            f"folder share this run's inputs and outputs: {_ROOM} (its other files are kept, unlisted)"
+        )
+
+
+def _shown(value: Any) -> str:
+    """An opset as a number, inputs or outputs by their names only (``embedding,patch_tokens``)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v.get("name")) if isinstance(v, Mapping) else str(v) for v in value)
+    return json.dumps(_plain(value))
 
 
 def merge(previous: Manifest | None, new: Manifest, keep_batch: bool) -> Manifest:
