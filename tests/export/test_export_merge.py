@@ -12,7 +12,7 @@ from export_helpers import random_state_dict
 from virchow_rt.backends import open as runtime
 from virchow_rt.backends import open_backend
 from virchow_rt.contract import MANIFEST_NAME, Manifest
-from virchow_rt.errors import OutputError
+from virchow_rt.errors import ModelFileError, OutputError
 from virchow_rt.export import pipeline
 from virchow_rt.export.pipeline import export_model
 
@@ -74,6 +74,11 @@ def test_fp16_is_opened_on_a_cpu_only_when_nothing_else_is_there(tmp_path, monke
     with caplog.at_level("WARNING"), open_backend(tmp_path) as backend:
         assert (backend.name, backend.info.precision) == ("onnxruntime-cpu", "int8")
     assert "OpenVINO" not in caplog.text  # not even tried: it compiles fp32 graphs only
+    for backend in ("openvino", "openvino-bf16", "openvino-fp32"):  # asked for: refused, not given int8
+        with pytest.raises(
+            ModelFileError, match=f"no fp32 ONNX in .*--backend {backend} runs only that; add"
+        ):
+            runtime._pick_from_folder(tmp_path, backend)
     monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: True)
     assert runtime._pick_from_folder(tmp_path, "auto").name == f"{NAME}.fp16.onnx"
 
