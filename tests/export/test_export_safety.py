@@ -256,3 +256,8 @@ def test_an_engine_of_an_onnx_no_longer_listed_is_unlisted_with_one_warning():
     ) as w:
         rebuilt = merge(previous, Manifest(variant="m", artifacts=(onnx("fp16", "b"),)), keep_batch=True)
     assert [a.path for a in rebuilt.artifacts] == ["m.fp32.onnx", "m.fp16.onnx"] and len(w) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # --tensorrt: the engine is built next; none listed until it is
+        now = Manifest(variant="m", artifacts=(onnx("fp16", "b"),))
+        rebuilding = merge(previous, now, keep_batch=True, engines_rebuilt=True)
+    assert [a.path for a in rebuilding.artifacts] == ["m.fp32.onnx", "m.fp16.onnx"]

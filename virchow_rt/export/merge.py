@@ -188,17 +188,22 @@ def _shown(value: Any) -> str:
     return json.dumps(_plain(value))
 
 
-def merge(previous: Manifest | None, new: Manifest, keep_batch: bool) -> Manifest:
+def merge(
+    previous: Manifest | None, new: Manifest, keep_batch: bool, engines_rebuilt: bool = False
+) -> Manifest:
     """``new`` (this run's facts and artifacts) with ``previous``'s artifacts it does not replace.
 
     Replaced entries keep their place, new ones are appended. A kept artifact made with other package
     versions keeps its own ``versions`` and ``created``. ``keep_batch``: keep the folder's batch profile
-    (no --max-batch given).
+    (no --max-batch given). A kept engine built from another ONNX than the one now listed is dropped with
+    a warning; ``engines_rebuilt`` (--tensorrt: this run builds the engine next) drops every kept engine
+    quietly, so that a failed build leaves none listed that the new ONNX did not make.
     """
     if previous is None:
         return new
     made = {a.path: a for a in new.artifacts}
-    artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in previous.artifacts]
+    old = [a for a in previous.artifacts if not (engines_rebuilt and a.format == "tensorrt")]
+    artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in old]
     artifacts = _without_stale_engines([*artifacts, *made.values()])
     batch = previous.batch if keep_batch and previous.batch is not None else new.batch
     return dataclasses.replace(new, artifacts=tuple(artifacts), batch=batch)
