@@ -165,3 +165,52 @@ def test_the_backend_interface_says_what_a_backend_does_not_have(tmp_path: Path)
     model = tmp_path / "model.onnx"
     model.write_bytes(b"graph")
     assert _Plain(model).model_sha256 == sha256_file(model)
+
+
+def _read_in_thread(folder: Path, fifo: Path | None = None) -> BaseException | Manifest:
+    """Manifest.read(folder), failing the test (not hanging it) if it blocks; a FIFO is then released."""
+    import threading
+
+    result: list = []
+
+    def read() -> None:
+        try:
+            result.append(Manifest.read(folder))
+        except BaseException as err:  # noqa: BLE001 - returned to the test
+            result.append(err)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        if fifo is not None:
+            import os
+
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer came and went: the read ends
+        pytest.fail("Manifest.read blocked")
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "huge"])
+def test_a_manifest_that_is_no_small_file_is_one_line_error_without_reading_it(tmp_path, monkeypatch, kind):
+    import os
+
+    from virchow_rt import contract
+
+    target, fifo = tmp_path / "manifest.json", None
+    if kind == "fifo":
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        target.symlink_to(fifo)
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    elif kind == "folder":
+        target.mkdir()
+        tmp_path = tmp_path / "model.onnx"  # the manifest beside a model file
+    else:
+        target.write_text(json.dumps({"artifacts": [], "pad": "x" * 100}))
+        monkeypatch.setattr(contract, "MANIFEST_MAX_BYTES", 64)
+    err = _read_in_thread(tmp_path, fifo)
+    assert isinstance(err, ModelFileError), err
+    reason = "more than 64 bytes" if kind == "huge" else "not a regular file"
+    assert reason in str(err) and "\n" not in str(err)

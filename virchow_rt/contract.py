@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from virchow_rt.errors import BackendError, InputError, ModelFileError
-from virchow_rt.files import write_json
+from virchow_rt.files import read_limited, write_json
 from virchow_rt.paths import inside_folder
 from virchow_rt.registry import BatchProfile, Preprocess, Variant, check_pooling, get_variant
 
@@ -26,6 +26,7 @@ from virchow_rt.registry import BatchProfile, Preprocess, Variant, check_pooling
 INPUT, OUTPUT = "tiles", "embedding"
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest is a few kB; bounds what a hostile one can make us read
 _REEXPORT = "re-export the model with `virchow-rt export`"
 _META = "virchow_rt."  # prefix of the ONNX metadata_props an export writes
 _J = TypeVar("_J", bound="_Json")
@@ -224,10 +225,10 @@ class Manifest(_Json):
         p = Path(folder_or_file)
         path = p / MANIFEST_NAME if p.is_dir() else p.parent / MANIFEST_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_limited(path, MANIFEST_MAX_BYTES))
         except FileNotFoundError as err:
             raise ModelFileError(f"no {MANIFEST_NAME} at {path}; {_REEXPORT}") from err
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
             raise ModelFileError(f"cannot read {path} as JSON ({err}); {_REEXPORT}") from err
         if not isinstance(data, dict) or "artifacts" not in data:
             raise ModelFileError(f"{path} has no 'artifacts' list; {_REEXPORT}")

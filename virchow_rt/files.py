@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,26 @@ def check_output(path: str | os.PathLike, option: str, folder: bool) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def read_limited(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed), refused above ``limit`` bytes.
+
+    Checked on the open file before anything is read, and opened without blocking: a FIFO, a device
+    (``/dev/zero``) or a folder under that name is a :class:`ValueError` saying what it is, at once and
+    without reading it. Other failures to open are the usual :class:`OSError`.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (a folder, pipe or device)")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes, far more than it should hold")
+    return data
 
 
 @contextlib.contextmanager
@@ -131,6 +152,36 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         try:
             yield
         finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created, removed on exit), or fail at once.
+
+    Non-blocking: when another process (or another open of it in this one) holds the lock, raise
+    :class:`OutputError` with the one line ``busy``. For a whole run that owns a folder (an export). Where
+    ``flock`` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    path = Path(path)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the holder before us may have removed the file after we opened it: then ours is a stale one
+            held = os.path.lexists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except BlockingIOError:
+            held = False
+        if not held:
+            raise OutputError(busy)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: whoever opens it next makes a new one
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

@@ -29,8 +29,8 @@ def inside_folder(folder: str | os.PathLike[str], relative: object, what: str = 
     if reason is not None:
         raise ModelFileError(
             f"{folder / 'manifest.json'} lists the {what} {relative!r}, which is not a file inside {folder} "
-            f"({reason}); a manifest's paths must stay in its folder: re-export the model, and do not run "
-            "export folders you do not trust"
+            f"({reason}); a manifest's paths must stay in its folder: re-export the model "
+            "(`virchow-rt export --overwrite`), and do not run export folders you do not trust"
         )
     return path
 

@@ -28,13 +28,15 @@ def _hint(folder) -> str:
 def test_the_hint_adds_the_missing_precision_and_keeps_the_others(tmp_path):
     from virchow_rt.export.pipeline import export_model
 
-    export_model(NAME, tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4)
-    command = _hint(tmp_path)
-    assert command.endswith("--random-weights --precision fp16")
+    folder = tmp_path / "an export"  # a space: the command must quote it
+    outputs = ("embedding", "patch_tokens")
+    export_model(NAME, folder, random_weights=True, precisions=["fp32"], parity_tiles=4, outputs=outputs)
+    command = _hint(folder)
+    assert command.endswith("--random-weights --outputs embedding,patch_tokens --precision fp16")
     argv = shlex.split(command)
     assert argv[0] == "virchow-rt" and main([*argv[1:], "--parity-tiles", "4"]) == 0
-    assert [a.precision for a in Manifest.read(tmp_path).artifacts] == ["fp32", "fp16"]
-    with open_row_backend(FP16, "cpu", variant=get_variant(NAME), folder=tmp_path) as backend:
+    assert [a.precision for a in Manifest.read(folder).artifacts] == ["fp32", "fp16"]
+    with open_row_backend(FP16, "cpu", variant=get_variant(NAME), folder=folder) as backend:
         assert backend.info.precision == "fp16"
 
 
@@ -47,10 +49,13 @@ def test_the_hint_adds_the_missing_precision_and_keeps_the_others(tmp_path):
     ],
 )
 def test_the_hint_names_the_weights_the_export_was_made_from(tmp_path, source, shown):
-    source, shown = source.format(folder=tmp_path), shown.format(folder=tmp_path)
+    tmp_path = tmp_path / "with space"
+    tmp_path.mkdir()
+    quoted = shlex.quote(str(tmp_path))
+    source, shown = source.format(folder=tmp_path), shown.format(folder=quoted)
     artifact = Artifact(path=f"{NAME}.fp32.onnx", format="onnx", precision="fp32")
     weights = WeightsInfo(random=False, sha256="0" * 64, source=source)
     Manifest(variant=NAME, weights=weights, artifacts=(artifact,)).write(tmp_path)
-    assert f"export {NAME} --out {tmp_path} {shown}--precision fp16" in _hint(tmp_path)
+    assert f"export {NAME} --out {quoted} {shown}--precision fp16" in _hint(tmp_path)
     (tmp_path / "manifest.json").unlink()  # no manifest: the weights must still be asked for
     assert "--weights <the weights it was made from> --precision fp16" in _hint(tmp_path)

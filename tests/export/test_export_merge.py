@@ -12,7 +12,7 @@ from export_helpers import random_state_dict
 from virchow_rt.backends import open as runtime
 from virchow_rt.backends import open_backend
 from virchow_rt.contract import MANIFEST_NAME, Manifest
-from virchow_rt.errors import OutputError
+from virchow_rt.errors import ModelFileError, OutputError
 from virchow_rt.export import pipeline
 from virchow_rt.export.pipeline import export_model
 
@@ -74,6 +74,11 @@ def test_fp16_is_opened_on_a_cpu_only_when_nothing_else_is_there(tmp_path, monke
     with caplog.at_level("WARNING"), open_backend(tmp_path) as backend:
         assert (backend.name, backend.info.precision) == ("onnxruntime-cpu", "int8")
     assert "OpenVINO" not in caplog.text  # not even tried: it compiles fp32 graphs only
+    for backend in ("openvino", "openvino-bf16", "openvino-fp32"):  # asked for: refused, not given int8
+        with pytest.raises(
+            ModelFileError, match=f"no fp32 ONNX in .*--backend {backend} runs only that; add"
+        ):
+            runtime._pick_from_folder(tmp_path, backend)
     monkeypatch.setattr(runtime, "_ort_has_gpu", lambda: True)
     assert runtime._pick_from_folder(tmp_path, "auto").name == f"{NAME}.fp16.onnx"
 
@@ -93,7 +98,7 @@ def test_a_precision_asked_again_is_rebuilt_and_only_it(tmp_path):
     )  # no --max-batch: the folder's profile stays
 
 
-def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_path):
+def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_path, monkeypatch):
     other, tmp_path = tmp_path / "other.pt", tmp_path / "export"
     _export(tmp_path, ["fp32"], weights=checkpoint_dir)
     old = _state(tmp_path)
@@ -107,8 +112,10 @@ def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_pa
             _export(tmp_path, ["fp16"], **kwargs)
         assert "\n" not in str(err.value) and "new folder, or pass --overwrite" in str(err.value)
         assert _state(tmp_path) == old
-    with pytest.raises(OutputError, match="variant virchow2-tiny \\(this run virchow-tiny\\)"):
-        export_model("virchow-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4)
+    with monkeypatch.context() as patch:  # another variant: known from the manifest, no model is built
+        patch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+        with pytest.raises(OutputError, match="variant virchow2-tiny \\(this run virchow-tiny\\)"):
+            export_model("virchow-tiny", tmp_path, random_weights=True, precisions=["fp32"], parity_tiles=4)
     assert _state(tmp_path) == old
     with pytest.warns(UserWarning, match=f"{NAME}.fp32.onnx from an earlier export"):
         manifest = export_model(
@@ -121,8 +128,13 @@ def test_another_models_folder_is_refused_before_any_work(checkpoint_dir, tmp_pa
 def test_kept_artifacts_must_have_the_same_outputs(fp32_folder, tmp_path):
     folder = _copy(fp32_folder[0], tmp_path / "export")
     old = _state(folder)
-    with pytest.raises(OutputError, match=r"\.fp32\.onnx with outputs .*add fp32 to --precision"):
+    with pytest.raises(OutputError) as err:
         _export(folder, ["fp16"], outputs=("embedding", "patch_tokens"))
+    assert (
+        f"holds an export with other inputs/outputs: {NAME}.fp32.onnx with outputs embedding (this run "
+        "embedding,patch_tokens; add fp32 to --precision to rebuild it too)" in str(err.value)
+    )
+    assert "another model" not in str(err.value) and "{" not in str(err.value)
     assert _state(folder) == old
     both = _export(folder, ["fp32", "fp16"], outputs=("embedding", "patch_tokens"))
     assert [len(a.outputs) for a in both.artifacts] == [2, 2]
@@ -197,3 +209,20 @@ def test_model_differences_name_each_value_and_skip_what_the_folder_does_not_rec
     assert model_differences(old, deeper) == ["model_args.depth 2 (this run 3)"]
     reseeded = dataclasses.replace(old, weights=dataclasses.replace(weights, source="random (seed 1)"))
     assert model_differences(old, reseeded) == ["other weights (random (seed 0); this run random (seed 1))"]
+
+
+def test_a_kept_engine_with_other_outputs_is_rebuilt_with_tensorrt():
+    from virchow_rt.contract import Artifact, WeightsInfo
+    from virchow_rt.export.merge import check_same_model
+
+    weights = WeightsInfo(random=True, sha256="random", source="random (seed 0)")
+    engine = Artifact(
+        path="m.fp16.engine", format="tensorrt", precision="fp16", outputs=({"name": "embedding"},)
+    )
+    previous = Manifest(variant="m", weights=weights, artifacts=(engine,))
+    io = {"outputs": [{"name": "embedding"}, {"name": "patch_tokens"}]}
+    with pytest.raises(
+        OutputError, match=r"\(this run embedding,patch_tokens; pass --tensorrt to rebuild it\)"
+    ):
+        check_same_model(previous, Manifest(variant="m", weights=weights), Path("out"), [], io)
+    check_same_model(previous, Manifest(variant="m", weights=weights), Path("out"), ["m.fp16.engine"], io)

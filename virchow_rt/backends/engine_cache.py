@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -238,19 +239,26 @@ def read_plan(path: Path) -> tuple[Manifest, Artifact, bytes]:
 
 def rebuild_command(manifest: Manifest, folder: str | os.PathLike[str], options: str = "--tensorrt") -> str:
     """The command that rebuilds the export folder's engine on this machine (``options``: what to export,
-    e.g. ``--precision fp16``; the folder's other artifacts stay, see :mod:`virchow_rt.export.merge`)."""
+    e.g. ``--precision fp16``; the folder's other artifacts stay, see :mod:`virchow_rt.export.merge`), its
+    parts quoted for a shell, with the ``--outputs`` the folder's artifacts were made with."""
     weights = manifest.weights
     if weights is not None and weights.random:
         source = "--random-weights"
     else:
         path = weights.source if weights is not None else ""
         source = (
-            f"--weights {path}"
+            f"--weights {shlex.quote(path)}"
             if path and (path.startswith("hf://") or Path(path).exists())  # hf://: a cached model id
             else "--weights <the weights it was made from>"
         )
-    variant = manifest.variant or "<variant>"
-    return f"virchow-rt export {variant} --out {os.fspath(folder)} {source} {options}"
+    variant = shlex.quote(manifest.variant) if manifest.variant else "<variant>"
+    outputs = next((names for a in manifest.artifacts if (names := _output_names(a))), [OUTPUT])
+    shown = "" if outputs == [OUTPUT] else f" --outputs {shlex.quote(','.join(outputs))}"
+    return f"virchow-rt export {variant} --out {shlex.quote(os.fspath(folder))} {source}{shown} {options}"
+
+
+def _output_names(artifact: Artifact) -> list[str]:
+    return [str(o.get("name")) for o in artifact.outputs or () if isinstance(o, Mapping)]
 
 
 # --- engine I/O and what it computes ---------------------------------------------------------------

@@ -51,6 +51,13 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
     # fp16 first where ONNX Runtime will run on a GPU; on a CPU fp32 (ORT's CPU kernels are fp32; OpenVINO
     # compiles the fp32 graph to bf16 itself), then any other, fp16 only when nothing else is there (ORT
     # runs it on a CPU through casts, slower than fp32). Not the manifest's order: an export adds to it.
+    if backend in _OPENVINO:  # OpenVINO compiles an fp32 graph only (precision not recorded: an older fp32)
+        onnx = [a for a in onnx if a.precision in (None, "fp32")]
+        if not onnx:
+            raise ModelFileError(
+                f"no fp32 ONNX in {folder}, and --backend {backend} runs only that; add it with `virchow-rt "
+                f"export {manifest.variant or 'VARIANT'} --out {folder} ... --precision fp32`"
+            )
     cpu_only = backend == "onnxruntime-cpu" or backend in _OPENVINO
     order = _GPU_ORDER if not cpu_only and _ort_has_gpu() else _CPU_ORDER
     onnx.sort(key=lambda a: order.get(a.precision, 1))

@@ -1,8 +1,12 @@
-"""What several commands' parsers share: list-valued options, ``--help`` with defaults, weights options."""
+"""What several commands share: list-valued options, ``--help`` with defaults, weights options, SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Any
 
 from virchow_rt.backends import BACKENDS
 
@@ -54,3 +58,22 @@ def add_engine_host_code(p: argparse.ArgumentParser) -> None:
         "only for engines you built or trust (a manifest's sha256 proves the file unchanged, not who wrote "
         "it)",
     )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM stops the command as Ctrl-C does (KeyboardInterrupt), so its cleanup runs: the
+    slide in progress is abandoned cleanly, an export's staging folder removed and the old files restored."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from virchow_rt.cli.common import Help, add_weights, csv
+from virchow_rt.cli.common import Help, add_weights, csv, sigterm_as_interrupt
 from virchow_rt.registry import VARIANTS
 
 
@@ -63,24 +63,25 @@ def run(args: argparse.Namespace) -> int:
     if args.exclude_lean_runtime and not (args.tensorrt and args.version_compatible):
         raise InputError("--exclude-lean-runtime needs --tensorrt --version-compatible")
 
-    manifest = export_model(
-        args.variant,
-        args.out,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        precisions=args.precision,
-        max_batch=args.max_batch,
-        outputs=args.outputs,
-        parity_tiles=args.parity_tiles,
-        tensorrt=args.tensorrt,
-        tensorrt_options={
-            "workspace_gib": args.workspace_gib,
-            "version_compatible": args.version_compatible,
-            "exclude_lean_runtime": args.exclude_lean_runtime,
-        },
-        progress=sys.stderr.isatty(),
-        overwrite=args.overwrite,
-    )
+    with sigterm_as_interrupt():  # a killed export rolls back (old files back, staging removed)
+        manifest = export_model(
+            args.variant,
+            args.out,
+            weights=args.weights,
+            random_weights=args.random_weights,
+            precisions=args.precision,
+            max_batch=args.max_batch,
+            outputs=args.outputs,
+            parity_tiles=args.parity_tiles,
+            tensorrt=args.tensorrt,
+            tensorrt_options={
+                "workspace_gib": args.workspace_gib,
+                "version_compatible": args.version_compatible,
+                "exclude_lean_runtime": args.exclude_lean_runtime,
+            },
+            progress=sys.stderr.isatty(),
+            overwrite=args.overwrite,
+        )
     for artifact in manifest.artifacts:
         print(f"{artifact.path}: {artifact.precision} {artifact.format}, parity {artifact.parity_summary}")
     print(f"manifest: {args.out}/manifest.json")

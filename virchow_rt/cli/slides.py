@@ -9,15 +9,13 @@ run's totals.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virchow_rt.cli.common import Help, add_backend, add_engine_host_code, csv_ints
+from virchow_rt.cli.common import Help, add_backend, add_engine_host_code, csv_ints, sigterm_as_interrupt
 from virchow_rt.slides.settings import SlideSettings
 
 #: argparse types of the settings' annotations (a bool is a switch)
@@ -138,7 +136,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             if args.ray:
                 summary = process_slides_ray(
                     args.slides,
@@ -169,21 +167,3 @@ def run_cli(args: argparse.Namespace) -> int:
         f"{totals['tiles_embedded']} tiles embedded{rate}; summary: {Path(args.out) / SUMMARY_NAME}"
     )
     return 1 if totals["failed"] else 0  # each failure was printed once, as it happened
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A scheduler's SIGTERM stops the run as Ctrl-C does: the slide in progress is abandoned cleanly."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -30,7 +30,16 @@ from virchow_rt.backends.torch_reference import TorchBackend
 from virchow_rt.compare import Comparison, compare
 from virchow_rt.contract import Artifact, EmbeddingLayout, Manifest, WeightsInfo
 from virchow_rt.errors import BackendError, InputError, ParityError
-from virchow_rt.export.merge import check_same_model, commit, merge, previous_export
+from virchow_rt.export.merge import (
+    RollbackFailed,
+    check_kept,
+    check_same_model,
+    check_targets,
+    commit,
+    locked_folder,
+    merge,
+    previous_export,
+)
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
@@ -314,24 +323,55 @@ def export_model(
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
+    if tensorrt:  # before any work: without TensorRT the ONNX would be rebuilt and no engine made from it
+        from virchow_rt.backends.tensorrt_module import import_tensorrt  # lazily: TensorRT is optional
+
+        import_tensorrt("tensorrt", "to build TensorRT engines (--tensorrt)")
     outputs = check_outputs(outputs)
     out_dir = check_output(out_dir, "--out", folder=True)  # before the model is built (seconds to minutes)
     stages = 3 + 2 * len(wanted) + int(tensorrt)  # build, reference, export+parity each, manifest, engine
-    previous = previous_export(out_dir, overwrite)  # an unreadable one is refused before the model is built
-    bar = _Progress(variant, stages, progress)
+    with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
+        previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
+        names = [artifact_name(variant, p) for p in wanted]
+        check_targets(out_dir, [*names, *(f"{n}.data" for n in names)])
+        if previous is not None:
+            check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
+        return _export_locked(
+            variant, out_dir, previous, weights, random_weights, wanted, max_batch, outputs, parity_tiles,
+            tensorrt, tensorrt_options, _Progress(variant, stages, progress),
+        )  # fmt: skip
+
+
+def _replaced(previous: Manifest, variant: Variant, wanted: Sequence[str], tensorrt: bool) -> list[str]:
+    """The files of ``previous`` this run makes again (its precisions' graphs; with ``tensorrt``, engines)."""
+    engines = [a.path for a in previous.select("tensorrt")] if tensorrt else []
+    return [*(artifact_name(variant, p) for p in wanted), *engines]
+
+
+def _export_locked(
+    variant: Variant,
+    out_dir: Path,
+    previous: Manifest | None,
+    weights: str | os.PathLike | None,
+    random_weights: bool,
+    wanted: tuple[str, ...],
+    max_batch: int | None,
+    outputs: tuple[str, ...],
+    parity_tiles: int,
+    tensorrt: bool,
+    tensorrt_options: Mapping[str, Any] | None,
+    bar: _Progress,
+) -> Manifest:
     try:
         bar.stage("build model")
         model, variant, weights_info = build_model(variant, weights, random_weights)
         bar.done()
         fresh = _manifest(variant, weights_info, max_batch, [])
         if previous is not None:
-            made = [artifact_name(variant, p) for p in wanted]
-            engines = [a.path for a in previous.select("tensorrt")] if tensorrt else []
             inputs, outs = io_spec(variant, outputs)
             io = {"opset": OPSET, "inputs": inputs, "outputs": outs}
-            check_same_model(previous, fresh, out_dir, [*made, *engines], io)
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad weights leave no empty folder behind
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+            check_same_model(previous, fresh, out_dir, _replaced(previous, variant, wanted, tensorrt), io)
+        staging, keep = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir)), False
         try:
             artifacts = _make_artifacts(
                 model, variant, weights_info, wanted, outputs, parity_tiles, staging, bar
@@ -339,10 +379,14 @@ def export_model(
             del model  # a ViT-H/G holds GBs: free it before the TensorRT build
             bar.stage("manifest")
             made_now = dataclasses.replace(fresh, artifacts=tuple(artifacts))
-            manifest = merge(previous, made_now, keep_batch=max_batch is None)
+            manifest = merge(previous, made_now, keep_batch=max_batch is None, engines_rebuilt=tensorrt)
             commit(staging, out_dir, artifacts, manifest)
+        except RollbackFailed:
+            keep = True  # it holds the only copies of the old files, named in the error
+            raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(staging, ignore_errors=True)
         bar.done()
         if not tensorrt:
             _warn_unlisted(out_dir, manifest)
