@@ -211,3 +211,42 @@ def test_a_full_disk_stops_with_one_line_and_keeps_finished_slides(
         process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
     assert check_complete(out / "s0.h5", {}) is None and not (out / "s1.h5").exists()
     assert not list(out.glob(".*"))  # its temporary file and lock are gone
+
+
+# Written from the mutants mutmut left alive in virchow_rt/slides/locks.py (docs/TESTING.md).
+
+
+def test_a_lock_set_aside_by_mistake_is_put_back_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = locks.lock_path(tmp_path / "a.h5")
+    aside = path.with_name(f"{path.name}.stale-1")
+    aside.write_text('{"token": "t1"}')
+
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # some network filesystems
+    assert locks._put_back(aside, path) is True
+    assert locks.Holder.read(path).token == "t1" and not aside.exists()
+    aside.write_text('{"token": "t0"}')  # a lock there by now is never replaced: the aside file stays
+    assert locks._put_back(aside, path) is False
+    assert locks.Holder.read(path).token == "t1" and locks.Holder.read(aside).token == "t0"
+
+
+def test_lease_left_of_a_lock_without_its_own_lease_counts_down_the_lease_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "a.h5"
+    path = locks.lock_path(out)
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "run": "old"}))  # older version
+    now = path.stat().st_mtime + 49.5
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert locks.lease_left(out, lease_s=50) == pytest.approx(0.5)  # not rounded up to a second
+    assert locks.lease_left(out, lease_s=49) == 0.0
+
+
+def test_durations_in_messages_switch_to_hours_at_one_hour() -> None:
+    assert locks._duration(3599.4) == "3599 s"
+    assert locks._duration(3600) == "1.0 h"
+    assert locks._duration(300 * 3600) == "300.0 h"
