@@ -226,12 +226,40 @@ def test_a_lock_set_aside_by_mistake_is_put_back_where_hard_links_are_refused(
     def no_links(*args: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
+    aside.write_text('{"token": "t0"}')
+    path.write_text('{"token": "t1"}')  # a new lock there: the aside file is kept, the lock left alone
+    assert locks._put_back(aside, path) is False
+    assert locks.Holder.read(path).token == "t1" and locks.Holder.read(aside).token == "t0"
+    path.unlink()
+    aside.write_text('{"token": "t1"}')
     monkeypatch.setattr(os, "link", no_links)  # some network filesystems
     assert locks._put_back(aside, path) is True
     assert locks.Holder.read(path).token == "t1" and not aside.exists()
     aside.write_text('{"token": "t0"}')  # a lock there by now is never replaced: the aside file stays
     assert locks._put_back(aside, path) is False
     assert locks.Holder.read(path).token == "t1" and locks.Holder.read(aside).token == "t0"
+    aside.unlink()  # judged stale and removed meanwhile: nothing to put back
+    assert locks._put_back(aside, path) is False
+
+
+def test_a_lost_lease_says_who_has_the_slide_now_or_that_it_was_released(tmp_path: Path) -> None:
+    out = tmp_path / "a.h5"
+    path = locks.lock_path(out)
+    lease, _ = locks.acquire(out, print)
+    try:
+        path.write_text(json.dumps({"host": "node-17", "pid": 7, "started": 0.0, "token": "other"}))
+        with pytest.raises(locks.LeaseLost) as caught:
+            lease.check()
+        assert str(caught.value) == (
+            "lost its lock on a.h5 to another run (now host node-17, pid 7, since ?): this run was stopped, "
+            f"or could not renew its lock, past its {locks.DEFAULT_LEASE_S:g} s lease; the slide is left to "
+            "that run"
+        )
+        path.unlink()
+        with pytest.raises(locks.LeaseLost, match=r"to another run \(since released\): this run was stopped"):
+            lease.raise_if_lost()
+    finally:
+        lease.release()
 
 
 def test_lease_left_of_a_lock_without_its_own_lease_counts_down_the_lease_given(
