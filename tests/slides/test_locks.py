@@ -278,3 +278,28 @@ def test_durations_in_messages_switch_to_hours_at_one_hour() -> None:
     assert locks._duration(3599.4) == "3599 s"
     assert locks._duration(3600) == "1.0 h"
     assert locks._duration(300 * 3600) == "300.0 h"
+
+
+def test_a_live_holder_on_this_machine_is_asked_not_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "a.h5"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        taken, _ = locks.acquire(out, print)
+        assert taken is not None
+        record = {**json.loads(locks.lock_path(out).read_text()), "pid": child.pid, "token": "child"}
+        taken.release()
+        locks.lock_path(out).write_text(json.dumps(record))
+        again, holder = locks.acquire(out, print)  # its process is alive: left to it
+        assert again is None and holder is not None and holder.pid == child.pid
+        assert child.poll() is None  # and still alive: asked with signal 0, nothing sent
+    finally:
+        child.communicate(b"")
+    assert child.returncode == 0
+
+    def not_ours(pid: int, sig: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)  # another user's process: it exists
+    assert locks._alive(child.pid) is True
