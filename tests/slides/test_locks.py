@@ -303,3 +303,52 @@ def test_a_live_holder_on_this_machine_is_asked_not_signalled(
 
     monkeypatch.setattr(os, "kill", not_ours)  # another user's process: it exists
     assert locks._alive(child.pid) is True
+
+
+def test_holders_describe_themselves_with_the_local_start_time() -> None:
+    started = 1_700_000_000.0
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    assert locks.Holder(host="h", pid=5, started=started).describe() == f"host h, pid 5, since {when}"
+    assert locks.Holder().describe() == "host ?, pid ?, since ?"
+
+
+def _stale(path: Path, token: str, **record: object) -> None:
+    """A lock of another host at ``path``, not renewed for a day (``record`` overrides its fields)."""
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": token, **record}))
+    old = time.time() - 86400
+    os.utime(path, (old, old))
+
+
+def test_only_the_very_lock_judged_stale_is_taken_aside(tmp_path: Path) -> None:
+    path = locks.lock_path(tmp_path / "a.h5")
+    assert locks._take_aside(path, locks.Holder(), 300) is False  # released meanwhile: nothing taken
+    _stale(path, "b", lease_s=300)  # stale too, but another run's lock than the one judged
+    assert locks._take_aside(path, locks.Holder(token="a"), 300) is False
+    assert locks.Holder.read(path).token == "b" and not list(tmp_path.glob("*.stale-*"))  # put back
+    assert locks._take_aside(path, locks.Holder.read(path), 300) is True and not path.exists()
+
+
+def test_leftovers_of_set_aside_locks_are_judged_by_the_lease_given_and_spare_the_current_holder(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "a.h5"
+    lock = locks.lock_path(out)
+    lock.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": "t"}))  # live
+    _stale(lock.with_name(f"{lock.name}.stale-1"), "t")  # a copy of the live lock, older version
+    _stale(lock.with_name(f"{lock.name}.stale-2"), "u")  # a gone holder's, older version (no lease_s)
+    for token in "tu":
+        locks.partial_path(out, token).write_bytes(b"half")
+    removed, kept = locks.clear_stale_locks(tmp_path, lease_s=300)
+    assert [p.name for p, _ in kept] == [".a.h5.lock"]
+    assert sorted(p.name for p, _, _ in removed) == [
+        ".a.h5.lock.stale-1",
+        ".a.h5.lock.stale-2",
+        ".a.h5.u.partial",
+    ]
+    assert locks.partial_path(out, "t").exists()  # never the file of the lock's holder now
+
+
+def test_locked_outputs_are_read_from_lock_names_only(tmp_path: Path) -> None:
+    for name in ("..lock", ".x.h5.lockfoo", ".my.lock.h5.lock", ".a.h5.lock.stale-1", ".b.h5.lock.release-2"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in locks._locked_outputs(tmp_path)] == ["a.h5", "b.h5", "my.lock.h5"]
