@@ -1,0 +1,61 @@
+"""The tile grid's small rules, one by one: written from the mutants ``mutmut`` left alive in
+``virchow_rt/slides/grid.py`` (README: Tests). The grid on real slides is in ``test_tissue_grid.py`` and
+``test_trident_grid.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from virchow_rt.errors import InputError
+from virchow_rt.slides import grid
+from virchow_rt.slides.grid import BLACK, WHITE, TileGrid, TilePlan
+
+
+def test_magnification_to_mpp_takes_any_positive_magnification():
+    assert grid.magnification_to_mpp(1) == 10.0 and grid.magnification_to_mpp(0.5) == 20.0
+    for bad in (0, -5):
+        with pytest.raises(InputError, match=rf"^magnification {bad} must be positive, e\.g\. 5, 10, 20"):
+            grid.magnification_to_mpp(bad)
+
+
+def test_a_resized_plan_keeps_its_tiles_and_what_is_read_outside_the_slide():
+    plan = TilePlan(np.array([[0, 0], [448, 0]]), np.array([448, 448]), np.array([1, 1]), 224, fill=BLACK)
+    resized = plan.resized(256.0)
+    assert (resized.out_size, resized.fill) == (256, BLACK) and isinstance(resized.out_size, int)
+    assert resized.coords is plan.coords and resized.size0 is plan.size0 and resized.level is plan.level
+    assert TilePlan(plan.coords, plan.size0, plan.level, 224).fill == WHITE  # the default
+
+
+def _grid(**kw) -> TileGrid:
+    plan = TilePlan(np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 224)
+    fields = dict(plan=plan, mpp=0.5, tile_size=224, patch_size_level0=448, slide_mpp=0.25,
+                  tissue=np.zeros(0), mask=None, level0_magnification=40,
+                  target_magnification=20)  # fmt: skip
+    return TileGrid(**{**fields, **kw})
+
+
+def test_coords_attrs_are_tridents_names():
+    assert _grid().coords_attrs() == {
+        "patch_size": 224, "patch_size_level0": 448, "level0_magnification": 40, "target_magnification": 20,
+        "overlap": 0,
+    }  # fmt: skip
+    clam = _grid(patch_size=256, overlap=16, legacy={"patch_level": 0})
+    assert clam.coords_attrs() == {
+        "patch_size": 256, "patch_size_level0": 448, "level0_magnification": 40, "target_magnification": 20,
+        "overlap": 16, "patch_level": 0,
+    }  # fmt: skip
+
+
+def test_nominal_magnification_is_an_integer_within_two_percent():
+    for mpp, mag in ((0.5, 20), (0.502, 20), (0.25, 40), (1.0, 10)):
+        got = grid.nominal_magnification(mpp)
+        assert got == mag and type(got) is int, (mpp, got)  # written to coords attrs as TRIDENT's integers
+    assert grid.nominal_magnification(0.8) == 12.5 and grid.nominal_magnification(1.6) == 6.25  # 2% off
+
+
+def test_grid_names_say_the_rule_and_edge_tiles_only_when_asked():
+    assert grid.grid_name("magnification") == "magnification-bands" and grid.grid_name("mpp") == "mpp"
+    assert grid.grid_name("mpp", edge_tiles=True) == "mpp+edge-tiles"
+    assert grid.grid_name("magnification", True) == "magnification-bands+edge-tiles"
