@@ -52,10 +52,22 @@ def test_nominal_magnification_is_an_integer_within_two_percent():
     for mpp, mag in ((0.5, 20), (0.502, 20), (0.25, 40), (1.0, 10)):
         got = grid.nominal_magnification(mpp)
         assert got == mag and type(got) is int, (mpp, got)  # written to coords attrs as TRIDENT's integers
-    assert grid.nominal_magnification(0.8) == 12.5 and grid.nominal_magnification(1.6) == 6.25  # 2% off
+    assert grid.nominal_magnification(0.8) == 12.5 and grid.nominal_magnification(3.0) == 3.333  # 2% off
 
 
 def test_grid_names_say_the_rule_and_edge_tiles_only_when_asked():
     assert grid.grid_name("magnification") == "magnification-bands" and grid.grid_name("mpp") == "mpp"
     assert grid.grid_name("mpp", edge_tiles=True) == "mpp+edge-tiles"
     assert grid.grid_name("magnification", True) == "magnification-bands+edge-tiles"
+
+
+def test_grid_coords_keep_full_squares_or_with_edge_tiles_every_square_that_starts_inside():
+    np.testing.assert_array_equal(grid.grid_coords(896, 448, 448), [[0, 0], [448, 0]])
+    np.testing.assert_array_equal(grid.grid_coords(895, 448, 448), [[0, 0]])
+    np.testing.assert_array_equal(grid.grid_coords(449, 448, 448), [[0, 0]])
+    np.testing.assert_array_equal(  # TRIDENT's: a square that starts on the last column still counts
+        grid.grid_coords(449, 449, 448, past_edge=True), [[0, 0], [448, 0], [0, 448], [448, 448]]
+    )
+    np.testing.assert_array_equal(grid.grid_coords(448, 448, 448, past_edge=True), [[0, 0]])
+    none = grid.grid_coords(447, 448, 448)
+    assert none.shape == (0, 2) and none.dtype == np.int64
