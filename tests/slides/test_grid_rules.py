@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,12 @@ def test_grid_coords_keep_full_squares_or_with_edge_tiles_every_square_that_star
     np.testing.assert_array_equal(grid.grid_coords(448, 448, 448, past_edge=True), [[0, 0]])
     none = grid.grid_coords(447, 448, 448)
     assert none.shape == (0, 2) and none.dtype == np.int64
+    np.testing.assert_array_equal(grid.grid_coords(448, 895, 448), [[0, 0]])  # rows as columns
+
+
+def test_the_default_rule_is_tridents_magnification_bands():
+    scan = SimpleNamespace(mpp=0.2527, name="scan")  # 40x band: 39.57 exactly
+    assert grid.grid_magnifications(scan, 0.5) == (40, 20)
+    assert grid.grid_magnifications(scan, 0.5, "mpp") == pytest.approx((10 / 0.2527, 20.0))
+    assert grid.patch_size_level0(scan, 0.5, 224) == 224 * 40 // 20
+    assert grid.patch_size_level0(scan, 0.5, 224, "mpp") == round(224 * 0.5 / 0.2527)
