@@ -82,3 +82,5 @@ def test_the_default_rule_is_tridents_magnification_bands():
     assert grid.grid_magnifications(scan, 0.5, "mpp") == pytest.approx((10 / 0.2527, 20.0))
     assert grid.patch_size_level0(scan, 0.5, 224) == 224 * 40 // 20
     assert grid.patch_size_level0(scan, 0.5, 224, "mpp") == round(224 * 0.5 / 0.2527)
+    with pytest.raises(InputError, match="unknown grid rule 'bands'; use one of: magnification, mpp"):
+        grid.patch_size_level0(scan, 0.5, 224, "bands")

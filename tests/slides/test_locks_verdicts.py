@@ -88,3 +88,15 @@ def test_a_lock_whose_age_cannot_be_read_is_left_alone(
     assert locks._verdict(path, 300.0) == (Holder.read(path), None)  # nothing can be judged now
     error[0] = FileNotFoundError(errno.ENOENT, "gone")
     assert locks._verdict(path, 300.0) is None  # released meanwhile
+
+
+def test_a_lease_once_lost_stays_lost_even_if_its_file_reads_as_its_own_again(tmp_path: Path) -> None:
+    lease, _ = locks.acquire(tmp_path / "a.h5", print)
+    assert lease is not None
+    try:
+        lease.check()  # ours
+        lease._lost.set()  # as the renewal thread does on finding another run's lock
+        with pytest.raises(locks.LeaseLost, match="lost its lock on a.h5"):
+            lease.check()  # a put-back copy of it may read as ours: the slide was still taken over
+    finally:
+        lease.release()
