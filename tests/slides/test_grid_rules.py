@@ -84,3 +84,14 @@ def test_the_default_rule_is_tridents_magnification_bands():
     assert grid.patch_size_level0(scan, 0.5, 224, "mpp") == round(224 * 0.5 / 0.2527)
     with pytest.raises(InputError, match="unknown grid rule 'bands'; use one of: magnification, mpp"):
         grid.patch_size_level0(scan, 0.5, 224, "bands")
+
+
+def test_tile_grid_masks_tissue_with_the_settings_given(make_slide):
+    from virchow_rt.slides import open_slide, tile_grid
+    from virchow_rt.slides.mask import MaskConfig
+
+    strict = MaskConfig(min_threshold=0.9, max_threshold=0.95)  # nothing on this slide is that saturated
+    with open_slide(make_slide().path) as slide:
+        default, masked = tile_grid(slide), tile_grid(slide, mask_config=strict)
+    assert default.mask.threshold < 0.9 <= masked.mask.threshold
+    assert len(default.coords) > 0 and len(masked.coords) == 0

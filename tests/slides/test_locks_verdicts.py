@@ -100,3 +100,10 @@ def test_a_lease_once_lost_stays_lost_even_if_its_file_reads_as_its_own_again(tm
             lease.check()  # a put-back copy of it may read as ours: the slide was still taken over
     finally:
         lease.release()
+
+
+def test_a_lock_taken_without_a_takeover_replaced_nobody(tmp_path: Path) -> None:
+    lease, _ = locks.acquire(tmp_path / "a.h5", print)
+    assert lease is not None
+    lease.release()
+    assert lease.replaced is None and lease.replaced_gone is False
