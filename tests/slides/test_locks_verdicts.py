@@ -63,6 +63,9 @@ def test_a_lock_that_cannot_be_read_is_judged_by_its_age_alone(
 
     monkeypatch.setattr(Holder, "parse", classmethod(eio))
     assert locks._verdict(path, 300.0) == (Holder(), None)  # not renewed for 0 s: may be alive
+    mtime = path.stat().st_mtime
+    monkeypatch.setattr(time, "time", lambda: mtime + 300)
+    assert locks._verdict(path, 300.0) == (Holder(), None)  # stale only past its lease
     now = path.stat().st_mtime + 301
     monkeypatch.setattr(time, "time", lambda: now)
     holder, (why, gone) = locks._verdict(path, 300.0)  # type: ignore[misc]
@@ -107,3 +110,19 @@ def test_a_lock_taken_without_a_takeover_replaced_nobody(tmp_path: Path) -> None
     assert lease is not None
     lease.release()
     assert lease.replaced is None and lease.replaced_gone is False
+
+
+def test_taking_over_removes_set_aside_locks_of_older_versions_judged_by_the_lease_given(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "a.h5"
+    lock = locks.lock_path(out)
+    old = time.time() - 86400
+    for path, token in ((lock, "a"), (lock.with_name(f"{lock.name}.stale-1"), "b")):  # no lease_s: older
+        path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": token}))
+        os.utime(path, (old, old))
+    warned: list[str] = []
+    lease, _ = locks.acquire(out, warned.append, lease_s=300)
+    assert lease is not None
+    lease.release()
+    assert ".a.h5.lock.stale-1" in warned[-1] and not list(tmp_path.glob(".*"))
