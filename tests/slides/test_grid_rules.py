@@ -95,3 +95,43 @@ def test_tile_grid_masks_tissue_with_the_settings_given(make_slide):
         default, masked = tile_grid(slide), tile_grid(slide, mask_config=strict)
     assert default.mask.threshold < 0.9 <= masked.mask.threshold
     assert len(default.coords) > 0 and len(masked.coords) == 0
+
+
+def test_scan_bands_are_tridents_half_open_intervals():
+    assert [grid.level0_magnification(m) for m in (0.2, 0.2999, 0.3, 0.5999, 0.6, 1.2)] == [
+        40,
+        40,
+        20,
+        20,
+        10,
+        5,
+    ]
+    assert grid.level0_magnification(2.5) == 4  # coarser than TRIDENT's bands: its nominal magnification
+
+
+def test_a_tile_of_one_level0_pixel_is_allowed_and_none_is_refused():
+    scan = SimpleNamespace(mpp=0.25, name="scan")
+    assert grid.patch_size_level0(scan, 0.25 / 8, 8, "mpp") == 1
+    with pytest.raises(InputError, match=r"a 8-px tile at 0.01 µm/px is smaller than one pixel of scan"):
+        grid.patch_size_level0(scan, 0.01, 8, "mpp")
+
+
+def test_plan_tiles_reads_each_tile_at_the_level_given():
+    plan = grid.plan_tiles(SimpleNamespace(mpp=0.25), [(0, 0), (448, 0)], 448, 224, level=1, fill=BLACK)
+    assert (plan.out_size, plan.fill, len(plan)) == (224, BLACK, 2)
+    np.testing.assert_array_equal(plan.size0, [448, 448])
+    np.testing.assert_array_equal(plan.level, [1, 1])
+    assert plan.coords.dtype == plan.size0.dtype == plan.level.dtype == np.int64
+
+
+def test_a_tile_with_exactly_the_minimum_tissue_is_kept(make_slide):
+    from virchow_rt.slides import open_slide, tile_grid
+    from virchow_rt.slides.mask import TissueMask
+
+    with open_slide(make_slide().path) as slide:
+        width, height = slide.dimensions
+        pixels = np.zeros((height // 16, width // 16), bool)  # 16 level-0 px a mask pixel: 14 a tile
+        pixels[:14, :7] = True  # the first tile: its left half
+        result = tile_grid(slide, mask=TissueMask(pixels, 16.0, 0.05), min_tissue=0.5)
+    np.testing.assert_array_equal(result.coords, [[0, 0]])
+    assert result.tissue.tolist() == [0.5]
