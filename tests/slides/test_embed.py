@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -134,26 +134,42 @@ def test_complete_groups_drops_groups_with_a_missing_member():
 def test_reader_threads_run_ahead_with_bounded_memory(make_slide, monkeypatch):
     synth = make_slide()
     calls = []
-    real = tiles_module.read_tile
+    jobs: list[futures.Future] = []  # every read job the reader submitted, in order
+    real_read, real_threads = tiles_module.read_tile, tiles_module.TileReader._threads
 
     def counting(*args):
         calls.append(args[1:3])
-        return real(*args)
+        return real_read(*args)
+
+    def recording(self, *args):
+        submit, close, again = real_threads(self, *args)
+
+        def submit_and_keep(rows):
+            jobs.append(submit(rows))
+            return jobs[-1]
+
+        return submit_and_keep, close, again
 
     monkeypatch.setattr(tiles_module, "PROCESSES_BY_DEFAULT", False)  # patched in this process only
     monkeypatch.setattr(tiles_module, "read_tile", counting)
+    monkeypatch.setattr(tiles_module.TileReader, "_threads", recording)
     with open_slide(synth.path) as slide:
         grid = tile_grid(slide)
         assert len(grid.coords) > 8
         reader = tiles_module.TileReader(slide, workers=2, prefetch_batches=1)
         batches = reader.batches(grid.plan, batch_size=2)
         first = next(batches)
-        time.sleep(0.3)  # the model would be busy here: the workers read ahead meanwhile
+        # The model would be busy here: the workers read ahead meanwhile. Jobs are submitted only by the
+        # generator, now suspended, so the jobs it submitted so far are all it may read until the next
+        # batch is asked for: wait until the workers have done them, then count what they read.
+        _, unfinished = futures.wait(jobs, timeout=60)
+        assert not unfinished, f"{len(unfinished)} read jobs still running after 60 s"
         ahead = len(calls)
         batches.close()  # stops the pool
     assert len(first) == 2
-    # window = max(prefetch·batch, 2·workers·chunk) = 4 tiles in flight beyond the 2 handed out
-    assert 3 <= ahead <= 2 + 4, ahead
+    # window = max(prefetch·batch, 2·workers·chunk) = 4 tiles in flight beyond the 2 handed out: all read
+    # while the model works on the first batch (run-ahead), and not one more (bounded memory)
+    assert ahead == 2 + 4, ahead
 
 
 def test_threads_and_processes_read_the_same_tiles(make_slide):

@@ -212,3 +212,144 @@ def test_a_full_disk_stops_with_one_line_and_keeps_finished_slides(
         process_slides(slides, FakeBackend(), out, settings(), log=lambda s: None)
     assert check_complete(out / "s0.h5", {}) is None and not (out / "s1.h5").exists()
     assert not list(out.glob(".*"))  # its temporary file and lock are gone
+
+
+# Written from the mutants mutmut left alive in virchow_rt/slides/locks.py (docs/TESTING.md).
+
+
+def test_a_lock_set_aside_by_mistake_is_put_back_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = locks.lock_path(tmp_path / "a.h5")
+    aside = path.with_name(f"{path.name}.stale-1")
+    aside.write_text('{"token": "t1"}')
+
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    aside.write_text('{"token": "t0"}')
+    path.write_text('{"token": "t1"}')  # a new lock there: the aside file is kept, the lock left alone
+    assert locks._put_back(aside, path) is False
+    assert locks.Holder.read(path).token == "t1" and locks.Holder.read(aside).token == "t0"
+    path.unlink()
+    aside.write_text('{"token": "t1"}')
+    monkeypatch.setattr(os, "link", no_links)  # some network filesystems
+    assert locks._put_back(aside, path) is True
+    assert locks.Holder.read(path).token == "t1" and not aside.exists()
+    aside.write_text('{"token": "t0"}')  # a lock there by now is never replaced: the aside file stays
+    assert locks._put_back(aside, path) is False
+    assert locks.Holder.read(path).token == "t1" and locks.Holder.read(aside).token == "t0"
+    aside.unlink()  # judged stale and removed meanwhile: nothing to put back
+    assert locks._put_back(aside, path) is False
+
+
+def test_a_lost_lease_says_who_has_the_slide_now_or_that_it_was_released(tmp_path: Path) -> None:
+    out = tmp_path / "a.h5"
+    path = locks.lock_path(out)
+    lease, _ = locks.acquire(out, print)
+    try:
+        path.write_text(json.dumps({"host": "node-17", "pid": 7, "started": 0.0, "token": "other"}))
+        with pytest.raises(locks.LeaseLost) as caught:
+            lease.check()
+        assert str(caught.value) == (
+            "lost its lock on a.h5 to another run (now host node-17, pid 7, since ?): this run was stopped, "
+            f"or could not renew its lock, past its {locks.DEFAULT_LEASE_S:g} s lease; the slide is left to "
+            "that run"
+        )
+        path.unlink()
+        with pytest.raises(locks.LeaseLost, match=r"to another run \(since released\): this run was stopped"):
+            lease.raise_if_lost()
+    finally:
+        lease.release()
+
+
+def test_lease_left_of_a_lock_without_its_own_lease_counts_down_the_lease_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "a.h5"
+    path = locks.lock_path(out)
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "run": "old"}))  # older version
+    now = path.stat().st_mtime + 49.5
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert locks.lease_left(out, lease_s=50) == pytest.approx(0.5)  # not rounded up to a second
+    assert locks.lease_left(out, lease_s=49) == 0.0
+
+
+def test_durations_in_messages_switch_to_hours_at_one_hour() -> None:
+    assert locks._duration(3599.4) == "3599 s"
+    assert locks._duration(3600) == "1.0 h"
+    assert locks._duration(300 * 3600) == "300.0 h"
+
+
+def test_a_live_holder_on_this_machine_is_asked_not_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "a.h5"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        taken, _ = locks.acquire(out, print)
+        assert taken is not None
+        record = {**json.loads(locks.lock_path(out).read_text()), "pid": child.pid, "token": "child"}
+        taken.release()
+        locks.lock_path(out).write_text(json.dumps(record))
+        again, holder = locks.acquire(out, print)  # its process is alive: left to it
+        assert again is None and holder is not None and holder.pid == child.pid
+        assert child.poll() is None  # and still alive: asked with signal 0, nothing sent
+    finally:
+        child.communicate(b"")
+    assert child.returncode == 0
+
+    def not_ours(pid: int, sig: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_ours)  # another user's process: it exists
+    assert locks._alive(child.pid) is True
+
+
+def test_holders_describe_themselves_with_the_local_start_time() -> None:
+    started = 1_700_000_000.0
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    assert locks.Holder(host="h", pid=5, started=started).describe() == f"host h, pid 5, since {when}"
+    assert locks.Holder().describe() == "host ?, pid ?, since ?"
+
+
+def _stale(path: Path, token: str, **record: object) -> None:
+    """A lock of another host at ``path``, not renewed for a day (``record`` overrides its fields)."""
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": token, **record}))
+    old = time.time() - 86400
+    os.utime(path, (old, old))
+
+
+def test_only_the_very_lock_judged_stale_is_taken_aside(tmp_path: Path) -> None:
+    path = locks.lock_path(tmp_path / "a.h5")
+    assert locks._take_aside(path, locks.Holder(), 300) is False  # released meanwhile: nothing taken
+    _stale(path, "b", lease_s=300)  # stale too, but another run's lock than the one judged
+    assert locks._take_aside(path, locks.Holder(token="a"), 300) is False
+    assert locks.Holder.read(path).token == "b" and not list(tmp_path.glob("*.stale-*"))  # put back
+    assert locks._take_aside(path, locks.Holder.read(path), 300) is True and not path.exists()
+
+
+def test_leftovers_of_set_aside_locks_are_judged_by_the_lease_given_and_spare_the_current_holder(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "a.h5"
+    lock = locks.lock_path(out)
+    lock.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": "t"}))  # live
+    _stale(lock.with_name(f"{lock.name}.stale-1"), "t")  # a copy of the live lock, older version
+    _stale(lock.with_name(f"{lock.name}.stale-2"), "u")  # a gone holder's, older version (no lease_s)
+    for token in "tu":
+        locks.partial_path(out, token).write_bytes(b"half")
+    removed, kept = locks.clear_stale_locks(tmp_path, lease_s=300)
+    assert [p.name for p, _ in kept] == [".a.h5.lock"]
+    assert sorted(p.name for p, _, _ in removed) == [
+        ".a.h5.lock.stale-1",
+        ".a.h5.lock.stale-2",
+        ".a.h5.u.partial",
+    ]
+    assert locks.partial_path(out, "t").exists()  # never the file of the lock's holder now
+
+
+def test_locked_outputs_are_read_from_lock_names_only(tmp_path: Path) -> None:
+    for name in ("..lock", ".x.h5.lockfoo", ".my.lock.h5.lock", ".a.h5.lock.stale-1", ".b.h5.lock.release-2"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in locks._locked_outputs(tmp_path)] == ["a.h5", "b.h5", "my.lock.h5"]
