@@ -332,24 +332,37 @@ def test_only_the_very_lock_judged_stale_is_taken_aside(tmp_path: Path) -> None:
 def test_leftovers_of_set_aside_locks_are_judged_by_the_lease_given_and_spare_the_current_holder(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "a.h5"
+    out, one, two = tmp_path / "a.h5", "1" * 32, "2" * 32  # set-aside names end in a 32-hex token
+    (tmp_path / "run_config.json").write_text("{}")  # an --out of virchow-rt slides
     lock = locks.lock_path(out)
     lock.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": "t"}))  # live
-    _stale(lock.with_name(f"{lock.name}.stale-1"), "t")  # a copy of the live lock, older version
-    _stale(lock.with_name(f"{lock.name}.stale-2"), "u")  # a gone holder's, older version (no lease_s)
+    _stale(lock.with_name(f"{lock.name}.stale-{one}"), "t")  # a copy of the live lock, older version
+    _stale(lock.with_name(f"{lock.name}.stale-{two}"), "u")  # a gone holder's, older version (no lease_s)
     for token in "tu":
         locks.partial_path(out, token).write_bytes(b"half")
     removed, kept = locks.clear_stale_locks(tmp_path, lease_s=300)
     assert [p.name for p, _ in kept] == [".a.h5.lock"]
     assert sorted(p.name for p, _, _ in removed) == [
-        ".a.h5.lock.stale-1",
-        ".a.h5.lock.stale-2",
+        f".a.h5.lock.stale-{one}",
+        f".a.h5.lock.stale-{two}",
         ".a.h5.u.partial",
     ]
     assert locks.partial_path(out, "t").exists()  # never the file of the lock's holder now
 
 
 def test_locked_outputs_are_read_from_lock_names_only(tmp_path: Path) -> None:
-    for name in ("..lock", ".x.h5.lockfoo", ".my.lock.h5.lock", ".a.h5.lock.stale-1", ".b.h5.lock.release-2"):
+    token = "0123456789abcdef" * 2
+    names = ("..lock", ".x.h5.lockfoo", ".my.lock.h5.lock", f".a.h5.lock.stale-{token}",
+             f".b.h5.lock.release-{token}", ".c.h5.lock.stale-1", ".sub")  # fmt: skip
+    for name in names:
         (tmp_path / name).write_text("{}")
-    assert [p.name for p in locks._locked_outputs(tmp_path)] == ["a.h5", "b.h5", "my.lock.h5"]
+    (tmp_path / "caseA").mkdir()
+    (tmp_path / "caseA" / ".d.h5.lock").write_text("{}")
+    assert [p.name for p in locks._locked_outputs(tmp_path, False)] == ["a.h5", "b.h5", "my.lock.h5"]
+    mirrored = locks._locked_outputs(tmp_path, True)
+    assert [p.relative_to(tmp_path).as_posix() for p in mirrored] == [
+        "a.h5",
+        "b.h5",
+        "caseA/d.h5",
+        "my.lock.h5",
+    ]

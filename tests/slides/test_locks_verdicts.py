@@ -118,11 +118,12 @@ def test_taking_over_removes_set_aside_locks_of_older_versions_judged_by_the_lea
     out = tmp_path / "a.h5"
     lock = locks.lock_path(out)
     old = time.time() - 86400
-    for path, token in ((lock, "a"), (lock.with_name(f"{lock.name}.stale-1"), "b")):  # no lease_s: older
+    aside = lock.with_name(f"{lock.name}.stale-{'1' * 32}")
+    for path, token in ((lock, "a"), (aside, "b")):  # no lease_s: an older version's
         path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0.0, "token": token}))
         os.utime(path, (old, old))
     warned: list[str] = []
     lease, _ = locks.acquire(out, warned.append, lease_s=300)
     assert lease is not None
     lease.release()
-    assert ".a.h5.lock.stale-1" in warned[-1] and not list(tmp_path.glob(".*"))
+    assert aside.name in warned[-1] and not list(tmp_path.glob(".*"))
