@@ -29,15 +29,22 @@ from virchow_rt.slides.writer import check_complete, read_features
 HERE = Path(__file__).parent
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
+    from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     from slide_helpers import FakeBackend
     from virchow_rt.cli.main import build_parser
     from virchow_rt.cli.slides import run_cli
 
+    out, hold = Path(sys.argv[2]), os.environ.get("HOLD_AT")
+
     class Slow(FakeBackend):  # a batch takes 50 ms: a signal lands in the middle of a slide
         def run(self, tiles):
             time.sleep(0.05)
+            if hold and next(out.glob(f".{hold}.h5.*.partial"), None):  # in slide `hold`: wait for a signal
+                (out.parent / "held").touch()
+                while True:
+                    time.sleep(0.01)
             return super().run(tiles)
 
     args = build_parser().parse_args(["slides", *sys.argv[3:], "--model", "fake", "--out", sys.argv[2],
@@ -53,17 +60,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def start(out: Path, slides: list[Path]) -> subprocess.Popen[str]:
+def start(out: Path, slides: list[Path], hold_at: str = "") -> subprocess.Popen[str]:
+    """The slides CLI in a process, its model slowed; with ``hold_at`` it stops in that slide's first batch
+    (its temporary file made, the slides before it finished) and touches ``<out>/../held``."""
     cmd = [sys.executable, "-c", SCRIPT, str(HERE), str(out), *map(str, slides)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "HOLD_AT": hold_at}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def wait_for_partial(run: subprocess.Popen[str], out: Path, names: list[str]) -> None:
-    """Wait until the temporary file of one of the slides ``names`` appears (the run is mid-slide)."""
+def wait_until_held(run: subprocess.Popen[str], out: Path) -> None:
+    """Wait until the run holds in the slide ``start`` was told to hold at."""
     deadline = time.monotonic() + 120
-    while not any(next(out.glob(f".{name}.h5.*.partial"), None) for name in names):
-        assert run.poll() is None, f"the run ended before {names} began: {run.communicate()[0]}"
-        assert time.monotonic() < deadline, f"timed out waiting for the temporary file of {names}"
+    while not (out.parent / "held").exists():
+        assert run.poll() is None, f"the run ended before it held: {run.communicate()[0]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run to hold"
         time.sleep(0.005)
 
 
@@ -162,8 +172,8 @@ def test_sigkill_at_any_moment_then_a_resume_equals_an_uninterrupted_run(
     want = tmp_path / "uninterrupted"
     process_slides(slides, FakeBackend(), want, settings(), log=lambda s: None)
     out = tmp_path / "out"
-    run = start(out, slides)
-    wait_for_partial(run, out, [slide])  # in the middle of that slide, the ones before it finished
+    run = start(out, slides, hold_at=slide)
+    wait_until_held(run, out)  # in the middle of that slide, the ones before it finished
     run.kill()
     run.wait()
     assert next(out.glob(f".{slide}.h5.*.partial"), None) and locks.lock_path(out / f"{slide}.h5").exists()
@@ -177,8 +187,8 @@ def test_sigkill_at_any_moment_then_a_resume_equals_an_uninterrupted_run(
 
 def test_sigterm_stops_cleanly_and_says_how_to_resume(slides: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = start(out, slides)
-    wait_for_partial(run, out, ["s0", "s1"])  # the handler is in place; s2 at least is not done
+    run = start(out, slides, hold_at="s1")
+    wait_until_held(run, out)  # the handler is in place; s1 is in the model, s2 not started
     run.send_signal(signal.SIGTERM)
     log = run.communicate(timeout=60)[0]
     assert run.returncode == 130 and "rerun the same command to resume" in log, log
