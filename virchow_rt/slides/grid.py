@@ -49,7 +49,7 @@ def magnification_to_mpp(magnification: float) -> float:
 
 
 def nominal_magnification(mpp: float) -> int | float:
-    """Magnification of a target ``mpp`` µm/px: an integer when within 2% (0.5 -> 20, 0.45 -> 22.222)."""
+    """Magnification of a target ``mpp`` µm/px, an integer when within 2% (0.5: 20, 0.45: 22, 4: 2.5)."""
     mag = MPP_AT_1X / mpp
     return int(round(mag)) if abs(mag - round(mag)) <= 0.02 * mag else round(mag, 3)
 
