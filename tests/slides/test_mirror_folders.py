@@ -158,8 +158,12 @@ def test_stale_locks_in_mirrored_sub_folders_are_cleared(tmp_path: Path) -> None
     lock.write_text(json.dumps({"host": "node-17", "pid": 1, "started": time.time(), "run": "old"}))
     old = time.time() - 25 * 3600
     os.utime(lock, (old, old))
-    with pytest.raises(InputError, match=r"holds no readable run_config\.json .*give the --out folder"):
-        locks.clear_stale_locks(out)  # a folder that is no --out: nothing in it is judged
+    # no run claimed the folder yet (a first run with --clear-stale-locks): nothing in it is judged
+    assert locks.clear_stale_locks(out) == ([], []) and lock.exists()
+    (out / "run_config.json").mkdir()
+    with pytest.raises(InputError, match=r"run_config\.json cannot be read \(not a regular file"):
+        locks.clear_stale_locks(out)
+    (out / "run_config.json").rmdir()
     (out / "run_config.json").write_text(json.dumps({"mirror_folders": False}))
     assert locks.clear_stale_locks(out) == ([], [])  # flat: sub-folders are not slides' folders
     (out / "run_config.json").write_text(json.dumps({"mirror_folders": True}))

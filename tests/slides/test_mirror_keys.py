@@ -37,21 +37,26 @@ def keys(*inputs: Path, mirror: bool = True) -> list[str]:
         return sorted(keyed_slides(inputs, recursive=True, mirror_folders=mirror).values())
 
 
-def test_keys_equal_but_for_case_or_unicode_form_are_refused(put, tmp_path: Path) -> None:
-    drive = tmp_path / "drive"
+def test_keys_equal_but_for_case_or_unicode_form_share_a_file_only_where_names_ignore_case(
+    put, tmp_path: Path, monkeypatch
+) -> None:
+    """``S`` and ``s`` are two files on ext4 or XFS (both kept, as before), one on macOS, Windows or an SMB
+    share (refused before any work there); the folder is asked which it is."""
+    from virchow_rt.slides import SlideSettings, folder
+
+    drive, out = tmp_path / "drive", tmp_path / "out"
     put("caseA/S.tif")
     put("casea/s.tif")
-    with pytest.raises(InputError, match=r"casea/s\.h5, one file where names ignore case"):
-        keys(drive)
-    shutil.rmtree(drive)
     put(unicodedata.normalize("NFC", "café/s.tif"))
     put(unicodedata.normalize("NFD", "café/s.tif"))
-    with pytest.raises(InputError, match="ignore case or Unicode form"):
-        keys(drive)
-    shutil.rmtree(drive)
-    put("caseA/S.tif")
-    put("caseB/s.tif")
-    assert keys(drive) == ["caseA/S", "caseB/s"]
+    keyed = keyed_slides([drive], recursive=True, mirror_folders=True)
+    assert len(set(keyed.values())) == 4
+    assert not folder.ignores_case(out)  # this machine's /tmp tells S from s
+    folder.check_layout(out, keyed, SlideSettings())
+    monkeypatch.setattr(folder, "ignores_case", lambda path: True)
+    with pytest.raises(InputError, match="names that differ only in case"):
+        folder.check_layout(out, keyed, SlideSettings())
+    assert not list(tmp_path.rglob(".virchow-rt-case-probe-*"))  # the probe file is removed
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".qc.png", ".pt", ".json"])

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import tempfile
 import time
 import unicodedata
 import uuid
@@ -131,19 +132,38 @@ def check_layout(out_dir: Path, keyed: dict[Path, str], settings: SlideSettings)
     state, QC image, ``pt_files`` entry) stays inside it, and no two slides share one: a symlinked sub-folder
     of ``--out`` (``caseA -> caseB``) or a file system that ignores case would make them one file."""
     seen: dict[str, tuple[Path, Path]] = {}
+    folded = ignores_case(out_dir)
     for slide, key in keyed.items():
         files = [slide_file(out_dir, key, ".h5"), state_path(out_dir, key)]
         files += [slide_file(out_dir, key, ".qc.png")] if settings.qc else []
         files += [pt_path(out_dir, key)] if settings.also_pt else []
         for file in files:
             real = file.resolve()
-            other, named = seen.setdefault(unicodedata.normalize("NFC", str(real).casefold()), (slide, file))
+            name = unicodedata.normalize("NFC", str(real).casefold()) if folded else str(real)
+            other, named = seen.setdefault(name, (slide, file))
             if other != slide:
                 raise InputError(
                     f"slides {other} and {slide} would both write {real} (as {named} and {file}: a symlinked "
                     "sub-folder of --out, or names that differ only in case); remove the link, or run them "
                     "into different --out folders"
                 )
+
+
+def ignores_case(folder: Path) -> bool:
+    """True when file names in ``folder`` (or its nearest existing parent) ignore case, as on macOS, Windows
+    and SMB shares: a probe file of this run's, removed at once. False where none can be made."""
+    place = Path(folder)
+    while not place.is_dir() and place != place.parent:
+        place = place.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".virchow-rt-case-probe-", dir=place)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        return os.path.lexists(Path(name).with_name(Path(name).name.upper()))
+    finally:
+        os.unlink(name)
 
 
 def pt_path(out_dir: Path, key: str) -> Path:

@@ -7,7 +7,6 @@ names everything of the slide: ``<out>/<key>.h5``, its lock, state, QC image, ``
 
 from __future__ import annotations
 
-import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path, PureWindowsPath
@@ -104,20 +103,11 @@ def keyed_slides(
         )
     keys: dict[Path, str] = {}
     owners: dict[str, Path] = {}
-    folded: dict[str, Path] = {}
     for f, relative in unique.items():
         key = relative if mirror_folders else _without_suffix(Path(f.name))
         other = owners.setdefault(key, f)
         if other != f:
             raise InputError(_collision(other, f, key, unique, mirror_folders))
-        other = folded.setdefault(
-            unicodedata.normalize("NFC", unicodedata.normalize("NFC", key).casefold()), f
-        )
-        if other != f:
-            raise InputError(
-                f"slides {other} and {f} would write {keys[other]}.h5 and {key}.h5, one file where names "
-                "ignore case or Unicode form (macOS, Windows, SMB shares); rename one or run them apart"
-            )
         keys[f] = key
     for f, key in keys.items():
         problem = _key_problem(key, owners)
@@ -130,9 +120,9 @@ def _refuse_nested(inputs: Sequence[str | Path]) -> None:
     """With ``--mirror-folders``, a path given inside a folder also given would be keyed by whichever came
     first: refused."""
     given = [(Path(i), Path(i).resolve()) for i in inputs if Path(i).exists()]
-    for folder, inside in given:
+    for folder, inside in [(f, r) for f, r in given if f.is_dir()]:
         for path, resolved in given:
-            if folder.is_dir() and resolved != inside and resolved.is_relative_to(inside):
+            if resolved != inside and resolved.is_relative_to(inside):
                 raise InputError(
                     f"{path} is inside {folder}, also given; with --mirror-folders a slide's key is its path "
                     f"under the folder given: give only {folder} (or only {path})"

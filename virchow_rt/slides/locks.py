@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from virchow_rt.errors import InputError, VirchowError
+from virchow_rt.files import read_limited
 
 #: seconds a lock lasts without renewal (``--lock-lease``)
 DEFAULT_LEASE_S = 300.0
@@ -47,7 +48,7 @@ _MAX_LOCK_BYTES = 4096
 _ASIDE = (".stale-", ".release-")  # a lock renamed aside: by a run taking it over, by its holder releasing it
 #: the lock of a slide's ``.h5`` (``.<name>.h5.lock``) and its set-aside copies (a 32-hex-digit uuid each):
 #: nothing else in ``--out`` is judged, though a slide may be named ``.x.lock.stale-1.tif``
-_LOCK_NAME = re.compile(r"\.(.+\.h5)\.lock(?:\.(?:stale|release)-[0-9a-f]{32})?")
+_LOCK_NAME = re.compile(r"\.(.+\.h5)\.lock(?:\.(?:stale|release)-[0-9a-f]{32})?", re.DOTALL)
 #: a token that may name a ``.partial`` file (a crafted lock's token never names a path)
 _TOKEN = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: ``folder.CONFIG_NAME`` (folder imports settings, which imports this module)
@@ -414,14 +415,14 @@ def clear_stale_locks(out_dir: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[
     """Remove the slide locks in ``out_dir`` whose holders are gone, and their temporary files
     (``--clear-stale-locks``). Returns (removed, kept): (path, holder, why) of each lock or file removed,
     (path, holder) of each live lock kept."""
-    if not any(out_dir.iterdir()):
-        return [], []
     try:
-        config = json.loads((out_dir / _CONFIG_NAME).read_text())
-    except (OSError, ValueError, RecursionError) as err:
+        config = json.loads(read_limited(out_dir / _CONFIG_NAME, 1 << 20))
+    except FileNotFoundError:  # no run claimed the folder yet (claims come before locks): nothing is ours
+        return [], []
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise InputError(
-            f"--clear-stale-locks: {out_dir} holds no readable {_CONFIG_NAME} ({err}), so it is no --out of "
-            "virchow-rt slides and nothing in it is judged; give the --out folder of the runs"
+            f"--clear-stale-locks: {out_dir / _CONFIG_NAME} cannot be read ({err}), so nothing in "
+            f"{out_dir} is judged; give the --out folder of the runs"
         ) from err
     mirrored = isinstance(config, dict) and config.get("mirror_folders") is True
     removed, kept = [], []
