@@ -258,14 +258,17 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
 
     External data go first, so a graph never points at a missing file; a file replaced (and the stale
     external data of a graph that now has none) is moved aside into ``staging``, not deleted, so that a
-    failure anywhere before the manifest is written puts every old file back and removes the new ones:
-    the folder then holds the old export exactly as its old manifest lists it. If putting them back fails
-    too, :class:`RollbackFailed` names where they are (``staging`` must then be kept).
+    failure anywhere before the manifest is renamed into place puts every old file back and removes the new
+    ones: the folder then holds the old export exactly as its old manifest lists it. Once the new manifest is
+    in place the commit is done: an interrupt after it (during the folder's fsync) is raised, nothing undone,
+    so the manifest and the files agree. If putting them back fails too, :class:`RollbackFailed` names where
+    they are (``staging`` must then be kept).
     """
     names = [n for a in artifacts for n in (a.path, a.external_data or f"{a.path}.data")]
     check_targets(out_dir, names)  # before anything moves
     aside = Path(staging) / ".replaced"
     aside.mkdir()
+    old_manifest = _identity(out_dir / MANIFEST_NAME)
     moves: list[tuple[Path, Path | None]] = []  # (a target in out_dir, the old file moved aside or None)
 
     def move_aside(target: Path) -> None:
@@ -287,6 +290,8 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
                 move_aside(out_dir / f"{entry.path}.data")  # the old graph's weights: not this one's
         manifest.write(out_dir)
     except BaseException as err:
+        if _identity(out_dir / MANIFEST_NAME) != old_manifest:
+            raise  # the new manifest is in place (a Ctrl-C during the folder's fsync): done, nothing to undo
         try:
             for target, old in reversed(moves):
                 if old is not None:
@@ -300,3 +305,13 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
                 f"back into {out_dir}, then delete {staging}"
             ) from undo
         raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is (device, inode), or None: the new manifest, written beside the old one and
+    renamed onto it, is another file."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
