@@ -68,3 +68,33 @@ def test_an_interrupt_before_the_manifest_is_renamed_puts_the_old_files_back(tmp
     with pytest.raises(KeyboardInterrupt):
         commit(staging, folder, new.artifacts, new)
     assert Manifest.read(folder) == old and (folder / GRAPH).read_bytes() == b"old graph"
+
+
+def test_sigterm_is_left_to_its_default_during_the_tensorrt_build(tmp_path, monkeypatch):
+    """The handler that turns SIGTERM into KeyboardInterrupt waits for the build's C call (minutes) to
+    return; the ONNX is committed by then, so the build runs with the disposition from before the export."""
+    import signal
+
+    from virchow_rt.backends import tensorrt_module
+    from virchow_rt.cli.main import main
+    from virchow_rt.export import pipeline
+
+    seen: dict[str, object] = {}
+    real_build = pipeline.build_model
+
+    def build_model(*args, **kwargs):
+        seen["onnx"] = signal.getsignal(signal.SIGTERM)
+        return real_build(*args, **kwargs)
+
+    def build_engine(*args, **kwargs):
+        seen["tensorrt"] = signal.getsignal(signal.SIGTERM)
+
+    monkeypatch.setattr(tensorrt_module, "import_tensorrt", lambda *a: None)  # none here: never used
+    monkeypatch.setattr(pipeline, "build_model", build_model)
+    monkeypatch.setattr(pipeline, "_build_engine", build_engine)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["export", "virchow2-tiny", "--out", str(tmp_path), "--random-weights", "--precision", "fp16"]
+    with pytest.warns(UserWarning, match="random"):
+        assert main([*args, "--parity-tiles", "2", "--tensorrt"]) == 0
+    assert seen["onnx"] not in (before, signal.SIG_DFL)  # the ONNX stages: SIGTERM rolls back
+    assert seen["tensorrt"] == before and signal.getsignal(signal.SIGTERM) == before

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,7 @@ def export_model(
     tensorrt_options: Mapping[str, Any] | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    before_tensorrt: Callable[[], None] | None = None,
 ) -> Manifest:
     """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
 
@@ -319,7 +320,8 @@ def export_model(
     the precisions asked for are added or rebuilt and the others stay listed; another model's folder is
     an :class:`OutputError` before any work unless ``overwrite`` (the manifest then lists only this
     export; no file is deleted). A failure leaves the folder's old manifest and files as they were.
-    Returns the :class:`~virchow_rt.contract.Manifest` written.
+    ``before_tensorrt``: called once the ONNX is committed, before the engine build (the CLI lets SIGTERM
+    end the build: nothing to roll back). Returns the :class:`~virchow_rt.contract.Manifest` written.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
@@ -338,7 +340,7 @@ def export_model(
             check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
         return _export_locked(
             variant, out_dir, previous, weights, random_weights, wanted, max_batch, outputs, parity_tiles,
-            tensorrt, tensorrt_options, _Progress(variant, stages, progress),
+            tensorrt, tensorrt_options, _Progress(variant, stages, progress), before_tensorrt,
         )  # fmt: skip
 
 
@@ -361,6 +363,7 @@ def _export_locked(
     tensorrt: bool,
     tensorrt_options: Mapping[str, Any] | None,
     bar: _Progress,
+    before_tensorrt: Callable[[], None] | None,
 ) -> Manifest:
     try:
         bar.stage("build model")
@@ -391,6 +394,8 @@ def _export_locked(
         if not tensorrt:
             _warn_unlisted(out_dir, manifest)
         if tensorrt:
+            if before_tensorrt is not None:
+                before_tensorrt()
             bar.stage("tensorrt")
             _build_engine(variant, out_dir, (manifest.batch or variant.batch).max, tensorrt_options or {})
             bar.done()
