@@ -382,7 +382,7 @@ def _export_locked(
             del model  # a ViT-H/G holds GBs: free it before the TensorRT build
             bar.stage("manifest")
             made_now = dataclasses.replace(fresh, artifacts=tuple(artifacts))
-            manifest = merge(previous, made_now, keep_batch=max_batch is None, engines_rebuilt=tensorrt)
+            manifest = merge(previous, made_now, keep_batch=max_batch is None, warn_stale=not tensorrt)
             commit(staging, out_dir, artifacts, manifest)
         except RollbackFailed:
             keep = True  # it holds the only copies of the old files, named in the error
