@@ -290,3 +290,18 @@ def test_a_failed_tensorrt_build_leaves_an_engine_of_the_same_fp16_graph_listed(
         _export(folder, ["fp16"], tensorrt=True)  # the same weights: the same fp16 graph again
     listed = Manifest.read(folder)
     assert listed.artifact_for(FP16).sha256 == fp16.sha256 and listed.artifact_for(engine.path) == engine
+
+
+def test_a_folder_where_the_engine_goes_is_refused_before_any_work(both, tmp_path, monkeypatch):
+    from virchow_rt.backends import tensorrt_module
+
+    folder = _copy(both, tmp_path / "export")
+    (folder / f"{NAME}.fp16.engine").mkdir()
+    (folder / f"{NAME}.fp16.engine" / "mine.txt").write_text("not the export's")
+    before = (folder / MANIFEST_NAME).read_text()
+    monkeypatch.setattr(tensorrt_module, "import_tensorrt", lambda *a: None)  # none here: never used
+    monkeypatch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(OutputError, match=rf"{NAME}\.fp16\.engine is a folder, where this export writes"):
+        _export(folder, ["fp16"], tensorrt=True)
+    assert (folder / MANIFEST_NAME).read_text() == before
+    assert (folder / f"{NAME}.fp16.engine" / "mine.txt").read_text() == "not the export's"

@@ -43,6 +43,7 @@ from virchow_rt.export.merge import (
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
+from virchow_rt.export.tensorrt_prep import engine_name
 from virchow_rt.files import check_output, sha256_file
 from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.model.vit import build_model
@@ -335,7 +336,8 @@ def export_model(
     with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
         previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
         names = [artifact_name(variant, p) for p in wanted]
-        check_targets(out_dir, [*names, *(f"{n}.data" for n in names)])
+        engines = [engine_name(variant)] if tensorrt else []
+        check_targets(out_dir, [*names, *(f"{n}.data" for n in names), *engines])
         if previous is not None:
             check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
         return _export_locked(
