@@ -88,3 +88,51 @@ def test_salvaged_json_lines_skip_and_count_a_damaged_line_and_keep_the_rest(tmp
     path.write_text('{"row": 1}\nnot json\n\n{"row": 3}\n{"row": 4, "tiles')
     found, bad = files.salvage_json_lines(path)
     assert found == [{"row": 1}, {"row": 3}] and [number for number, _ in bad] == [2]
+
+
+def _lock_error(path) -> str:
+    with pytest.raises(files.OutputError) as err, files.exclusive_lock(path, "busy"):
+        pytest.fail("locked")
+    assert "\n" not in str(err.value) and f"lock file {path} (" in str(err.value)
+    return str(err.value)
+
+
+def test_exclusive_lock_follows_no_symbolic_link(tmp_path):
+    (tmp_path / ".lock").symlink_to(tmp_path / "target")  # dangling: opening it for writing creates target
+    assert "(a symbolic link): delete it if no run is using it" in _lock_error(tmp_path / ".lock")
+    assert not (tmp_path / "target").exists() and (tmp_path / ".lock").is_symlink()
+
+
+def test_exclusive_lock_refuses_a_fifo_or_folder_at_once(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    found: dict[str, str] = {}
+    worker = threading.Thread(target=lambda: found.update(fifo=_lock_error(tmp_path / "fifo")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "opening a FIFO as the lock blocked"
+    assert "(not a regular file: a pipe or device)" in found["fifo"]
+    assert "Is a directory" in _lock_error(tmp_path / "folder")
+    assert (tmp_path / "fifo").exists() and (tmp_path / "folder").is_dir()
+
+
+def test_exclusive_lock_of_another_user_is_one_line(tmp_path, monkeypatch):
+    lock, real_open = tmp_path / ".lock", os.open
+
+    def denied(path, *args, **kwargs):  # as a lock file another user left (root may open anything)
+        if os.fspath(path) == os.fspath(lock):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", denied)
+    assert "(Permission denied): delete it if no run is using it, or write elsewhere" in _lock_error(lock)
+
+
+def test_exclusive_lock_is_held_then_removed(tmp_path):
+    lock = tmp_path / ".lock"
+    with files.exclusive_lock(lock, "another run holds it"):
+        assert lock.is_file()
+        with pytest.raises(files.OutputError, match="^another run holds it$"):
+            with files.exclusive_lock(lock, "another run holds it"):
+                pytest.fail("locked twice")
+    assert not lock.exists()

@@ -6,6 +6,7 @@ Imports only the standard library. Formats live elsewhere (``manifest.json``: :m
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -169,11 +170,12 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
         yield
         return
     path = Path(path)
-    with open(path, "a") as fh:
+    fd = _open_lock(path)
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # the holder before us may have removed the file after we opened it: then ours is a stale one
-            held = os.path.lexists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+            held = os.path.lexists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino
         except BlockingIOError:
             held = False
         if not held:
@@ -182,7 +184,29 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
             yield
         finally:
             path.unlink(missing_ok=True)  # while still held: whoever opens it next makes a new one
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """A read-only descriptor of the lock file ``path`` (flock needs no write access), created if missing.
+
+    Never follows a symbolic link (nor touches its target), never blocks (a FIFO), and refuses anything but
+    a regular file; each problem is an :class:`OutputError` naming the file and the fix.
+    """
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fix = "delete it if no run is using it, or write elsewhere"
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        reason = "a symbolic link" if err.errno == errno.ELOOP else err.strerror
+        raise OutputError(f"cannot use the lock file {path} ({reason}): {fix}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"cannot use the lock file {path} (not a regular file: a pipe or device): {fix}")
+    return fd
 
 
 def current_umask() -> int:

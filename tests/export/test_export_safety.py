@@ -257,7 +257,51 @@ def test_an_engine_of_an_onnx_no_longer_listed_is_unlisted_with_one_warning():
         rebuilt = merge(previous, Manifest(variant="m", artifacts=(onnx("fp16", "b"),)), keep_batch=True)
     assert [a.path for a in rebuilt.artifacts] == ["m.fp32.onnx", "m.fp16.onnx"] and len(w) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # --tensorrt: the engine is built next; none listed until it is
+        warnings.simplefilter("error")  # --tensorrt: an engine is built next; the stale one unlisted quietly
         now = Manifest(variant="m", artifacts=(onnx("fp16", "b"),))
-        rebuilding = merge(previous, now, keep_batch=True, engines_rebuilt=True)
+        rebuilding = merge(previous, now, keep_batch=True, warn_stale=False)
+        same = Manifest(variant="m", artifacts=(onnx("fp16", "a"),))  # the same graph made again
+        unchanged = merge(previous, same, keep_batch=True, warn_stale=False)
     assert [a.path for a in rebuilding.artifacts] == ["m.fp32.onnx", "m.fp16.onnx"]
+    assert unchanged.artifacts[2] == engine  # still valid: listed even if the build fails
+
+
+def test_a_failed_tensorrt_build_leaves_an_engine_of_the_same_fp16_graph_listed(both, tmp_path, monkeypatch):
+    from virchow_rt.backends import tensorrt_module
+    from virchow_rt.contract import Artifact
+    from virchow_rt.errors import BackendError
+
+    folder = _copy(both, tmp_path / "export")
+    engine_file = folder / f"{NAME}.fp16.engine"
+    engine_file.write_bytes(b"an engine built from this fp16 graph")
+    fp16 = Manifest.read(folder).artifact_for(FP16)
+    engine = Artifact.from_dict(
+        {"path": engine_file.name, "format": "tensorrt", "precision": "fp16", "sha256": "e" * 64,
+         "size_bytes": engine_file.stat().st_size, "onnx_path": FP16, "onnx_sha256": fp16.sha256}
+    )  # fmt: skip
+    Manifest.read(folder).with_artifact(engine).write(folder)
+
+    def build_fails(*args, **kwargs):
+        raise BackendError("planted: the TensorRT build failed")
+
+    monkeypatch.setattr(tensorrt_module, "import_tensorrt", lambda *a: None)  # none here: never used
+    monkeypatch.setattr(pipeline, "_build_engine", build_fails)
+    with pytest.raises(BackendError, match="planted"):
+        _export(folder, ["fp16"], tensorrt=True)  # the same weights: the same fp16 graph again
+    listed = Manifest.read(folder)
+    assert listed.artifact_for(FP16).sha256 == fp16.sha256 and listed.artifact_for(engine.path) == engine
+
+
+def test_a_folder_where_the_engine_goes_is_refused_before_any_work(both, tmp_path, monkeypatch):
+    from virchow_rt.backends import tensorrt_module
+
+    folder = _copy(both, tmp_path / "export")
+    (folder / f"{NAME}.fp16.engine").mkdir()
+    (folder / f"{NAME}.fp16.engine" / "mine.txt").write_text("not the export's")
+    before = (folder / MANIFEST_NAME).read_text()
+    monkeypatch.setattr(tensorrt_module, "import_tensorrt", lambda *a: None)  # none here: never used
+    monkeypatch.setattr(pipeline, "build_model", lambda *a: pytest.fail("built the model"))
+    with pytest.raises(OutputError, match=rf"{NAME}\.fp16\.engine is a folder, where this export writes"):
+        _export(folder, ["fp16"], tensorrt=True)
+    assert (folder / MANIFEST_NAME).read_text() == before
+    assert (folder / f"{NAME}.fp16.engine" / "mine.txt").read_text() == "not the export's"

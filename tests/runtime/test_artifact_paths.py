@@ -72,3 +72,23 @@ def test_names_that_become_folders_are_plain(bad):
 def test_plain_names_pass():
     for good in ("virchow2g-mini-tiny", "uni2-h_fp16", "A.1"):
         assert check_name(good, "--name") == good
+
+
+@pytest.mark.parametrize("backend", ["openvino", "openvino-fp32"])
+def test_the_no_fp32_hint_is_a_command_a_shell_runs_as_is(tmp_path, backend):
+    import shlex
+
+    from virchow_rt.backends.open import _pick_from_folder
+    from virchow_rt.contract import Artifact, Manifest, WeightsInfo
+
+    folder = tmp_path / "my export's; folder"
+    folder.mkdir()
+    (folder / "virchow2-tiny.fp16.onnx").write_bytes(b"graph")
+    fp16 = Artifact(path="virchow2-tiny.fp16.onnx", format="onnx", precision="fp16")
+    weights = WeightsInfo(random=True, sha256="random", source="seed 0")
+    Manifest(variant="virchow2-tiny", weights=weights, artifacts=(fp16,)).write(folder)
+    with pytest.raises(ModelFileError, match=f"no fp32 ONNX in .*--backend {backend} runs only that") as err:
+        _pick_from_folder(folder, backend)
+    command = str(err.value).split("`")[1]
+    expected = ["virchow-rt", "export", "virchow2-tiny", "--out", str(folder), "--random-weights"]
+    assert shlex.split(command) == [*expected, "--precision", "fp32"]

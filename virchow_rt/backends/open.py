@@ -16,6 +16,7 @@ from typing import Any
 
 from virchow_rt._deps import is_importable
 from virchow_rt.backends.base import Backend
+from virchow_rt.backends.engine_cache import rebuild_command
 from virchow_rt.contract import MANIFEST_NAME, Manifest
 from virchow_rt.errors import BackendError, InputError, MissingDependency, ModelFileError, ParityError
 
@@ -55,8 +56,8 @@ def _pick_from_folder(folder: Path, backend: str, engines: bool = True) -> Path:
         onnx = [a for a in onnx if a.precision in (None, "fp32")]
         if not onnx:
             raise ModelFileError(
-                f"no fp32 ONNX in {folder}, and --backend {backend} runs only that; add it with `virchow-rt "
-                f"export {manifest.variant or 'VARIANT'} --out {folder} ... --precision fp32`"
+                f"no fp32 ONNX in {folder}, and --backend {backend} runs only that; add it with "
+                f"`{rebuild_command(manifest, folder, '--precision fp32')}`"
             )
     cpu_only = backend == "onnxruntime-cpu" or backend in _OPENVINO
     order = _GPU_ORDER if not cpu_only and _ort_has_gpu() else _CPU_ORDER

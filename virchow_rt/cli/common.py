@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from virchow_rt.backends import BACKENDS
@@ -61,9 +61,12 @@ def add_engine_host_code(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
     """A scheduler's SIGTERM stops the command as Ctrl-C does (KeyboardInterrupt), so its cleanup runs: the
-    slide in progress is abandoned cleanly, an export's staging folder removed and the old files restored."""
+    slide in progress is abandoned cleanly, an export's staging folder removed and the old files restored.
+
+    Yields ``release``: it puts the previous SIGTERM disposition back at once, for a stage with nothing to
+    clean up that runs in one long C call (a TensorRT build), which a Python handler would wait for."""
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -71,9 +74,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
     try:
         previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield lambda: None
         return
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            signal.signal(signal.SIGTERM, previous)
+            released = True
+
     try:
-        yield
+        yield release
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        release()

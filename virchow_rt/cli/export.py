@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.exclude_lean_runtime and not (args.tensorrt and args.version_compatible):
         raise InputError("--exclude-lean-runtime needs --tensorrt --version-compatible")
 
-    with sigterm_as_interrupt():  # a killed export rolls back (old files back, staging removed)
+    with sigterm_as_interrupt() as release:  # a killed export rolls back (old files back, staging removed)
         manifest = export_model(
             args.variant,
             args.out,
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             },
             progress=sys.stderr.isatty(),
             overwrite=args.overwrite,
+            before_tensorrt=release,  # the ONNX is committed: SIGTERM may stop the build (minutes in C)
         )
     for artifact in manifest.artifacts:
         print(f"{artifact.path}: {artifact.precision} {artifact.format}, parity {artifact.parity_summary}")

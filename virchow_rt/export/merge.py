@@ -188,30 +188,27 @@ def _shown(value: Any) -> str:
     return json.dumps(_plain(value))
 
 
-def merge(
-    previous: Manifest | None, new: Manifest, keep_batch: bool, engines_rebuilt: bool = False
-) -> Manifest:
+def merge(previous: Manifest | None, new: Manifest, keep_batch: bool, warn_stale: bool = True) -> Manifest:
     """``new`` (this run's facts and artifacts) with ``previous``'s artifacts it does not replace.
 
     Replaced entries keep their place, new ones are appended. A kept artifact made with other package
     versions keeps its own ``versions`` and ``created``. ``keep_batch``: keep the folder's batch profile
-    (no --max-batch given). A kept engine built from another ONNX than the one now listed is dropped with
-    a warning; ``engines_rebuilt`` (--tensorrt: this run builds the engine next) drops every kept engine
-    quietly, so that a failed build leaves none listed that the new ONNX did not make.
+    (no --max-batch given). A kept engine built from another ONNX than the one now listed is dropped, with
+    a warning unless not ``warn_stale`` (--tensorrt: this run builds the engine next); one built from the
+    ONNX still listed stays, so a failed build leaves the folder's valid engine listed.
     """
     if previous is None:
         return new
     made = {a.path: a for a in new.artifacts}
-    old = [a for a in previous.artifacts if not (engines_rebuilt and a.format == "tensorrt")]
-    artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in old]
-    artifacts = _without_stale_engines([*artifacts, *made.values()])
+    artifacts = [made.pop(a.path) if a.path in made else _kept(a, previous, new) for a in previous.artifacts]
+    artifacts = _without_stale_engines([*artifacts, *made.values()], warn_stale)
     batch = previous.batch if keep_batch and previous.batch is not None else new.batch
     return dataclasses.replace(new, artifacts=tuple(artifacts), batch=batch)
 
 
-def _without_stale_engines(artifacts: list[Artifact]) -> list[Artifact]:
+def _without_stale_engines(artifacts: list[Artifact], warn: bool) -> list[Artifact]:
     """``artifacts`` without the engines built from another ONNX than the one listed (its recorded
-    ``onnx_sha256``): the engine file stays, unlisted, with one warning."""
+    ``onnx_sha256``): the engine file stays, unlisted, with one warning if ``warn``."""
     onnx = {a.path: a.sha256 for a in artifacts if a.format != "tensorrt"}
     stale = [
         a
@@ -220,7 +217,7 @@ def _without_stale_engines(artifacts: list[Artifact]) -> list[Artifact]:
         and a.extra.get("onnx_sha256") is not None
         and onnx.get(a.extra.get("onnx_path")) not in (None, a.extra["onnx_sha256"])
     ]
-    if stale:
+    if stale and warn:
         names = ", ".join(f"{a.path} (from {a.extra['onnx_path']})" for a in stale)
         warnings.warn(
             f"{names}: built from an earlier ONNX than the one now listed, so no longer listed in "
@@ -258,14 +255,17 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
 
     External data go first, so a graph never points at a missing file; a file replaced (and the stale
     external data of a graph that now has none) is moved aside into ``staging``, not deleted, so that a
-    failure anywhere before the manifest is written puts every old file back and removes the new ones:
-    the folder then holds the old export exactly as its old manifest lists it. If putting them back fails
-    too, :class:`RollbackFailed` names where they are (``staging`` must then be kept).
+    failure anywhere before the manifest is renamed into place puts every old file back and removes the new
+    ones: the folder then holds the old export exactly as its old manifest lists it. Once the new manifest is
+    in place the commit is done: an interrupt after it (during the folder's fsync) is raised, nothing undone,
+    so the manifest and the files agree. If putting them back fails too, :class:`RollbackFailed` names where
+    they are (``staging`` must then be kept).
     """
     names = [n for a in artifacts for n in (a.path, a.external_data or f"{a.path}.data")]
     check_targets(out_dir, names)  # before anything moves
     aside = Path(staging) / ".replaced"
     aside.mkdir()
+    old_manifest = _identity(out_dir / MANIFEST_NAME)
     moves: list[tuple[Path, Path | None]] = []  # (a target in out_dir, the old file moved aside or None)
 
     def move_aside(target: Path) -> None:
@@ -287,6 +287,8 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
                 move_aside(out_dir / f"{entry.path}.data")  # the old graph's weights: not this one's
         manifest.write(out_dir)
     except BaseException as err:
+        if _identity(out_dir / MANIFEST_NAME) != old_manifest:
+            raise  # the new manifest is in place (a Ctrl-C during the folder's fsync): done, nothing to undo
         try:
             for target, old in reversed(moves):
                 if old is not None:
@@ -300,3 +302,13 @@ def commit(staging: Path, out_dir: Path, artifacts: Sequence[Artifact], manifest
                 f"back into {out_dir}, then delete {staging}"
             ) from undo
         raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is (device, inode), or None: the new manifest, written beside the old one and
+    renamed onto it, is another file."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino

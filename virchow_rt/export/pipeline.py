@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from virchow_rt.export.merge import (
 from virchow_rt.export.onnx_export import OPSET, check_outputs, export_onnx, io_spec
 from virchow_rt.export.precision import DEFAULT_PLAN, convert_fp16
 from virchow_rt.export.quantize import INT8_PLAN, quantize_int8
+from virchow_rt.export.tensorrt_prep import engine_name
 from virchow_rt.files import check_output, sha256_file
 from virchow_rt.kernels.resize import resize_tiles
 from virchow_rt.model.vit import build_model
@@ -305,6 +306,7 @@ def export_model(
     tensorrt_options: Mapping[str, Any] | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    before_tensorrt: Callable[[], None] | None = None,
 ) -> Manifest:
     """Export ``variant_name`` to ONNX (``<variant>.fp32.onnx``, ``<variant>.fp16.onnx``) in ``out_dir``.
 
@@ -319,7 +321,8 @@ def export_model(
     the precisions asked for are added or rebuilt and the others stay listed; another model's folder is
     an :class:`OutputError` before any work unless ``overwrite`` (the manifest then lists only this
     export; no file is deleted). A failure leaves the folder's old manifest and files as they were.
-    Returns the :class:`~virchow_rt.contract.Manifest` written.
+    ``before_tensorrt``: called once the ONNX is committed, before the engine build (the CLI lets SIGTERM
+    end the build: nothing to roll back). Returns the :class:`~virchow_rt.contract.Manifest` written.
     """
     variant = get_variant(variant_name) if isinstance(variant_name, str) else variant_name
     wanted = _check_args(precisions, parity_tiles, max_batch, tensorrt)
@@ -333,12 +336,13 @@ def export_model(
     with locked_folder(out_dir):  # held to the end (engine included): the manifest read now is written last
         previous = previous_export(out_dir, overwrite)  # an unreadable one: refused before the model is built
         names = [artifact_name(variant, p) for p in wanted]
-        check_targets(out_dir, [*names, *(f"{n}.data" for n in names)])
+        engines = [engine_name(variant)] if tensorrt else []
+        check_targets(out_dir, [*names, *(f"{n}.data" for n in names), *engines])
         if previous is not None:
             check_kept(previous, out_dir, variant.name, _replaced(previous, variant, wanted, tensorrt))
         return _export_locked(
             variant, out_dir, previous, weights, random_weights, wanted, max_batch, outputs, parity_tiles,
-            tensorrt, tensorrt_options, _Progress(variant, stages, progress),
+            tensorrt, tensorrt_options, _Progress(variant, stages, progress), before_tensorrt,
         )  # fmt: skip
 
 
@@ -361,6 +365,7 @@ def _export_locked(
     tensorrt: bool,
     tensorrt_options: Mapping[str, Any] | None,
     bar: _Progress,
+    before_tensorrt: Callable[[], None] | None,
 ) -> Manifest:
     try:
         bar.stage("build model")
@@ -379,7 +384,7 @@ def _export_locked(
             del model  # a ViT-H/G holds GBs: free it before the TensorRT build
             bar.stage("manifest")
             made_now = dataclasses.replace(fresh, artifacts=tuple(artifacts))
-            manifest = merge(previous, made_now, keep_batch=max_batch is None, engines_rebuilt=tensorrt)
+            manifest = merge(previous, made_now, keep_batch=max_batch is None, warn_stale=not tensorrt)
             commit(staging, out_dir, artifacts, manifest)
         except RollbackFailed:
             keep = True  # it holds the only copies of the old files, named in the error
@@ -391,6 +396,8 @@ def _export_locked(
         if not tensorrt:
             _warn_unlisted(out_dir, manifest)
         if tensorrt:
+            if before_tensorrt is not None:
+                before_tensorrt()
             bar.stage("tensorrt")
             _build_engine(variant, out_dir, (manifest.batch or variant.batch).max, tensorrt_options or {})
             bar.done()
