@@ -49,8 +49,9 @@ class NoRoom(OSError):
     """The disk has no room for the rest of a slide's file (``ENOSPC``, said before HDF5 meets it)."""
 
 
-def _check_room(tmp: Path, need: int) -> None:
-    free = shutil.disk_usage(tmp.parent).free
+def _check_room(tmp: Path, need: int, free: int | None = None) -> None:
+    """:class:`NoRoom` unless ``free`` (default: asked of the disk now) leaves ``need`` bytes and margin."""
+    free = shutil.disk_usage(tmp.parent).free if free is None else free
     if free < need + DISK_MARGIN:
         raise NoRoom(
             errno.ENOSPC,
@@ -159,7 +160,11 @@ class SlideFeatures:
         rows = len(self.tiles.plan)
         if self.grid is not None and self.layout is not None:
             rows += len(self.grid) * self.layout.tiles_per_region
-        return rows * (4 * self.dim + 16)
+        return rows * self._row_bytes
+
+    @property
+    def _row_bytes(self) -> int:
+        return 4 * self.dim + 16  # float32 features, two int64 coordinates
 
     def embed(self, tmp: Path) -> None:
         """Run the slide's tiles (then its regions) through the model into the new file ``tmp``.
@@ -176,13 +181,13 @@ class SlideFeatures:
                 f"({DISK_MARGIN >> 20} MiB kept free): free some space and rerun to do it; the other slides "
                 "go on"
             )
-        _check_room(tmp, left)  # below the margin: the disk is full for every slide
+        _check_room(tmp, left, free)  # below the margin: the disk is full for every slide
         writer = self.writer = FeatureWriter(tmp, self.dim, self.layout)
         for ids, features in self._embed(self._first, 1):
             t1 = time.perf_counter()
             _check_room(tmp, left)
             writer.append(self.tiles.coords[ids], features[:, 0])
-            left -= features.shape[0] * (4 * self.dim + 16)
+            left -= features.shape[0] * self._row_bytes
             self.write_s += time.perf_counter() - t1
         if self.grid is not None and self.layout is not None:
             region_coords = self.grid.tile_coords()
@@ -191,7 +196,7 @@ class SlideFeatures:
                 t1 = time.perf_counter()
                 _check_room(tmp, left)
                 writer.append_regions(region_coords[ids], features)  # (G, T, 2), (G, T, E)
-                left -= features.shape[0] * features.shape[1] * (4 * self.dim + 16)
+                left -= features.shape[0] * features.shape[1] * self._row_bytes
                 self.write_s += time.perf_counter() - t1
 
     def finish(self) -> None:
