@@ -87,3 +87,14 @@ def test_a_record_that_is_not_a_configuration_is_one_line(tmp_path: Path) -> Non
     (tmp_path / folder.CONFIG_NAME).write_text("[1, 2]")
     with pytest.raises(OutputError, match=r"run_config.json cannot be read \(not a JSON object\); remove it"):
         folder.claim(tmp_path, config("a"))
+
+
+def test_a_record_that_is_a_pipe_or_huge_is_one_line_not_a_hang(tmp_path: Path, monkeypatch) -> None:
+    os.mkfifo(tmp_path / folder.CONFIG_NAME)  # no writer: reading it would block for ever
+    monkeypatch.setattr(folder.time, "sleep", lambda s: None)  # its retries, at once
+    with pytest.raises(OutputError, match=r"run_config.json cannot be read \(not a regular file"):
+        folder.claim(tmp_path, config("a"))
+    os.unlink(tmp_path / folder.CONFIG_NAME)
+    (tmp_path / folder.CONFIG_NAME).write_text(" " * (folder.CONFIG_MAX_BYTES + 1))
+    with pytest.raises(OutputError, match=r"cannot be read \(more than"):
+        folder.claim(tmp_path, config("a"))

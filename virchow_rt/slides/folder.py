@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from virchow_rt.errors import InputError, OutputError
+from virchow_rt.files import read_limited
 from virchow_rt.slides.keys import slide_file
 from virchow_rt.slides.settings import SlideSettings
 from virchow_rt.slides.summary import state_path
@@ -31,6 +32,8 @@ from virchow_rt.slides.summary import state_path
 CONFIG_NAME = "run_config.json"
 #: compared by kind only (given or not): each slide may bring its own coordinates file
 _BY_KIND = ("coords_source",)
+#: the most bytes a run_config.json may hold (a configuration is a few hundred)
+CONFIG_MAX_BYTES = 1 << 20
 #: what a configuration recorded before the key existed meant (a folder of older runs is not "changed")
 _UNRECORDED = {"mirror_folders": False}
 
@@ -113,11 +116,11 @@ def _read(path: Path) -> dict[str, Any]:
     """The recorded configuration; one being written by another run (no hard links) is read again."""
     for attempt in range(6):
         try:
-            recorded = json.loads(path.read_text())
+            recorded = json.loads(read_limited(path, CONFIG_MAX_BYTES))  # a FIFO or a huge file: refused
             if isinstance(recorded, dict):
                 return recorded
             err: Exception = ValueError("not a JSON object")
-        except ValueError as error:  # empty or half-written for a moment where it could not be linked
+        except (ValueError, RecursionError) as error:  # empty or half-written for a moment (no hard links)
             err = error
         except OSError as error:
             raise OutputError(
